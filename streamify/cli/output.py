@@ -1,0 +1,102 @@
+"""How commands talk: JSON summaries on stdout, logs and errors on stderr, rich progress on a terminal."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichBar
+
+from streamify.errors import ExitCode, ResourceError, StreamifyError
+from streamify.progress import Progress
+
+T = TypeVar("T")
+
+
+class Format(enum.StrEnum):
+    """Output format of every command."""
+
+    human = "human"
+    json = "json"
+    quiet = "quiet"
+
+
+class Reporter(Progress):
+    """Progress and logs for one command, shaped by ``--format``."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.format = fmt
+        self.err = Console(stderr=True, highlight=False)
+        self.out = Console(highlight=False)
+        self.bars = fmt == Format.human and sys.stdout.isatty()
+
+    def log(self, message: str) -> None:
+        """A log line on stderr (not in quiet mode)."""
+        if self.format != Format.quiet:
+            self.err.print(f"[dim]streamify:[/dim] {message}")
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        """Iterate with a rich progress bar when stdout is a terminal and the format is human."""
+        if not self.bars:
+            yield from items
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with RichBar(*columns, console=self.err, transient=True) as bar:
+            yield from bar.track(items, total=total, description=description)
+
+    def result(self, data: dict, render: Callable[[Console, dict], None]) -> None:
+        """The command's result: JSON on stdout, a human rendering, or nothing when quiet."""
+        if self.format == Format.json:
+            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        elif self.format == Format.human:
+            render(self.out, data)
+
+    def error(self, exc: StreamifyError) -> None:
+        """Report an error: always on stderr, and as JSON on stdout in json mode."""
+        self.err.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False)
+        if exc.hint:
+            self.err.print(f"  [bold]fix:[/bold] {exc.hint}")
+        if self.format == Format.json:
+            payload = {"ok": False, "exit_code": int(exc.exit_code), "error": exc.message, "hint": exc.hint}
+            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+@contextmanager
+def command(fmt: Format) -> Iterator[Reporter]:
+    """Run a command body: quiet third-party logs, map errors to documented exit codes."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    reporter = Reporter(fmt)
+    try:
+        yield reporter
+    except StreamifyError as exc:
+        reporter.error(exc)
+        raise typer.Exit(int(exc.exit_code)) from None
+    except MemoryError as exc:  # torch.OutOfMemoryError is a RuntimeError subclass, handled below
+        reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
+        raise typer.Exit(int(ExitCode.RESOURCES)) from None
+    except RuntimeError as exc:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
+            raise typer.Exit(int(ExitCode.RESOURCES)) from None
+        _internal(reporter)
+    except Exception:
+        _internal(reporter)
+
+
+def _internal(reporter: Reporter) -> None:
+    reporter.err.print_exception()
+    reporter.error(StreamifyError("internal error (a bug in streamify)", "please report it with the traceback above"))
+    raise typer.Exit(int(ExitCode.INTERNAL)) from None

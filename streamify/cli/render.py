@@ -1,0 +1,94 @@
+"""Human renderings of command results (the JSON output carries the same data)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from streamify.io.model_card import eval_rows
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def render_inspect(console: Console, data: dict) -> None:
+    """Model facts as a two-column table, then the stages that apply."""
+    table = Table(title=data["model"], show_header=False)
+    dtypes = ", ".join(f"{k}×{v}" for k, v in data["dtypes"].items())
+    rows = [
+        ("path", data["path"]), ("format", data["format"]),
+        ("architecture", f"{data['architecture']} ({data['model_type']})"),
+        ("parameters", f"{data['params']:,}"), ("blocks", f"{data['blocks']} at {data['block_path']}"),
+        ("attention", data["attention_summary"] or "-"), ("stored dtypes", dtypes),
+        ("size", f"{_size(data['size_bytes'])} ({data['bits_per_weight']:.2f} bits/weight)"),
+        ("streamify artifact", ", ".join(data["stages_applied"]) or "yes" if data["streamify_artifact"] else "no"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print("stages that apply:")
+    for name, summary in data["applicable_stages"].items():
+        console.print(f"  {name:<18} {summary}")
+
+
+def render_eval_table(console: Console, report: dict, source: dict | None, title: str) -> None:
+    """Eval metrics; with a source report, a source column and the ratio."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    if source:
+        table.add_column("source", justify="right")
+        table.add_column("ratio", justify="right")
+    for key, label, value, before in eval_rows(report, source):
+        if source:
+            ratio = report[key] / source[key] if source.get(key) else None
+            table.add_row(label, value, before, f"{ratio:.4f}" if ratio is not None else "")
+        else:
+            table.add_row(label, value)
+    console.print(table)
+
+
+def render_run(console: Console, data: dict) -> None:
+    """A plan (dry run) or a finished run's eval table, gates and artifact path."""
+    if data.get("dry_run"):
+        render_plan(console, data["plan"])
+        return
+    for stage in data["stages"]:
+        console.print(f"stage {stage['name']}: {stage['seconds']:.1f} s {stage['metrics'] or ''}")
+    if data["eval"]:
+        render_eval_table(console, data["eval"], data["eval_source"], "eval (held-out)")
+    for gate in data["gates"]:
+        mark = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"
+        console.print(f"gate {gate['gate']} ≤ {gate['limit']}: {gate['value']:.4g} {mark}")
+    console.print(f"artifact: {data['output']}")
+
+
+def render_plan(console: Console, plan: dict) -> None:
+    """The plan of a run: model facts, stages with params, estimates."""
+    console.print(f"[bold]plan[/bold] {plan['model']} ({plan['architecture']}, {plan['params']:,} params, "
+                  f"{plan['blocks']} blocks: {plan['attention']}) -> {plan['output']}")
+    for i, stage in enumerate(plan["stages"], 1):
+        params = ", ".join(f"{k}={v}" for k, v in stage["params"].items())
+        console.print(f"  {i}. {stage['name']} ({stage['summary']}): {params}")
+    if not plan["stages"]:
+        console.print("  (no stages: re-export only)")
+    if plan["eval"]:
+        ev = plan["eval"]
+        console.print(f"  eval: {ev['data']}, {ev['max_tokens']} tokens in windows of {ev['seq_len']}")
+    if plan["gates"]:
+        console.print(f"  gates: {plan['gates']}")
+    est = plan["estimate"]
+    console.print(f"  estimate: peak memory ~{_size(est['peak_memory_bytes'])} "
+                  f"(available {_size(est['available_memory_bytes'])}), disk ~{_size(est['disk_bytes'])}")
+
+
+def render_eval(console: Console, data: dict) -> None:
+    """``streamify eval``: one model, or two side by side."""
+    render_eval_table(console, data["model"], data.get("vs"), f"eval {data['model_spec']}")

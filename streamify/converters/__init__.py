@@ -1,0 +1,1 @@
+"""Conversions: dtype casts (streaming conversions join here)."""

@@ -1,0 +1,1 @@
+"""Text sources for calibration, training and eval, and tokenization into blocks."""

@@ -1,0 +1,59 @@
+"""Errors with documented exit codes.
+
+Every error a user can cause is a :class:`StreamifyError` subclass carrying the
+exit code the CLI returns, a message naming the input and the problem, and a
+hint saying what to do.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes (documented in README.md)."""
+
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    INPUT = 3
+    RESOURCES = 4
+    GATE = 5
+
+
+class StreamifyError(Exception):
+    """Base class: a message, a hint on what to do, and the exit code."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  fix: {self.hint}" if self.hint else self.message
+
+
+class UsageError(StreamifyError):
+    """Bad command-line usage, recipe or override (exit 2)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class InputError(StreamifyError):
+    """Input checkpoint unreadable or unsupported (exit 3)."""
+
+    exit_code = ExitCode.INPUT
+
+
+class ResourceError(StreamifyError):
+    """Out of memory, or the job would not fit (exit 4)."""
+
+    exit_code = ExitCode.RESOURCES
+
+
+class GateError(StreamifyError):
+    """A quality gate failed (exit 5)."""
+
+    exit_code = ExitCode.GATE

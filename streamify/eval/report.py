@@ -1,0 +1,80 @@
+"""The eval report: perplexity on held-out text plus size, parameters, load time and memory.
+
+The report's keys are an interface (README.md, "Eval report"): ``perplexity``,
+``nll``, ``tokens``, ``seq_len``, ``data``, ``params``, ``size_bytes``,
+``bits_per_weight``, ``load_seconds``, ``peak_memory_bytes``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from streamify.data.blocks import token_blocks
+from streamify.data.sources import load_texts
+from streamify.eval.perplexity import perplexity
+from streamify.io.checkpoint import Checkpoint
+from streamify.progress import SILENT, Progress
+
+
+class EvalSpec(BaseModel):
+    """What to evaluate on: held-out split of ``data``, windows of ``seq_len``, at most ``max_tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field("builtin:pydoc", description="eval text (held-out split for builtin:pydoc)")
+    max_tokens: int = Field(16384, gt=0, description="tokens to score, rounded down to whole windows")
+    seq_len: int = Field(512, ge=2, description="window length; windows do not overlap")
+    batch_size: int = Field(1, gt=0, description="windows per forward pass")
+
+
+def eval_blocks(tokenizer, spec: EvalSpec) -> torch.Tensor:
+    """The token windows an eval scores."""
+    texts = load_texts(spec.data, "heldout")
+    return token_blocks(tokenizer, texts, spec.seq_len, spec.max_tokens, where=f"--data {spec.data}")
+
+
+def count_params(model) -> int:
+    """Number of parameters, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def is_causal_lm(model) -> bool:
+    """True when the model predicts next tokens (so perplexity applies)."""
+    return type(model) in set(MODEL_FOR_CAUSAL_LM_MAPPING.values())
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: the accelerator's allocator peak, or this process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def evaluate(
+    checkpoint: Checkpoint,
+    spec: EvalSpec,
+    *,
+    size_bytes: int,
+    load_seconds: float | None = None,
+    blocks: torch.Tensor | None = None,
+    progress: Progress = SILENT,
+) -> dict:
+    """Evaluate a checkpoint; ``blocks`` overrides the windows (to score two models on the same tokens)."""
+    model = checkpoint.model
+    params = count_params(model)
+    report: dict = {"params": params, "size_bytes": size_bytes, "bits_per_weight": size_bytes * 8 / params}
+    if is_causal_lm(model):
+        windows = blocks if blocks is not None else eval_blocks(checkpoint.tokenizer, spec)
+        report.update(perplexity(model, windows, spec.batch_size, progress))
+        report.update(seq_len=int(windows.shape[1]), data=spec.data)
+    else:
+        report.update(perplexity=None, note="not a causal LM: perplexity does not apply")
+    report["load_seconds"] = load_seconds
+    report["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
+    return report

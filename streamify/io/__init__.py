@@ -1,0 +1,1 @@
+"""Checkpoint input and output: sources, loading, artifact folders, manifests, model cards."""

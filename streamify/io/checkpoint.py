@@ -1,0 +1,28 @@
+"""The in-memory checkpoint that stages transform."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamify.io.source import Source
+
+
+@dataclass
+class Checkpoint:
+    """A model with its tokenizer, where it came from, and what was done to it.
+
+    ``history`` holds the stage records of earlier streamify runs (read from the
+    input's manifest); ``streaming`` is the streaming spec, if any stage set one.
+    """
+
+    model: Any
+    tokenizer: Any
+    source: Source
+    history: list[dict] = field(default_factory=list)
+    streaming: dict | None = None
+
+    @property
+    def config(self) -> Any:
+        """The model's transformers config."""
+        return self.model.config

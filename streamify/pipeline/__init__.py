@@ -1,0 +1,1 @@
+"""Recipes, the stage registry, the runner, overrides, plans and gates."""

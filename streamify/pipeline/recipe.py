@@ -1,0 +1,164 @@
+"""The recipe schema, reading recipes from YAML, and the shipped recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streamify.errors import UsageError
+from streamify.eval.report import EvalSpec
+from streamify.io.placement import DtypeName
+from streamify.pipeline.overrides import apply_overrides
+from streamify.pipeline.registry import Stage, get_stage
+
+
+class RecipeEval(EvalSpec):
+    """Eval of the artifact; ``vs_source`` also evaluates the source on the same tokens."""
+
+    vs_source: bool = Field(False, description="also evaluate the source model and report ratios")
+
+
+class Gates(BaseModel):
+    """Quality gates checked after eval; a failed gate exits 5."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_perplexity: float | None = Field(None, gt=0, description="artifact perplexity at most this")
+    max_perplexity_increase_pct: float | None = Field(
+        None, description="artifact perplexity at most this % above the source's (evaluates the source too)"
+    )
+    max_size_bytes: int | None = Field(None, gt=0, description="artifact weight files at most this many bytes")
+
+
+class Recipe(BaseModel):
+    """A run: which model, which stages in order, where the artifact goes, how to judge it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="folder, .gguf file, builtin alias or hub id")
+    output: str | None = Field(None, description="artifact folder to write")
+    data: str = Field("builtin:pydoc", description="text for stages that calibrate or train")
+    seed: int = 0
+    dtype: DtypeName = Field("auto", description="dtype to load the model in")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto")
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    stages: list[dict[str, Any]] = Field(default_factory=list, description="[{stage-name: params}, ...] in order")
+    eval: RecipeEval | None = Field(default_factory=RecipeEval)
+    gates: Gates | None = None
+
+    def resolved_stages(self) -> list[tuple[Stage, BaseModel]]:
+        """Each stage with its validated params (validated when the recipe is)."""
+        return [_resolve_stage(i, entry) for i, entry in enumerate(self.stages)]
+
+    def needs_source_eval(self) -> bool:
+        """True when the source must be evaluated too (``vs_source`` or a gate relative to it)."""
+        relative = self.gates is not None and self.gates.max_perplexity_increase_pct is not None
+        return self.eval is not None and (self.eval.vs_source or relative)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML, every stage with all its params spelled out."""
+        data = self.model_dump(mode="json")
+        data["stages"] = [{stage.name: params.model_dump(mode="json")} for stage, params in self.resolved_stages()]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe and where it came from."""
+
+    recipe: Recipe
+    where: str
+
+
+def _resolve_stage(index: int, entry: Any) -> tuple[Stage, BaseModel]:
+    where = f"stages.{index}"
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise UsageError(f"{where}: a stage is a mapping with one key, the stage name", "e.g. - convert.dtype: {dtype: bf16}")
+    ((name, params),) = entry.items()
+    stage = get_stage(str(name))
+    try:
+        return stage, stage.params.model_validate(params or {})
+    except ValidationError as exc:
+        raise UsageError(f"{where} ({name}): {describe_validation(exc)}",
+                         f"valid keys of {name}: {', '.join(stage.params.model_fields)}") from exc
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One line per pydantic error, naming the key; unknown keys list the valid ones."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{loc}'")
+        else:
+            lines.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def shipped_recipes_dir() -> Path:
+    """The recipes shipped with streamify (package data in a wheel, ``recipes/`` in a checkout)."""
+    packaged = Path(__file__).resolve().parent.parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Shipped recipe names -> paths."""
+    folder = shipped_recipes_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe file path, or the shipped recipe called ``name``."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if name in shipped:
+        return shipped[name]
+    raise UsageError(f"recipe '{name}': no such file, and no shipped recipe of that name",
+                     f"shipped recipes: {', '.join(shipped) or 'none'}")
+
+
+def read_recipe_file(path: Path) -> dict:
+    """Parse a recipe YAML file into a mapping; malformed YAML is a :class:`UsageError` with the line."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}", "fix the YAML syntax") \
+            from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the recipe ({exc})", "check the path") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a recipe is a YAML mapping (model:, stages:, ...)", "see recipes/quickstart.yaml")
+    return data
+
+
+def validate_recipe(data: dict, where: str) -> Recipe:
+    """Validate a recipe mapping (schema and every stage's params); errors name the key."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(f"{where}: {describe_validation(exc)}",
+                         f"valid top-level keys: {', '.join(Recipe.model_fields)}") from exc
+    for index, entry in enumerate(recipe.stages):
+        try:
+            _resolve_stage(index, entry)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc.message}", exc.hint) from exc
+    return recipe
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Read, override and validate a recipe named by path or shipped name."""
+    path = find_recipe(name)
+    data = apply_overrides(read_recipe_file(path), overrides or [])
+    return LoadedRecipe(validate_recipe(data, str(path)), str(path))

@@ -1,0 +1,77 @@
+"""The stage registry: every stage is a pydantic ``Params`` model plus a ``run`` function."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel
+
+from streamify.errors import UsageError
+from streamify.io.checkpoint import Checkpoint
+from streamify.progress import SILENT, Progress
+
+# Modules that register stages when imported; a new stage module is added here.
+STAGE_MODULES = ("streamify.converters.dtype",)
+
+
+@dataclass
+class StageContext:
+    """What a stage gets besides its checkpoint and params; it records its metrics in ``metrics``."""
+
+    device: torch.device
+    seed: int
+    data: str
+    progress: Progress = SILENT
+    metrics: dict = field(default_factory=dict)
+
+
+RunFn = Callable[[Checkpoint, BaseModel, StageContext], Checkpoint]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A registered stage.
+
+    ``relation`` is the model card's ``base_model_relation`` for an artifact made
+    by this stage (None when no Hub relation fits); ``bytes_per_param`` estimates
+    the stored bytes per parameter after the stage, given its params and the
+    bytes before (for the plan's disk estimate).
+    """
+
+    name: str
+    params: type[BaseModel]
+    run: RunFn
+    summary: str
+    relation: str | None = None
+    bytes_per_param: Callable[[BaseModel, float], float] = lambda params, before: before
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register(name: str, params: type[BaseModel], summary: str, **options) -> Callable[[RunFn], RunFn]:
+    """Decorator that registers ``run`` as the stage ``name``."""
+
+    def wrap(run: RunFn) -> RunFn:
+        _REGISTRY[name] = Stage(name, params, run, summary, **options)
+        return run
+
+    return wrap
+
+
+def all_stages() -> dict[str, Stage]:
+    """Every registered stage by name."""
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called ``name``; a :class:`UsageError` listing the valid names otherwise."""
+    stages = all_stages()
+    if name not in stages:
+        raise UsageError(f"unknown stage '{name}'", f"valid stages: {', '.join(stages)}")
+    return stages[name]
