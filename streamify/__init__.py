@@ -7,8 +7,14 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
 
 
-def load(path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-         allow_pickle: bool = False):
+def load(
+    path: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
     """Load any model streamify accepts (an artifact folder, HF folder, .gguf, builtin alias, hub id).
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``
@@ -16,6 +22,7 @@ def load(path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_co
     """
     from streamify.io.load import load_checkpoint
 
-    checkpoint = load_checkpoint(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle)
+    checkpoint = load_checkpoint(
+        path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     return checkpoint.model, checkpoint.tokenizer

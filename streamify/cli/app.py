@@ -29,8 +29,13 @@ from streamify.cli.options import (
 from streamify.cli.output import Format, command
 from streamify.cli.render import render_eval, render_inspect, render_run
 
-app = typer.Typer(name="streamify", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Turn offline model checkpoints into streaming, compressed, deployable ones.")
+app = typer.Typer(
+    name="streamify",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Turn offline model checkpoints into streaming, compressed, deployable ones.",
+)
 recipe_app = typer.Typer(no_args_is_help=True, help="List, show, validate shipped and local recipes.")
 convert_app = typer.Typer(no_args_is_help=True, help="Conversions: dtype (streaming and causal follow).")
 app.add_typer(recipe_app, name="recipe")
@@ -44,8 +49,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="print the version and exit")] = False) -> None:
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """streamify: turn offline model checkpoints into streaming, compressed, deployable ones."""
 
 
@@ -61,8 +69,10 @@ def inspect(model: ModelArg, fmt: FormatOpt = Format.human, trust_remote_code: T
 @app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help="recipe YAML file or shipped recipe name")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value dot-path overrides, ~key deletes",
-                                                          show_default=False)] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value dot-path overrides, ~key deletes", show_default=False),
+    ] = None,
     dry_run: DryRunOpt = False,
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = Format.human,
@@ -90,13 +100,17 @@ def eval_(
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Perplexity on held-out text, parameters, size, bits per weight, load time and peak memory."""
-    from streamify.eval.report import EvalSpec
     from streamify.eval.compare import evaluate_models
+    from streamify.eval.report import EvalSpec
 
     with command(fmt) as out:
         spec = EvalSpec(data=data, max_tokens=max_tokens, seq_len=seq_len)
-        options = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code,
-                   "allow_pickle": allow_pickle}
+        options = {
+            "dtype": dtype,
+            "device": device,
+            "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle,
+        }
         out.result(evaluate_models(model, vs, spec, options, progress=out), render_eval)
 
 
@@ -107,8 +121,10 @@ def recipe_list(fmt: FormatOpt = Format.human) -> None:
 
     with command(fmt) as out:
         recipes = {name: _first_comment(path) for name, path in shipped_recipes().items()}
-        out.result({"recipes": recipes},
-                   lambda console, data: [console.print(f"{k:<20} {v}") for k, v in data["recipes"].items()])
+        out.result(
+            {"recipes": recipes},
+            lambda console, data: [console.print(f"{k:<20} {v}") for k, v in data["recipes"].items()],
+        )
 
 
 def _first_comment(path: Path) -> str:
@@ -119,16 +135,19 @@ def _first_comment(path: Path) -> str:
 
 
 @recipe_app.command("show")
-def recipe_show(name: Annotated[str, typer.Argument(help="shipped recipe name or file")],
-                fmt: FormatOpt = Format.human) -> None:
+def recipe_show(
+    name: Annotated[str, typer.Argument(help="shipped recipe name or file")], fmt: FormatOpt = Format.human
+) -> None:
     """Print a recipe's YAML."""
     from streamify.pipeline.recipe import find_recipe
 
     with command(fmt) as out:
         path = find_recipe(name)
         text = path.read_text()
-        out.result({"name": name, "path": str(path), "yaml": text}, lambda console, data: console.print(
-            data["yaml"], markup=False, end=""))
+        out.result(
+            {"name": name, "path": str(path), "yaml": text},
+            lambda console, data: console.print(data["yaml"], markup=False, end=""),
+        )
 
 
 @recipe_app.command("validate")
@@ -143,9 +162,12 @@ def recipe_validate(
     with command(fmt) as out:
         loaded = load_recipe(recipe, overrides)
         stages = [s.name for s, _ in loaded.recipe.resolved_stages()]
-        out.result({"ok": True, "recipe": loaded.where, "stages": stages},
-                   lambda console, data: console.print(f"{data['recipe']}: valid ({len(stages)} stages: "
-                                                       f"{', '.join(stages) or 'none'})"))
+        out.result(
+            {"ok": True, "recipe": loaded.where, "stages": stages},
+            lambda console, data: console.print(
+                f"{data['recipe']}: valid ({len(stages)} stages: {', '.join(stages) or 'none'})"
+            ),
+        )
 
 
 @recipe_app.command("schema")
@@ -155,8 +177,10 @@ def recipe_schema(fmt: FormatOpt = Format.json) -> None:
     from streamify.pipeline.registry import all_stages
 
     with command(fmt) as out:
-        schema = {"recipe": Recipe.model_json_schema(),
-                  "stages": {name: s.params.model_json_schema() for name, s in all_stages().items()}}
+        schema = {
+            "recipe": Recipe.model_json_schema(),
+            "stages": {name: s.params.model_json_schema() for name, s in all_stages().items()},
+        }
         out.result(schema, lambda console, data: console.print_json(json.dumps(data)))
 
 
@@ -177,15 +201,35 @@ def convert_dtype(
 ) -> None:
     """Cast MODEL's floating-point weights to fp32, bf16 or fp16 and write an artifact."""
     run_one_stage(
-        "convert.dtype", {"dtype": dtype},
-        {"model": model, "output": str(output), "device": device, "seed": seed,
-         "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
-        evaluate=evaluate, overwrite=overwrite, dry_run=dry_run, save_recipe=save_recipe, fmt=fmt,
+        "convert.dtype",
+        {"dtype": dtype},
+        {
+            "model": model,
+            "output": str(output),
+            "device": device,
+            "seed": seed,
+            "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle,
+        },
+        evaluate=evaluate,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        save_recipe=save_recipe,
+        fmt=fmt,
     )
 
 
-def run_one_stage(stage: str, params: dict, top: dict, *, evaluate: bool, overwrite: bool, dry_run: bool,
-                  save_recipe: Path | None, fmt: Format) -> None:
+def run_one_stage(
+    stage: str,
+    params: dict,
+    top: dict,
+    *,
+    evaluate: bool,
+    overwrite: bool,
+    dry_run: bool,
+    save_recipe: Path | None,
+    fmt: Format,
+) -> None:
     """What every stage subcommand does: build a one-stage recipe, optionally save it, run it."""
     from streamify.pipeline.recipe import validate_recipe
     from streamify.pipeline.runner import run_recipe

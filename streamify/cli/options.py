@@ -13,8 +13,10 @@ FormatOpt = Annotated[Format, typer.Option("--format", help="human, json (summar
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="dtype to load in: auto, fp32, bf16, fp16")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
-DataOpt = Annotated[str, typer.Option("--data", help="a .txt/.jsonl/.parquet file or folder, hf:NAME[:CONFIG[:SPLIT]], "
-                                                  "or builtin:pydoc")]
+DataOpt = Annotated[
+    str,
+    typer.Option("--data", help="a .txt/.jsonl/.parquet file or folder, hf:NAME[:CONFIG[:SPLIT]], or builtin:pydoc"),
+]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="artifact folder to write")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output folder")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan; read no weights, write nothing")]
@@ -24,5 +26,4 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow loading p
 EvalOpt = Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the artifact after writing it")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="tokens to score")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="window length in tokens")]
-ModelArg = Annotated[str, typer.Argument(help="a model folder, .gguf file, builtin:ALIAS or hub id",
-                                         metavar="MODEL")]
+ModelArg = Annotated[str, typer.Argument(help="a model folder, .gguf file, builtin:ALIAS or hub id", metavar="MODEL")]

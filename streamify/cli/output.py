@@ -47,8 +47,13 @@ class Reporter(Progress):
         if not self.bars:
             yield from items
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with RichBar(*columns, console=self.err, transient=True) as bar:
             yield from bar.track(items, total=total, description=description)
 

@@ -23,12 +23,18 @@ def render_inspect(console: Console, data: dict) -> None:
     table = Table(title=data["model"], show_header=False)
     dtypes = ", ".join(f"{k}×{v}" for k, v in data["dtypes"].items())
     rows = [
-        ("path", data["path"]), ("format", data["format"]),
+        ("path", data["path"]),
+        ("format", data["format"]),
         ("architecture", f"{data['architecture']} ({data['model_type']})"),
-        ("parameters", f"{data['params']:,}"), ("blocks", f"{data['blocks']} at {data['block_path']}"),
-        ("attention", data["attention_summary"] or "-"), ("stored dtypes", dtypes),
+        ("parameters", f"{data['params']:,}"),
+        ("blocks", f"{data['blocks']} at {data['block_path']}"),
+        ("attention", data["attention_summary"] or "-"),
+        ("stored dtypes", dtypes),
         ("size", f"{_size(data['size_bytes'])} ({data['bits_per_weight']:.2f} bits/weight)"),
-        ("streamify artifact", ", ".join(data["stages_applied"]) or "yes" if data["streamify_artifact"] else "no"),
+        (
+            "streamify artifact",
+            ", ".join(data["stages_applied"]) or "yes" if data["streamify_artifact"] else "no",
+        ),
     ]
     for key, value in rows:
         table.add_row(key, str(value))
@@ -72,8 +78,10 @@ def render_run(console: Console, data: dict) -> None:
 
 def render_plan(console: Console, plan: dict) -> None:
     """The plan of a run: model facts, stages with params, estimates."""
-    console.print(f"[bold]plan[/bold] {plan['model']} ({plan['architecture']}, {plan['params']:,} params, "
-                  f"{plan['blocks']} blocks: {plan['attention']}) -> {plan['output']}")
+    console.print(
+        f"[bold]plan[/bold] {plan['model']} ({plan['architecture']}, {plan['params']:,} params, "
+        f"{plan['blocks']} blocks: {plan['attention']}) -> {plan['output']}"
+    )
     for i, stage in enumerate(plan["stages"], 1):
         params = ", ".join(f"{k}={v}" for k, v in stage["params"].items())
         console.print(f"  {i}. {stage['name']} ({stage['summary']}): {params}")
@@ -85,8 +93,10 @@ def render_plan(console: Console, plan: dict) -> None:
     if plan["gates"]:
         console.print(f"  gates: {plan['gates']}")
     est = plan["estimate"]
-    console.print(f"  estimate: peak memory ~{_size(est['peak_memory_bytes'])} "
-                  f"(available {_size(est['available_memory_bytes'])}), disk ~{_size(est['disk_bytes'])}")
+    console.print(
+        f"  estimate: peak memory ~{_size(est['peak_memory_bytes'])} "
+        f"(available {_size(est['available_memory_bytes'])}), disk ~{_size(est['disk_bytes'])}"
+    )
 
 
 def render_eval(console: Console, data: dict) -> None:

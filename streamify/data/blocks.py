@@ -44,6 +44,8 @@ def token_blocks(
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
     count = len(ids) // seq_len if wanted is None else min(len(ids), wanted) // seq_len
     if count == 0:
-        raise UsageError(f"{where}: holds only {len(ids)} tokens, fewer than one block of {seq_len}",
-                         "use more text or a shorter seq_len")
+        raise UsageError(
+            f"{where}: holds only {len(ids)} tokens, fewer than one block of {seq_len}",
+            "use more text or a shorter seq_len",
+        )
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)

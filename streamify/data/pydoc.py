@@ -16,7 +16,16 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-_SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
+_SKIP_PARTS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "turtledemo",
+    "__pycache__",
+}
 
 
 def _is_heldout(module: str) -> bool:
@@ -40,9 +49,7 @@ def _docstrings(path: Path) -> list[str]:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except (SyntaxError, ValueError):
         return []
-    nodes = [tree] + [
-        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-    ]
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
     docs = (ast.get_docstring(n, clean=True) for n in nodes)
     return [d for d in docs if d and len(d) >= 40]
 

@@ -83,7 +83,7 @@ def _hf_texts(spec: str) -> list[str]:
     parts = spec.removeprefix("hf:").split(":")
     if not parts[0] or len(parts) > 3:
         raise UsageError(f"--data {spec}: malformed data set name", "use hf:NAME[:CONFIG[:SPLIT]]")
-    name, config, split = (parts + [None, None])[:3]
+    name, config, split = [*parts, None, None][:3]
     if hub_offline():
         raise InputError(f"--data {spec}: HF_HUB_OFFLINE is set, so the hub data set cannot be fetched", DATA_HELP)
     import datasets
@@ -91,8 +91,9 @@ def _hf_texts(spec: str) -> list[str]:
     try:
         table = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # network, missing config, missing split: all reported the same way
-        raise InputError(f"--data {spec}: could not load the data set ({exc})", "check the name, config and split") \
-            from exc
+        raise InputError(
+            f"--data {spec}: could not load the data set ({exc})", "check the name, config and split"
+        ) from exc
     return _text_column(table, spec)
 
 

@@ -19,8 +19,7 @@ def _load(spec: str, options: dict, progress: Progress):
     return checkpoint, time.perf_counter() - started
 
 
-def evaluate_models(model: str, vs: str | None, spec: EvalSpec, options: dict,
-                    progress: Progress = SILENT) -> dict:
+def evaluate_models(model: str, vs: str | None, spec: EvalSpec, options: dict, progress: Progress = SILENT) -> dict:
     """Eval report of ``model``; with ``vs``, also of ``vs`` on the same token windows, and their ratios.
 
     Ratios are ``model / vs``. The two models must share a tokenizer (same ids
@@ -37,10 +36,13 @@ def evaluate_models(model: str, vs: str | None, spec: EvalSpec, options: dict,
     other, other_seconds = _load(vs, options, progress)
     other_blocks = eval_blocks(other.tokenizer, spec)
     if other_blocks.shape != blocks.shape or not bool((other_blocks == blocks).all()):
-        raise UsageError(f"--vs {vs}: its tokenizer turns the eval text into different tokens than {model}'s",
-                         "compare models that share a tokenizer")
+        raise UsageError(
+            f"--vs {vs}: its tokenizer turns the eval text into different tokens than {model}'s",
+            "compare models that share a tokenizer",
+        )
     other_size = other.source.size_bytes()
-    other_report = evaluate(other, spec, size_bytes=other_size, load_seconds=other_seconds, blocks=blocks,
-                            progress=progress)
+    other_report = evaluate(
+        other, spec, size_bytes=other_size, load_seconds=other_seconds, blocks=blocks, progress=progress
+    )
     ratio = {k: report[k] / other_report[k] for k in _RATIO_KEYS if report.get(k) and other_report.get(k)}
     return {**result, "vs_spec": vs, "vs": other_report, "ratio": ratio}

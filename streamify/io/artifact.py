@@ -27,8 +27,10 @@ def check_output(output: str | None, source_folder: Path | None, overwrite: bool
     if source_folder is not None:
         src = source_folder.resolve()
         if out == src or src in out.parents:
-            raise UsageError(f"{out}: output is inside the input folder {src}; streamify never writes there",
-                             "choose an output folder outside the input")
+            raise UsageError(
+                f"{out}: output is inside the input folder {src}; streamify never writes there",
+                "choose an output folder outside the input",
+            )
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder", "choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

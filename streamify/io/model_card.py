@@ -49,10 +49,19 @@ def render_model_card(manifest: dict, relation: str | None) -> str:
         lines += ["", "## Streaming", "", "```json", str(manifest["streaming"]), "```"]
     if manifest["eval"]:
         lines += _eval_section(manifest)
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM",
-              'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-              "# or, with streamify's runtime:", "import streamify",
-              'model, tokenizer = streamify.load("path/to/this/folder")', "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "# or, with streamify's runtime:",
+        "import streamify",
+        'model, tokenizer = streamify.load("path/to/this/folder")',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -60,8 +69,10 @@ def _eval_section(manifest: dict) -> list[str]:
     report = manifest["eval"]
     where = f"`{report.get('data')}`, windows of {report.get('seq_len')} tokens" if report.get("data") else ""
     lines = ["", "## Evaluation", "", where, "", "| metric | this model | source |", "|---|---|---|"]
-    lines += [f"| {label} | {value} | {before} |" for _, label, value, before in
-              eval_rows(report, manifest.get("eval_source"))]
+    lines += [
+        f"| {label} | {value} | {before} |"
+        for _, label, value, before in eval_rows(report, manifest.get("eval_source"))
+    ]
     for gate in manifest["gates"]:
         status = "passed" if gate["passed"] else "FAILED"
         lines.append(f"\nGate `{gate['gate']}` ≤ {gate['limit']}: {gate['value']:.4g} ({status})")

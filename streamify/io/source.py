@@ -86,7 +86,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def hub_offline() -> bool:
     """True when the Hugging Face hub must not be contacted."""
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def resolve_source(spec: str) -> Source:

@@ -20,8 +20,10 @@ def check_gates(gates: Gates | None, report: dict | None, source: dict | None) -
     for gate, limit in gates.model_dump(exclude_none=True).items():
         value = values.get(gate)
         if value is None:
-            raise GateError(f"gate {gate}: no value to check (the eval did not produce it)",
-                            "enable eval in the recipe, or remove the gate")
+            raise GateError(
+                f"gate {gate}: no value to check (the eval did not produce it)",
+                "enable eval in the recipe, or remove the gate",
+            )
         results.append({"gate": gate, "limit": limit, "value": value, "passed": value <= limit})
     return results
 
@@ -30,8 +32,11 @@ def raise_on_failure(results: list[dict], artifact: str) -> None:
     """Raise :class:`GateError` (exit 5) naming every failed gate and by how much."""
     failed = [r for r in results if not r["passed"]]
     if failed:
-        text = "; ".join(f"{r['gate']}: {r['value']:.4g} > {r['limit']} (over by {r['value'] - r['limit']:.4g})"
-                         for r in failed)
-        raise GateError(f"quality gate failed: {text}",
-                        f"the artifact {artifact} was written with the gate results in streamify.json; "
-                        "loosen the gate or change the recipe")
+        text = "; ".join(
+            f"{r['gate']}: {r['value']:.4g} > {r['limit']} (over by {r['value'] - r['limit']:.4g})" for r in failed
+        )
+        raise GateError(
+            f"quality gate failed: {text}",
+            f"the artifact {artifact} was written with the gate results in streamify.json; "
+            "loosen the gate or change the recipe",
+        )

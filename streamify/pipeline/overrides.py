@@ -49,8 +49,9 @@ def _child(node: Any, key: str, item: str, create: bool) -> Any:
     if isinstance(node, dict):
         if key not in node:
             if not create:
-                raise UsageError(f"override '{item}': no key '{key}' (keys: {', '.join(map(str, node))})",
-                                 "check the path")
+                raise UsageError(
+                    f"override '{item}': no key '{key}' (keys: {', '.join(map(str, node))})", "check the path"
+                )
             node[key] = {}
         return node[key]
     raise UsageError(f"override '{item}': '{key}' is below a value that is not a mapping or list", "check the path")

@@ -78,14 +78,19 @@ class LoadedRecipe:
 def _resolve_stage(index: int, entry: Any) -> tuple[Stage, BaseModel]:
     where = f"stages.{index}"
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise UsageError(f"{where}: a stage is a mapping with one key, the stage name", "e.g. - convert.dtype: {dtype: bf16}")
+        raise UsageError(
+            f"{where}: a stage is a mapping with one key, the stage name",
+            "e.g. - convert.dtype: {dtype: bf16}",
+        )
     ((name, params),) = entry.items()
     stage = get_stage(str(name))
     try:
         return stage, stage.params.model_validate(params or {})
     except ValidationError as exc:
-        raise UsageError(f"{where} ({name}): {describe_validation(exc)}",
-                         f"valid keys of {name}: {', '.join(stage.params.model_fields)}") from exc
+        raise UsageError(
+            f"{where} ({name}): {describe_validation(exc)}",
+            f"valid keys of {name}: {', '.join(stage.params.model_fields)}",
+        ) from exc
 
 
 def describe_validation(exc: ValidationError) -> str:
@@ -122,8 +127,10 @@ def find_recipe(name: str) -> Path:
     shipped = shipped_recipes()
     if name in shipped:
         return shipped[name]
-    raise UsageError(f"recipe '{name}': no such file, and no shipped recipe of that name",
-                     f"shipped recipes: {', '.join(shipped) or 'none'}")
+    raise UsageError(
+        f"recipe '{name}': no such file, and no shipped recipe of that name",
+        f"shipped recipes: {', '.join(shipped) or 'none'}",
+    )
 
 
 def read_recipe_file(path: Path) -> dict:
@@ -133,8 +140,7 @@ def read_recipe_file(path: Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UsageError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}", "fix the YAML syntax") \
-            from exc
+        raise UsageError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}", "fix the YAML syntax") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read the recipe ({exc})", "check the path") from exc
     if not isinstance(data, dict):
@@ -147,8 +153,9 @@ def validate_recipe(data: dict, where: str) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise UsageError(f"{where}: {describe_validation(exc)}",
-                         f"valid top-level keys: {', '.join(Recipe.model_fields)}") from exc
+        raise UsageError(
+            f"{where}: {describe_validation(exc)}", f"valid top-level keys: {', '.join(Recipe.model_fields)}"
+        ) from exc
     for index, entry in enumerate(recipe.stages):
         try:
             _resolve_stage(index, entry)

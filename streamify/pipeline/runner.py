@@ -20,8 +20,7 @@ from streamify.pipeline.registry import StageContext
 from streamify.progress import SILENT, Progress
 
 
-def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False,
-               progress: Progress = SILENT) -> dict:
+def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False, progress: Progress = SILENT) -> dict:
     """Run ``recipe`` end to end and return the run summary (the CLI's JSON output).
 
     With ``dry_run`` only the plan is made: no weights are read, nothing is written.
@@ -40,16 +39,27 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False
     started = time.perf_counter()
     transformers.set_seed(recipe.seed)
     progress.log(f"loading {recipe.model}")
-    checkpoint = load_checkpoint(recipe.model, dtype=recipe.dtype, device=recipe.device,
-                                 trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
-                                 progress=progress)
+    checkpoint = load_checkpoint(
+        recipe.model,
+        dtype=recipe.dtype,
+        device=recipe.device,
+        trust_remote_code=recipe.trust_remote_code,
+        allow_pickle=recipe.allow_pickle,
+        progress=progress,
+    )
     load_seconds = time.perf_counter() - started
     blocks, source_eval = None, None
     if recipe.needs_source_eval():
         blocks = eval_blocks(checkpoint.tokenizer, recipe.eval)
         progress.log("evaluating the source")
-        source_eval = evaluate(checkpoint, recipe.eval, size_bytes=checkpoint.source.size_bytes(), load_seconds=load_seconds,
-                               blocks=blocks, progress=progress)
+        source_eval = evaluate(
+            checkpoint,
+            recipe.eval,
+            size_bytes=checkpoint.source.size_bytes(),
+            load_seconds=load_seconds,
+            blocks=blocks,
+            progress=progress,
+        )
 
     records = []
     for index, (stage, params) in enumerate(stages):
@@ -57,8 +67,14 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False
         ctx = StageContext(device=device, seed=recipe.seed, data=recipe.data, progress=progress)
         stage_start = time.perf_counter()
         checkpoint = stage.run(checkpoint, params, ctx)
-        records.append({"name": stage.name, "params": params.model_dump(mode="json"),
-                        "seconds": round(time.perf_counter() - stage_start, 3), "metrics": ctx.metrics})
+        records.append(
+            {
+                "name": stage.name,
+                "params": params.model_dump(mode="json"),
+                "seconds": round(time.perf_counter() - stage_start, 3),
+                "metrics": ctx.metrics,
+            }
+        )
 
     with staged_folder(out) as tmp:
         progress.log(f"writing {out}")
@@ -66,15 +82,26 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False
         report = None
         if recipe.eval is not None:
             progress.log("evaluating the artifact")
-            report = evaluate(checkpoint, recipe.eval, size_bytes=weights_size(tmp), blocks=blocks,
-                              progress=progress)
+            report = evaluate(checkpoint, recipe.eval, size_bytes=weights_size(tmp), blocks=blocks, progress=progress)
         gates = check_gates(recipe.gates, report, source_eval)
-        manifest = build_manifest(checkpoint, stages=records, seed=recipe.seed, eval_report=report,
-                                  source_eval=source_eval, gates=gates)
+        manifest = build_manifest(
+            checkpoint,
+            stages=records,
+            seed=recipe.seed,
+            eval_report=report,
+            source_eval=source_eval,
+            gates=gates,
+        )
         write_manifest(tmp, manifest)
         (tmp / "recipe.yaml").write_text(recipe.model_copy(update={"output": str(out)}).to_yaml())
         relation = next((s.relation for s, _ in reversed(stages) if s.relation), None)
         (tmp / "README.md").write_text(render_model_card(manifest, relation))
     raise_on_failure(gates, str(out))
-    return {"output": str(out), "stages": records, "eval": report, "eval_source": source_eval, "gates": gates,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "output": str(out),
+        "stages": records,
+        "eval": report,
+        "eval_source": source_eval,
+        "gates": gates,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
