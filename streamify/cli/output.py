@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -82,6 +83,8 @@ def command(fmt: Format) -> Iterator[Reporter]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     reporter = Reporter(fmt)
+    if not reporter.bars:  # third-party tqdm bars (GGUF dequantization, datasets) follow our own
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         yield reporter
     except StreamifyError as exc:

@@ -31,9 +31,22 @@ def _bytes_per_param(params: DtypeParams, before: float) -> float:
     bytes_per_param=_bytes_per_param,
 )
 def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext) -> Checkpoint:
-    """Cast the model's floating-point parameters and buffers; records the dtypes it saw."""
+    """Cast the floating-point tensors that are saved (parameters, persistent buffers); records the dtypes seen.
+
+    Non-persistent buffers (such as rotary ``inv_freq``) keep their dtype, as
+    they do when transformers loads a checkpoint in the target dtype, so the
+    in-memory model and the reloaded artifact compute the same logits.
+    """
     model = checkpoint.model
+    target = DTYPES[params.dtype]
     before = sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
-    model.to(DTYPES[params.dtype])
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(target)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buffer.to(target))
+    model.config.dtype = target
     ctx.metrics.update(dtype_before=before, dtype_after=params.dtype)
     return checkpoint

@@ -1,0 +1,82 @@
+"""Shared fixtures: a small byte-level BPE tokenizer and tiny random models built from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from streamify.cli.app import app  # noqa: E402
+from streamify.data.pydoc import pydoc_texts  # noqa: E402
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256}
+CONFIGS = {
+    "llama": {"model_type": "llama", **TINY},
+    "qwen2": {"model_type": "qwen2", **TINY},
+    "mistral": {"model_type": "mistral", **TINY, "sliding_window": 64},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 256},
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 384-token byte-level BPE tokenizer trained on a slice of builtin:pydoc's train split."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(pydoc_texts("train")[:200], trainer)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+def build_tiny(arch: str, tokenizer_dir: Path, folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random model of ``arch`` with the test tokenizer into ``folder``."""
+    spec = dict(CONFIGS[arch])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=384, eos_token_id=0, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """One saved tiny random model per architecture in CONFIGS (read-only: copy before changing)."""
+    return {arch: build_tiny(arch, tokenizer_dir, tmp_path_factory.mktemp(arch)) for arch in CONFIGS}
+
+
+@pytest.fixture
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+class Cli:
+    """Run the streamify CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str):
+        return self.runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+QUICK_EVAL = ["eval.max_tokens=256", "eval.seq_len=64"]
