@@ -1,0 +1,5 @@
+"""``python -m streamify`` runs the CLI."""
+
+from streamify.cli.app import main
+
+main()
