@@ -29,8 +29,9 @@ def _convert(cli, model, out, *extra):
 
 def test_missing_path_exits_3_naming_it_as_a_process(tmp_path):
     """The console script itself: exit code and message, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "streamify", "inspect", "/does/not/exist"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamify", "inspect", "/does/not/exist"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == ExitCode.INPUT == 3
     assert "/does/not/exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -119,11 +120,14 @@ def test_unknown_stage_lists_valid_ones(cli, tiny_llama, tmp_path):
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
-@pytest.mark.parametrize(("yaml_text", "expected"), [
-    ("stages:\n  - convert.dtype: {dtyp: bf16}\n", "unknown key 'dtyp'"),
-    ("stages:\n  - convert.dtype: {dtype: int3}\n", "'dtype'"),
-    ("outptu: x\n", "unknown key 'outptu'"),
-])
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("stages:\n  - convert.dtype: {dtyp: bf16}\n", "unknown key 'dtyp'"),
+        ("stages:\n  - convert.dtype: {dtype: int3}\n", "'dtype'"),
+        ("outptu: x\n", "unknown key 'outptu'"),
+    ],
+)
 def test_unknown_or_invalid_keys_name_the_key(cli, tiny_llama, tmp_path, yaml_text, expected):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tiny_llama}\n{yaml_text}")

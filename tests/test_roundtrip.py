@@ -50,10 +50,13 @@ def test_artifact_folder_contents(cli, tiny_llama, tmp_path):
     manifest = json.loads(manifest_bytes)
     assert manifest["format_version"] == 1 and manifest["streamify_version"] == streamify.__version__
     source_file = tiny_llama / "model.safetensors"
-    assert manifest["source"]["files"] == [{
-        "path": str(source_file), "sha256": hashlib.sha256(source_file.read_bytes()).hexdigest(),
-        "size": source_file.stat().st_size,
-    }]
+    assert manifest["source"]["files"] == [
+        {
+            "path": str(source_file),
+            "sha256": hashlib.sha256(source_file.read_bytes()).hexdigest(),
+            "size": source_file.stat().st_size,
+        }
+    ]
     (stage,) = manifest["stages"]
     assert stage["name"] == "convert.dtype" and stage["params"] == {"dtype": "bf16"}
     assert stage["metrics"] == {"dtype_before": ["fp32"], "dtype_after": "bf16"} and stage["seconds"] >= 0

