@@ -11,12 +11,12 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from typer.testing import CliRunner
 
-from streamify.cli.app import app  # noqa: E402
-from streamify.data.pydoc import pydoc_texts  # noqa: E402
+from streamify.cli.app import app
+from streamify.data.pydoc import pydoc_texts
 
 TINY = {
     "hidden_size": 32,
