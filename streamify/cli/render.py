@@ -44,13 +44,13 @@ def render_inspect(console: Console, data: dict) -> None:
         console.print(f"  {name:<18} {summary}")
 
 
-def render_eval_table(console: Console, report: dict, source: dict | None, title: str) -> None:
-    """Eval metrics; with a source report, a source column and the ratio."""
+def render_eval_table(console: Console, report: dict, source: dict | None, title: str, other: str = "source") -> None:
+    """Eval metrics; with a second report, its column (headed ``other``) and the ratio."""
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("model", justify="right")
     if source:
-        table.add_column("source", justify="right")
+        table.add_column(other, justify="right")
         table.add_column("ratio", justify="right")
     for key, label, value, before in eval_rows(report, source):
         if source:
@@ -101,4 +101,5 @@ def render_plan(console: Console, plan: dict) -> None:
 
 def render_eval(console: Console, data: dict) -> None:
     """``streamify eval``: one model, or two side by side."""
-    render_eval_table(console, data["model"], data.get("vs"), f"eval {data['model_spec']}")
+    title = f"eval {data['model_spec']}" + (f" vs {data['vs_spec']}" if data.get("vs") else "")
+    render_eval_table(console, data["model"], data.get("vs"), title, other="vs")

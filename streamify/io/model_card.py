@@ -10,6 +10,7 @@ _ROWS = (
     ("params", "parameters", "{:,}"),
     ("size_bytes", "weights on disk (bytes)", "{:,}"),
     ("bits_per_weight", "bits per weight", "{:.2f}"),
+    ("load_seconds", "load time (s)", "{:.2f}"),
 )
 
 
