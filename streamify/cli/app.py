@@ -38,8 +38,10 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(no_args_is_help=True, help="List, show, validate shipped and local recipes.")
 convert_app = typer.Typer(no_args_is_help=True, help="Conversions: dtype (streaming and causal follow).")
+quantize_app = typer.Typer(no_args_is_help=True, help="Compression: lossless entropy coding and its decoder.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(convert_app, name="convert")
+app.add_typer(quantize_app, name="quantize")
 
 
 def _version(value: bool) -> None:
@@ -217,6 +219,64 @@ def convert_dtype(
         save_recipe=save_recipe,
         fmt=fmt,
     )
+
+
+@quantize_app.command("entropy")
+def quantize_entropy(
+    model: ModelArg,
+    output: OutOpt,
+    level: Annotated[int, typer.Option("--level", help="pcodec level 0-12: higher is smaller, slower to encode")] = 8,
+    chunk_elems: Annotated[int, typer.Option("--chunk-elems", help="elements per independent chunk")] = 1 << 20,
+    threads: Annotated[int, typer.Option("--threads", help="encoding threads (0: all cores)")] = 0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    evaluate: EvalOpt = True,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    save_recipe: SaveRecipeOpt = None,
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Entropy-code MODEL's weights losslessly (BF16 to about 66%); decode with `streamify quantize decode`."""
+    run_one_stage(
+        "quantize.entropy",
+        {"level": level, "chunk_elems": chunk_elems, "threads": threads},
+        {
+            "model": model,
+            "output": str(output),
+            "dtype": dtype,
+            "device": device,
+            "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle,
+        },
+        evaluate=evaluate,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        save_recipe=save_recipe,
+        fmt=fmt,
+    )
+
+
+@quantize_app.command("decode")
+def quantize_decode(
+    artifact: Annotated[str, typer.Argument(help="a folder written by streamify quantize entropy")],
+    output: OutOpt,
+    threads: Annotated[int, typer.Option("--threads", help="decoding threads (0: all cores)")] = 0,
+    overwrite: OverwriteOpt = False,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Restore a plain safetensors checkpoint, bit-identical to the one that was coded."""
+    from streamify.quantize.entropy_restore import decode_artifact
+
+    with command(fmt) as out:
+        result = decode_artifact(artifact, str(output), overwrite=overwrite, threads=threads, progress=out)
+        out.result(
+            result,
+            lambda console, data: console.print(
+                f"decoded {data['decoded_bytes']:,} bytes in {data['seconds']:.2f} s -> {data['output']}"
+            ),
+        )
 
 
 def run_one_stage(

@@ -39,9 +39,21 @@ def render_inspect(console: Console, data: dict) -> None:
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
+    if data.get("entropy"):
+        render_entropy(console, data["entropy"])
     console.print("stages that apply:")
     for name, summary in data["applicable_stages"].items():
         console.print(f"  {name:<18} {summary}")
+
+
+def render_entropy(console: Console, summary: dict) -> None:
+    """Stored vs raw size per tensor group of an entropy-coded artifact."""
+    table = Table(title=f"entropy-coded: {summary['ratio']:.2%} of the raw size overall")
+    for column in ("tensor group", "raw", "stored", "ratio"):
+        table.add_column(column, justify="left" if column == "tensor group" else "right")
+    for group, sizes in summary["groups"].items():
+        table.add_row(group, _size(sizes["raw_bytes"]), _size(sizes["stored_bytes"]), f"{sizes['ratio']:.2%}")
+    console.print(table)
 
 
 def render_eval_table(console: Console, report: dict, source: dict | None, title: str, other: str = "source") -> None:

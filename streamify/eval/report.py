@@ -69,12 +69,14 @@ def evaluate(
     model = checkpoint.model
     params = count_params(model)
     report: dict = {"params": params, "size_bytes": size_bytes, "bits_per_weight": size_bytes * 8 / params}
-    if is_causal_lm(model):
+    if not is_causal_lm(model):
+        report.update(perplexity=None, note="not a causal LM: perplexity does not apply")
+    elif checkpoint.tokenizer is None and blocks is None:
+        report.update(perplexity=None, note="the checkpoint has no tokenizer: perplexity skipped")
+    else:
         windows = blocks if blocks is not None else eval_blocks(checkpoint.tokenizer, spec)
         report.update(perplexity(model, windows, spec.batch_size, progress))
         report.update(seq_len=int(windows.shape[1]), data=spec.data)
-    else:
-        report.update(perplexity=None, note="not a causal LM: perplexity does not apply")
     report["load_seconds"] = load_seconds
     report["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
     return report

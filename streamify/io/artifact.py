@@ -66,8 +66,11 @@ def staged_folder(out: Path) -> Iterator[Path]:
 
 
 def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
-    """Write the model (safetensors, sharded when large), config and tokenizer as transformers does."""
-    checkpoint.model.save_pretrained(folder, max_shard_size="2GB")
+    """Write config, weights and tokenizer: as transformers does, or in the format a stage chose."""
+    if checkpoint.weights_writer is not None:
+        checkpoint.weights_writer(folder)
+    else:
+        checkpoint.model.save_pretrained(folder, max_shard_size="2GB")
     if checkpoint.tokenizer is not None:
         checkpoint.tokenizer.save_pretrained(folder)
 

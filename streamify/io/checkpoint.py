@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from streamify.io.source import Source
@@ -14,6 +16,8 @@ class Checkpoint:
 
     ``history`` holds the stage records of earlier streamify runs (read from the
     input's manifest); ``streaming`` is the streaming spec, if any stage set one.
+    ``weights_writer``, when a stage sets it, writes the artifact's config and
+    weight files in that stage's format instead of transformers' safetensors.
     """
 
     model: Any
@@ -21,6 +25,7 @@ class Checkpoint:
     source: Source
     history: list[dict] = field(default_factory=list)
     streaming: dict | None = None
+    weights_writer: Callable[[Path], None] | None = None
 
     @property
     def config(self) -> Any:

@@ -17,6 +17,7 @@ from streamify.io.placement import resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.progress import SILENT, Progress
+from streamify.quantize.entropy_format import CONTAINER_NAME
 
 MANIFEST_NAME = "streamify.json"
 
@@ -77,14 +78,26 @@ def load_checkpoint(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    lazy: bool = False,
     progress: Progress = SILENT,
 ) -> Checkpoint:
-    """Load a model and its tokenizer from anything streamify accepts as MODEL."""
+    """Load a model and its tokenizer from anything streamify accepts as MODEL.
+
+    ``lazy`` applies to entropy-coded artifacts: blocks are decoded during the
+    forward pass instead of at load time.
+    """
     source = resolve_source(spec)
     target = resolve_device(device)
     folder = _materialize_gguf(source, progress) if source.kind == "gguf" else source.path
     config = _folder_config(folder, trust_remote_code)
     cls = model_class(config, spec)
+    manifest = read_manifest(folder) or {}
+    container = folder / CONTAINER_NAME
+    if container.is_file():
+        from streamify.quantize.entropy_load import load_entropy_model
+
+        model = load_entropy_model(container, config, cls, torch_dtype(dtype), target, lazy=lazy)
+        return _checkpoint(model, folder, source, manifest, trust_remote_code)
     use_safetensors = _check_weight_files(folder, allow_pickle)
     try:
         model, info = cls.from_pretrained(
@@ -105,7 +118,10 @@ def load_checkpoint(
             "the weight files do not match config.json; re-download or re-create the checkpoint",
         )
     model.to(target).eval()
-    manifest = read_manifest(folder) or {}
+    return _checkpoint(model, folder, source, manifest, trust_remote_code)
+
+
+def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remote_code: bool) -> Checkpoint:
     return Checkpoint(
         model=model,
         tokenizer=_load_tokenizer(folder, trust_remote_code),

@@ -11,6 +11,7 @@ from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
 from streamify.pipeline.plan import meta_model
 from streamify.pipeline.registry import all_stages
+from streamify.quantize.entropy_format import CONTAINER_NAME, read_index, summarize_file
 
 
 def stored_dtypes(source: Source) -> dict[str, int]:
@@ -21,6 +22,9 @@ def stored_dtypes(source: Source) -> dict[str, int]:
 
         for tensor in GGUFReader(source.path).tensors:
             counts[tensor.tensor_type.name] += 1
+    elif (source.path / CONTAINER_NAME).is_file():
+        for entry in read_index(source.path / CONTAINER_NAME)["tensors"].values():
+            counts[entry.get("dtype", "raw") if entry["storage"] == "coded" else "raw (uncoded)"] += 1
     else:
         for path in sorted(source.path.glob("*.safetensors")):
             header = read_header(path)
@@ -39,6 +43,7 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
     params = sum(p.numel() for p in model.parameters())
     size = source.size_bytes()
     manifest = read_manifest(source.folder) if source.kind == "hf-folder" else None
+    container = source.folder / CONTAINER_NAME
     return {
         "model": spec,
         "path": str(source.path),
@@ -57,4 +62,5 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
         "streamify_artifact": manifest is not None,
         "stages_applied": [s["name"] for s in (manifest or {}).get("history", []) + (manifest or {}).get("stages", [])],
         "applicable_stages": {name: stage.summary for name, stage in all_stages().items()},
+        "entropy": summarize_file(container) if source.kind == "hf-folder" and container.is_file() else None,
     }

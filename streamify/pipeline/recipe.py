@@ -158,9 +158,14 @@ def validate_recipe(data: dict, where: str) -> Recipe:
         ) from exc
     for index, entry in enumerate(recipe.stages):
         try:
-            _resolve_stage(index, entry)
+            stage, _ = _resolve_stage(index, entry)
         except UsageError as exc:
             raise UsageError(f"{where}: {exc.message}", exc.hint) from exc
+        if stage.final and index != len(recipe.stages) - 1:
+            raise UsageError(
+                f"{where}: stages.{index} ({stage.name}) fixes the weight format, so it must come last",
+                f"move {stage.name} to the end of the stages",
+            )
     return recipe
 
 

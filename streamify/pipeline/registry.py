@@ -14,7 +14,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.progress import SILENT, Progress
 
 # Modules that register stages when imported; a new stage module is added here.
-STAGE_MODULES = ("streamify.converters.dtype",)
+STAGE_MODULES = ("streamify.converters.dtype", "streamify.quantize.entropy_stage")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Stage:
     summary: str
     relation: str | None = None
     bytes_per_param: Callable[[BaseModel, float], float] = lambda params, before: before
+    final: bool = False
 
 
 _REGISTRY: dict[str, Stage] = {}

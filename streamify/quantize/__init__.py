@@ -1,0 +1,1 @@
+"""Quantization and compression stages: lossless entropy coding (INT4 follows)."""

@@ -1,0 +1,164 @@
+"""The container of entropy-coded weights: ``model.entropy.safetensors``.
+
+Format (version 1), so that another implementation can read it:
+
+- A safetensors file. Every tensor of the checkpoint is stored under its own
+  name, either *coded* (a 1-D ``U8`` tensor: the concatenated chunks written by
+  :mod:`streamify.quantize.entropy_codec`) or *raw* (the tensor itself, in its
+  own dtype: integer and bool tensors, and tensors under 4096 elements).
+- ``__metadata__["streamify_entropy"]`` is a JSON string::
+
+    {"format": "streamify.entropy", "format_version": 1,
+     "files": {"model.safetensors": {"metadata": {...}}},   # the original files and their __metadata__
+     "tensors": {NAME: {"file": "model.safetensors", "storage": "coded" | "raw",
+                        # coded only:
+                        "codec": "pcodec-rotl1", "codec_version": 1, "dtype": "BF16" | "F16" | "F32",
+                        "shape": [...],
+                        "chunks": [{"start": first element, "count": elements,
+                                    "offset": byte offset in the U8 tensor, "length": bytes,
+                                    "crc32": CRC-32 (zlib) of those bytes}, ...]}}}
+
+- Decoding a chunk: check its CRC-32, pcodec-decompress it (``simple_decompress``)
+  into ``count`` unsigned integers of the dtype's width, rotate each right by one
+  bit, and reinterpret the bits as the dtype. Restoring a file writes its tensors,
+  in name order, with its original ``__metadata__``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from streamify.errors import InputError
+from streamify.quantize.entropy_codec import (
+    CODED_DTYPES,
+    DTYPE_BY_NAME,
+    MIN_CODED_ELEMS,
+    EncodedTensor,
+    decode_tensor,
+    encode_tensor,
+)
+
+CONTAINER_NAME = "model.entropy.safetensors"
+FORMAT = "streamify.entropy"
+FORMAT_VERSION = 1
+_META_KEY = "streamify_entropy"
+
+
+def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple[dict, dict]:
+    """Code every tensor of one safetensors file: ``(stored tensors by name, index entries by name)``."""
+    stored: dict[str, torch.Tensor] = {}
+    index: dict[str, dict] = {}
+    with safe_open(path, "pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            tensor = fh.get_tensor(name)
+            if tensor.dtype in CODED_DTYPES and tensor.numel() >= MIN_CODED_ELEMS:
+                coded: EncodedTensor = encode_tensor(tensor, chunk_elems, level, threads)
+                stored[name] = torch.frombuffer(bytearray(coded.blob), dtype=torch.uint8)
+                index[name] = {"file": path.name, "storage": "coded", **coded.index}
+            else:
+                stored[name] = tensor
+                index[name] = {"file": path.name, "storage": "raw"}
+    return stored, index
+
+
+def write_container(path: Path, stored: dict[str, torch.Tensor], index: dict[str, dict], files: dict) -> None:
+    """Write the container file."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files, "tensors": index}
+    save_file(stored, path, metadata={"format": "pt", _META_KEY: json.dumps(meta, separators=(",", ":"))})
+
+
+def read_index(path: Path) -> dict:
+    """The container's JSON index (checked for format and version)."""
+    with safe_open(path, "pt") as fh:
+        raw = (fh.metadata() or {}).get(_META_KEY)
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: the entropy index is not valid JSON ({exc})", "re-create the artifact") from exc
+    if not meta or meta.get("format") != FORMAT:
+        raise InputError(f"{path}: not a streamify entropy container", "re-create it with streamify quantize entropy")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: entropy format version {meta.get('format_version')} is not {FORMAT_VERSION}", "upgrade streamify"
+        )
+    return meta
+
+
+def decode_tensors(
+    path: Path,
+    names: list[str] | None = None,
+    threads: int = 1,
+    index: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Decode the named tensors (all when ``names`` is None) from a container."""
+    meta = index or read_index(path)
+    entries = meta["tensors"]
+    out = {}
+    with safe_open(path, "pt") as fh:
+        for name in names if names is not None else list(entries):
+            entry = entries[name]
+            stored = fh.get_tensor(name)
+            out[name] = stored if entry["storage"] == "raw" else decode_tensor(name, entry, stored.numpy(), threads)
+    return out
+
+
+def restore_files(path: Path, folder: Path, threads: int = 1) -> list[Path]:
+    """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``."""
+    meta = read_index(path)
+    written = []
+    for file_name, info in meta["files"].items():
+        names = sorted(n for n, e in meta["tensors"].items() if e["file"] == file_name)
+        tensors = decode_tensors(path, names, threads, meta)
+        target = folder / file_name
+        save_file(tensors, target, metadata=info.get("metadata") or None)
+        written.append(target)
+    return written
+
+
+def _raw_bytes(entry: dict, stored_bytes: int) -> int:
+    if entry["storage"] == "raw":
+        return stored_bytes
+    count = 1
+    for dim in entry["shape"]:
+        count *= dim
+    return count * DTYPE_BY_NAME[entry["dtype"]].itemsize
+
+
+def summarize(index: dict[str, dict], stored_bytes: dict[str, int]) -> dict:
+    """Sizes and ratios overall and per tensor group (names with block numbers replaced by ``*``)."""
+    groups: dict[str, list[int]] = {}
+    totals = {"coded": [0, 0], "raw": [0, 0]}
+    for name, entry in index.items():
+        raw, stored = _raw_bytes(entry, stored_bytes[name]), stored_bytes[name]
+        for bucket in (groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), [0, 0]), totals[entry["storage"]]):
+            bucket[0] += raw
+            bucket[1] += stored
+    raw_total = totals["coded"][0] + totals["raw"][0]
+    stored_total = totals["coded"][1] + totals["raw"][1]
+    coded_raw, coded_stored = totals["coded"]
+    return {
+        "raw_bytes": raw_total,
+        "stored_bytes": stored_total,
+        "ratio": stored_total / raw_total if raw_total else 1.0,
+        "coded_ratio": coded_stored / coded_raw if coded_raw else None,
+        "coded_tensors": sum(e["storage"] == "coded" for e in index.values()),
+        "raw_tensors": sum(e["storage"] == "raw" for e in index.values()),
+        "groups": {
+            g: {"raw_bytes": r, "stored_bytes": s, "ratio": s / r if r else 1.0} for g, (r, s) in sorted(groups.items())
+        },
+    }
+
+
+def summarize_file(path: Path) -> dict:
+    """:func:`summarize` for a container on disk (reads only its header)."""
+    from streamify.io.safetensors_file import read_header
+
+    header = read_header(path)
+    stored = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    return summarize(read_index(path)["tensors"], stored)

@@ -1,0 +1,100 @@
+"""Build a transformers model from an entropy-coded container, eagerly or block by block.
+
+Lazy loading keeps every decoder/encoder block's weights on the meta device and
+decodes them in a forward pre-hook, right before the block runs, then drops
+them in a forward hook, so peak memory is about the non-block weights plus one
+decoded block (the container itself is memory-mapped, not read into memory).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from streamify.errors import InputError
+from streamify.model.blocks import find_blocks
+from streamify.quantize.entropy_format import decode_tensors, read_index
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _to_meta(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(owner._parameters[leaf].to("meta"), requires_grad=False)
+
+
+def load_entropy_model(
+    container: Path,
+    config,
+    cls: type,
+    dtype: torch.dtype | str,
+    device: torch.device,
+    lazy: bool = False,
+    threads: int = 0,
+) -> nn.Module:
+    """A model of class ``cls`` with the container's weights; ``lazy`` decodes blocks on demand."""
+    threads = threads or os.cpu_count() or 1
+    index = read_index(container)
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config) if not hasattr(cls, "from_config") else cls.from_config(config)
+    names = list(index["tensors"])
+    expected = set(model.state_dict())
+    unknown = sorted(set(names) - expected)
+    if unknown:
+        raise InputError(
+            f"{container}: tensors that the model does not have, e.g. {', '.join(unknown[:5])}",
+            "the container does not match config.json; re-create the artifact",
+        )
+    target_dtype = None if dtype == "auto" else dtype
+    found = find_blocks(model) if lazy else None
+    prefix = f"{found[0]}." if found else None
+    eager = [n for n in names if prefix is None or not n.startswith(prefix)]
+
+    def place(tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            if target_dtype is not None and value.is_floating_point():
+                value = value.to(target_dtype)
+            _set_tensor(model, name, value.to(device))
+
+    place(decode_tensors(container, eager, threads, index))
+    if found:
+        for number, block in enumerate(found[1]):
+            block_names = [n for n in names if n.startswith(f"{prefix}{number}.")]
+            _hook_block(block, block_names, container, index, threads, place, model)
+    model.tie_weights()
+    missing = sorted(
+        n for n, p in model.named_parameters() if p.device.type == "meta" and not (prefix and n.startswith(prefix))
+    )
+    if missing:
+        raise InputError(
+            f"{container}: {len(missing)} weights are missing, e.g. {', '.join(missing[:5])}",
+            "the container does not match config.json; re-create the artifact",
+        )
+    return model.eval()
+
+
+def _hook_block(
+    block: nn.Module, names: list[str], container: Path, index: dict, threads: int, place, model: nn.Module
+) -> None:
+    def decode(module, args, kwargs=None):
+        place(decode_tensors(container, names, threads, index))
+
+    def drop(module, args, output):
+        _to_meta(model, names)
+
+    block.register_forward_pre_hook(decode)
+    block.register_forward_hook(drop)
