@@ -14,15 +14,17 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    lazy: bool = False,
 ):
     """Load any model streamify accepts (an artifact folder, HF folder, .gguf, builtin alias, hub id).
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``
-    (tokenizer is None when the checkpoint ships none).
+    (tokenizer is None when the checkpoint ships none). ``lazy`` applies to
+    entropy-coded artifacts: each block is decoded just before it runs.
     """
     from streamify.io.load import load_checkpoint
 
     checkpoint = load_checkpoint(
-        path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, lazy=lazy
     )
     return checkpoint.model, checkpoint.tokenizer

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import streamify
@@ -62,3 +63,29 @@ def test_quickstart_recipe_end_to_end(cli, tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_entropy_coded_smollm2_is_bit_exact_and_smaller(cli, tmp_path):
+    plain, coded, restored = tmp_path / "plain", tmp_path / "coded", tmp_path / "restored"
+    assert cli("convert", "dtype", MODEL, "-o", plain, "--dtype", "bf16", "--no-eval").exit_code == 0
+    result = cli("quantize", "entropy", MODEL, "-o", coded, "--dtype", "bf16", "--no-eval", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert metrics["coded_ratio"] < 0.675, "BF16 exponents carry ~2.6 of 8 bits: about 66% of the size"
+    assert cli("quantize", "decode", coded, "-o", restored, "--format", "quiet").exit_code == 0
+
+    with safe_open(plain / "model.safetensors", "pt") as a, safe_open(restored / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for name in sorted(a.keys()):
+            x, y = a.get_tensor(name), b.get_tensor(name)
+            assert (
+                x.dtype == y.dtype
+                and hashlib.sha256(x.view(torch.int16).numpy().tobytes()).digest()
+                == hashlib.sha256(y.view(torch.int16).numpy().tobytes()).digest()
+            ), name
+
+    model, tokenizer = streamify.load(str(coded), lazy=True)
+    reference = AutoModelForCausalLM.from_pretrained(plain)
+    ids = tokenizer("def parse(text):\n    return", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)

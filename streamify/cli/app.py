@@ -16,6 +16,7 @@ from streamify.cli.options import (
     DtypeOpt,
     EvalOpt,
     FormatOpt,
+    LazyOpt,
     MaxTokensOpt,
     ModelArg,
     OutOpt,
@@ -99,6 +100,7 @@ def eval_(
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
     allow_pickle: PickleOpt = False,
+    lazy: LazyOpt = False,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Perplexity on held-out text, parameters, size, bits per weight, load time and peak memory."""
@@ -112,6 +114,7 @@ def eval_(
             "device": device,
             "trust_remote_code": trust_remote_code,
             "allow_pickle": allow_pickle,
+            "lazy": lazy,
         }
         out.result(evaluate_models(model, vs, spec, options, progress=out), render_eval)
 

@@ -27,3 +27,4 @@ EvalOpt = Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the ar
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="tokens to score")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="window length in tokens")]
 ModelArg = Annotated[str, typer.Argument(help="a model folder, .gguf file, builtin:ALIAS or hub id", metavar="MODEL")]
+LazyOpt = Annotated[bool, typer.Option("--lazy", help="entropy-coded artifacts: decode each block as it runs")]

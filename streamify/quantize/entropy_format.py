@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from streamify.errors import InputError
+from streamify.io.safetensors_file import read_header
 from streamify.quantize.entropy_codec import (
     CODED_DTYPES,
     DTYPE_BY_NAME,
@@ -74,9 +75,8 @@ def write_container(path: Path, stored: dict[str, torch.Tensor], index: dict[str
 
 
 def read_index(path: Path) -> dict:
-    """The container's JSON index (checked for format and version)."""
-    with safe_open(path, "pt") as fh:
-        raw = (fh.metadata() or {}).get(_META_KEY)
+    """The container's JSON index (checked for format and version; a truncated file is an error)."""
+    raw = read_header(path).get("__metadata__", {}).get(_META_KEY)
     try:
         meta = json.loads(raw) if raw else None
     except json.JSONDecodeError as exc:
@@ -157,8 +157,6 @@ def summarize(index: dict[str, dict], stored_bytes: dict[str, int]) -> dict:
 
 def summarize_file(path: Path) -> dict:
     """:func:`summarize` for a container on disk (reads only its header)."""
-    from streamify.io.safetensors_file import read_header
-
     header = read_header(path)
     stored = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
     return summarize(read_index(path)["tensors"], stored)

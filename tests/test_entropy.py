@@ -1,0 +1,212 @@
+"""Lossless entropy coding: bit-exact round trips, corruption detection, artifacts, lazy decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import streamify
+from conftest import build_tiny
+from streamify.io.load import load_checkpoint
+from streamify.io.safetensors_file import read_header
+from streamify.quantize.entropy_codec import CorruptWeightsError, decode_tensor, encode_tensor
+from streamify.quantize.entropy_format import CONTAINER_NAME, decode_tensors, read_index, restore_files, write_container
+
+_BITS = {2: torch.int16, 4: torch.int32}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_BITS[t.element_size()])
+
+
+def _special(dtype: torch.dtype) -> torch.Tensor:
+    """±0, ±inf, NaNs with different payloads, subnormals, the largest finite value."""
+    info = torch.finfo(dtype)
+    values = torch.tensor(
+        [0.0, -0.0, math.inf, -math.inf, math.nan, info.tiny / 4, -info.tiny / 8, info.max], dtype=torch.float32
+    ).to(dtype)
+    raw = _bits(values).clone()
+    nan = raw[4].item()
+    payloads = torch.tensor([nan | 1, nan | 2, -(nan | 3) if dtype != torch.float32 else nan | 0x7F], dtype=raw.dtype)
+    return torch.cat([raw, payloads]).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("size", [1, 4095, 4096, 10007, 3 * 4096 + 1])
+def test_codec_round_trip_is_bit_exact(dtype, size):
+    gen = torch.Generator().manual_seed(size)
+    tensor = torch.cat([(torch.randn(size, generator=gen) * 0.02).to(dtype), _special(dtype)])
+    encoded = encode_tensor(tensor, chunk_elems=4096, threads=2)
+    assert len(encoded.index["chunks"]) == math.ceil(tensor.numel() / 4096)
+    decoded = decode_tensor("t", encoded.index, encoded.blob, threads=2)
+    assert decoded.dtype == dtype and decoded.shape == tensor.shape
+    assert torch.equal(_bits(decoded), _bits(tensor))
+
+
+def test_codec_keeps_shapes_including_empty_and_scalar(tmp_path):
+    tensors = {
+        "matrix": torch.randn(97, 131).to(torch.bfloat16),
+        "empty": torch.empty(0, 5, dtype=torch.float16),
+        "scalar": torch.tensor(3.5, dtype=torch.float32),
+        "ints": torch.arange(10, dtype=torch.int64),
+        "big": torch.randn(64, 200, dtype=torch.float32),
+    }
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt", "note": "kept"})
+    from streamify.quantize.entropy_format import encode_file
+
+    stored, index = encode_file(tmp_path / "model.safetensors", level=8, chunk_elems=4096, threads=1)
+    assert {n for n, e in index.items() if e["storage"] == "coded"} == {"matrix", "big"}
+    write_container(tmp_path / CONTAINER_NAME, stored, index, {"model.safetensors": {"metadata": {"note": "kept"}}})
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (path,) = restore_files(tmp_path / CONTAINER_NAME, restored)
+    with safe_open(path, "pt") as fh:
+        assert fh.metadata() == {"note": "kept"}
+        for name, tensor in tensors.items():
+            got = fh.get_tensor(name)
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape
+            assert (
+                got.numpy().tobytes() == tensor.numpy().tobytes()
+                if tensor.dtype != torch.bfloat16
+                else torch.equal(_bits(got), _bits(tensor))
+            )
+
+
+def test_every_single_byte_corruption_of_a_chunk_is_detected():
+    tensor = (torch.randn(3000) * 0.02).to(torch.bfloat16).repeat(2)  # 6000 elements, two chunks
+    encoded = encode_tensor(tensor, chunk_elems=4096)
+    blob = bytearray(encoded.blob)
+    for position in range(len(blob)):
+        corrupt = bytearray(blob)
+        corrupt[position] ^= 0x5A
+        with pytest.raises(CorruptWeightsError, match=r"tensor w, chunk [01]"):
+            decode_tensor("w", encoded.index, bytes(corrupt))
+    with pytest.raises(CorruptWeightsError, match="chunk 1"):
+        decode_tensor("w", encoded.index, bytes(blob[:-1]))
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory, tokenizer_dir):
+    """A tiny Llama with tensors large enough to be coded (hidden 64, MLP 256)."""
+    from conftest import CONFIGS
+
+    CONFIGS["small-llama"] = {**CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 256}
+    try:
+        return build_tiny("small-llama", tokenizer_dir, tmp_path_factory.mktemp("small-llama"))
+    finally:
+        del CONFIGS["small-llama"]
+
+
+def _tensor_hashes(path) -> dict[str, str]:
+    hashes = {}
+    with safe_open(path, "pt") as fh:
+        for name in sorted(fh.keys()):
+            tensor = fh.get_tensor(name)
+            raw = _bits(tensor) if tensor.is_floating_point() else tensor
+            hashes[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+    return hashes
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_artifact_decode_restores_identical_tensors(cli, small_llama, tmp_path, dtype):
+    coded, restored, plain = tmp_path / "coded", tmp_path / "restored", tmp_path / "plain"
+    assert cli("convert", "dtype", small_llama, "-o", plain, "--dtype", dtype, "--no-eval").exit_code == 0
+    result = cli("quantize", "entropy", plain, "-o", coded, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert metrics["coded_tensors"] > 0 and metrics["ratio"] < 1.0
+    assert (coded / CONTAINER_NAME).is_file() and not (coded / "model.safetensors").exists()
+
+    assert cli("quantize", "decode", coded, "-o", restored, "--format", "quiet").exit_code == 0
+    assert _tensor_hashes(restored / "model.safetensors") == _tensor_hashes(plain / "model.safetensors")
+
+    original = load_checkpoint(str(plain)).model
+    model, _ = streamify.load(str(coded))
+    ids = torch.randint(0, 384, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_entropy_must_be_the_last_stage(cli, small_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {small_llama}\nstages:\n  - quantize.entropy: {{}}\n  - convert.dtype: {{}}\n")
+    result = cli("recipe", "validate", recipe)
+    assert result.exit_code == 2 and "must come last" in result.stderr
+
+
+def test_corrupt_artifact_is_reported_with_tensor_and_chunk(cli, small_llama, tmp_path):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval", "--chunk-elems", "4096").exit_code == 0
+    container = coded / CONTAINER_NAME
+    index = read_index(container)
+    name = "model.layers.1.mlp.up_proj.weight"
+    header = read_header(container)
+    start = 8 + int.from_bytes(container.read_bytes()[:8], "little") + header[name]["data_offsets"][0]
+    chunk = index["tensors"][name]["chunks"][2]
+    data = bytearray(container.read_bytes())
+    data[start + chunk["offset"] + chunk["length"] // 2] ^= 0xFF
+    container.write_bytes(bytes(data))
+    result = cli("eval", coded, "--max-tokens", "256", "--seq-len", "64")
+    assert result.exit_code == 3
+    assert f"tensor {name}, chunk 2" in result.stderr and "checksum" in result.stderr
+    decoded = cli("quantize", "decode", coded, "-o", tmp_path / "restored")
+    assert decoded.exit_code == 3 and not (tmp_path / "restored").exists()
+
+
+def test_truncated_container_is_detected(cli, small_llama, tmp_path):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
+    container = coded / CONTAINER_NAME
+    container.write_bytes(container.read_bytes()[:-1000])
+    result = cli("eval", coded, "--max-tokens", "256", "--seq-len", "64")
+    assert result.exit_code == 3 and CONTAINER_NAME in result.stderr
+
+
+def test_lazy_loading_decodes_one_block_at_a_time(cli, small_llama, tmp_path):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
+    eager, _ = streamify.load(str(coded))
+    lazy, _ = streamify.load(str(coded), lazy=True)
+    blocks = lazy.model.layers
+
+    def materialized() -> int:
+        return sum(all(p.device.type != "meta" for p in b.parameters()) for b in blocks)
+
+    seen = []
+    for block in blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(materialized()))
+    assert materialized() == 0
+    ids = torch.randint(0, 384, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lazy(ids).logits, eager(ids).logits)
+    assert seen == [1] * len(blocks), "exactly one block decoded while each block runs"
+    assert materialized() == 0, "blocks are dropped after they run"
+
+
+def test_inspect_shows_ratios_per_group(cli, small_llama, tmp_path):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
+    info = json.loads(cli("inspect", coded, "--format", "json").stdout)
+    groups = info["entropy"]["groups"]
+    assert "model.layers.*.mlp.up_proj.weight" in groups
+    assert groups["model.layers.*.mlp.up_proj.weight"]["ratio"] < 0.95
+    assert groups["model.norm.weight"]["ratio"] == 1.0
+    stored = sum(g["stored_bytes"] for g in groups.values())
+    assert stored == sum(
+        e["data_offsets"][1] - e["data_offsets"][0]
+        for k, e in read_header(coded / CONTAINER_NAME).items()
+        if k != "__metadata__"
+    )
+
+
+def test_decode_tensors_reads_names_on_demand(small_llama, tmp_path, cli):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
+    got = decode_tensors(coded / CONTAINER_NAME, ["model.norm.weight"])
+    assert list(got) == ["model.norm.weight"]
