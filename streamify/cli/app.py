@@ -229,7 +229,7 @@ def quantize_entropy(
     model: ModelArg,
     output: OutOpt,
     level: Annotated[int, typer.Option("--level", help="pcodec level 0-12: higher is smaller, slower to encode")] = 8,
-    chunk_elems: Annotated[int, typer.Option("--chunk-elems", help="elements per independent chunk")] = 1 << 20,
+    chunk_elems: Annotated[int, typer.Option("--chunk-elems", help="elements per independent chunk")] = 1 << 18,
     threads: Annotated[int, typer.Option("--threads", help="encoding threads (0: all cores)")] = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",

@@ -60,6 +60,13 @@ def model_class(config: PretrainedConfig, where: str) -> type:
     )
 
 
+def instantiate(cls: type, config: PretrainedConfig, trust_remote_code: bool = False):
+    """A model of ``cls`` built from ``config`` (random or empty weights, per the active device context)."""
+    if hasattr(cls, "from_config"):  # an Auto class
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+    return cls(config)
+
+
 def read_manifest(folder: Path) -> dict | None:
     """The streamify manifest of an artifact folder, or None for other checkpoints."""
     path = folder / MANIFEST_NAME

@@ -9,7 +9,7 @@ import torch
 
 from streamify.errors import ResourceError
 from streamify.eval.report import count_params
-from streamify.io.load import model_class, read_config
+from streamify.io.load import instantiate, model_class, read_config
 from streamify.io.placement import DTYPES
 from streamify.io.source import Source
 from streamify.model.attention import attention_layout, summarize_layout
@@ -23,9 +23,7 @@ def meta_model(config, trust_remote_code: bool = False):
     """The model built on the meta device: structure and parameter count, no memory, no weights."""
     cls = model_class(config, getattr(config, "name_or_path", "model"))
     with torch.device("meta"):
-        if hasattr(cls, "from_config"):  # an Auto class
-            return cls.from_config(config, trust_remote_code=trust_remote_code)
-        return cls(config)
+        return instantiate(cls, config, trust_remote_code)
 
 
 def load_bytes_per_param(config, dtype: str, source: Source) -> int:

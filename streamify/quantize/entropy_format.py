@@ -40,9 +40,8 @@ from streamify.quantize.entropy_codec import (
     CODED_DTYPES,
     DTYPE_BY_NAME,
     MIN_CODED_ELEMS,
-    EncodedTensor,
-    decode_tensor,
-    encode_tensor,
+    decode_many,
+    encode_many,
 )
 
 CONTAINER_NAME = "model.entropy.safetensors"
@@ -53,18 +52,19 @@ _META_KEY = "streamify_entropy"
 
 def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple[dict, dict]:
     """Code every tensor of one safetensors file: ``(stored tensors by name, index entries by name)``."""
+    with safe_open(path, "pt") as fh:
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (not a mapping)
+    to_code = {n: t for n, t in tensors.items() if t.dtype in CODED_DTYPES and t.numel() >= MIN_CODED_ELEMS}
+    coded = encode_many(to_code, chunk_elems, level, threads)
     stored: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
-    with safe_open(path, "pt") as fh:
-        for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            tensor = fh.get_tensor(name)
-            if tensor.dtype in CODED_DTYPES and tensor.numel() >= MIN_CODED_ELEMS:
-                coded: EncodedTensor = encode_tensor(tensor, chunk_elems, level, threads)
-                stored[name] = torch.frombuffer(bytearray(coded.blob), dtype=torch.uint8)
-                index[name] = {"file": path.name, "storage": "coded", **coded.index}
-            else:
-                stored[name] = tensor
-                index[name] = {"file": path.name, "storage": "raw"}
+    for name, tensor in tensors.items():
+        if name in coded:
+            stored[name] = torch.frombuffer(bytearray(coded[name].blob), dtype=torch.uint8)
+            index[name] = {"file": path.name, "storage": "coded", **coded[name].index}
+        else:
+            stored[name] = tensor
+            index[name] = {"file": path.name, "storage": "raw"}
     return stored, index
 
 
@@ -99,13 +99,12 @@ def decode_tensors(
     """Decode the named tensors (all when ``names`` is None) from a container."""
     meta = index or read_index(path)
     entries = meta["tensors"]
-    out = {}
+    wanted = names if names is not None else list(entries)
     with safe_open(path, "pt") as fh:
-        for name in names if names is not None else list(entries):
-            entry = entries[name]
-            stored = fh.get_tensor(name)
-            out[name] = stored if entry["storage"] == "raw" else decode_tensor(name, entry, stored.numpy(), threads)
-    return out
+        stored = {name: fh.get_tensor(name) for name in wanted}
+    coded = [(n, entries[n], stored[n].numpy()) for n in wanted if entries[n]["storage"] == "coded"]
+    decoded = decode_many(coded, threads)
+    return {n: decoded[n] if n in decoded else stored[n] for n in wanted}
 
 
 def restore_files(path: Path, folder: Path, threads: int = 1) -> list[Path]:

@@ -16,6 +16,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from streamify.errors import InputError
+from streamify.io.load import instantiate
 from streamify.model.blocks import find_blocks
 from streamify.quantize.entropy_format import decode_tensors, read_index
 
@@ -50,7 +51,7 @@ def load_entropy_model(
     threads = threads or os.cpu_count() or 1
     index = read_index(container)
     with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config) if not hasattr(cls, "from_config") else cls.from_config(config)
+        model = instantiate(cls, config)
     names = list(index["tensors"])
     expected = set(model.state_dict())
     unknown = sorted(set(names) - expected)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
+from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS
 from streamify.quantize.entropy_format import CONTAINER_NAME, encode_file, summarize, write_container
 
 
@@ -21,7 +22,7 @@ class EntropyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     level: int = Field(8, ge=0, le=12, description="pcodec compression level: higher is smaller and slower to encode")
-    chunk_elems: int = Field(1 << 20, ge=4096, description="elements per independently decodable chunk")
+    chunk_elems: int = Field(DEFAULT_CHUNK_ELEMS, ge=4096, description="elements per independently decodable chunk")
     threads: int = Field(0, ge=0, description="encoding threads (0: all cores)")
 
 
