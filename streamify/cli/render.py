@@ -79,13 +79,26 @@ def render_run(console: Console, data: dict) -> None:
         render_plan(console, data["plan"])
         return
     for stage in data["stages"]:
-        console.print(f"stage {stage['name']}: {stage['seconds']:.1f} s {stage['metrics'] or ''}")
+        console.print(f"stage {stage['name']}: {stage['seconds']:.1f} s {_scalars(stage['metrics'])}")
     if data["eval"]:
         render_eval_table(console, data["eval"], data["eval_source"], "eval (held-out)")
     for gate in data["gates"]:
         mark = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"
         console.print(f"gate {gate['gate']} ≤ {gate['limit']}: {gate['value']:.4g} {mark}")
     console.print(f"artifact: {data['output']}")
+
+
+def _scalars(metrics: dict) -> str:
+    """The plain-valued metrics as ``key=value`` (nested tables stay in the JSON output and manifest)."""
+    shown = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            shown.append(f"{key}={value:.4g}")
+        elif isinstance(value, int | str):
+            shown.append(f"{key}={value}")
+        elif isinstance(value, list):
+            shown.append(f"{key}={','.join(map(str, value))}")
+    return " ".join(shown)
 
 
 def render_plan(console: Console, plan: dict) -> None:
