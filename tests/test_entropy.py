@@ -60,7 +60,7 @@ def test_codec_keeps_shapes_including_empty_and_scalar(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt", "note": "kept"})
     from streamify.quantize.entropy_format import encode_file
 
-    stored, index = encode_file(tmp_path / "model.safetensors", level=8, chunk_elems=4096, threads=1)
+    stored, index, _ = encode_file(tmp_path / "model.safetensors", level=8, chunk_elems=4096, threads=1)
     assert {n for n, e in index.items() if e["storage"] == "coded"} == {"matrix", "big"}
     write_container(tmp_path / CONTAINER_NAME, stored, index, {"model.safetensors": {"metadata": {"note": "kept"}}})
     restored = tmp_path / "restored"

@@ -50,10 +50,14 @@ FORMAT_VERSION = 1
 _META_KEY = "streamify_entropy"
 
 
-def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple[dict, dict]:
-    """Code every tensor of one safetensors file: ``(stored tensors by name, index entries by name)``."""
+def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple[dict, dict, dict]:
+    """Code every tensor of one safetensors file.
+
+    Returns ``(stored tensors by name, index entries by name, the file's entry: its __metadata__)``.
+    """
     with safe_open(path, "pt") as fh:
         tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (not a mapping)
+        file_entry = {"metadata": fh.metadata()}
     to_code = {n: t for n, t in tensors.items() if t.dtype in CODED_DTYPES and t.numel() >= MIN_CODED_ELEMS}
     coded = encode_many(to_code, chunk_elems, level, threads)
     stored: dict[str, torch.Tensor] = {}
@@ -65,7 +69,7 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple
         else:
             stored[name] = tensor
             index[name] = {"file": path.name, "storage": "raw"}
-    return stored, index
+    return stored, index, file_entry
 
 
 def write_container(path: Path, stored: dict[str, torch.Tensor], index: dict[str, dict], files: dict) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 
 from streamify.errors import InputError
 from streamify.io.artifact import check_output, staged_folder, write_manifest
@@ -53,7 +54,7 @@ def decode_artifact(
                 "kind": "hf-folder",
                 "path": str(source.folder),
                 "base_model": (manifest.get("source") or {}).get("base_model"),
-                "files": [SourceFile(str(container), sha256_file(container), container.stat().st_size).__dict__],
+                "files": [asdict(SourceFile(str(container), sha256_file(container), container.stat().st_size))],
             },
             eval=None,
             eval_source=None,

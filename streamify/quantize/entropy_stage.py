@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
 
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
@@ -43,11 +42,9 @@ def quantize_entropy(checkpoint: Checkpoint, params: EntropyParams, ctx: StageCo
         stored, index, files = {}, {}, {}
         started = time.perf_counter()
         for path in ctx.progress.track(sorted(plain.glob("*.safetensors")), "entropy coding"):
-            file_stored, file_index = encode_file(path, params.level, params.chunk_elems, threads)
+            file_stored, file_index, files[path.name] = encode_file(path, params.level, params.chunk_elems, threads)
             stored.update(file_stored)
             index.update(file_index)
-            with safe_open(path, "pt") as fh:
-                files[path.name] = {"metadata": fh.metadata()}
         seconds = time.perf_counter() - started
     summary = summarize(index, {name: tensor.numel() * tensor.element_size() for name, tensor in stored.items()})
     ctx.metrics.update(summary, encode_gb_per_s=summary["raw_bytes"] / seconds / 1e9, threads=threads)
