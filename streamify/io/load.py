@@ -18,6 +18,9 @@ from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.progress import SILENT, Progress
 from streamify.quantize.entropy_format import CONTAINER_NAME
+from streamify.runtime.attention import check_streamable
+from streamify.runtime.generate import make_streaming
+from streamify.runtime.spec import read_spec
 
 MANIFEST_NAME = "streamify.json"
 
@@ -129,6 +132,10 @@ def load_checkpoint(
 
 
 def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remote_code: bool) -> Checkpoint:
+    spec = read_spec(model.config, str(folder / "config.json"))
+    if spec is not None:
+        check_streamable(model, source.spec)
+        make_streaming(model, spec)
     return Checkpoint(
         model=model,
         tokenizer=_load_tokenizer(folder, trust_remote_code),

@@ -14,7 +14,12 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.progress import SILENT, Progress
 
 # Modules that register stages when imported; a new stage module is added here.
-STAGE_MODULES = ("streamify.converters.dtype", "streamify.quantize.entropy_stage")
+STAGE_MODULES = (
+    "streamify.converters.dtype",
+    "streamify.converters.streaming",
+    "streamify.distill.heal",
+    "streamify.quantize.entropy_stage",
+)
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""Native export: the same weights in a transformers architecture with per-layer sliding windows.
+
+Llama- and Mistral-family weights (no attention or MLP biases) map onto
+Ministral, which has ``layer_types``; Qwen2 and Qwen3 already have them.
+Native runtimes (plain transformers, vLLM) then run the ``sink_window``
+layers as sliding-window layers: the same window, but no attention sinks.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from streamify.errors import UsageError
+from streamify.runtime.spec import FULL, StreamingSpec
+
+# source model_type -> native model_type that holds its weights under the same names
+NATIVE_TARGETS = {
+    "llama": "ministral",
+    "mistral": "ministral",
+    "ministral": "ministral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+}
+
+
+def native_target(config) -> str:
+    """The native model_type for ``config``; a :class:`UsageError` when none holds its weights exactly."""
+    model_type = config.model_type
+    target = NATIVE_TARGETS.get(model_type)
+    has_bias = getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
+    if target is None or (target == "ministral" and has_bias):
+        raise UsageError(
+            f"--export-arch native: no transformers architecture with per-layer sliding windows holds "
+            f"these '{model_type}' weights exactly",
+            "use --export-arch same (the artifact then needs streamify.load() to stream)",
+        )
+    return target
+
+
+def to_native(model: nn.Module, spec: StreamingSpec) -> nn.Module:
+    """A new model of the native architecture holding ``model``'s weights, windowed per ``spec``."""
+    target = native_target(model.config)
+    data = model.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype"):
+        data.pop(key, None)
+    data.update(
+        layer_types=["full_attention" if kind == FULL else "sliding_attention" for kind in spec.layer_types],
+        sliding_window=spec.window,
+        use_sliding_window=True,
+        max_window_layers=0,
+    )
+    config = AutoConfig.for_model(target, **data)
+    native = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    native.load_state_dict(model.state_dict(), strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        native.tie_weights()
+    return native.to(next(model.parameters()).device).eval()

@@ -1,0 +1,88 @@
+"""Stage ``convert.streaming``: attention sinks + sliding window, hybrid full layers, optional healing.
+
+The weights stay as they are (or are healed); the streaming spec goes into
+``config.json`` (key ``streamify_streaming``) and the manifest, and
+``streamify.load()`` then runs the model with sink + window attention and a
+bounded cache. ``export_arch: native`` writes the weights in a transformers
+architecture with per-layer sliding windows (see :mod:`streamify.converters.native`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamify.converters.native import native_target, to_native
+from streamify.distill.heal import HealParams, heal
+from streamify.io.checkpoint import Checkpoint
+from streamify.model.blocks import layer_count
+from streamify.pipeline.registry import StageContext, register
+from streamify.runtime.attention import check_streamable, disable_streaming, enable_streaming
+from streamify.runtime.spec import CONFIG_KEY, make_spec
+
+NATIVE_NOTE = (
+    "native runtimes (transformers, vLLM) run the sink_window layers as plain sliding-window layers, "
+    "without attention sinks; streamify.load() adds the sinks"
+)
+
+
+class StreamingParams(BaseModel):
+    """Params of ``convert.streaming``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sinks: int = Field(4, ge=0, description="attention-sink tokens kept from the start of the stream")
+    window: int = Field(1024, description="most recent tokens each token attends to, itself included")
+    full_layers: str | list[int] = Field(
+        "none", description="layers that keep full attention: none, every:K, middle-third or a list of indices"
+    )
+    export_arch: Literal["same", "native"] = Field(
+        "same", description="same: the source architecture; native: one with per-layer sliding windows"
+    )
+    heal: HealParams = Field(default_factory=HealParams, description="healing under the streaming pattern")
+
+
+@register(
+    "convert.streaming",
+    StreamingParams,
+    "bounded-memory attention: sinks + sliding window, optional full layers (LongGen hybrid) and healing",
+    relation="finetune",
+)
+def convert_streaming(checkpoint: Checkpoint, params: StreamingParams, ctx: StageContext) -> Checkpoint:
+    """Make the model stream per ``params``; heal it first when ``heal.steps`` > 0."""
+    model = checkpoint.model
+    where = checkpoint.source.spec
+    check_streamable(model, where)
+    spec = make_spec(params.sinks, params.window, params.full_layers, layer_count(model.config))
+    if params.export_arch == "native":
+        native_target(model.config)
+    disable_streaming(model)
+    if params.heal.steps:
+        teacher = copy.deepcopy(model)
+        enable_streaming(model, spec)
+        model, metrics = heal(
+            model,
+            teacher,
+            checkpoint.tokenizer,
+            params.heal,
+            seq_len=2 * (spec.sinks + spec.window),
+            data=ctx.data,
+            seed=ctx.seed,
+            progress=ctx.progress,
+        )
+        disable_streaming(model)
+        del teacher
+        ctx.metrics.update(metrics)
+    if params.export_arch == "native":
+        model = to_native(model, spec)
+    record = {**spec.to_json(), "export_arch": params.export_arch, "architecture": type(model).__name__}
+    if params.export_arch == "native":
+        record["native_note"] = NATIVE_NOTE
+    setattr(model.config, CONFIG_KEY, spec.to_json())
+    enable_streaming(model, spec)
+    checkpoint.model = model
+    checkpoint.streaming = record
+    ctx.metrics.update(sinks=spec.sinks, window=spec.window, full_layers=spec.full_layers)
+    return checkpoint

@@ -1,0 +1,1 @@
+"""Distillation: the one training loop, losses, LoRA wrapping, and the healing stage."""

@@ -1,0 +1,155 @@
+"""Healing: distil a modified student (streaming, pruned) back towards its original teacher.
+
+Loss: KL(teacher || student) on logits (+ optional next-token CE), trained
+with LoRA adapters (merged at the end) or all weights, by the shared
+:func:`~streamify.distill.trainer.train` loop. Held-out KL to the teacher is
+measured before and after, on text the training never saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import torch
+from pydantic import Field
+
+from streamify import __version__
+from streamify.data.blocks import token_blocks
+from streamify.data.sources import load_texts
+from streamify.distill.lora import add_lora, merge_lora
+from streamify.distill.losses import heldout_kl, kl_to_teacher, next_token_ce
+from streamify.distill.trainer import TrainParams, train
+from streamify.errors import UsageError
+from streamify.io.checkpoint import Checkpoint
+from streamify.io.load import cache_root, load_checkpoint
+from streamify.pipeline.registry import StageContext, register
+from streamify.progress import SILENT, Progress
+from streamify.runtime.attention import disable_streaming, enable_streaming
+from streamify.runtime.spec import read_spec
+
+
+class HealParams(TrainParams):
+    """Healing: the training settings plus what to train and on what loss."""
+
+    lora_rank: int = Field(16, ge=0, description="LoRA rank on every linear layer but the head (0: train all weights)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    seq_len: int | None = Field(None, ge=2, description="training sequence length (default: the stage's)")
+    kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on logits")
+    ce_weight: float = Field(0.0, ge=0, description="weight of next-token cross-entropy")
+    temperature: float = Field(1.0, gt=0, description="distillation temperature")
+    eval_blocks: int = Field(4, ge=1, description="held-out sequences for the KL measured before and after")
+
+
+def heal(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    tokenizer,
+    params: HealParams,
+    *,
+    seq_len: int,
+    data: str,
+    seed: int,
+    progress: Progress = SILENT,
+) -> tuple[torch.nn.Module, dict]:
+    """Train ``student`` towards ``teacher`` on ``data``; returns the healed plain model and its metrics.
+
+    A run killed mid-way resumes from its checkpoint in streamify's cache
+    (keyed by the student's weights, the params, data and seed).
+    """
+    seq_len = params.seq_len or seq_len
+    needed = params.steps * params.batch_size * params.grad_accum * seq_len
+    train_blocks = token_blocks(
+        tokenizer, load_texts(data, "train"), seq_len, needed, seed=seed, where=f"--data {data}"
+    )
+    eval_ids = token_blocks(tokenizer, load_texts(data, "heldout"), seq_len, params.eval_blocks * seq_len, where=data)
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    progress.log("measuring held-out KL to the teacher before healing")
+    kl_before = heldout_kl(student, teacher, eval_ids)
+    checkpoint_dir = cache_root() / "train" / _run_key(student, params, seq_len, data, seed)
+    trainee = add_lora(student, params.lora_rank, params.lora_alpha)
+
+    def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(batch).logits
+        logits = trainee(batch).logits
+        loss = params.kl_weight * kl_to_teacher(logits, target, params.temperature)
+        if params.ce_weight:
+            loss = loss + params.ce_weight * next_token_ce(logits, batch)
+        return loss
+
+    result = train(trainee, train_blocks, loss_fn, params, seed=seed, checkpoint_dir=checkpoint_dir, progress=progress)
+    healed = merge_lora(trainee)
+    kl_after = heldout_kl(healed, teacher, eval_ids)
+    metrics = {
+        "heal_steps": result.steps,
+        "heal_tokens": result.tokens,
+        "heal_seq_len": seq_len,
+        "heal_resumed_from_step": result.resumed_from,
+        "heal_loss_first": result.losses[0] if result.losses else None,
+        "heal_loss_last": result.losses[-1] if result.losses else None,
+        "heldout_kl_before": round(kl_before, 6),
+        "heldout_kl_after": round(kl_after, 6),
+    }
+    return healed, metrics
+
+
+def _run_key(model: torch.nn.Module, params: HealParams, seq_len: int, data: str, seed: int) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    settings = {"params": params.model_dump(), "seq_len": seq_len, "data": data, "seed": seed, "v": __version__}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+class DistillHealParams(HealParams):
+    """Params of ``distill.heal``."""
+
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    teacher: str | None = Field(
+        None, description="teacher MODEL (default: the input itself with full attention, for a streaming input)"
+    )
+
+
+@register(
+    "distill.heal",
+    DistillHealParams,
+    "heal a modified model by distillation from a teacher (LoRA, merged)",
+    relation="finetune",
+)
+def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageContext) -> Checkpoint:
+    """Heal ``checkpoint`` towards ``params.teacher`` (or its own full-attention self when it streams)."""
+    model = checkpoint.model
+    spec = read_spec(model.config)
+    if params.teacher is not None:
+        teacher = load_checkpoint(params.teacher, device=str(ctx.device), progress=ctx.progress).model
+    elif spec is not None:
+        teacher = copy.deepcopy(model)
+        disable_streaming(teacher)
+    else:
+        raise UsageError(
+            "distill.heal: the input is not a streaming model, so it has no full-attention self to learn from",
+            "name the original model with teacher: MODEL (--teacher MODEL)",
+        )
+    default_len = 2 * (spec.sinks + spec.window) if spec is not None else 512
+    train_params = HealParams(**params.model_dump(exclude={"teacher"}))
+    healed, metrics = heal(
+        model,
+        teacher,
+        checkpoint.tokenizer,
+        train_params,
+        seq_len=default_len,
+        data=ctx.data,
+        seed=ctx.seed,
+        progress=ctx.progress,
+    )
+    if spec is not None:
+        enable_streaming(healed, spec)
+    checkpoint.model = healed
+    ctx.metrics.update(metrics)
+    return checkpoint

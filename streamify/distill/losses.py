@@ -1,0 +1,30 @@
+"""Distillation losses on logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) at ``temperature`` (scaled by T² as in Hinton et al.)."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher, blocks: torch.Tensor) -> float:
+    """Mean per-token KL(teacher || student) over ``blocks``, one block at a time."""
+    device = next(student.parameters()).device
+    total = 0.0
+    for block in blocks:
+        ids = block[None].to(device)
+        total += kl_to_teacher(student(ids).logits, teacher(ids).logits).item()
+    return total / len(blocks)

@@ -1,0 +1,208 @@
+"""Sink + window attention inside transformers' own decoder code.
+
+A streaming model is the stock transformers model with two substitutions:
+its rotary embedding returns the identity (so queries and keys reach the
+cache and the attention function un-rotated), and its attention
+implementation is :func:`streaming_attention`, which rotates them itself with
+re-indexed positions:
+
+- keys in the window block are rotated in a frame local to the window and the
+  query at its distance from them, so window distances are the true ones;
+- the sink keys are rotated by their slot (0..sinks-1) and the query at
+  ``min(p, sinks + window - 1)``, its slot when the cache is full, so a sink
+  never looks further away than the cache is long.
+
+Both blocks share one softmax. With a :class:`~streamify.runtime.cache.StreamingCache`
+bound to the model, the chunk's keys come from the cache (chunked, bounded
+memory); without one, the whole sequence is one chunk under the explicit
+sink + window mask (training, the equivalence reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+
+from streamify.errors import InputError
+from streamify.model.blocks import find_blocks
+from streamify.runtime.spec import FULL, StreamingSpec
+
+IMPLEMENTATION = "streamify_streaming"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma")
+
+
+class StreamingController:
+    """Holds a streaming model's spec, its original rotary embedding and the cache bound to it."""
+
+    def __init__(self, spec: StreamingSpec, rotary: nn.Module, attn_implementation: str):
+        self.spec = spec
+        self.rotary = rotary
+        self.attn_implementation = attn_implementation
+        self.cache = None
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions`` (1-D), as the model's own rotary embedding computes them."""
+        key = (like.device, like.dtype)
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < needed:
+            size = max(needed, 2 * table[0].shape[0] if table is not None else 256)
+            ids = torch.arange(size, device=like.device)[None]
+            cos, sin = self.rotary(like[:1, :1, :1, :1].reshape(1, 1, 1), ids)
+            table = (cos[0], sin[0])
+            self._tables[key] = table
+        return table[0][positions], table[1][positions]
+
+
+class _IdentityRotary(nn.Module):
+    """Returns cos = 1, sin = 0 of the wrapped rotary's shape: rotation by zero."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        cos, sin = self.inner(x, position_ids, *args, **kwargs)
+        return torch.ones_like(cos), torch.zeros_like(sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else torch.repeat_interleave(x, groups, dim=1)
+
+
+def attend(
+    ctl: StreamingController,
+    kind: str,
+    query: torch.Tensor,
+    sink: tuple[torch.Tensor, torch.Tensor] | None,
+    recent: tuple[torch.Tensor, torch.Tensor],
+    q_start: int,
+    recent_start: int,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of a chunk of queries (absolute positions from ``q_start``) over sink and recent keys.
+
+    ``sink`` holds the first tokens of the stream (slots 0..), ``recent`` the
+    keys from absolute position ``recent_start`` on; keys are un-rotated.
+    Returns ``[batch, chunk, heads, head_dim]`` as transformers' attention
+    functions do.
+    """
+    spec = ctl.spec
+    device = query.device
+    chunk = query.shape[-2]
+    q_abs = torch.arange(q_start, q_start + chunk, device=device)
+    recent_k, recent_v = recent
+    k_local = torch.arange(recent_k.shape[-2], device=device)
+    cos_k, sin_k = ctl.cos_sin(k_local, query)
+    cos_q, sin_q = ctl.cos_sin(q_abs - recent_start, query)
+    groups = query.shape[1] // recent_k.shape[1]
+    scores = [_rotate(query, cos_q, sin_q) @ _repeat_heads(_rotate(recent_k, cos_k, sin_k), groups).transpose(-1, -2)]
+    k_abs = recent_start + k_local
+    allowed = [k_abs[None] <= q_abs[:, None]]
+    if kind != FULL:
+        allowed[0] &= k_abs[None] > q_abs[:, None] - spec.window
+    values = [recent_v]
+    if sink is not None and sink[0].shape[-2] > 0:
+        sink_k, sink_v = sink
+        slots = torch.arange(sink_k.shape[-2], device=device)
+        cos_s, sin_s = ctl.cos_sin(slots, query)
+        cos_qs, sin_qs = ctl.cos_sin(q_abs.clamp(max=spec.capacity), query)
+        sink_scores = _rotate(query, cos_qs, sin_qs) @ _repeat_heads(_rotate(sink_k, cos_s, sin_s), groups).transpose(
+            -1, -2
+        )
+        scores.insert(0, sink_scores)
+        allowed.insert(0, slots[None] <= q_abs[:, None])
+        values.insert(0, sink_v)
+    logits = torch.cat(scores, dim=-1) * scaling
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~torch.cat(allowed, dim=-1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = probs @ _repeat_heads(torch.cat(values, dim=-2), groups)
+    return out.transpose(1, 2).contiguous()
+
+
+def streaming_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function registered as ``streamify_streaming`` (transformers' interface)."""
+    ctl, kind = module.streamify_layer
+    scaling = module.scaling if scaling is None else scaling
+    softcap = kwargs.get("softcap")
+    if ctl.cache is not None:
+        layer = ctl.cache.layers[module.layer_idx]
+        out = attend(
+            ctl,
+            kind,
+            query,
+            layer.sink,
+            layer.recent,
+            layer.seen - query.shape[-2],
+            layer.recent_start,
+            scaling,
+            softcap,
+        )
+        layer.trim()
+        return out, None
+    if key.shape[-2] != query.shape[-2]:
+        raise InputError(
+            "a streaming model was called with a cache that is not streamify's",
+            "use streamify.runtime.new_cache(model), or call it without past_key_values",
+        )
+    sinks = 0 if kind == FULL else ctl.spec.sinks
+    sink = (key[:, :, :sinks], value[:, :, :sinks]) if sinks else None
+    out = attend(ctl, kind, query, sink, (key[:, :, sinks:], value[:, :, sinks:]), 0, sinks, scaling, softcap)
+    return out, None
+
+
+AttentionInterface.register(IMPLEMENTATION, streaming_attention)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix, model)
+
+
+def check_streamable(model: nn.Module, where: str) -> None:
+    """Raise :class:`InputError` (exit 3) unless streamify can make ``model`` stream."""
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(_base_model(model), "rotary_emb"):
+        raise InputError(
+            f"{where}: streaming conversion does not support the '{model_type}' architecture",
+            f"supported decoder families: {', '.join(SUPPORTED_MODEL_TYPES)}",
+        )
+
+
+def enable_streaming(model: nn.Module, spec: StreamingSpec) -> StreamingController:
+    """Make ``model`` attend with sinks + window per ``spec`` (in place); returns its controller."""
+    if getattr(model, "streamify_controller", None) is not None:
+        disable_streaming(model)
+    base = _base_model(model)
+    rotary = base.rotary_emb
+    ctl = StreamingController(spec, rotary, model.config._attn_implementation)
+    base.rotary_emb = _IdentityRotary(rotary)
+    _, blocks = find_blocks(model)
+    for index, block in enumerate(blocks):
+        block.self_attn.streamify_layer = (ctl, spec.layer_types[index])
+    model.set_attn_implementation(IMPLEMENTATION)
+    model.streamify_controller = ctl
+    return ctl
+
+
+def disable_streaming(model: nn.Module) -> None:
+    """Undo :func:`enable_streaming`: the stock rotary embedding and attention come back."""
+    ctl = getattr(model, "streamify_controller", None)
+    if ctl is None:
+        return
+    _base_model(model).rotary_emb = ctl.rotary
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        del block.self_attn.streamify_layer
+    model.set_attn_implementation(ctl.attn_implementation)
+    model.streamify_controller = None
