@@ -38,11 +38,13 @@ app = typer.Typer(
     help="Turn offline model checkpoints into streaming, compressed, deployable ones.",
 )
 recipe_app = typer.Typer(no_args_is_help=True, help="List, show, validate shipped and local recipes.")
-convert_app = typer.Typer(no_args_is_help=True, help="Conversions: dtype (streaming and causal follow).")
+convert_app = typer.Typer(no_args_is_help=True, help="Conversions: dtype, streaming (sinks + window attention).")
+distill_app = typer.Typer(no_args_is_help=True, help="Distillation: heal a modified model towards its teacher.")
 quantize_app = typer.Typer(no_args_is_help=True, help="Compression: lossless entropy coding and its decoder.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(convert_app, name="convert")
 app.add_typer(quantize_app, name="quantize")
+app.add_typer(distill_app, name="distill")
 
 
 def _version(value: bool) -> None:
@@ -101,12 +103,31 @@ def eval_(
     trust_remote_code: TrustOpt = False,
     allow_pickle: PickleOpt = False,
     lazy: LazyOpt = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="run the streaming runtime over --tokens held-out tokens")
+    ] = False,
+    tokens: Annotated[
+        int | None, typer.Option("--tokens", help="stream length (--stream: 8192; equivalence: 3×(sinks+window))")
+    ] = None,
+    chunk: Annotated[int, typer.Option("--chunk", help="--stream: tokens fed per step")] = 1,
+    check: Annotated[
+        str | None, typer.Option("--check", help="equivalence: chunked cached runtime vs masked full forward")
+    ] = None,
+    chunks: Annotated[str, typer.Option("--chunks", help="--check equivalence: chunk sizes to compare")] = "1,7,64",
     fmt: FormatOpt = Format.human,
 ) -> None:
-    """Perplexity on held-out text, parameters, size, bits per weight, load time and peak memory."""
+    """Perplexity on held-out text, parameters, size, bits per weight, load time and peak memory.
+
+    With --stream, the streaming runtime's perplexity, cache bytes and latency
+    over a long stream; with --check equivalence, the runtime against one
+    forward under the explicit sink + window mask.
+    """
     from streamify.eval.compare import evaluate_models
     from streamify.eval.report import EvalSpec
 
+    if stream or check:
+        _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, fmt)
+        return
     with command(fmt) as out:
         spec = EvalSpec(data=data, max_tokens=max_tokens, seq_len=seq_len)
         options = {
@@ -117,6 +138,76 @@ def eval_(
             "lazy": lazy,
         }
         out.result(evaluate_models(model, vs, spec, options, progress=out), render_eval)
+
+
+def _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, fmt) -> None:
+    from streamify.cli.render import render_streaming_eval
+    from streamify.errors import UsageError
+    from streamify.eval.streaming import check_equivalence, stream_eval
+    from streamify.io.load import load_checkpoint
+
+    with command(fmt) as out:
+        if check not in (None, "equivalence"):
+            raise UsageError(f"--check {check}: unknown check", "the one check is: --check equivalence")
+        checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        result: dict = {"model_spec": model}
+        if stream:
+            result["stream"] = stream_eval(checkpoint, data, tokens or 8192, chunk, progress=out)
+        if check:
+            sizes = [int(c) for c in chunks.split(",")]
+            result["equivalence"] = check_equivalence(checkpoint, data, tokens, sizes, progress=out)
+        out.result(result, render_streaming_eval)
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option("--prompt", help="text to continue")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; above 0: sampling")] = 0.0,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Generate with the streaming runtime (bounded cache) from a streaming artifact."""
+    from streamify.errors import UsageError
+    from streamify.io.load import load_checkpoint
+    from streamify.runtime.generate import generate_text
+
+    with command(fmt) as out:
+        checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        if getattr(checkpoint.model, "streamify_controller", None) is None:
+            raise UsageError(f"{model} is not a streaming model", "convert it first: streamify convert streaming")
+        text, count, cache_bytes = generate_text(
+            checkpoint.model, checkpoint.tokenizer, prompt, max_new_tokens, temperature=temperature, seed=seed
+        )
+        out.result(
+            {"prompt": prompt, "text": text, "new_tokens": count, "cache_bytes": cache_bytes},
+            lambda console, data: console.print(data["prompt"] + data["text"], markup=False, highlight=False),
+        )
+
+
+@app.command()
+def stream(
+    model: ModelArg,
+    input_path: Annotated[str, typer.Option("--input", help="text file to stream, or - for stdin (may be endless)")],
+    chunk: Annotated[int, typer.Option("--chunk", help="tokens fed per step")] = 64,
+    report_every: Annotated[int, typer.Option("--report-every", help="log one line every N chunks")] = 16,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Feed a text stream chunk by chunk; report per-chunk loss, latency and cache bytes."""
+    from streamify.cli.render import render_stream
+    from streamify.io.load import load_checkpoint
+    from streamify.runtime.stream import open_text, stream_text
+
+    with command(fmt) as out:
+        checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        with open_text(input_path) as lines:
+            result = stream_text(checkpoint.model, checkpoint.tokenizer, lines, chunk, report_every, out)
+        out.result(result, render_stream)
 
 
 @recipe_app.command("list")
@@ -259,6 +350,123 @@ def quantize_entropy(
         save_recipe=save_recipe,
         fmt=fmt,
     )
+
+
+@convert_app.command("streaming")
+def convert_streaming(
+    model: ModelArg,
+    output: OutOpt,
+    sinks: Annotated[int, typer.Option("--sinks", help="attention-sink tokens kept from the stream's start")] = 4,
+    window: Annotated[
+        int, typer.Option("--window", help="recent tokens each token attends to (itself included)")
+    ] = 1024,
+    full_layers: Annotated[
+        str, typer.Option("--full-layers", help="full-attention layers: none, every:K, middle-third or 3,7,...")
+    ] = "none",
+    export_arch: Annotated[
+        str, typer.Option("--export-arch", help="same, or native (a transformers sliding-window architecture)")
+    ] = "same",
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="LoRA healing steps against the original")] = 0,
+    heal_lr: Annotated[float, typer.Option("--heal-lr", help="healing peak learning rate")] = 2e-4,
+    heal_seq_len: Annotated[
+        int | None, typer.Option("--heal-seq-len", help="healing sequence length (default 2×(sinks+window))")
+    ] = None,
+    heal_grad_accum: Annotated[int, typer.Option("--heal-grad-accum", help="micro-batches per step")] = 4,
+    heal_lora_rank: Annotated[int, typer.Option("--heal-lora-rank", help="LoRA rank (0: all weights)")] = 16,
+    heal_ce_weight: Annotated[float, typer.Option("--heal-ce-weight", help="weight of next-token CE")] = 0.0,
+    data: DataOpt = "builtin:pydoc",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    seed: SeedOpt = 0,
+    evaluate: EvalOpt = True,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    save_recipe: SaveRecipeOpt = None,
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Make MODEL stream: attention sinks + sliding window (StreamingLLM), optional full layers and healing."""
+    heal = {
+        "steps": heal_steps,
+        "lr": heal_lr,
+        "seq_len": heal_seq_len,
+        "grad_accum": heal_grad_accum,
+        "lora_rank": heal_lora_rank,
+        "ce_weight": heal_ce_weight,
+    }
+    run_one_stage(
+        "convert.streaming",
+        {"sinks": sinks, "window": window, "full_layers": full_layers, "export_arch": export_arch, "heal": heal},
+        _top(model, output, data, dtype, device, seed, trust_remote_code, allow_pickle),
+        evaluate=evaluate,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        save_recipe=save_recipe,
+        fmt=fmt,
+    )
+
+
+@distill_app.command("heal")
+def distill_heal(
+    model: ModelArg,
+    output: OutOpt,
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="teacher MODEL (default: a streaming input's full-attention self)"),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="optimizer steps")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="peak learning rate")] = 2e-4,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="training sequence length")] = None,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="micro-batches per step")] = 4,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (0: all weights)")] = 16,
+    ce_weight: Annotated[float, typer.Option("--ce-weight", help="weight of next-token CE")] = 0.0,
+    data: DataOpt = "builtin:pydoc",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    seed: SeedOpt = 0,
+    evaluate: EvalOpt = True,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    save_recipe: SaveRecipeOpt = None,
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Heal MODEL by distillation (KL on logits, LoRA merged) towards --teacher or its full-attention self."""
+    params = {
+        "teacher": teacher,
+        "steps": steps,
+        "lr": lr,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
+        "lora_rank": lora_rank,
+        "ce_weight": ce_weight,
+    }
+    run_one_stage(
+        "distill.heal",
+        params,
+        _top(model, output, data, dtype, device, seed, trust_remote_code, allow_pickle),
+        evaluate=evaluate,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        save_recipe=save_recipe,
+        fmt=fmt,
+    )
+
+
+def _top(model, output, data, dtype, device, seed, trust_remote_code, allow_pickle) -> dict:
+    """The recipe's top-level keys from a stage subcommand's common options."""
+    return {
+        "model": model,
+        "output": str(output),
+        "data": data,
+        "dtype": dtype,
+        "device": device,
+        "seed": seed,
+        "trust_remote_code": trust_remote_code,
+        "allow_pickle": allow_pickle,
+    }
 
 
 @quantize_app.command("decode")

@@ -128,3 +128,24 @@ def render_eval(console: Console, data: dict) -> None:
     """``streamify eval``: one model, or two side by side."""
     title = f"eval {data['model_spec']}" + (f" vs {data['vs_spec']}" if data.get("vs") else "")
     render_eval_table(console, data["model"], data.get("vs"), title, other="vs")
+
+
+def _rows(console: Console, title: str, data: dict) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in data.items():
+        text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        table.add_row(key, text)
+    console.print(table)
+
+
+def render_streaming_eval(console: Console, data: dict) -> None:
+    """``streamify eval --stream`` / ``--check equivalence``."""
+    if "stream" in data:
+        _rows(console, f"stream {data['model_spec']}", data["stream"])
+    if "equivalence" in data:
+        _rows(console, f"equivalence {data['model_spec']}", data["equivalence"])
+
+
+def render_stream(console: Console, data: dict) -> None:
+    """``streamify stream``: the summary of the whole stream."""
+    _rows(console, "stream", data)
