@@ -12,10 +12,11 @@ re-indexed positions:
   ``min(p, sinks + window - 1)``, its slot when the cache is full, so a sink
   never looks further away than the cache is long.
 
-Both blocks share one softmax. With a :class:`~streamify.runtime.cache.StreamingCache`
-bound to the model, the chunk's keys come from the cache (chunked, bounded
-memory); without one, the whole sequence is one chunk under the explicit
-sink + window mask (training, the equivalence reference).
+Both blocks share one softmax. When the model is called with the
+:class:`~streamify.runtime.cache.StreamingCache` bound to it, the chunk's keys
+come from the cache (chunked, bounded memory); called without a cache, the
+whole sequence is one chunk under the explicit sink + window mask (training,
+the equivalence reference).
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ def streaming_attention(module, query, key, value, attention_mask, scaling=None,
     ctl, kind = module.streamify_layer
     scaling = module.scaling if scaling is None else scaling
     softcap = kwargs.get("softcap")
-    if ctl.cache is not None:
-        layer = ctl.cache.layers[module.layer_idx]
+    layer = ctl.cache.layers[module.layer_idx] if ctl.cache is not None else None
+    if layer is not None and layer.pending:
         out = attend(
             ctl,
             kind,

@@ -29,6 +29,7 @@ class StreamingCacheLayer(CacheLayerMixin):
         self.recent: tuple[torch.Tensor, torch.Tensor] | None = None
         self.recent_start = 0
         self.seen = 0
+        self.pending = False  # a chunk was appended and its attention has not run yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -44,10 +45,12 @@ class StreamingCacheLayer(CacheLayerMixin):
             self.recent_start = self.seen + taken
         self.recent = _append(self.recent, key_states[:, :, taken:], value_states[:, :, taken:])
         self.seen += key_states.shape[-2]
+        self.pending = True
         return key_states, value_states
 
     def trim(self) -> None:
         """Drop recent tokens no later query can attend to (after the chunk's attention ran)."""
+        self.pending = False
         if self.kind == FULL:
             return
         extra = self.recent[0].shape[-2] - (self.window - 1)

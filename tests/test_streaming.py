@@ -1,0 +1,225 @@
+"""Streaming conversion and runtime: sink + window attention, bounded cache, native export, healing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import streamify
+from streamify.converters.native import to_native
+from streamify.distill.trainer import TrainParams, train
+from streamify.runtime import disable_streaming, enable_streaming, make_spec, new_cache
+
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+def _load(folder) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 384, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _chunked(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    cache = new_cache(model)
+    pieces = [
+        model(ids[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
+        for i in range(0, ids.shape[1], chunk)
+    ]
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("full_layers", ["none", "1,2"])
+@torch.inference_mode()
+def test_chunked_cache_equals_masked_forward(tiny_models, arch, full_layers):
+    """After the window has rolled 20 times, chunks of 1, 7 and 64 give the masked full forward's logits."""
+    model = _load(tiny_models[arch])
+    enable_streaming(model, make_spec(sinks=3, window=8, full_layers=full_layers, num_layers=4))
+    ids = _ids(3 + 8 * 20)
+    reference = model(ids).logits
+    for chunk in (1, 7, 64):
+        assert (_chunked(model, ids, chunk) - reference).abs().max().item() <= 1e-4, chunk
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_short_sequence_equals_the_stock_model(tiny_models, arch):
+    """Before anything is evicted, streaming attention is exactly the stock model's full attention."""
+    model = _load(tiny_models[arch])
+    ids = _ids(40)
+    stock = model(ids).logits
+    enable_streaming(model, make_spec(sinks=4, window=36, full_layers="none", num_layers=4))
+    assert (model(ids).logits - stock).abs().max().item() <= 1e-5
+    assert (_chunked(model, ids, 5) - stock).abs().max().item() <= 1e-5
+    disable_streaming(model)
+    assert torch.equal(model(ids).logits, stock)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_no_sinks_equals_transformers_sliding_window(tiny_models, arch):
+    """With 0 sinks our window is transformers' own sliding window (same keys, same distances)."""
+    model = _load(tiny_models[arch])
+    spec = make_spec(sinks=0, window=16, full_layers="2", num_layers=4)
+    native = to_native(model, spec)
+    ids = _ids(100)
+    enable_streaming(model, spec)
+    assert (model(ids).logits - native(ids).logits).abs().max().item() <= 1e-4
+    with_sinks = make_spec(sinks=4, window=16, full_layers="2", num_layers=4)
+    enable_streaming(model, with_sinks)
+    assert (model(ids).logits - native(ids).logits).abs().max().item() > 1e-2  # sinks do change the output
+
+
+@torch.inference_mode()
+def test_cache_bytes_stay_constant_over_a_long_stream(tiny_llama):
+    model = _load(tiny_llama)
+    enable_streaming(model, make_spec(sinks=4, window=16, full_layers="none", num_layers=4))
+    cache = new_cache(model)
+    sizes = []
+    for token in _ids(10 * (4 + 16))[0]:
+        model(token.view(1, 1), past_key_values=cache, use_cache=True)
+        sizes.append(cache.nbytes())
+    per_token = 4 * 2 * 2 * 8 * 4  # layers x (k, v) x kv heads x head_dim x fp32 bytes
+    assert max(sizes) == sizes[-1] == (4 + 16 - 1) * per_token
+    assert len(set(sizes[4 + 16 :])) == 1
+    assert cache.get_seq_length() == 200
+
+
+@torch.inference_mode()
+def test_generate_uses_the_bounded_cache(tmp_path, tiny_llama, cli):
+    """A streaming artifact's generate equals greedy decoding under the masked forward."""
+    out = tmp_path / "stream"
+    result = cli("convert", "streaming", tiny_llama, "-o", out, "--sinks", "2", "--window", "8", "--no-eval")
+    assert result.exit_code == 0, result.stderr
+    model, _ = streamify.load(str(out))
+    model.generation_config.eos_token_id = None
+    prompt = _ids(5)
+    generated = model.generate(prompt, max_new_tokens=30, do_sample=False)
+    tokens = prompt
+    for _ in range(30):
+        tokens = torch.cat([tokens, model(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_convert_streaming_records_the_spec(tmp_path, tiny_models, cli):
+    out = tmp_path / "s"
+    args = ["--sinks", "2", "--window", "8", "--full-layers", "every:2", "--format", "json", *["--no-eval"]]
+    result = cli("convert", "streaming", tiny_models["qwen2"], "-o", out, *args)
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["streamify_streaming"]["layer_types"] == ["sink_window", "full", "sink_window", "full"]
+    manifest = json.loads((out / "streamify.json").read_text())
+    assert manifest["streaming"]["sinks"] == 2 and manifest["streaming"]["full_layers"] == [1, 3]
+    assert "Streaming" in (out / "README.md").read_text()
+    check = cli("eval", out, "--check", "equivalence", "--tokens", "60", "--format", "json")
+    assert check.exit_code == 0, check.stderr
+    assert json.loads(check.stdout)["equivalence"]["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize(("arch", "native_class"), [("llama", "MinistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
+@torch.inference_mode()
+def test_native_export_reloads_in_plain_transformers(tmp_path, tiny_models, cli, arch, native_class):
+    out = tmp_path / "native"
+    args = ["--window", "64", "--full-layers", "middle-third", "--export-arch", "native", "--no-eval"]
+    result = cli("convert", "streaming", tiny_models[arch], "-o", out, *args)
+    assert result.exit_code == 0, result.stderr
+    plain = _load(out)
+    assert type(plain).__name__ == native_class
+    assert plain.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    ids = _ids(48)
+    assert torch.equal(plain(ids).logits, _load(tiny_models[arch])(ids).logits)
+    assert "without attention sinks" in json.loads((out / "streamify.json").read_text())["streaming"]["native_note"]
+    streaming, _ = streamify.load(str(out))
+    assert streaming.streamify_controller.spec.sinks == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--window", "0"], 2, "window must be at least 1"),
+        (["--sinks", "9", "--window", "8"], 2, "larger than --window"),
+        (["--full-layers", "4"], 2, "out of range"),
+        (["--full-layers", "every:x"], 2, "not a layer index"),
+    ],
+)
+def test_bad_streaming_options(tmp_path, tiny_llama, cli, args, code, message):
+    out = tmp_path / "bad"
+    result = cli("convert", "streaming", tiny_llama, "-o", out, *args, "--no-eval")
+    assert result.exit_code == code and message in result.stderr
+    assert not out.exists()
+
+
+def test_unsupported_architecture_is_refused(tmp_path, tiny_models, cli):
+    result = cli("convert", "streaming", tiny_models["gpt2"], "-o", tmp_path / "x", "--no-eval")
+    assert result.exit_code == 3 and "'gpt2'" in result.stderr and "supported" in result.stderr
+
+
+def test_stream_command_reports_flat_cache(tmp_path, tiny_llama, cli):
+    out = tmp_path / "s"
+    assert cli("convert", "streaming", tiny_llama, "-o", out, "--window", "16", "--no-eval").exit_code == 0
+    text = tmp_path / "in.txt"
+    text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)))
+    result = cli("stream", out, "--input", text, "--chunk", "16", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["tokens"] > 10 * 20 and report["cache_bytes_max"] == (4 + 16 - 1) * 4 * 2 * 2 * 8 * 4
+    missing = cli("stream", out, "--input", tmp_path / "nope.txt")
+    assert missing.exit_code == 3 and "nope.txt" in missing.stderr
+
+
+def test_training_resumes_to_the_same_weights(tmp_path):
+    """A run interrupted after a checkpoint resumes and ends with exactly the uninterrupted run's weights."""
+    blocks = torch.randint(0, 50, (12, 8), generator=torch.Generator().manual_seed(0))
+    params = TrainParams(steps=6, lr=1e-2, grad_accum=2, warmup_steps=1, checkpoint_every=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
+
+    def loss_of(model):
+        return lambda batch: torch.nn.functional.cross_entropy(
+            model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()
+        )
+
+    whole = fresh()
+    train(whole, blocks, loss_of(whole), params, seed=3)
+
+    calls = {"n": 0}
+    broken = fresh()
+
+    def dies_at_step_5(batch):
+        calls["n"] += 1
+        if calls["n"] > 4 * params.grad_accum:
+            raise KeyboardInterrupt
+        return loss_of(broken)(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(broken, blocks, dies_at_step_5, params, seed=3, checkpoint_dir=tmp_path)
+    resumed = fresh()
+    result = train(resumed, blocks, loss_of(resumed), params, seed=3, checkpoint_dir=tmp_path)
+    assert result.resumed_from == 4
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "train_state.pt").exists()
+
+
+def test_healing_lowers_heldout_kl(tmp_path, tiny_llama, cli, monkeypatch):
+    """convert streaming --heal-steps: LoRA distillation from the full-attention original, merged."""
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "healed"
+    args = ["--sinks", "2", "--window", "8", "--heal-steps", "30", "--heal-lr", "3e-3", "--heal-seq-len", "64"]
+    result = cli("convert", "streaming", tiny_llama, "-o", out, *args, "--no-eval", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert metrics["heal_steps"] == 30 and metrics["heal_seq_len"] == 64
+    assert metrics["heldout_kl_after"] < metrics["heldout_kl_before"], metrics
+    healed, _ = streamify.load(str(out))
+    assert not any("lora" in name for name in healed.state_dict())
+    original = _load(tiny_llama)
+    changed = [n for n, p in original.state_dict().items() if not torch.equal(p, healed.state_dict()[n])]
+    assert any("q_proj" in n for n in changed)

@@ -1,0 +1,69 @@
+"""Streaming conversion of the real SmolLM2-135M: runtime equivalence and healing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.real
+MODEL = "builtin:smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """SmolLM2 with 4 sinks, a 64-token window and the middle third of its layers kept full."""
+    from typer.testing import CliRunner
+
+    from streamify.cli.app import app
+
+    out = tmp_path_factory.mktemp("smollm2") / "hybrid"
+    args = ["convert", "streaming", MODEL, "-o", str(out), "--window", "64", "--full-layers", "middle-third"]
+    result = CliRunner().invoke(app, [*args, "--no-eval"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_runtime_equals_masked_forward_on_smollm2(hybrid, cli):
+    """The window rolls about three times; chunks of 1, 7 and 64 all match the masked forward to 1e-4 (fp32)."""
+    result = cli("eval", hybrid, "--check", "equivalence", "--tokens", "220", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    equivalence = json.loads(result.stdout)["equivalence"]
+    assert set(equivalence["per_chunk"]) == {"1", "7", "64"}
+    assert equivalence["max_abs_diff"] <= 1e-4, equivalence
+
+
+def test_stream_eval_on_smollm2_keeps_sink_window_layers_flat(hybrid, cli):
+    result = cli("eval", hybrid, "--stream", "--tokens", "400", "--chunk", "16", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    stream = json.loads(result.stdout)["stream"]
+    per_token_full = 10 * 2 * 3 * 64 * 4  # 10 full layers x (k, v) x 3 kv heads x head_dim 64 x fp32
+    per_sink_window = 20 * (4 + 64 - 1) * 2 * 3 * 64 * 4
+    assert stream["cache_bytes_last"] == per_sink_window + 400 * per_token_full
+    assert 1 < stream["perplexity"] < 100
+
+
+def test_healing_lowers_smollm2_heldout_kl(tmp_path, cli, monkeypatch):
+    """30 LoRA steps on 128-token sequences (window 32) lower held-out KL to the full-attention teacher.
+
+    Measured on this machine: 0.1701 before, 0.1686 after (a small, seeded, deterministic step;
+    BENCHMARKS.md has the long runs).
+    """
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["--window", "32", "--heal-steps", "30", "--heal-lr", "4e-4", "--heal-seq-len", "128"]
+    result = cli(
+        "convert",
+        "streaming",
+        MODEL,
+        "-o",
+        tmp_path / "h",
+        *args,
+        "--heal-grad-accum",
+        "1",
+        "--no-eval",
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert metrics["heldout_kl_after"] < metrics["heldout_kl_before"] - 1e-3, metrics
