@@ -2,7 +2,9 @@
 
 The report's keys are an interface (README.md, "Eval report"): ``perplexity``,
 ``nll``, ``tokens``, ``seq_len``, ``data``, ``params``, ``size_bytes``,
-``bits_per_weight``, ``load_seconds``, ``peak_memory_bytes``.
+``bits_per_weight``, ``load_seconds``, ``peak_memory_bytes``; with ``stream_tokens``
+also ``stream.perplexity``, ``stream.cache_bytes_max``, ``stream.latency_ms_first_10pct``,
+``stream.latency_ms_last_10pct`` (and the rest of :func:`~streamify.eval.streaming.stream_eval`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class EvalSpec(BaseModel):
     max_tokens: int = Field(16384, gt=0, description="tokens to score, rounded down to whole windows")
     seq_len: int = Field(512, ge=2, description="window length; windows do not overlap")
     batch_size: int = Field(1, gt=0, description="windows per forward pass")
+    stream_tokens: int = Field(
+        0, ge=0, description="also stream this many held-out tokens through the runtime (0: off)"
+    )
+    stream_chunk: int = Field(16, gt=0, description="tokens fed per step when streaming")
 
 
 def eval_blocks(tokenizer, spec: EvalSpec) -> torch.Tensor:
@@ -77,6 +83,11 @@ def evaluate(
         windows = blocks if blocks is not None else eval_blocks(checkpoint.tokenizer, spec)
         report.update(perplexity(model, windows, spec.batch_size, progress))
         report.update(seq_len=int(windows.shape[1]), data=spec.data)
+        if spec.stream_tokens:
+            from streamify.eval.streaming import stream_eval
+
+            streamed = stream_eval(checkpoint, spec.data, spec.stream_tokens, spec.stream_chunk, progress)
+            report.update({f"stream.{key}": value for key, value in streamed.items()})
     report["load_seconds"] = load_seconds
     report["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
     return report

@@ -11,6 +11,11 @@ _ROWS = (
     ("size_bytes", "weights on disk (bytes)", "{:,}"),
     ("bits_per_weight", "bits per weight", "{:.2f}"),
     ("load_seconds", "load time (s)", "{:.2f}"),
+    ("stream.perplexity", "stream perplexity", "{:.3f}"),
+    ("stream.tokens", "stream tokens", "{:,}"),
+    ("stream.cache_bytes_max", "stream cache, max (bytes)", "{:,}"),
+    ("stream.latency_ms_first_10pct", "ms/token, first 10% of stream", "{:.2f}"),
+    ("stream.latency_ms_last_10pct", "ms/token, last 10% of stream", "{:.2f}"),
 )
 
 

@@ -16,6 +16,8 @@ def check_gates(gates: Gates | None, report: dict | None, source: dict | None) -
         values["max_size_bytes"] = report.get("size_bytes")
         if source and source.get("perplexity") and report.get("perplexity"):
             values["max_perplexity_increase_pct"] = 100 * (report["perplexity"] / source["perplexity"] - 1)
+        if source and source.get("stream.perplexity") and report.get("stream.perplexity"):
+            values["max_stream_perplexity_ratio"] = report["stream.perplexity"] / source["stream.perplexity"]
     results = []
     for gate, limit in gates.model_dump(exclude_none=True).items():
         value = values.get(gate)

@@ -32,6 +32,9 @@ class Gates(BaseModel):
         None, description="artifact perplexity at most this % above the source's (evaluates the source too)"
     )
     max_size_bytes: int | None = Field(None, gt=0, description="artifact weight files at most this many bytes")
+    max_stream_perplexity_ratio: float | None = Field(
+        None, gt=0, description="artifact stream perplexity at most this times the source's (needs eval.stream_tokens)"
+    )
 
 
 class Recipe(BaseModel):
@@ -57,7 +60,9 @@ class Recipe(BaseModel):
 
     def needs_source_eval(self) -> bool:
         """True when the source must be evaluated too (``vs_source`` or a gate relative to it)."""
-        relative = self.gates is not None and self.gates.max_perplexity_increase_pct is not None
+        relative = self.gates is not None and (
+            self.gates.max_perplexity_increase_pct is not None or self.gates.max_stream_perplexity_ratio is not None
+        )
         return self.eval is not None and (self.eval.vs_source or relative)
 
     def to_yaml(self) -> str:
