@@ -1,0 +1,129 @@
+"""Streaming attention on SmolLM2-135M over a long held-out stream, side by side in one run.
+
+Usage:  .venv/bin/python benchmarks/streaming_llm.py [--tokens 8192] [--window 512] [--heal-steps 120]
+                                                     [--heal-seq-len 1024] [--json out.json]
+
+Variants: full attention (transformers' DynamicCache), window only (0 sinks), 4 sinks + window
+(StreamingLLM), and the middle-third hybrid (LongGen: layers 10-19 full); the three streaming
+variants also after LoRA healing against the full-attention model (builtin:pydoc train split, so
+the held-out stream is never trained on). Every variant streams the same tokens one at a time
+(chunk 1) in fp32, so per-token latency is the decode latency. Latency is reported over tokens
+500-700 ("at 600") and over the last 200 tokens, as a ratio (this machine is noisy; ratios are
+what compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import torch
+
+from streamify.distill.heal import HealParams, heal
+from streamify.eval.streaming import stream_ids
+from streamify.io.load import load_checkpoint
+from streamify.runtime import disable_streaming, enable_streaming, make_spec
+from streamify.runtime.stream import chunked, stream_chunks
+
+MODEL = "builtin:smollm2-135m"
+
+
+def run_stream(model, ids: torch.Tensor) -> dict:
+    """Stream ``ids`` one token at a time; perplexity, cache bytes, latency early and late."""
+    stats = list(stream_chunks(model, chunked(ids, 1)))
+    nll = sum(s.nll_sum for s in stats) / sum(s.scored for s in stats)
+    early = [s.seconds for s in stats[500:700]]
+    late = [s.seconds for s in stats[-200:]]
+    return {
+        "perplexity": round(math.exp(nll), 3),
+        "cache_bytes_at_600": stats[600].cache_bytes,
+        "cache_bytes_last": stats[-1].cache_bytes,
+        "ms_at_600": round(1000 * sum(early) / len(early), 3),
+        "ms_last": round(1000 * sum(late) / len(late), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--heal-steps", type=int, default=120)
+    parser.add_argument("--heal-seq-len", type=int, default=1024)
+    parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    checkpoint = load_checkpoint(MODEL)
+    base, tokenizer = checkpoint.model, checkpoint.tokenizer
+    layers = base.config.num_hidden_layers
+    ids = stream_ids(tokenizer, "builtin:pydoc", args.tokens)
+    variants = {
+        "window only (0 sinks)": make_spec(0, args.window, "none", layers),
+        f"4 sinks + window {args.window}": make_spec(4, args.window, "none", layers),
+        "middle-third hybrid": make_spec(4, args.window, "middle-third", layers),
+    }
+    heal_params = HealParams(
+        steps=args.heal_steps, lr=args.heal_lr, grad_accum=1, warmup_steps=max(1, args.heal_steps // 20)
+    )
+    rows = []
+    started = time.perf_counter()
+    print(f"full attention over {args.tokens} tokens", flush=True)
+    rows.append({"variant": "full attention", "healed": False, **run_stream(base, ids)})
+    print(rows[-1], flush=True)
+    for name, spec in variants.items():
+        for healed in (False, True):
+            model = copy.deepcopy(base)
+            enable_streaming(model, spec)
+            metrics = {}
+            if healed:
+                if not args.heal_steps:
+                    continue
+                model, metrics = heal(
+                    model, base, tokenizer, heal_params, seq_len=args.heal_seq_len, data="builtin:pydoc", seed=0
+                )
+                disable_streaming(model)
+                enable_streaming(model, spec)
+            row = {"variant": name, "healed": healed, **run_stream(model, ids)}
+            row.update(
+                {k: metrics[k] for k in ("heal_tokens", "heldout_kl_before", "heldout_kl_after") if k in metrics}
+            )
+            rows.append(row)
+            print(row, flush=True)
+            del model
+    full = rows[0]
+    for row in rows:
+        row["ppl_vs_full"] = round(row["perplexity"] / full["perplexity"], 4)
+        row["late_vs_600_latency"] = round(row["ms_last"] / row["ms_at_600"], 3)
+    result = {
+        "model": MODEL,
+        "tokens": args.tokens,
+        "window": args.window,
+        "heal": heal_params.model_dump(),
+        "heal_seq_len": args.heal_seq_len,
+        "seconds": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    print()
+    print(
+        "| variant | healed | perplexity | vs full | cache at 600 | cache at end "
+        "| ms/token at 600 | ms/token at end | end/600 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['variant']} | {'yes' if row['healed'] else 'no'} | {row['perplexity']:.3f} | "
+            f"{row['ppl_vs_full']:.3f}× | {row['cache_bytes_at_600'] / 2**20:.1f} MiB | "
+            f"{row['cache_bytes_last'] / 2**20:.1f} MiB | {row['ms_at_600']:.2f} | {row['ms_last']:.2f} | "
+            f"{row['late_vs_600_latency']:.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()
