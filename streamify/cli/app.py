@@ -109,7 +109,7 @@ def eval_(
     tokens: Annotated[
         int | None, typer.Option("--tokens", help="stream length (--stream: 8192; equivalence: 3×(sinks+window))")
     ] = None,
-    chunk: Annotated[int, typer.Option("--chunk", help="--stream: tokens fed per step")] = 1,
+    chunk: Annotated[int, typer.Option("--chunk", help="--stream: tokens fed per step (1: per-token decode)")] = 16,
     check: Annotated[
         str | None, typer.Option("--check", help="equivalence: chunked cached runtime vs masked full forward")
     ] = None,

@@ -60,10 +60,10 @@ def heal(
     """
     seq_len = params.seq_len or seq_len
     needed = params.steps * params.batch_size * params.grad_accum * seq_len
-    train_blocks = token_blocks(
-        tokenizer, load_texts(data, "train"), seq_len, needed, seed=seed, where=f"--data {data}"
-    )
-    eval_ids = token_blocks(tokenizer, load_texts(data, "heldout"), seq_len, params.eval_blocks * seq_len, where=data)
+    where = f"--data {data}"
+    train_blocks = token_blocks(tokenizer, load_texts(data, "train"), seq_len, needed, seed=seed, where=where)
+    eval_tokens = params.eval_blocks * seq_len
+    eval_ids = token_blocks(tokenizer, load_texts(data, "heldout"), seq_len, eval_tokens, where=where)
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)

@@ -52,7 +52,7 @@ def render_model_card(manifest: dict, relation: str | None) -> str:
         params = ", ".join(f"{k}={v}" for k, v in stage["params"].items())
         lines.append(f"- `{stage['name']}` {params}")
     if manifest["streaming"]:
-        lines += ["", "## Streaming", "", "```json", str(manifest["streaming"]), "```"]
+        lines += _streaming_section(manifest["streaming"])
     if manifest["eval"]:
         lines += _eval_section(manifest)
     lines += [
@@ -69,6 +69,25 @@ def render_model_card(manifest: dict, relation: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _streaming_section(streaming: dict) -> list[str]:
+    full = streaming.get("full_layers") or []
+    lines = [
+        "",
+        "## Streaming",
+        "",
+        f"- attention sinks: {streaming['sinks']} tokens; window: {streaming['window']} most recent tokens",
+        f"- full-attention layers: {', '.join(map(str, full)) if full else 'none'}; "
+        f"the other {len(streaming['layer_types']) - len(full)} keep a bounded cache",
+        f"- architecture written: {streaming.get('architecture', '?')} "
+        f"(export: {streaming.get('export_arch', 'same')})",
+    ]
+    if streaming.get("native_note"):
+        lines.append(f"- note: {streaming['native_note']}")
+    else:
+        lines.append("- plain transformers runs this model with full attention; streamify.load() makes it stream")
+    return lines
 
 
 def _eval_section(manifest: dict) -> list[str]:

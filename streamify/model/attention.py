@@ -15,7 +15,13 @@ _KIND_NAMES = {
 
 
 def attention_layout(config, num_layers: int) -> list[str]:
-    """One entry per block: ``full``, ``sliding``, ``ssm``, ``chunked``, ``linear`` or the config's own name."""
+    """One entry per block: ``full``, ``sliding``, ``sink_window``, ``ssm``, ``chunked``, ``linear``, ...
+
+    A streamify streaming spec in the config wins: it is what ``streamify.load()`` runs.
+    """
+    streaming = getattr(config, "streamify_streaming", None)
+    if isinstance(streaming, dict) and len(streaming.get("layer_types", [])) == num_layers:
+        return list(streaming["layer_types"])
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list | tuple) and len(layer_types) == num_layers:
         return [_KIND_NAMES.get(t, t) for t in layer_types]
