@@ -30,6 +30,8 @@ CONFIGS = {
     "llama": {"model_type": "llama", **TINY},
     "qwen2": {"model_type": "qwen2", **TINY},
     "mistral": {"model_type": "mistral", **TINY, "sliding_window": 64},
+    "qwen3": {"model_type": "qwen3", **TINY, "head_dim": 8},
+    "gemma": {"model_type": "gemma", **TINY, "head_dim": 8},
     "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 256},
 }
 

@@ -39,12 +39,14 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(no_args_is_help=True, help="List, show, validate shipped and local recipes.")
 convert_app = typer.Typer(no_args_is_help=True, help="Conversions: dtype, streaming (sinks + window attention).")
+prune_app = typer.Typer(no_args_is_help=True, help="Depth pruning: score blocks, remove them, heal.")
 distill_app = typer.Typer(no_args_is_help=True, help="Distillation: heal a modified model towards its teacher.")
 quantize_app = typer.Typer(no_args_is_help=True, help="Compression: lossless entropy coding and its decoder.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(convert_app, name="convert")
 app.add_typer(quantize_app, name="quantize")
 app.add_typer(distill_app, name="distill")
+app.add_typer(prune_app, name="prune")
 
 
 def _version(value: bool) -> None:
@@ -387,14 +389,7 @@ def convert_streaming(
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Make MODEL stream: attention sinks + sliding window (StreamingLLM), optional full layers and healing."""
-    heal = {
-        "steps": heal_steps,
-        "lr": heal_lr,
-        "seq_len": heal_seq_len,
-        "grad_accum": heal_grad_accum,
-        "lora_rank": heal_lora_rank,
-        "ce_weight": heal_ce_weight,
-    }
+    heal = _heal_params(heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight)
     run_one_stage(
         "convert.streaming",
         {"sinks": sinks, "window": window, "full_layers": full_layers, "export_arch": export_arch, "heal": heal},
@@ -405,6 +400,89 @@ def convert_streaming(
         save_recipe=save_recipe,
         fmt=fmt,
     )
+
+
+@prune_app.command("depth")
+def prune_depth(
+    model: ModelArg,
+    output: OutOpt,
+    remove: Annotated[int | None, typer.Option("--remove", help="number of blocks to remove")] = None,
+    keep_ratio: Annotated[float | None, typer.Option("--keep-ratio", help="fraction of blocks to keep")] = None,
+    blocks: Annotated[str | None, typer.Option("--blocks", help="exact block ids to remove, e.g. 12,13,14")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="bi, angular, streamline or loss")] = "angular",
+    reinit: Annotated[str, typer.Option("--reinit", help="none, or average (neighbours absorb removed)")] = "none",
+    replace: Annotated[bool, typer.Option("--replace", help="replace the span with one trained block")] = False,
+    replace_steps: Annotated[int, typer.Option("--replace-steps", help="training steps of the replacement")] = 100,
+    samples: Annotated[int, typer.Option("--samples", help="calibration sequences")] = 8,
+    seq_len: SeqLenOpt = 512,
+    protect_ends: Annotated[
+        bool, typer.Option("--protect-ends/--no-protect-ends", help="never remove the first or last block")
+    ] = True,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="healing steps against the unpruned model")] = 0,
+    heal_lr: Annotated[float, typer.Option("--heal-lr", help="healing peak learning rate")] = 2e-4,
+    heal_seq_len: Annotated[int | None, typer.Option("--heal-seq-len", help="healing sequence length")] = None,
+    heal_grad_accum: Annotated[int, typer.Option("--heal-grad-accum", help="micro-batches per step")] = 4,
+    heal_lora_rank: Annotated[int, typer.Option("--heal-lora-rank", help="LoRA rank (0: all weights)")] = 16,
+    heal_ce_weight: Annotated[float, typer.Option("--heal-ce-weight", help="weight of next-token CE")] = 0.0,
+    data: DataOpt = "builtin:pydoc",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    seed: SeedOpt = 0,
+    evaluate: EvalOpt = True,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    save_recipe: SaveRecipeOpt = None,
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Remove whole blocks of MODEL (scored by a metric or given), optionally re-initialise, replace and heal."""
+    params = {
+        "remove": remove,
+        "keep_ratio": keep_ratio,
+        "blocks": _int_list(blocks, "--blocks") if blocks else None,
+        "metric": metric,
+        "reinit": reinit,
+        "replace": replace,
+        "replace_steps": replace_steps,
+        "samples": samples,
+        "seq_len": seq_len,
+        "protect_ends": protect_ends,
+        "heal": _heal_params(heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight),
+    }
+    run_one_stage(
+        "prune.depth",
+        params,
+        _top(model, output, data, dtype, device, seed, trust_remote_code, allow_pickle),
+        evaluate=evaluate,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        save_recipe=save_recipe,
+        fmt=fmt,
+    )
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from streamify.errors import UsageError
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(
+            f"{option} {text}: not a comma-separated list of integers", f"e.g. {option} 12,13,14"
+        ) from None
+
+
+def _heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight) -> dict:
+    """The ``heal`` params of a stage from its --heal-* options."""
+    return {
+        "steps": steps,
+        "lr": lr,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
+        "lora_rank": lora_rank,
+        "ce_weight": ce_weight,
+    }
 
 
 @distill_app.command("heal")

@@ -80,12 +80,31 @@ def render_run(console: Console, data: dict) -> None:
         return
     for stage in data["stages"]:
         console.print(f"stage {stage['name']}: {stage['seconds']:.1f} s {_scalars(stage['metrics'])}")
+        if stage["metrics"].get("scores"):
+            render_scores(console, stage["metrics"]["scores"], stage["metrics"].get("removed", []))
     if data["eval"]:
         render_eval_table(console, data["eval"], data["eval_source"], "eval (held-out)")
     for gate in data["gates"]:
         mark = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"
         console.print(f"gate {gate['gate']} ≤ {gate['limit']}: {gate['value']:.4g} {mark}")
     console.print(f"artifact: {data['output']}")
+
+
+def render_scores(console: Console, scores: dict, removed: list[int], width: int = 40) -> None:
+    """Per-block scores as horizontal bars, one chart per metric; removed blocks are marked."""
+    for metric, values in scores.items():
+        if not isinstance(values, list):
+            continue
+        known = [v for v in values if v is not None]
+        top = max(known, default=0) or 1.0
+        console.print(f"block scores ({metric}; x = removed):")
+        for index, value in enumerate(values):
+            mark = "x" if index in removed else " "
+            if value is None:
+                console.print(f"  {index:>3} {mark} (not a candidate)")
+                continue
+            bar = "█" * max(1, round(width * value / top)) if value > 0 else ""
+            console.print(f"  {index:>3} {mark} {bar:<{width}} {value:.4f}")
 
 
 def _scalars(metrics: dict) -> str:

@@ -51,6 +51,9 @@ def render_model_card(manifest: dict, relation: str | None) -> str:
     for stage in manifest["stages"] or [{"name": "(none: re-export only)", "params": {}}]:
         params = ", ".join(f"{k}={v}" for k, v in stage["params"].items())
         lines.append(f"- `{stage['name']}` {params}")
+    for stage in manifest["stages"]:
+        if stage.get("metrics", {}).get("scores"):
+            lines += _scores_section(stage["metrics"])
     if manifest["streaming"]:
         lines += _streaming_section(manifest["streaming"])
     if manifest["eval"]:
@@ -69,6 +72,16 @@ def render_model_card(manifest: dict, relation: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _scores_section(metrics: dict) -> list[str]:
+    tables = {k: v for k, v in metrics["scores"].items() if isinstance(v, list)}
+    lines = ["", "## Block scores", "", f"Removed blocks: {', '.join(map(str, metrics.get('removed', [])))}", ""]
+    lines += ["| block | " + " | ".join(tables) + " |", "|---|" + "---|" * len(tables)]
+    for index in range(len(next(iter(tables.values())))):
+        cells = [f"{v[index]:.4f}" if v[index] is not None else "-" for v in tables.values()]
+        lines.append(f"| {index} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _streaming_section(streaming: dict) -> list[str]:

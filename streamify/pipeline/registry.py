@@ -18,6 +18,7 @@ STAGE_MODULES = (
     "streamify.converters.dtype",
     "streamify.converters.streaming",
     "streamify.distill.heal",
+    "streamify.prune.depth",
     "streamify.quantize.entropy_stage",
 )
 

@@ -1,0 +1,1 @@
+"""Depth pruning: score blocks, remove them, re-initialise neighbours, replace spans, heal."""

@@ -1,0 +1,162 @@
+"""Stage ``prune.depth``: score blocks, remove them, optionally re-initialise or replace, heal."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from streamify.data.blocks import token_blocks
+from streamify.data.sources import load_texts
+from streamify.distill.heal import HealParams, heal
+from streamify.distill.trainer import TrainParams, train
+from streamify.errors import UsageError
+from streamify.io.checkpoint import Checkpoint
+from streamify.pipeline.registry import StageContext, register
+from streamify.progress import Progress
+from streamify.prune.scores import recording, select_blocks
+from streamify.prune.surgery import average_into_neighbours, block_list, check_removal, remove_blocks
+
+
+class DepthParams(BaseModel):
+    """Params of ``prune.depth`` (give exactly one of ``remove``, ``keep_ratio``, ``blocks``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    remove: int | None = Field(None, ge=1, description="number of blocks to remove")
+    keep_ratio: float | None = Field(None, gt=0, lt=1, description="fraction of blocks to keep")
+    blocks: list[int] | None = Field(None, description="exact block ids to remove (no scoring)")
+    metric: Literal["bi", "angular", "streamline", "loss"] = Field("angular", description="how blocks are scored")
+    reinit: Literal["none", "average"] = Field(
+        "none", description="average: kept blocks next to a removed span become the mean of themselves and it"
+    )
+    replace: bool = Field(False, description="replace the removed contiguous span with one trained block")
+    replace_steps: int = Field(100, ge=1, description="training steps of the replacement block (hidden-state MSE)")
+    replace_lr: float = Field(1e-4, gt=0, description="learning rate of the replacement block")
+    samples: int = Field(8, ge=1, description="calibration sequences for scoring")
+    seq_len: int = Field(512, ge=2, description="calibration sequence length")
+    protect_ends: bool = Field(True, description="never remove the first or the last block")
+    heal: HealParams = Field(default_factory=HealParams, description="healing against the unpruned model")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> DepthParams:
+        given = [k for k in ("remove", "keep_ratio", "blocks") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of remove, keep_ratio, blocks (got {', '.join(given) or 'none'})")
+        return self
+
+
+def _amount(params: DepthParams, count: int) -> int:
+    if params.remove is not None:
+        return params.remove
+    return count - max(1, round(params.keep_ratio * count))
+
+
+@register(
+    "prune.depth",
+    DepthParams,
+    "remove whole blocks chosen by a metric (ShortGPT BI, angular, LLM-Streamline, loss), then heal",
+    relation="finetune",
+)
+def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) -> Checkpoint:
+    """Choose blocks, cut them out (the artifact is a stock checkpoint with fewer blocks), heal if asked."""
+    model = checkpoint.model
+    where = checkpoint.source.spec
+    _, blocks = block_list(model, where)
+    count = len(blocks)
+    teacher = copy.deepcopy(model) if params.heal.steps or params.replace else None
+    ids = token_blocks(
+        checkpoint.tokenizer,
+        load_texts(ctx.data, "train"),
+        params.seq_len,
+        params.samples * params.seq_len,
+        seed=ctx.seed,
+        where=f"--data {ctx.data}",
+    )
+    table: dict = {}
+    if params.blocks is not None:
+        remove = check_removal(params.blocks, count, where)
+    else:
+        remove, table = select_blocks(
+            model, ids, params.metric, _amount(params, count), params.protect_ends, ctx.progress
+        )
+    ctx.progress.log(f"removing blocks {', '.join(map(str, remove))} of {count}")
+    reinitialised = average_into_neighbours(model, remove) if params.reinit == "average" else []
+    if params.replace:
+        replace_span(model, teacher, remove, ids, params, ctx.seed, ctx.progress)
+    else:
+        remove_blocks(model, remove, where)
+    if params.heal.steps:
+        model, healed = heal(
+            model,
+            teacher,
+            checkpoint.tokenizer,
+            params.heal,
+            seq_len=512,
+            data=ctx.data,
+            seed=ctx.seed,
+            progress=ctx.progress,
+        )
+        ctx.metrics.update(healed)
+    checkpoint.model = model
+    ctx.metrics.update(
+        removed=remove,
+        blocks_before=count,
+        blocks_after=len(block_list(model, where)[1]),
+        reinitialised=reinitialised,
+        replaced=params.replace,
+        scores=table,
+    )
+    return checkpoint
+
+
+def replace_span(model, teacher, span: list[int], ids, params: DepthParams, seed: int, progress: Progress) -> None:
+    """LLM-Streamline: keep one block for the span, start it from the span's first, train it on hidden-state MSE."""
+    if span != list(range(span[0], span[-1] + 1)):
+        raise UsageError(
+            f"--replace needs a contiguous span of blocks, got {', '.join(map(str, span))}",
+            "use --metric angular or streamline (they pick spans), or give contiguous --blocks",
+        )
+    remove_blocks(model, span[1:])
+    _, student_blocks = block_list(model, "model")
+    _, teacher_blocks = block_list(teacher, "model")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    replacement = student_blocks[span[0]]
+    for param in replacement.parameters():
+        param.requires_grad_(True)
+
+    def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target: list[torch.Tensor] = []
+            with recording(teacher_blocks[: span[-1] + 1], target):
+                teacher(batch)
+        produced: list[torch.Tensor] = []
+        with _capture_output(replacement, produced):
+            model(batch)
+        return F.mse_loss(produced[0].float(), target[-1].float())
+
+    settings = TrainParams(steps=params.replace_steps, lr=params.replace_lr, grad_accum=1, warmup_steps=5)
+    train(model, ids, loss_fn, settings, seed=seed, progress=progress)
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+class _capture_output:
+    """Context manager: append a module's output tensor (with grad) to a list."""
+
+    def __init__(self, module: torch.nn.Module, sink: list):
+        self.module, self.sink = module, sink
+
+    def __enter__(self):
+        def hook(module, args, output):
+            self.sink.append(output[0] if isinstance(output, tuple) else output)
+
+        self.handle = self.module.register_forward_hook(hook)
+        return self.sink
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()

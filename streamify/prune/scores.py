@@ -1,0 +1,147 @@
+"""Block scores from hooks on the blocks over calibration tokens, and which blocks they select.
+
+- ``bi`` (ShortGPT): Block Influence ``1 - mean cos(x_i, x_{i+1})``; remove the lowest, anywhere.
+- ``angular`` (Gromov et al.): ``arccos(cos(x_l, x_{l+n})) / pi``; remove the contiguous span of n
+  blocks that minimises it.
+- ``streamline`` (LLM-Streamline): the same most-redundant contiguous span (largest cosine between its
+  input and output); the stage replaces it with one trained block.
+- ``loss``: held-out loss with a block removed, greedily (remove the cheapest, re-score, repeat); the
+  direct measure the others are judged by, and the most expensive.
+
+``x_i`` is the hidden state entering block ``i`` (``x_n`` leaves the last block). The first and last
+blocks are never removed unless ``protect_ends`` is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamify.errors import UsageError
+from streamify.progress import SILENT, Progress
+from streamify.prune.surgery import block_list
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def recording(blocks: nn.ModuleList, states: list):
+    """Record the hidden state entering every block and the one leaving the last, into ``states``."""
+
+    def before(module, args, kwargs):
+        states.append(_hidden(args, kwargs).detach())
+
+    def after(module, args, kwargs, output):
+        states.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(after, with_kwargs=True))
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def skipping(blocks: nn.ModuleList, skip: list[int]):
+    """Run the model with the blocks ``skip`` passing their input through unchanged."""
+
+    def identity(module, args, kwargs, output):
+        hidden = _hidden(args, kwargs)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [blocks[i].register_forward_hook(identity, with_kwargs=True) for i in skip]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1, 1)
+
+
+@torch.no_grad()
+def boundary_stats(model: nn.Module, ids: torch.Tensor, span: int, progress: Progress = SILENT) -> dict:
+    """Per block: mean cos(x_i, x_{i+1}); per span start l: mean angular distance of x_l to x_{l+span}."""
+    _, blocks = block_list(model, "model")
+    count = len(blocks)
+    device = next(model.parameters()).device
+    cos_sum = torch.zeros(count, dtype=torch.float64)
+    angle_sum = torch.zeros(count - span + 1, dtype=torch.float64)
+    tokens = 0
+    for row in progress.track(ids, "scoring blocks"):
+        states: list[torch.Tensor] = []
+        with recording(blocks, states):
+            model(row[None].to(device))
+        for i in range(count):
+            cos_sum[i] += _cos(states[i], states[i + 1]).sum().item()
+        for start in range(count - span + 1):
+            angle_sum[start] += (torch.arccos(_cos(states[start], states[start + span])) / math.pi).sum().item()
+        tokens += row.numel()
+    return {"cos": (cos_sum / tokens).tolist(), "angular_span": (angle_sum / tokens).tolist()}
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, ids: torch.Tensor) -> float:
+    """Mean next-token loss over ``ids`` rows."""
+    device = next(model.parameters()).device
+    losses = []
+    for row in ids:
+        batch = row[None].to(device)
+        losses.append(model(batch, labels=batch).loss.item())
+    return sum(losses) / len(losses)
+
+
+def candidates(count: int, protect_ends: bool) -> list[int]:
+    """Block ids that may be removed."""
+    return list(range(1, count - 1)) if protect_ends else list(range(count))
+
+
+def select_blocks(
+    model: nn.Module, ids: torch.Tensor, metric: str, remove: int, protect_ends: bool, progress: Progress = SILENT
+) -> tuple[list[int], dict]:
+    """The ``remove`` block ids that ``metric`` picks, and the per-block score table."""
+    _, blocks = block_list(model, "model")
+    count = len(blocks)
+    allowed = candidates(count, protect_ends)
+    if remove > len(allowed):
+        ends = " (the first and last blocks are kept; --no-protect-ends allows them)" if protect_ends else ""
+        raise UsageError(f"cannot remove {remove} of {count} blocks{ends}", "remove fewer blocks")
+    if metric == "loss":
+        return _greedy_loss(model, blocks, ids, remove, allowed, progress)
+    stats = boundary_stats(model, ids, remove, progress)
+    table = {
+        "bi": [1 - c for c in stats["cos"]],
+        "angular": [math.acos(max(-1.0, min(1.0, c))) / math.pi for c in stats["cos"]],
+    }
+    if metric == "bi":
+        chosen = sorted(sorted(allowed, key=lambda i: table["bi"][i])[:remove])
+        return chosen, table
+    starts = [s for s in range(count - remove + 1) if all(i in allowed for i in range(s, s + remove))]
+    best = min(starts, key=lambda s: stats["angular_span"][s])
+    table["span_angular"] = {str(s): stats["angular_span"][s] for s in starts}
+    return list(range(best, best + remove)), table
+
+
+def _greedy_loss(model, blocks, ids, remove: int, allowed: list[int], progress: Progress) -> tuple[list[int], dict]:
+    removed: list[int] = []
+    first_round: list[float | None] = [None] * len(blocks)
+    for round_index in range(remove):
+        scores = {}
+        for block in progress.track([b for b in allowed if b not in removed], f"loss scoring, round {round_index + 1}"):
+            with skipping(blocks, [*removed, block]):
+                scores[block] = mean_loss(model, ids)
+        if round_index == 0:
+            for block, value in scores.items():
+                first_round[block] = value
+        removed.append(min(scores, key=scores.get))
+    return sorted(removed), {"loss": first_round}

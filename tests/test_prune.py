@@ -1,0 +1,134 @@
+"""Depth pruning: surgery, scoring metrics, artifact, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from conftest import CONFIGS
+from streamify.errors import InputError
+from streamify.prune.scores import select_blocks, skipping
+from streamify.prune.surgery import block_list, remove_blocks
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def _load(folder) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _ids(n: int, rows: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 384, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_surgery_equals_skipping_and_caches_correctly(tmp_path, tiny_models, arch):
+    original = _load(tiny_models[arch])
+    _, blocks = block_list(original, arch)
+    ids = _ids(24)
+    with skipping(blocks, [1, 2]):
+        reference = original(ids).logits
+    pruned = remove_blocks(_load(tiny_models[arch]), [1, 2])
+    assert torch.equal(pruned(ids).logits, reference)
+    assert len(block_list(pruned, arch)[1]) == 2
+
+    cached = pruned.generate(ids[:, :5], max_new_tokens=12, do_sample=False, past_key_values=DynamicCache())
+    uncached = pruned.generate(ids[:, :5], max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+    pruned.save_pretrained(tmp_path / "p")
+    reloaded = _load(tmp_path / "p")
+    assert torch.equal(reloaded(ids).logits, reference)
+
+
+def test_per_layer_config_lists_are_sliced(tiny_models):
+    model = _load(tiny_models["qwen2"])
+    model.config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    remove_blocks(model, [0, 3])
+    assert model.config.num_hidden_layers == 2
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
+
+
+def _planted(arch: str, tokenizer_dir, folder, identity: int) -> nn.Module:
+    """A tiny model with strong random blocks and block ``identity`` zeroed to the identity map."""
+    spec = dict(CONFIGS[arch])
+    config = AutoConfig.for_model(
+        spec.pop("model_type"),
+        vocab_size=384,
+        eos_token_id=0,
+        initializer_range=0.2,
+        **{**spec, "num_hidden_layers": 6},
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    _, blocks = block_list(model, arch)
+    with torch.no_grad():
+        for name, param in blocks[identity].named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "c_proj.weight", "c_proj.bias")):
+                param.zero_()
+    return model
+
+
+@pytest.mark.parametrize("metric", ["bi", "angular", "streamline", "loss"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_each_metric_finds_the_planted_redundant_block(tokenizer_dir, tmp_path, metric, arch):
+    model = _planted(arch, tokenizer_dir, tmp_path, identity=3)
+    chosen, table = select_blocks(model, _ids(32, rows=4), metric, remove=1, protect_ends=True)
+    assert chosen == [3], table
+
+
+def test_block_list_missing_is_a_clear_error():
+    with pytest.raises(InputError, match="no list of repeated blocks"):
+        block_list(nn.Linear(2, 2), "weird-model")
+
+
+def test_prune_depth_cli_writes_a_stock_checkpoint_with_scores(tmp_path, tiny_llama, cli):
+    out = tmp_path / "pruned"
+    result = cli(
+        "prune",
+        "depth",
+        tiny_llama,
+        "-o",
+        out,
+        "--remove",
+        "1",
+        "--metric",
+        "bi",
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        "--no-eval",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "block scores (bi" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+    manifest = json.loads((out / "streamify.json").read_text())
+    metrics = manifest["stages"][0]["metrics"]
+    assert len(metrics["removed"]) == 1 and 0 < metrics["removed"][0] < 3 and len(metrics["scores"]["bi"]) == 4
+    assert "## Block scores" in (out / "README.md").read_text()
+    assert len(AutoModelForCausalLM.from_pretrained(out).model.layers) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--blocks", "0,1,2,3"], "leaves none"),
+        (["--blocks", "7"], "out of range"),
+        (["--remove", "3"], "cannot remove 3 of 4 blocks"),
+        (["--remove", "1", "--keep-ratio", "0.5"], "exactly one of"),
+        (["--blocks", "1,x"], "comma-separated"),
+    ],
+)
+def test_bad_pruning_requests(tmp_path, tiny_llama, cli, args, message):
+    out = tmp_path / "bad"
+    result = cli("prune", "depth", tiny_llama, "-o", out, *args, "--samples", "1", "--seq-len", "16", "--no-eval")
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not out.exists()
