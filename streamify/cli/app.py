@@ -440,7 +440,7 @@ def prune_depth(
     params = {
         "remove": remove,
         "keep_ratio": keep_ratio,
-        "blocks": _int_list(blocks, "--blocks") if blocks else None,
+        "blocks": blocks,
         "metric": metric,
         "reinit": reinit,
         "replace": replace,
@@ -460,17 +460,6 @@ def prune_depth(
         save_recipe=save_recipe,
         fmt=fmt,
     )
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    from streamify.errors import UsageError
-
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(
-            f"{option} {text}: not a comma-separated list of integers", f"e.g. {option} 12,13,14"
-        ) from None
 
 
 def _heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight) -> dict:

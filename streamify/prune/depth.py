@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
@@ -28,7 +28,7 @@ class DepthParams(BaseModel):
 
     remove: int | None = Field(None, ge=1, description="number of blocks to remove")
     keep_ratio: float | None = Field(None, gt=0, lt=1, description="fraction of blocks to keep")
-    blocks: list[int] | None = Field(None, description="exact block ids to remove (no scoring)")
+    blocks: list[int] | None = Field(None, description="exact block ids to remove (no scoring), e.g. [12, 13]")
     metric: Literal["bi", "angular", "streamline", "loss"] = Field("angular", description="how blocks are scored")
     reinit: Literal["none", "average"] = Field(
         "none", description="average: kept blocks next to a removed span become the mean of themselves and it"
@@ -40,6 +40,16 @@ class DepthParams(BaseModel):
     seq_len: int = Field(512, ge=2, description="calibration sequence length")
     protect_ends: bool = Field(True, description="never remove the first or the last block")
     heal: HealParams = Field(default_factory=HealParams, description="healing against the unpruned model")
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _parse_blocks(cls, value):
+        if isinstance(value, str):
+            try:
+                return [int(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"'{value}' is not a comma-separated list of block ids, e.g. 12,13,14") from None
+        return value
 
     @model_validator(mode="after")
     def _one_amount(self) -> DepthParams:
