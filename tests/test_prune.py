@@ -136,3 +136,38 @@ def test_bad_pruning_requests(tmp_path, tiny_llama, cli, args, message):
     result = cli("prune", "depth", tiny_llama, "-o", out, *args, "--samples", "1", "--seq-len", "16", "--no-eval")
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert not out.exists()
+
+
+@pytest.mark.real
+def test_pruned_smollm2_heals_towards_the_teacher(tmp_path, cli, monkeypatch):
+    """SmolLM2 30 -> 26 blocks (angular span), then 20 LoRA steps of KL to the unpruned model.
+
+    Measured on this machine: held-out KL to the teacher 0.595 before healing, 0.449 after.
+    """
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["--remove", "4", "--samples", "2", "--seq-len", "128", "--heal-steps", "20", "--heal-lr", "5e-4"]
+    result = cli(
+        "prune",
+        "depth",
+        "builtin:smollm2-135m",
+        "-o",
+        tmp_path / "p",
+        *args,
+        "--heal-seq-len",
+        "128",
+        "--heal-grad-accum",
+        "1",
+        "--no-eval",
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert metrics["blocks_after"] == 26 and metrics["removed"] == list(
+        range(metrics["removed"][0], metrics["removed"][0] + 4)
+    )
+    assert metrics["heldout_kl_after"] < 0.9 * metrics["heldout_kl_before"], metrics
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert model.config.num_hidden_layers == 26 and [b.self_attn.layer_idx for b in model.model.layers] == list(
+        range(26)
+    )
