@@ -11,8 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from conftest import CONFIGS
 from streamify.errors import InputError
-from streamify.prune.scores import select_blocks, skipping
-from streamify.prune.surgery import block_list, remove_blocks
+from streamify.model.blocks import block_list
+from streamify.model.hooks import skipping
+from streamify.prune.scores import select_blocks
+from streamify.prune.surgery import remove_blocks
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
 
@@ -171,3 +173,64 @@ def test_pruned_smollm2_heals_towards_the_teacher(tmp_path, cli, monkeypatch):
     assert model.config.num_hidden_layers == 26 and [b.self_attn.layer_idx for b in model.model.layers] == list(
         range(26)
     )
+
+
+@torch.inference_mode()
+def test_encoder_surgery_equals_skipping():
+    """BERT-style encoders: the block list is found the same way and surgery equals skipping."""
+    from transformers import AutoModel, BertConfig
+
+    config = BertConfig(
+        vocab_size=384, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    ids = _ids(16)
+    with skipping(block_list(model, "bert")[1], [2]):
+        reference = model(ids).last_hidden_state
+    remove_blocks(model, [2])
+    assert model.config.num_hidden_layers == 3
+    assert torch.equal(model(ids).last_hidden_state, reference)
+
+
+def test_average_reinit_merges_the_removed_span_into_its_neighbour(tiny_llama):
+    from streamify.prune.surgery import average_into_neighbours
+
+    model = _load(tiny_llama)
+    before = [b.mlp.up_proj.weight.clone() for b in model.model.layers]
+    assert average_into_neighbours(model, [2, 3]) == [1]
+    assert torch.allclose(model.model.layers[1].mlp.up_proj.weight, (before[1] + before[2] + before[3]) / 3)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before[0])
+
+
+def test_layerwise_healing_with_replacement_runs_and_lowers_its_loss(tmp_path, tiny_llama, cli, monkeypatch):
+    """--replace (LLM-Streamline) plus KL + hidden-state MSE healing: one artifact, fewer blocks, loss falls."""
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "streamlined"
+    args = ["--blocks", "1,2", "--replace", "--replace-steps", "5", "--heal-steps", "12", "--heal-lr", "3e-3"]
+    result = cli(
+        "prune",
+        "depth",
+        tiny_llama,
+        "-o",
+        out,
+        *args,
+        "--heal-hidden-weight",
+        "1.0",
+        "--heal-seq-len",
+        "32",
+        "--heal-grad-accum",
+        "1",
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        "--no-eval",
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert metrics["blocks_after"] == 3 and metrics["replaced"]
+    assert metrics["heal_loss_last"] < metrics["heal_loss_first"], metrics
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3

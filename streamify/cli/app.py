@@ -424,6 +424,9 @@ def prune_depth(
     heal_grad_accum: Annotated[int, typer.Option("--heal-grad-accum", help="micro-batches per step")] = 4,
     heal_lora_rank: Annotated[int, typer.Option("--heal-lora-rank", help="LoRA rank (0: all weights)")] = 16,
     heal_ce_weight: Annotated[float, typer.Option("--heal-ce-weight", help="weight of next-token CE")] = 0.0,
+    heal_hidden_weight: Annotated[
+        float, typer.Option("--heal-hidden-weight", help="weight of per-block hidden-state MSE (layer-wise)")
+    ] = 0.0,
     data: DataOpt = "builtin:pydoc",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -448,7 +451,10 @@ def prune_depth(
         "samples": samples,
         "seq_len": seq_len,
         "protect_ends": protect_ends,
-        "heal": _heal_params(heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight),
+        "heal": {
+            **_heal_params(heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight),
+            "hidden_weight": heal_hidden_weight,
+        },
     }
     run_one_stage(
         "prune.depth",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from contextlib import nullcontext
 
 import torch
 from pydantic import Field
@@ -19,11 +20,13 @@ from streamify import __version__
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.distill.lora import add_lora, merge_lora
-from streamify.distill.losses import heldout_kl, kl_to_teacher, next_token_ce
+from streamify.distill.losses import heldout_kl, hidden_mse, kl_to_teacher, next_token_ce
 from streamify.distill.trainer import TrainParams, train
 from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import cache_root, load_checkpoint
+from streamify.model.blocks import block_list
+from streamify.model.hooks import recording
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import SILENT, Progress
 from streamify.runtime.attention import disable_streaming, enable_streaming
@@ -39,6 +42,9 @@ class HealParams(TrainParams):
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on logits")
     ce_weight: float = Field(0.0, ge=0, description="weight of next-token cross-entropy")
     temperature: float = Field(1.0, gt=0, description="distillation temperature")
+    hidden_weight: float = Field(
+        0.0, ge=0, description="weight of per-block hidden-state MSE to the teacher (layer-wise; pruning only)"
+    )
     eval_blocks: int = Field(4, ge=1, description="held-out sequences for the KL measured before and after")
 
 
@@ -51,9 +57,13 @@ def heal(
     seq_len: int,
     data: str,
     seed: int,
+    block_map: list[int] | None = None,
     progress: Progress = SILENT,
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``student`` towards ``teacher`` on ``data``; returns the healed plain model and its metrics.
+
+    ``block_map[j]`` is the teacher block whose output student block ``j``
+    imitates when ``hidden_weight`` > 0 (relative MSE, mean over blocks).
 
     A run killed mid-way resumes from its checkpoint in streamify's cache
     (keyed by the student's weights, the params, data and seed).
@@ -72,13 +82,22 @@ def heal(
     checkpoint_dir = cache_root() / "train" / _run_key(student, params, seq_len, data, seed)
     trainee = add_lora(student, params.lora_rank, params.lora_alpha)
 
+    layerwise = bool(params.hidden_weight and block_map)
+    teacher_blocks = block_list(teacher, "teacher")[1] if layerwise else None
+    student_blocks = block_list(trainee, "student")[1] if layerwise else None
+
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        teacher_states: list[torch.Tensor] = []
+        student_states: list[torch.Tensor] = []
+        with torch.no_grad(), recording(teacher_blocks, teacher_states) if layerwise else nullcontext():
             target = teacher(batch).logits
-        logits = trainee(batch).logits
+        with recording(student_blocks, student_states, detach=False) if layerwise else nullcontext():
+            logits = trainee(batch).logits
         loss = params.kl_weight * kl_to_teacher(logits, target, params.temperature)
         if params.ce_weight:
             loss = loss + params.ce_weight * next_token_ce(logits, batch)
+        if layerwise:
+            loss = loss + params.hidden_weight * hidden_mse(student_states, teacher_states, block_map)
         return loss
 
     result = train(trainee, train_blocks, loss_fn, params, seed=seed, checkpoint_dir=checkpoint_dir, progress=progress)

@@ -19,6 +19,15 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], block_map: list[int]) -> torch.Tensor:
+    """Mean over student blocks of MSE(student output j, teacher output ``block_map[j]``) / teacher power."""
+    terms = []
+    for j, t in enumerate(block_map):
+        target = teacher[t + 1].float()
+        terms.append(F.mse_loss(student[j + 1].float(), target) / target.pow(2).mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 @torch.no_grad()
 def heldout_kl(student, teacher, blocks: torch.Tensor) -> float:
     """Mean per-token KL(teacher || student) over ``blocks``, one block at a time."""

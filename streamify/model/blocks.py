@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from streamify.errors import InputError
+
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers")
 
 
@@ -31,3 +33,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     exact = [c for c in candidates if len(c[1]) == expected]
     pool = exact or candidates
     return max(pool, key=lambda c: len(c[1])) if pool else None
+
+
+def block_list(model: nn.Module, where: str) -> tuple[str, nn.ModuleList]:
+    """The model's block list; :class:`InputError` (exit 3) when it has none."""
+    found = find_blocks(model)
+    if found is None:
+        raise InputError(
+            f"{where}: no list of repeated blocks found in {type(model).__name__}",
+            "depth pruning needs a decoder or encoder with a block list (model.layers, transformer.h, ...)",
+        )
+    return found

@@ -15,10 +15,12 @@ from streamify.distill.heal import HealParams, heal
 from streamify.distill.trainer import TrainParams, train
 from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
+from streamify.model.blocks import block_list
+from streamify.model.hooks import recording
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import Progress
-from streamify.prune.scores import recording, select_blocks
-from streamify.prune.surgery import average_into_neighbours, block_list, check_removal, remove_blocks
+from streamify.prune.scores import select_blocks
+from streamify.prune.surgery import average_into_neighbours, check_removal, remove_blocks
 
 
 class DepthParams(BaseModel):
@@ -95,6 +97,8 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
         )
     ctx.progress.log(f"removing blocks {', '.join(map(str, remove))} of {count}")
     reinitialised = average_into_neighbours(model, remove) if params.reinit == "average" else []
+    dropped = remove[1:] if params.replace else remove
+    block_map = [remove[-1] if params.replace and i == remove[0] else i for i in range(count) if i not in dropped]
     if params.replace:
         replace_span(model, teacher, remove, ids, params, ctx.seed, ctx.progress)
     else:
@@ -108,6 +112,7 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
             seq_len=512,
             data=ctx.data,
             seed=ctx.seed,
+            block_map=block_map,
             progress=ctx.progress,
         )
         ctx.metrics.update(healed)

@@ -14,7 +14,6 @@ blocks are never removed unless ``protect_ends`` is off.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -22,47 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamify.errors import UsageError
+from streamify.model.blocks import block_list
+from streamify.model.hooks import recording, skipping
 from streamify.progress import SILENT, Progress
-from streamify.prune.surgery import block_list
-
-
-def _hidden(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@contextlib.contextmanager
-def recording(blocks: nn.ModuleList, states: list):
-    """Record the hidden state entering every block and the one leaving the last, into ``states``."""
-
-    def before(module, args, kwargs):
-        states.append(_hidden(args, kwargs).detach())
-
-    def after(module, args, kwargs, output):
-        states.append((output[0] if isinstance(output, tuple) else output).detach())
-
-    handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
-    handles.append(blocks[-1].register_forward_hook(after, with_kwargs=True))
-    try:
-        yield states
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def skipping(blocks: nn.ModuleList, skip: list[int]):
-    """Run the model with the blocks ``skip`` passing their input through unchanged."""
-
-    def identity(module, args, kwargs, output):
-        hidden = _hidden(args, kwargs)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handles = [blocks[i].register_forward_hook(identity, with_kwargs=True) for i in skip]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -5,20 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from streamify.errors import InputError, UsageError
-from streamify.model.blocks import LAYER_COUNT_KEYS, find_blocks
+from streamify.errors import UsageError
+from streamify.model.blocks import LAYER_COUNT_KEYS, block_list
 from streamify.runtime.spec import CONFIG_KEY
-
-
-def block_list(model: nn.Module, where: str) -> tuple[str, nn.ModuleList]:
-    """The model's block list; :class:`InputError` (exit 3) when it has none."""
-    found = find_blocks(model)
-    if found is None:
-        raise InputError(
-            f"{where}: no list of repeated blocks found in {type(model).__name__}",
-            "depth pruning needs a decoder or encoder with a block list (model.layers, transformer.h, ...)",
-        )
-    return found
 
 
 def check_removal(indices: list[int], count: int, where: str) -> list[int]:

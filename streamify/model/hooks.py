@@ -1,0 +1,54 @@
+"""Forward hooks on a model's blocks: record the hidden states between them, or skip blocks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def recording(blocks: nn.ModuleList, states: list, detach: bool = True):
+    """Record the hidden state entering every block and the one leaving the last, into ``states``.
+
+    ``states[i]`` enters block ``i``; ``states[len(blocks)]`` leaves the last. With
+    ``detach=False`` they keep their autograd history (for losses on them).
+    """
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach() if detach else tensor
+
+    def before(module, args, kwargs):
+        states.append(keep(_hidden(args, kwargs)))
+
+    def after(module, args, kwargs, output):
+        states.append(keep(output[0] if isinstance(output, tuple) else output))
+
+    handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(after, with_kwargs=True))
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def skipping(blocks: nn.ModuleList, skip: list[int]):
+    """Run the model with the blocks ``skip`` passing their input through unchanged."""
+
+    def identity(module, args, kwargs, output):
+        hidden = _hidden(args, kwargs)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [blocks[i].register_forward_hook(identity, with_kwargs=True) for i in skip]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
