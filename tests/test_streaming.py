@@ -224,3 +224,19 @@ def test_healing_lowers_heldout_kl(tmp_path, tiny_llama, cli, monkeypatch):
     original = _load(tiny_llama)
     changed = [n for n, p in original.state_dict().items() if not torch.equal(p, healed.state_dict()[n])]
     assert any("q_proj" in n for n in changed)
+
+
+@torch.inference_mode()
+def test_two_streams_share_one_model(tiny_llama):
+    """Interleaved calls with two caches give each stream the logits it gets alone."""
+    model = _load(tiny_llama)
+    enable_streaming(model, make_spec(sinks=2, window=8, full_layers="none", num_layers=4))
+    first, second = _ids(40, seed=1), _ids(40, seed=2)
+    alone = [_chunked(model, ids, 4) for ids in (first, second)]
+    caches = [new_cache(model), new_cache(model)]
+    outs: list[list[torch.Tensor]] = [[], []]
+    for start in range(0, 40, 4):
+        for k, ids in enumerate((first, second)):
+            outs[k].append(model(ids[:, start : start + 4], past_key_values=caches[k], use_cache=True).logits)
+    for k in range(2):
+        assert torch.equal(torch.cat(outs[k], dim=1), alone[k])

@@ -84,11 +84,21 @@ def _append(pair, keys: torch.Tensor, values: torch.Tensor):
 
 
 class StreamingCache(Cache):
-    """The cache of a streaming model: one :class:`StreamingCacheLayer` per decoder layer."""
+    """The cache of a streaming model: one :class:`StreamingCacheLayer` per decoder layer.
 
-    def __init__(self, spec: StreamingSpec):
+    Whichever cache the model is called with becomes the one its attention
+    reads, so several streams can share one model (one call at a time).
+    """
+
+    def __init__(self, spec: StreamingSpec, controller):
         super().__init__(layers=[StreamingCacheLayer(kind, spec.sinks, spec.window) for kind in spec.layer_types])
         self.spec = spec
+        self.controller = controller
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append a chunk to layer ``layer_idx`` and make this the cache the model's attention reads."""
+        self.controller.cache = self
+        return self.layers[layer_idx].update(key_states, value_states)
 
     def nbytes(self) -> int:
         """Bytes of every layer's keys and values held now."""
@@ -96,9 +106,8 @@ class StreamingCache(Cache):
 
 
 def new_cache(model) -> StreamingCache:
-    """A fresh cache bound to a streaming model; the model uses it until another is made."""
+    """A fresh cache for a streaming model (pass it as ``past_key_values``)."""
     ctl = getattr(model, "streamify_controller", None)
     if ctl is None:
         raise ValueError("the model is not streaming; load a streaming artifact or call enable_streaming first")
-    ctl.cache = StreamingCache(ctl.spec)
-    return ctl.cache
+    return StreamingCache(ctl.spec, ctl)
