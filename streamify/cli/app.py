@@ -507,15 +507,7 @@ def distill_heal(
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Heal MODEL by distillation (KL on logits, LoRA merged) towards --teacher or its full-attention self."""
-    params = {
-        "teacher": teacher,
-        "steps": steps,
-        "lr": lr,
-        "seq_len": seq_len,
-        "grad_accum": grad_accum,
-        "lora_rank": lora_rank,
-        "ce_weight": ce_weight,
-    }
+    params = {"teacher": teacher, **_heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight)}
     run_one_stage(
         "distill.heal",
         params,
