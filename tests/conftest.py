@@ -36,6 +36,14 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """streamify's cache (stage outputs, training checkpoints, GGUF dequantization) in a folder of the session."""
+    folder = tmp_path_factory.mktemp("streamify-cache")
+    os.environ["STREAMIFY_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A 384-token byte-level BPE tokenizer trained on a slice of builtin:pydoc's train split."""

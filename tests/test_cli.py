@@ -45,9 +45,9 @@ def test_dry_run_reads_no_weights_and_writes_nothing(cli, tiny_llama, tmp_path, 
     result = cli("convert", "dtype", tiny_llama, "-o", out, "--dry-run", "--format", "json")
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)["plan"]
-    assert plan["stages"] == [
-        {"name": "convert.dtype", "summary": plan["stages"][0]["summary"], "params": {"dtype": "bf16"}}
-    ]
+    (stage,) = plan["stages"]
+    assert stage["name"] == "convert.dtype" and stage["params"] == {"dtype": "bf16"}
+    assert stage["cache"] == "miss" and stage["estimate"]["disk_bytes"] == plan["params"] * 2
     assert plan["blocks"] == 4 and plan["estimate"]["peak_memory_bytes"] > 0
     assert plan["estimate"]["disk_bytes"] == plan["params"] * 2
     assert not out.exists()

@@ -85,7 +85,7 @@ def test_violated_gate_exits_5_and_records_it(cli, tiny_llama, tmp_path):
         "json",
     )
     assert result.exit_code == 5
-    assert "max_perplexity" in result.stderr and "over by" in result.stderr
+    assert "max_perplexity" in result.stderr and "off by" in result.stderr
     manifest = json.loads((tmp_path / "out" / "streamify.json").read_text())
     gates = {g["gate"]: g for g in manifest["gates"]}
     assert gates["max_perplexity"]["passed"] is False and gates["max_perplexity_increase_pct"]["passed"] is True

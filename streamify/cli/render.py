@@ -86,7 +86,8 @@ def render_run(console: Console, data: dict) -> None:
         render_eval_table(console, data["eval"], data["eval_source"], "eval (held-out)")
     for gate in data["gates"]:
         mark = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"
-        console.print(f"gate {gate['gate']} ≤ {gate['limit']}: {gate['value']:.4g} {mark}")
+        rule = "≥" if gate.get("rule") == ">=" else "≤"
+        console.print(f"gate {gate['gate']} {rule} {gate['limit']}: {gate['value']:.4g} {mark}")
     console.print(f"artifact: {data['output']}")
 
 
@@ -128,7 +129,21 @@ def render_plan(console: Console, plan: dict) -> None:
     )
     for i, stage in enumerate(plan["stages"], 1):
         params = ", ".join(f"{k}={v}" for k, v in stage["params"].items())
-        console.print(f"  {i}. {stage['name']} ({stage['summary']}): {params}")
+        console.print(f"  {i}. {stage['name']} ({stage['summary']}): {params}", markup=False)
+        est = stage["estimate"]
+        console.print(
+            f"     cache: {stage['cache']}; peak memory ~{_size(est['peak_memory_bytes'])}, "
+            f"output ~{_size(est['disk_bytes'])}"
+        )
+        for key, matches in stage["modules"].items():
+            if key == "lora_modules":
+                console.print(f"     LoRA on {matches} linear modules")
+                continue
+            for pattern, hit in matches.items():
+                console.print(
+                    f"     {key} {pattern!r}: {hit['count']} modules (e.g. {', '.join(hit['examples'])})",
+                    markup=False,
+                )
     if not plan["stages"]:
         console.print("  (no stages: re-export only)")
     if plan["eval"]:

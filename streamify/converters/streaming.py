@@ -49,6 +49,7 @@ class StreamingParams(BaseModel):
     StreamingParams,
     "bounded-memory attention: sinks + sliding window, optional full layers (LongGen hybrid) and healing",
     relation="finetune",
+    training=lambda p: (p.heal, 2 * (p.sinks + p.window)) if p.heal.steps else None,
 )
 def convert_streaming(checkpoint: Checkpoint, params: StreamingParams, ctx: StageContext) -> Checkpoint:
     """Make the model stream per ``params``; heal it first when ``heal.steps`` > 0."""
@@ -70,6 +71,7 @@ def convert_streaming(checkpoint: Checkpoint, params: StreamingParams, ctx: Stag
             seq_len=2 * (spec.sinks + spec.window),
             data=ctx.data,
             seed=ctx.seed,
+            resumable=ctx.use_cache,
             progress=ctx.progress,
         )
         disable_streaming(model)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Literal
 
+from streamify import __version__
 from streamify.errors import InputError, UsageError
-from streamify.io.source import hub_offline
+from streamify.io.source import hub_offline, sha256_file
 
 Split = Literal["train", "heldout"]
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -38,6 +41,26 @@ def load_texts(spec: str, split: Split = "heldout") -> list[str]:
     if not texts:
         raise InputError(f"--data {spec}: holds no text", "pass a file with text in it")
     return texts
+
+
+def data_fingerprint(spec: str) -> str:
+    """A key that changes when the text behind ``spec`` may have changed.
+
+    Local files: sha256 of their contents. ``builtin:pydoc``: the Python version
+    and streamify's (the standard library and the split). ``hf:`` data sets: the
+    name itself (a hub data set cannot be hashed without fetching it).
+    """
+    digest = hashlib.sha256(spec.encode())
+    if spec == "builtin:pydoc":
+        digest.update(f"{sys.version} {__version__}".encode())
+    elif not spec.startswith(("hf:", "builtin:")):
+        path = Path(spec).expanduser()
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                digest.update(f"{file.relative_to(path) if path.is_dir() else file.name} ".encode())
+                digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
 
 
 def _file_texts(path: Path) -> list[str]:

@@ -27,6 +27,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import cache_root, load_checkpoint
 from streamify.model.blocks import block_list
 from streamify.model.hooks import recording
+from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import SILENT, Progress
 from streamify.runtime.attention import disable_streaming, enable_streaming
@@ -38,6 +39,10 @@ class HealParams(TrainParams):
 
     lora_rank: int = Field(16, ge=0, description="LoRA rank on every linear layer but the head (0: train all weights)")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    lora_targets: list[str] | None = Field(
+        None, description="module patterns LoRA adapts (default: every linear layer but the head)"
+    )
+    lora_ignore: list[str] = Field(default_factory=list, description="module patterns LoRA leaves alone")
     seq_len: int | None = Field(None, ge=2, description="training sequence length (default: the stage's)")
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on logits")
     ce_weight: float = Field(0.0, ge=0, description="weight of next-token cross-entropy")
@@ -58,6 +63,7 @@ def heal(
     data: str,
     seed: int,
     block_map: list[int] | None = None,
+    resumable: bool = True,
     progress: Progress = SILENT,
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``student`` towards ``teacher`` on ``data``; returns the healed plain model and its metrics.
@@ -65,8 +71,8 @@ def heal(
     ``block_map[j]`` is the teacher block whose output student block ``j``
     imitates when ``hidden_weight`` > 0 (relative MSE, mean over blocks).
 
-    A run killed mid-way resumes from its checkpoint in streamify's cache
-    (keyed by the student's weights, the params, data and seed).
+    With ``resumable``, a run killed mid-way resumes from its checkpoint in
+    streamify's cache (keyed by the student's weights, the params, data and seed).
     """
     seq_len = params.seq_len or seq_len
     needed = params.steps * params.batch_size * params.grad_accum * seq_len
@@ -79,8 +85,9 @@ def heal(
         param.requires_grad_(False)
     progress.log("measuring held-out KL to the teacher before healing")
     kl_before = heldout_kl(student, teacher, eval_ids)
-    checkpoint_dir = cache_root() / "train" / _run_key(student, params, seq_len, data, seed)
-    trainee = add_lora(student, params.lora_rank, params.lora_alpha)
+    checkpoint_dir = cache_root() / "train" / _run_key(student, params, seq_len, data, seed) if resumable else None
+    targets = select_modules(student, params.lora_targets, params.lora_ignore, "heal: lora_targets/lora_ignore")
+    trainee = add_lora(student, params.lora_rank, params.lora_alpha, targets)
 
     layerwise = bool(params.hidden_weight and block_map)
     teacher_blocks = block_list(teacher, "teacher")[1] if layerwise else None
@@ -140,6 +147,7 @@ class DistillHealParams(HealParams):
     DistillHealParams,
     "heal a modified model by distillation from a teacher (LoRA, merged)",
     relation="finetune",
+    training=lambda p: (p, 512),
 )
 def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageContext) -> Checkpoint:
     """Heal ``checkpoint`` towards ``params.teacher`` (or its own full-attention self when it streams)."""
@@ -165,6 +173,7 @@ def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageCo
         seq_len=default_len,
         data=ctx.data,
         seed=ctx.seed,
+        resumable=ctx.use_cache,
         progress=ctx.progress,
     )
     if spec is not None:

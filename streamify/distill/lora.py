@@ -5,15 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 
-def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
-    """``model`` wrapped with LoRA on every linear layer except the output head; rank 0 trains all weights."""
+def add_lora(model: nn.Module, rank: int, alpha: int, targets: list[str]) -> nn.Module:
+    """``model`` wrapped with LoRA on the linear layers named ``targets``; rank 0 trains all weights."""
     if rank == 0:
         for param in model.parameters():
             param.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", bias="none")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     return get_peft_model(model, config)
 
 

@@ -97,6 +97,8 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, params))
     start, losses = _resume(checkpoint_dir, model, names, optimizer, scheduler)
+    if start:
+        progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir / CHECKPOINT_NAME}")
     model.train()
     for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
         optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,8 @@ The report's keys are an interface (README.md, "Eval report"): ``perplexity``,
 ``nll``, ``tokens``, ``seq_len``, ``data``, ``params``, ``size_bytes``,
 ``bits_per_weight``, ``load_seconds``, ``peak_memory_bytes``; with ``stream_tokens``
 also ``stream.perplexity``, ``stream.cache_bytes_max``, ``stream.latency_ms_first_10pct``,
-``stream.latency_ms_last_10pct`` (and the rest of :func:`~streamify.eval.streaming.stream_eval`).
+``stream.latency_ms_last_10pct`` (and the rest of :func:`~streamify.eval.streaming.stream_eval`);
+with ``equivalence`` also ``equivalence.max_abs_diff`` (:func:`~streamify.eval.streaming.check_equivalence`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class EvalSpec(BaseModel):
         0, ge=0, description="also stream this many held-out tokens through the runtime (0: off)"
     )
     stream_chunk: int = Field(16, gt=0, description="tokens fed per step when streaming")
+    equivalence: bool = Field(
+        False, description="streaming models: also check the chunked cached runtime against a masked forward"
+    )
 
 
 def eval_blocks(tokenizer, spec: EvalSpec) -> torch.Tensor:
@@ -88,6 +92,11 @@ def evaluate(
 
             streamed = stream_eval(checkpoint, spec.data, spec.stream_tokens, spec.stream_chunk, progress)
             report.update({f"stream.{key}": value for key, value in streamed.items()})
+        if spec.equivalence:
+            from streamify.eval.streaming import check_equivalence
+
+            checked = check_equivalence(checkpoint, spec.data, None, [1, 7, 64], progress)
+            report.update({f"equivalence.{key}": value for key, value in checked.items()})
     report["load_seconds"] = load_seconds
     report["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
     return report

@@ -113,5 +113,6 @@ def _eval_section(manifest: dict) -> list[str]:
     ]
     for gate in manifest["gates"]:
         status = "passed" if gate["passed"] else "FAILED"
-        lines.append(f"\nGate `{gate['gate']}` ≤ {gate['limit']}: {gate['value']:.4g} ({status})")
+        rule = "≥" if gate.get("rule") == ">=" else "≤"
+        lines.append(f"\nGate `{gate['gate']}` {rule} {gate['limit']}: {gate['value']:.4g} ({status})")
     return lines

@@ -23,6 +23,8 @@ BUILTIN_MODELS = {
     },
 }
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+# Files besides the weights that shape what a folder loads as (config, tokenizer, chat template).
+_SIDE_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -66,6 +68,20 @@ class Source:
         if not self.files:
             self.files = [SourceFile(str(p), sha256_file(p), p.stat().st_size) for p in self.weight_files()]
         return self.files
+
+    def fingerprint(self) -> str:
+        """sha256 over the contents of the weight files and of the config and tokenizer files.
+
+        Contents, not names or times: the same path with changed weights gets a
+        new fingerprint, and a copy of the same files elsewhere the same one.
+        """
+        digest = hashlib.sha256()
+        for item in self.hash_files():
+            digest.update(f"weights {Path(item.path).name} {item.sha256}\n".encode())
+        if self.kind == "hf-folder":
+            for path in sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix in _SIDE_SUFFIXES):
+                digest.update(f"file {path.name} {sha256_file(path)}\n".encode())
+        return digest.hexdigest()
 
     def to_json(self) -> dict:
         """The manifest's `source` entry."""

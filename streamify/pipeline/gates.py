@@ -1,4 +1,4 @@
-"""Quality gates: compare eval results against limits after a run."""
+"""Quality gates: compare eval results (and the source's) against limits after a run."""
 
 from __future__ import annotations
 
@@ -6,27 +6,44 @@ from streamify.errors import GateError
 from streamify.pipeline.recipe import Gates
 
 
-def check_gates(gates: Gates | None, report: dict | None, source: dict | None) -> list[dict]:
-    """One result per set gate: ``{gate, limit, value, passed}`` (all values are "at most" limits)."""
+def gate_values(report: dict | None, source: dict | None, source_size: int | None) -> dict[str, float]:
+    """The value each gate checks, from the artifact's eval report, the source's and the source's size."""
+    if report is None:
+        return {}
+    values = {
+        "max_perplexity": report.get("perplexity"),
+        "max_size_bytes": report.get("size_bytes"),
+        "max_equivalence_abs_diff": report.get("equivalence.max_abs_diff"),
+    }
+    if source_size and report.get("size_bytes") is not None:
+        values["min_size_reduction_pct"] = 100 * (1 - report["size_bytes"] / source_size)
+    if source and source.get("perplexity") and report.get("perplexity"):
+        values["max_perplexity_increase_pct"] = 100 * (report["perplexity"] / source["perplexity"] - 1)
+    if source and source.get("stream.perplexity") and report.get("stream.perplexity"):
+        values["max_stream_perplexity_ratio"] = report["stream.perplexity"] / source["stream.perplexity"]
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def check_gates(
+    gates: Gates | None, report: dict | None, source: dict | None, source_size: int | None = None
+) -> list[dict]:
+    """One result per set gate: ``{gate, limit, value, passed, rule}``; ``min_`` gates are lower limits."""
     if gates is None:
         return []
-    values = {}
-    if report is not None:
-        values["max_perplexity"] = report.get("perplexity")
-        values["max_size_bytes"] = report.get("size_bytes")
-        if source and source.get("perplexity") and report.get("perplexity"):
-            values["max_perplexity_increase_pct"] = 100 * (report["perplexity"] / source["perplexity"] - 1)
-        if source and source.get("stream.perplexity") and report.get("stream.perplexity"):
-            values["max_stream_perplexity_ratio"] = report["stream.perplexity"] / source["stream.perplexity"]
+    values = gate_values(report, source, source_size)
     results = []
     for gate, limit in gates.model_dump(exclude_none=True).items():
         value = values.get(gate)
         if value is None:
             raise GateError(
                 f"gate {gate}: no value to check (the eval did not produce it)",
-                "enable eval in the recipe, or remove the gate",
+                "enable the eval the gate needs (see `streamify recipe schema`), or remove the gate",
             )
-        results.append({"gate": gate, "limit": limit, "value": value, "passed": value <= limit})
+        lower = gate.startswith("min_")
+        passed = value >= limit if lower else value <= limit
+        results.append(
+            {"gate": gate, "limit": limit, "value": value, "passed": passed, "rule": ">=" if lower else "<="}
+        )
     return results
 
 
@@ -35,7 +52,8 @@ def raise_on_failure(results: list[dict], artifact: str) -> None:
     failed = [r for r in results if not r["passed"]]
     if failed:
         text = "; ".join(
-            f"{r['gate']}: {r['value']:.4g} > {r['limit']} (over by {r['value'] - r['limit']:.4g})" for r in failed
+            f"{r['gate']}: {r['value']:.4g} is not {r['rule']} {r['limit']} (off by {abs(r['value'] - r['limit']):.4g})"
+            for r in failed
         )
         raise GateError(
             f"quality gate failed: {text}",

@@ -14,6 +14,7 @@ from streamify.io.placement import DTYPES
 from streamify.io.source import Source
 from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
+from streamify.model.patterns import match_patterns, select_modules
 from streamify.pipeline.recipe import Recipe
 
 _LOGIT_BYTES = 4 * 3  # fp32 logits, their log-softmax and the gradient-free copy cross_entropy makes
@@ -49,23 +50,85 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def build_plan(recipe: Recipe, source: Source, output: Path) -> dict:
-    """Resolved stages, model facts and memory/disk estimates for ``recipe``."""
+def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int) -> int:
+    """Rough peak memory of a healing run: student and teacher, optimizer state, one micro-batch's activations.
+
+    Activations per token and layer: about 10 hidden + 4 intermediate values
+    plus two rows of attention scores, in fp32; logits take six vocab-sized
+    copies per token (teacher, student, their log-softmaxes, the gradient).
+    """
+    seq_len = heal.seq_len or seq_len
+    hidden = getattr(config, "hidden_size", 0) or 0
+    inter = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    vocab = getattr(config, "vocab_size", 0) or 0
+    per_token = layers * (10 * hidden + 4 * inter + 2 * heads * seq_len) + 6 * vocab
+    activations = 4 * heal.batch_size * seq_len * per_token
+    optimizer = 12 * params if heal.lora_rank == 0 else 0  # fp32 grad + two Adam moments
+    return int(2 * model_bytes + optimizer + activations)
+
+
+def _lora_modules(model, heal, where: str) -> dict:
+    """What the healing's LoRA patterns match on the meta model (errors on a pattern matching nothing)."""
+    if not heal.lora_rank:
+        return {}
+    shown = {}
+    for key in ("lora_targets", "lora_ignore"):
+        patterns = getattr(heal, key)
+        if patterns:
+            found = match_patterns(model, patterns, f"{where}.{key}")
+            shown[key] = {p: {"count": len(n), "examples": n[:3]} for p, n in found.items()}
+    shown["lora_modules"] = len(select_modules(model, heal.lora_targets, heal.lora_ignore, where))
+    return shown
+
+
+def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bool] | None = None) -> dict:
+    """Resolved stages, model facts, per-stage cache state, module patterns and memory/disk estimates.
+
+    ``cache_hits[i]`` says whether stage ``i``'s output is in the stage cache
+    (None: the cache is off).
+    """
     config = read_config(source, recipe.trust_remote_code)
     model = meta_model(config, recipe.trust_remote_code)
     params = count_params(model)
     found = find_blocks(model)
     n_blocks = len(found[1]) if found else 0
     loaded_per_param = load_bytes_per_param(config, recipe.dtype, source)
+    loaded = params * loaded_per_param
     per_param = float(loaded_per_param)
     stages = []
-    for stage, stage_params in recipe.resolved_stages():
+    for index, (stage, stage_params) in enumerate(recipe.resolved_stages()):
+        where = f"stages.{index} ({stage.name})"
+        in_memory = int(params * per_param)
         per_param = stage.bytes_per_param(stage_params, per_param)
-        stages.append({"name": stage.name, "summary": stage.summary, "params": stage_params.model_dump(mode="json")})
-    loaded = params * loaded_per_param
+        training = stage.training(stage_params)
+        peak = 2 * in_memory
+        modules = {}
+        if training is not None:
+            heal, seq_len = training
+            peak = training_bytes(config, in_memory, params, heal, seq_len)
+            modules = _lora_modules(model, heal, f"{where}.heal")
+        if stage.final:
+            cache = "not cached (writes the final format)"
+        elif cache_hits is None:
+            cache = "off"
+        else:
+            cache = "hit" if cache_hits[index] else "miss"
+        stages.append(
+            {
+                "name": stage.name,
+                "summary": stage.summary,
+                "params": stage_params.model_dump(mode="json"),
+                "modules": modules,
+                "cache": cache,
+                "estimate": {"peak_memory_bytes": peak, "disk_bytes": int(params * per_param)},
+            }
+        )
     logits = 0
     if recipe.eval is not None:
         logits = recipe.eval.batch_size * recipe.eval.seq_len * getattr(config, "vocab_size", 0) * _LOGIT_BYTES
+    peak = max([2 * loaded + logits] + [s["estimate"]["peak_memory_bytes"] for s in stages])
     return {
         "model": recipe.model,
         "source": {"kind": source.kind, "path": str(source.path)},
@@ -78,7 +141,7 @@ def build_plan(recipe: Recipe, source: Source, output: Path) -> dict:
         "eval": recipe.eval.model_dump() if recipe.eval else None,
         "gates": recipe.gates.model_dump(exclude_none=True) if recipe.gates else None,
         "estimate": {
-            "peak_memory_bytes": int(2 * loaded + logits),
+            "peak_memory_bytes": int(peak),
             "disk_bytes": int(params * per_param),
             "available_memory_bytes": available_memory_bytes(),
         },

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from streamify.errors import UsageError
 from streamify.eval.report import EvalSpec
@@ -23,7 +23,7 @@ class RecipeEval(EvalSpec):
 
 
 class Gates(BaseModel):
-    """Quality gates checked after eval; a failed gate exits 5."""
+    """Quality gates checked after eval; a failed gate exits 5. ``max_`` gates are upper, ``min_`` lower limits."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,9 +32,22 @@ class Gates(BaseModel):
         None, description="artifact perplexity at most this % above the source's (evaluates the source too)"
     )
     max_size_bytes: int | None = Field(None, gt=0, description="artifact weight files at most this many bytes")
+    min_size_reduction_pct: float | None = Field(
+        None, le=100, description="artifact weight files at least this % smaller than the source's on disk"
+    )
     max_stream_perplexity_ratio: float | None = Field(
         None, gt=0, description="artifact stream perplexity at most this times the source's (needs eval.stream_tokens)"
     )
+    max_equivalence_abs_diff: float | None = Field(
+        None, ge=0, description="streaming runtime vs masked forward, max |logit diff| (needs eval.equivalence)"
+    )
+
+
+# What each gate needs from the eval section, and how to ask for it.
+_GATE_NEEDS = {
+    "max_stream_perplexity_ratio": ("stream_tokens", "set eval.stream_tokens (e.g. 2048)"),
+    "max_equivalence_abs_diff": ("equivalence", "set eval.equivalence: true"),
+}
 
 
 class Recipe(BaseModel):
@@ -53,6 +66,18 @@ class Recipe(BaseModel):
     stages: list[dict[str, Any]] = Field(default_factory=list, description="[{stage-name: params}, ...] in order")
     eval: RecipeEval | None = Field(None, description="evaluate the artifact ({} for the defaults); off when absent")
     gates: Gates | None = None
+
+    @model_validator(mode="after")
+    def _gates_have_their_eval(self) -> Recipe:
+        if self.gates is None:
+            return self
+        for gate in self.gates.model_dump(exclude_none=True):
+            if self.eval is None:
+                raise ValueError(f"gate {gate} needs an eval section (eval: {{}} for the defaults)")
+            need = _GATE_NEEDS.get(gate)
+            if need and not getattr(self.eval, need[0]):
+                raise ValueError(f"gate {gate} needs eval.{need[0]}: {need[1]}")
+        return self
 
     def resolved_stages(self) -> list[tuple[Stage, BaseModel]]:
         """Each stage with its validated params (validated when the recipe is)."""
@@ -107,6 +132,8 @@ def describe_validation(exc: ValidationError) -> str:
             lines.append(f"unknown key '{loc}'")
         elif err["type"] == "missing":
             lines.append(f"missing required key '{loc}'")
+        elif not loc:  # a check across keys
+            lines.append(err["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})")
     return "; ".join(lines)

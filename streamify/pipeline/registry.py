@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -25,11 +26,15 @@ STAGE_MODULES = (
 
 @dataclass
 class StageContext:
-    """What a stage gets besides its checkpoint and params; it records its metrics in ``metrics``."""
+    """What a stage gets besides its checkpoint and params; it records its metrics in ``metrics``.
+
+    ``use_cache`` False (``--no-cache``) also turns off checkpoints inside the stage.
+    """
 
     device: torch.device
     seed: int
     data: str
+    use_cache: bool = True
     progress: Progress = SILENT
     metrics: dict = field(default_factory=dict)
 
@@ -44,7 +49,9 @@ class Stage:
     ``relation`` is the model card's ``base_model_relation`` for an artifact made
     by this stage (None when no Hub relation fits); ``bytes_per_param`` estimates
     the stored bytes per parameter after the stage, given its params and the
-    bytes before (for the plan's disk estimate).
+    bytes before (for the plan's disk estimate); ``training`` returns the
+    healing the stage will run as ``(HealParams, default seq_len)``, or None
+    (for the plan's memory estimate and module patterns).
     """
 
     name: str
@@ -53,6 +60,7 @@ class Stage:
     summary: str
     relation: str | None = None
     bytes_per_param: Callable[[BaseModel, float], float] = lambda params, before: before
+    training: Callable[[BaseModel], tuple[Any, int] | None] = lambda params: None
     final: bool = False
 
 

@@ -8,11 +8,13 @@ import transformers
 
 from streamify.eval.report import eval_blocks, evaluate
 from streamify.io.artifact import check_output, save_model_files, staged_folder, weights_size, write_manifest
+from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import load_checkpoint
 from streamify.io.manifest import build_manifest
 from streamify.io.model_card import render_model_card
 from streamify.io.placement import resolve_device
 from streamify.io.source import resolve_source
+from streamify.pipeline.cache import StageCache, stage_keys
 from streamify.pipeline.gates import check_gates, raise_on_failure
 from streamify.pipeline.plan import build_plan, check_fits
 from streamify.pipeline.recipe import Recipe
@@ -20,51 +22,70 @@ from streamify.pipeline.registry import StageContext
 from streamify.progress import SILENT, Progress
 
 
-def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False, progress: Progress = SILENT) -> dict:
+def run_recipe(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    use_cache: bool = True,
+    progress: Progress = SILENT,
+) -> dict:
     """Run ``recipe`` end to end and return the run summary (the CLI's JSON output).
 
-    With ``dry_run`` only the plan is made: no weights are read, nothing is written.
-    Raises :class:`~streamify.errors.GateError` (exit 5) after writing the
-    artifact when a gate fails.
+    With ``dry_run`` only the plan is made: no weights are loaded, nothing is
+    written. With ``use_cache`` every stage's output is kept in the stage cache
+    and a re-run starts after the last stage found there (training inside a
+    stage resumes from its own checkpoint). Raises
+    :class:`~streamify.errors.GateError` (exit 5) after writing the artifact
+    when a gate fails.
     """
     stages = recipe.resolved_stages()
     source = resolve_source(recipe.model)
     out = check_output(recipe.output, source.folder, overwrite)
     device = resolve_device(recipe.device)
-    plan = build_plan(recipe, source, out)
+    cache = StageCache() if use_cache else None
+    keys = stage_keys(recipe, source, device) if cache else None
+    plan = build_plan(recipe, source, out, cache_hits=[cache.has(k) for k in keys] if cache else None)
     if dry_run:
         return {"dry_run": True, "plan": plan}
     check_fits(plan, out)
 
     started = time.perf_counter()
-    transformers.set_seed(recipe.seed)
-    progress.log(f"loading {recipe.model}")
-    checkpoint = load_checkpoint(
-        recipe.model,
-        dtype=recipe.dtype,
-        device=recipe.device,
-        trust_remote_code=recipe.trust_remote_code,
-        allow_pickle=recipe.allow_pickle,
-        progress=progress,
-    )
-    load_seconds = time.perf_counter() - started
-    blocks, source_eval = None, None
-    if recipe.needs_source_eval():
-        blocks = eval_blocks(checkpoint.tokenizer, recipe.eval)
-        progress.log("evaluating the source")
-        source_eval = evaluate(
-            checkpoint,
-            recipe.eval,
-            size_bytes=checkpoint.source.size_bytes(),
-            load_seconds=load_seconds,
-            blocks=blocks,
-            progress=progress,
+    cacheable = [not stage.final for stage, _ in stages]
+    resumed, checkpoint, records = -1, None, []
+    if cache:
+        resumed, checkpoint, records = cache.resume(keys, cacheable, source, recipe.device, progress)
+    for index, record in enumerate(records):
+        record["cache"] = "reused"
+        progress.log(
+            f"stage {index + 1}/{len(stages)}: {record['name']}: reused from the stage cache ({keys[index][:12]})"
         )
+    load_seconds = None
+    blocks, source_eval = None, None
+    if resumed < 0 or recipe.needs_source_eval():
+        progress.log(f"loading {recipe.model}")
+        source_checkpoint = _load_source(recipe, progress)
+        load_seconds = time.perf_counter() - started
+        if recipe.needs_source_eval():
+            blocks = eval_blocks(source_checkpoint.tokenizer, recipe.eval)
+            progress.log("evaluating the source")
+            source_eval = evaluate(
+                source_checkpoint,
+                recipe.eval,
+                size_bytes=source.size_bytes(),
+                load_seconds=load_seconds,
+                blocks=blocks,
+                progress=progress,
+            )
+        if resumed < 0:
+            checkpoint = source_checkpoint
+        del source_checkpoint
 
-    records = []
-    for index, (stage, params) in enumerate(stages):
+    for index in range(resumed + 1, len(stages)):
+        stage, params = stages[index]
         progress.log(f"stage {index + 1}/{len(stages)}: {stage.name}")
-        ctx = StageContext(device=device, seed=recipe.seed, data=recipe.data, progress=progress)
+        transformers.set_seed(recipe.seed)  # per stage: a resumed run draws what an uninterrupted one does
+        ctx = StageContext(device=device, seed=recipe.seed, data=recipe.data, use_cache=use_cache, progress=progress)
         stage_start = time.perf_counter()
         checkpoint = stage.run(checkpoint, params, ctx)
         records.append(
@@ -73,8 +94,11 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False
                 "params": params.model_dump(mode="json"),
                 "seconds": round(time.perf_counter() - stage_start, 3),
                 "metrics": ctx.metrics,
+                "cache": "stored" if cache and cacheable[index] else "off",
             }
         )
+        if cache and cacheable[index] and checkpoint.weights_writer is None:
+            cache.store(keys[index], checkpoint, records, progress)
 
     with staged_folder(out) as tmp:
         progress.log(f"writing {out}")
@@ -83,7 +107,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False
         if recipe.eval is not None:
             progress.log("evaluating the artifact")
             report = evaluate(checkpoint, recipe.eval, size_bytes=weights_size(tmp), blocks=blocks, progress=progress)
-        gates = check_gates(recipe.gates, report, source_eval)
+        gates = check_gates(recipe.gates, report, source_eval, source.size_bytes())
         manifest = build_manifest(
             checkpoint,
             stages=records,
@@ -105,3 +129,14 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, dry_run: bool = False
         "gates": gates,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _load_source(recipe: Recipe, progress: Progress) -> Checkpoint:
+    return load_checkpoint(
+        recipe.model,
+        dtype=recipe.dtype,
+        device=recipe.device,
+        trust_remote_code=recipe.trust_remote_code,
+        allow_pickle=recipe.allow_pickle,
+        progress=progress,
+    )

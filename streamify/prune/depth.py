@@ -72,6 +72,7 @@ def _amount(params: DepthParams, count: int) -> int:
     DepthParams,
     "remove whole blocks chosen by a metric (ShortGPT BI, angular, LLM-Streamline, loss), then heal",
     relation="finetune",
+    training=lambda p: (p.heal, 512) if p.heal.steps else None,
 )
 def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) -> Checkpoint:
     """Choose blocks, cut them out (the artifact is a stock checkpoint with fewer blocks), heal if asked."""
@@ -113,6 +114,7 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
             data=ctx.data,
             seed=ctx.seed,
             block_map=block_map,
+            resumable=ctx.use_cache,
             progress=ctx.progress,
         )
         ctx.metrics.update(healed)
