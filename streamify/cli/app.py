@@ -19,6 +19,7 @@ from streamify.cli.options import (
     LazyOpt,
     MaxTokensOpt,
     ModelArg,
+    NoCacheOpt,
     OutOpt,
     OverwriteOpt,
     PickleOpt,
@@ -28,6 +29,7 @@ from streamify.cli.options import (
     TrustOpt,
 )
 from streamify.cli.output import Format, command
+from streamify.cli.pipeline_commands import batch, cache_app
 from streamify.cli.render import render_eval, render_inspect, render_run
 
 app = typer.Typer(
@@ -47,6 +49,8 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(quantize_app, name="quantize")
 app.add_typer(distill_app, name="distill")
 app.add_typer(prune_app, name="prune")
+app.add_typer(cache_app, name="cache")
+app.command()(batch)
 
 
 def _version(value: bool) -> None:
@@ -82,15 +86,17 @@ def run(
     ] = None,
     dry_run: DryRunOpt = False,
     overwrite: OverwriteOpt = False,
+    no_cache: NoCacheOpt = False,
     fmt: FormatOpt = Format.human,
 ) -> None:
-    """Run a recipe: load, run its stages, write the artifact, evaluate, check gates."""
+    """Run a recipe: load, run its stages (reusing cached ones), write the artifact, evaluate, check gates."""
     from streamify.pipeline.recipe import load_recipe
     from streamify.pipeline.runner import run_recipe
 
     with command(fmt) as out:
         loaded = load_recipe(recipe, overrides)
-        out.result(run_recipe(loaded.recipe, overwrite=overwrite, dry_run=dry_run, progress=out), render_run)
+        result = run_recipe(loaded.recipe, overwrite=overwrite, dry_run=dry_run, use_cache=not no_cache, progress=out)
+        out.result(result, render_run)
 
 
 @app.command("eval")

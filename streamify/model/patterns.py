@@ -1,8 +1,9 @@
 """Module patterns, as recipes and ``--targets``/``--ignore`` write them.
 
-A pattern is an exact module name (``model.layers.0.mlp.up_proj``), a class
-name (``Linear``, ``LlamaMLP``), or ``re:`` and a regular expression matched
-against the whole module name (``re:.*\\.mlp\\..*``). A pattern that matches
+A pattern is a module name (``model.layers.0.mlp.up_proj``) or its last
+dot-separated parts (``up_proj``, ``mlp.up_proj``, as peft matches them), a
+class name (``Linear``, ``LlamaMLP``), or ``re:`` and a regular expression
+matched against the whole module name (``re:.*\\.mlp\\..*``). A pattern that matches
 no module is an error: it is nearly always a typo, and silently doing less
 than asked is worse than stopping.
 """
@@ -19,7 +20,7 @@ from streamify.errors import UsageError
 def _matches(pattern: str, name: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or type(module).__name__ == pattern
+    return name == pattern or name.endswith("." + pattern) or type(module).__name__ == pattern
 
 
 def _check_regex(pattern: str, where: str) -> None:
@@ -41,8 +42,8 @@ def match_patterns(model: nn.Module, patterns: list[str], where: str) -> dict[st
             classes = sorted({type(m).__name__ for _, m in named})
             raise UsageError(
                 f"{where}: pattern '{pattern}' matches no module of {type(model).__name__}",
-                f"use an exact module name (e.g. {named[-1][0]}), a class name ({', '.join(classes[:8])}, ...) "
-                "or re:REGEX over module names; `streamify inspect MODEL --format json` lists them",
+                f"use a module name or its last parts (e.g. {named[-1][0]}), a class name "
+                f"({', '.join(classes[:8])}, ...) or re:REGEX over module names",
             )
         found[pattern] = names
     return found

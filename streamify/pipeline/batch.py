@@ -1,0 +1,152 @@
+"""One recipe over many checkpoints: each in its own process, past failures, one aggregate report.
+
+Each model runs as ``python -m streamify run RECIPE ... model=M output=OUT_ROOT/NAME``
+so a crash, an out-of-memory kill or a bad checkpoint stops only that model.
+Its log goes to ``OUT_ROOT/logs/NAME.log``; the aggregate (per model: status,
+exit code, eval, gates, artifact path) to ``OUT_ROOT/batch.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from streamify.errors import ExitCode, UsageError
+from streamify.io.load import read_manifest
+from streamify.pipeline.recipe import load_recipe
+from streamify.progress import SILENT, Progress
+
+REPORT_NAME = "batch.json"
+
+
+def output_name(model: str) -> str:
+    """The artifact folder name for a model spec: folder or file stem, alias name, or ``org--name``."""
+    if model.startswith("builtin:"):
+        name = model.removeprefix("builtin:")
+    else:
+        path = Path(model).expanduser()
+        name = path.stem if path.suffix == ".gguf" else path.name if path.exists() else model.replace("/", "--")
+    return re.sub(r"[^\w.-]+", "_", name) or "model"
+
+
+def read_models_file(path: Path) -> list[str]:
+    """Model specs from a file: one a line, ``#`` comments and blank lines skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"--models-file {path}: cannot read it ({exc})", "pass a text file, one model a line") from exc
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def plan_outputs(models: list[str], out_root: Path) -> dict[str, Path]:
+    """Model spec -> artifact folder; two models that would share a folder are a :class:`UsageError`."""
+    if not models:
+        raise UsageError("batch: no models given", "pass --models M1 M2 ... or --models-file FILE")
+    outputs: dict[str, Path] = {}
+    for model in models:
+        out = out_root / output_name(model)
+        clash = next((m for m, o in outputs.items() if o == out), None)
+        if clash is not None:
+            raise UsageError(
+                f"batch: {clash} and {model} would both write {out}",
+                "rename one of the folders, or run them in two batches",
+            )
+        outputs[model] = out
+    return outputs
+
+
+def _run_one(model: str, out: Path, command: list[str], logs: Path) -> dict:
+    log = logs / f"{out.name}.log"
+    started = time.perf_counter()
+    with open(log, "w") as stderr:
+        done = subprocess.run(
+            [*command, f"model={model}", f"output={out}"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    entry = {
+        "model": model,
+        "output": str(out),
+        "status": "ok" if done.returncode == 0 else "failed",
+        "exit_code": done.returncode,
+        "seconds": round(time.perf_counter() - started, 3),
+        "log": str(log),
+    }
+    try:
+        summary = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        summary = {}
+    if done.returncode != 0:
+        entry["error"] = summary.get("error") or _last_line(log)
+        entry["hint"] = summary.get("hint")
+    manifest = read_manifest(out) if (out / "streamify.json").is_file() else None
+    if manifest is not None:  # also after a failed gate: the artifact was written with its results
+        entry.update(eval=manifest.get("eval"), eval_source=manifest.get("eval_source"), gates=manifest.get("gates"))
+    else:
+        entry["output"] = None
+    return entry
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output (killed?)"
+
+
+def run_batch(
+    recipe: str,
+    models: list[str],
+    out_root: Path,
+    *,
+    overrides: list[str] | None = None,
+    jobs: int = 1,
+    overwrite: bool = False,
+    use_cache: bool = True,
+    progress: Progress = SILENT,
+) -> dict:
+    """Apply ``recipe`` to every model; returns the aggregate report (also written to ``out_root/batch.json``).
+
+    The recipe and overrides are validated once before any model runs. The
+    report's ``exit_code`` is 0 when every model succeeded, else the exit code
+    of the first model that failed (1 if a signal killed it).
+    """
+    overrides = list(overrides or [])
+    outputs = plan_outputs(models, out_root.expanduser().resolve())
+    load_recipe(recipe, [*overrides, f"model={models[0]}", f"output={next(iter(outputs.values()))}"])
+    logs = out_root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "streamify", "run", recipe, *overrides, "--format", "json"]
+    command += ["--overwrite"] * overwrite + ["--no-cache"] * (not use_cache)
+    progress.log(f"batch: {len(models)} models, {jobs} at a time, into {out_root}")
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(_run_one, m, o, command, logs) for m, o in outputs.items()]
+        results = []
+        for future in progress.track(futures, "models", total=len(futures)):
+            results.append(future.result())
+            last = results[-1]
+            progress.log(f"{last['model']}: {last['status']} (exit {last['exit_code']}, {last['seconds']:.1f} s)")
+    failed = [r for r in results if r["status"] != "ok"]
+    report = {
+        "recipe": recipe,
+        "overrides": overrides,
+        "out_root": str(out_root),
+        "models": results,
+        "ok": len(results) - len(failed),
+        "failed": len(failed),
+        "exit_code": (failed[0]["exit_code"] if failed[0]["exit_code"] > 0 else int(ExitCode.INTERNAL))
+        if failed
+        else int(ExitCode.OK),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    tmp = out_root / f".{REPORT_NAME}.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(out_root / REPORT_NAME)
+    return report
