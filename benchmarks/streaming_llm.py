@@ -3,6 +3,7 @@
 Usage:  .venv/bin/python benchmarks/streaming_llm.py [--tokens 8192] [--window 512] [--heal-steps 60]
                                                      [--heal-seq-len 1024] [--json out.json]
         .venv/bin/python benchmarks/streaming_llm.py --latency [--tokens 8192]
+        (--only TEXT: only the variants whose name contains TEXT, beside full attention)
 
 Variants: full attention (transformers' DynamicCache), window only (0 sinks), 4 sinks + window
 (StreamingLLM), and the middle-third hybrid (LongGen: layers 10-19 full); the three streaming
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--heal-lr", type=float, default=2e-4)
     parser.add_argument("--chunk", type=int, default=16, help="tokens per step outside the timed windows")
     parser.add_argument("--latency", action="store_true", help="only the interleaved decode-latency table")
+    parser.add_argument("--only", default=None, help="run only the variants whose name contains this (and full)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -127,6 +129,8 @@ def main() -> None:
         f"4 sinks + window {args.window}": make_spec(4, args.window, "none", layers),
         "middle-third hybrid": make_spec(4, args.window, "middle-third", layers),
     }
+    if args.only:
+        variants = {name: spec for name, spec in variants.items() if args.only in name}
     if args.latency:
         latency_table(base, tokenizer, variants, args.tokens, args.chunk)
         return

@@ -21,6 +21,7 @@ STAGE_MODULES = (
     "streamify.distill.heal",
     "streamify.prune.depth",
     "streamify.quantize.entropy_stage",
+    "streamify.quantize.int4_stage",
 )
 
 

@@ -1,0 +1,103 @@
+"""Sequential, block-by-block calibration for weight quantization.
+
+The calibration tokens run through the model once, up to the first block,
+and its inputs are kept. Then, block by block: the block runs on those inputs
+with hooks that gather each target linear's input statistics, its linears are
+quantized, and the block runs again (now quantized) to make the next block's
+inputs. Each block so sees what the already-quantized blocks before it
+produce, and peak memory is one block's activations for the calibration set,
+not the whole model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from streamify.model.blocks import block_list
+from streamify.progress import SILENT, Progress
+from streamify.quantize.gptq import HessianAccumulator
+
+# solve(name, linear, hessian or None) -> the dequantized weight to put in its place
+Solver = Callable[[str, nn.Linear, torch.Tensor | None], torch.Tensor]
+
+
+class _Stop(Exception):
+    """Raised by the hook on the first block: the rest of the model need not run."""
+
+
+def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> list[tuple]:
+    device = next(model.parameters()).device
+    captured: list[tuple] = []
+
+    def grab(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, args[1:], kwargs))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for row in ids:
+            try:
+                model(row[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
+    outputs = []
+    for hidden, args, kwargs in inputs:
+        out = block(hidden, *args, **kwargs)
+        outputs.append((out[0] if isinstance(out, tuple) else out, args, kwargs))
+    return outputs
+
+
+@torch.no_grad()
+def quantize_sequentially(
+    model: nn.Module,
+    targets: list[str],
+    ids: torch.Tensor | None,
+    solve: Solver,
+    progress: Progress = SILENT,
+) -> None:
+    """Replace the weight of every linear named in ``targets`` by ``solve``'s result, block by block.
+
+    With ``ids`` (calibration token blocks ``[n, seq_len]``) ``solve`` gets each
+    linear's input Hessian; without, it gets None and no forward pass runs
+    (round-to-nearest). Targets outside the block list get no Hessian.
+    """
+    modules = dict(model.named_modules())
+    prefix, blocks = block_list(model, type(model).__name__)
+    inputs = _first_block_inputs(model, blocks, ids) if ids is not None else None
+    done: set[str] = set()
+    for index in progress.track(range(len(blocks)), "quantizing blocks", total=len(blocks)):
+        inside = f"{prefix}.{index}."
+        names = [n for n in targets if n.startswith(inside)]
+        hessians: dict[str, HessianAccumulator] = {}
+        handles = []
+        if inputs is not None:
+            for name in names:
+                linear = modules[name]
+                hessians[name] = HessianAccumulator(linear.in_features, linear.weight.device)
+                handles.append(linear.register_forward_hook(lambda m, a, o, acc=hessians[name]: acc.add(a[0])))
+            try:
+                _run_block(blocks[index], inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        for name in names:
+            linear = modules[name]
+            hessian = hessians[name].hessian if name in hessians else None
+            linear.weight.copy_(solve(name, linear, hessian))
+            done.add(name)
+        if inputs is not None:
+            inputs = _run_block(blocks[index], inputs)
+    for name in targets:
+        if name not in done:
+            modules[name].weight.copy_(solve(name, modules[name], None))

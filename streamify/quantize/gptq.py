@@ -1,0 +1,87 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's error onto
+the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+``H = 2/n Σ x xᵀ`` over calibration inputs; damping adds ``damp · mean(diag H)`` to
+the diagonal. Columns go in blocks of a multiple of the group size (lazy batch
+updates); a group's scale is taken from the already-updated weights when its
+first column comes up. With ``act_order`` the columns are visited by decreasing
+``diag H`` and the group scales are fixed up front from the original weights
+(static groups), so the artifact keeps the natural column order and needs no
+permutation index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streamify.quantize.int4_grid import Int4Weight, group_scale_zero, quantize_columns
+
+
+class HessianAccumulator:
+    """Running ``2/n Σ x xᵀ`` of a linear layer's inputs (forward hook target)."""
+
+    def __init__(self, columns: int, device: torch.device) -> None:
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Fold a batch of inputs ``[..., columns]`` into the running mean."""
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        n = x.shape[0]
+        self.hessian *= self.count / (self.count + n)
+        self.count += n
+        x = x * (2 / self.count) ** 0.5
+        self.hessian += x.T @ x
+
+
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> Int4Weight:
+    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``[in, in]``."""
+    w = weight.detach().float().clone()
+    out, columns = w.shape
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    groups = columns // group_size
+    scales = torch.empty(out, groups, dtype=scale_dtype, device=w.device)
+    zeros = torch.zeros(out, groups, dtype=torch.int8, device=w.device)
+    order = torch.arange(columns, device=w.device)
+    if act_order:
+        for g in range(groups):
+            block = w[:, g * group_size : (g + 1) * group_size]
+            scales[:, g], zeros[:, g] = group_scale_zero(block, symmetric, scale_dtype)
+        order = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, order], h[order][:, order]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(columns, device=w.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    codes = torch.zeros(out, columns, dtype=torch.int8, device=w.device)
+    step = group_size * max(1, 128 // group_size)
+    for start in range(0, columns, step):
+        end = min(start + step, columns)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        hblock = hinv[start:end, start:end]
+        for i in range(end - start):
+            original = int(order[start + i])
+            group = original // group_size
+            if not act_order and original % group_size == 0:
+                scales[:, group], zeros[:, group] = group_scale_zero(
+                    block[:, i : i + group_size], symmetric, scale_dtype
+                )
+            column = block[:, i : i + 1]
+            code, value = quantize_columns(column, scales[:, group], zeros[:, group])
+            codes[:, original] = code[:, 0]
+            error = (column[:, 0] - value[:, 0]) / hblock[i, i]
+            block[:, i:] -= error[:, None] @ hblock[i : i + 1, i:]
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return Int4Weight(codes, scales, zeros, group_size)

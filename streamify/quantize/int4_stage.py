@@ -1,0 +1,164 @@
+"""Stage ``quantize.int4``: weight-only INT4 (W4A16), group-wise, by RTN or GPTQ.
+
+The in-memory model after the stage holds the dequantized weights (so the
+eval measures exactly what the artifact stores); the artifact is written in
+the chosen format: compressed-tensors ``pack-quantized`` (transformers, vLLM)
+or GGUF (llama.cpp).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from streamify.data.blocks import token_blocks
+from streamify.data.sources import load_texts
+from streamify.errors import InputError, UsageError
+from streamify.io.checkpoint import Checkpoint
+from streamify.model.patterns import select_modules
+from streamify.pipeline.registry import StageContext, register
+from streamify.quantize.calibrate import quantize_sequentially
+from streamify.quantize.gptq import gptq
+from streamify.quantize.int4_grid import Int4Weight, rtn, valid_group_sizes
+
+GGUF_GROUP = 32  # Q4_0 and Q4_1 blocks hold 32 weights
+
+
+class Int4Params(BaseModel):
+    """Params of ``quantize.int4``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["rtn", "gptq"] = Field("gptq", description="rtn (no calibration) or gptq")
+    group_size: int | Literal["auto"] = Field(
+        128, description="weights per scale; auto: the largest of 128/64/32 dividing every target's input"
+    )
+    symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric groups")
+    targets: list[str] | None = Field(
+        None, description="module patterns to quantize (default: every linear but the head)"
+    )
+    ignore: list[str] = Field(default_factory=list, description="module patterns to leave in floating point")
+    samples: int = Field(64, ge=1, description="calibration sequences (gptq)")
+    seq_len: int = Field(512, ge=16, description="calibration sequence length (gptq)")
+    damp: float = Field(0.01, gt=0, description="gptq: damping, a fraction of the mean Hessian diagonal")
+    act_order: bool = Field(False, description="gptq: visit columns by decreasing Hessian diagonal (static groups)")
+    format: Literal["compressed-tensors", "gguf"] = Field(
+        "compressed-tensors", description="artifact format: compressed-tensors pack-quantized, or GGUF"
+    )
+    gguf_type: Literal["Q4_0", "Q4_1"] = Field("Q4_0", description="gguf: Q4_0 (symmetric) or Q4_1 (asymmetric)")
+
+    @model_validator(mode="after")
+    def _gguf_grid(self) -> Int4Params:
+        if self.format != "gguf":
+            return self
+        if self.group_size not in (GGUF_GROUP, "auto"):
+            raise ValueError(f"format gguf stores blocks of {GGUF_GROUP} weights: use group_size 32 (or auto)")
+        if self.symmetric != (self.gguf_type == "Q4_0"):
+            raise ValueError("gguf_type Q4_0 is symmetric and Q4_1 asymmetric: set symmetric to match")
+        return self
+
+
+def _bits_per_param(params: Int4Params, before: float) -> float:
+    group = GGUF_GROUP if params.group_size == "auto" else params.group_size
+    return (4 + 16 / group + (0 if params.symmetric else 4 / group)) / 8  # codes + fp16 scale (+ zero point)
+
+
+def resolve_group_size(model, targets: list[str], params: Int4Params) -> int:
+    """The group size to use: the asked one if it divides every target's input, else a clear error."""
+    modules = dict(model.named_modules())
+    inputs = {name: modules[name].in_features for name in targets}
+    if params.format == "gguf":
+        wanted = GGUF_GROUP
+    elif params.group_size == "auto":
+        common = [g for g in (128, 64, 32) if all(n % g == 0 for n in inputs.values())]
+        if not common:
+            raise UsageError(
+                "quantize.int4: no group size of 128, 64 or 32 divides every target layer's input",
+                "ignore the odd layers (ignore: [...]) or quantize them separately",
+            )
+        return common[0]
+    else:
+        wanted = params.group_size
+    for name, columns in inputs.items():
+        if columns % wanted:
+            raise UsageError(
+                f"quantize.int4: group size {wanted} does not divide the input size {columns} of {name}",
+                f"use group_size {' or '.join(map(str, valid_group_sizes(columns))) or 'a divisor'}"
+                + ("" if params.format == "gguf" else ", or group_size auto"),
+            )
+    return wanted
+
+
+def _check_not_quantized(model, where: str) -> None:
+    config = getattr(model, "config", None)
+    method = getattr(getattr(config, "quantization_config", None), "quant_method", None)
+    if method is None and isinstance(getattr(config, "quantization_config", None), dict):
+        method = config.quantization_config.get("quant_method")
+    if method is not None and method != "gguf":
+        raise InputError(
+            f"{where}: the model is already quantized ({method}); INT4 needs floating-point weights",
+            "start from the original floating-point checkpoint",
+        )
+
+
+@register(
+    "quantize.int4",
+    Int4Params,
+    "weight-only INT4 (W4A16) by RTN or GPTQ; compressed-tensors or GGUF artifact",
+    relation="quantized",
+    bytes_per_param=_bits_per_param,
+    final=True,
+)
+def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext) -> Checkpoint:
+    """Quantize the target linears, leave dequantized weights in memory, and set the artifact writer."""
+    model = checkpoint.model
+    where = checkpoint.source.spec
+    _check_not_quantized(model, where)
+    targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
+    group = resolve_group_size(model, targets, params)
+    scale_dtype = torch.float16 if params.format == "gguf" else model.dtype
+    ids = None
+    if params.method == "gptq":
+        texts = load_texts(ctx.data, "train")
+        wanted = params.samples * params.seq_len
+        ids = token_blocks(
+            checkpoint.tokenizer, texts, params.seq_len, wanted, seed=ctx.seed, where=f"--data {ctx.data}"
+        )
+        ctx.progress.log(
+            f"calibrating on {ids.shape[0]} x {ids.shape[1]} tokens of {ctx.data}, block by block "
+            f"(about {ids.numel() * model.config.hidden_size * 4 * 2 / 2**20:.0f} MiB of block inputs)"
+        )
+    quantized: dict[str, Int4Weight] = {}
+
+    def solve(name, linear, hessian):
+        if params.method == "gptq" and hessian is not None:
+            result = gptq(linear.weight, hessian, group, params.symmetric, scale_dtype, params.damp, params.act_order)
+        else:
+            result = rtn(linear.weight, group, params.symmetric, scale_dtype)
+        quantized[name] = result
+        return result.dequantize(linear.weight.dtype)
+
+    quantize_sequentially(model, targets, ids, solve, ctx.progress)
+    checkpoint.weights_writer = _writer(checkpoint, quantized, params)
+    total = sum(w.codes.numel() for w in quantized.values())
+    ctx.metrics.update(
+        method=params.method,
+        group_size=group,
+        symmetric=params.symmetric,
+        format=params.format,
+        quantized_modules=len(quantized),
+        quantized_weights=total,
+    )
+    return checkpoint
+
+
+def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
+    if params.format == "gguf":
+        from streamify.quantize.gguf_export import write_gguf
+
+        return lambda folder: write_gguf(checkpoint, quantized, params.gguf_type, folder)
+    from streamify.quantize.compressed import write_compressed_tensors
+
+    return lambda folder: write_compressed_tensors(checkpoint, quantized, params.symmetric, folder)
