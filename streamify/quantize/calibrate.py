@@ -11,6 +11,7 @@ not the whole model's.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -41,10 +42,8 @@ def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tens
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for row in ids:
-            try:
+            with contextlib.suppress(_Stop):
                 model(row[None].to(device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return captured
