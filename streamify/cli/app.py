@@ -43,7 +43,9 @@ recipe_app = typer.Typer(no_args_is_help=True, help="List, show, validate shippe
 convert_app = typer.Typer(no_args_is_help=True, help="Conversions: dtype, streaming (sinks + window attention).")
 prune_app = typer.Typer(no_args_is_help=True, help="Depth pruning: score blocks, remove them, heal.")
 distill_app = typer.Typer(no_args_is_help=True, help="Distillation: heal a modified model towards its teacher.")
-quantize_app = typer.Typer(no_args_is_help=True, help="Compression: lossless entropy coding and its decoder.")
+quantize_app = typer.Typer(
+    no_args_is_help=True, help="Compression: INT4 weights, lossless entropy coding and its decoder."
+)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(convert_app, name="convert")
 app.add_typer(quantize_app, name="quantize")
@@ -352,6 +354,65 @@ def quantize_entropy(
             "trust_remote_code": trust_remote_code,
             "allow_pickle": allow_pickle,
         },
+        evaluate=evaluate,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        save_recipe=save_recipe,
+        fmt=fmt,
+    )
+
+
+@quantize_app.command("int4")
+def quantize_int4(
+    model: ModelArg,
+    output: OutOpt,
+    method: Annotated[str, typer.Option("--method", help="rtn or gptq")] = "gptq",
+    group_size: Annotated[
+        str, typer.Option("--group-size", help="weights per scale (32, 64, 128, ...) or auto")
+    ] = "128",
+    symmetric: Annotated[bool, typer.Option("--sym/--asym", help="symmetric or asymmetric groups")] = True,
+    targets: Annotated[
+        list[str] | None, typer.Option("--targets", help="module pattern to quantize (repeatable)")
+    ] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="module pattern to skip (repeatable)")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="gptq: calibration sequences")] = 64,
+    seq_len: SeqLenOpt = 512,
+    act_order: Annotated[
+        bool, typer.Option("--act-order", help="gptq: columns by decreasing Hessian diagonal")
+    ] = False,
+    weight_format: Annotated[
+        str, typer.Option("--weights-format", help="compressed-tensors or gguf (--format is the output format)")
+    ] = "compressed-tensors",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: Q4_0 (sym) or Q4_1 (asym)")] = "Q4_0",
+    data: DataOpt = "builtin:pydoc",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    seed: SeedOpt = 0,
+    evaluate: EvalOpt = True,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    save_recipe: SaveRecipeOpt = None,
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Weight-only INT4 (W4A16) by RTN or GPTQ; writes compressed-tensors (vLLM, transformers) or GGUF (llama.cpp)."""
+    params = {
+        "method": method,
+        "group_size": int(group_size) if group_size.isdigit() else group_size,
+        "symmetric": symmetric,
+        "targets": targets or None,
+        "ignore": ignore or [],
+        "samples": samples,
+        "seq_len": seq_len,
+        "act_order": act_order,
+        "format": weight_format,
+        "gguf_type": gguf_type,
+    }
+    run_one_stage(
+        "quantize.int4",
+        params,
+        _top(model, output, data, dtype, device, seed, trust_remote_code, allow_pickle),
         evaluate=evaluate,
         overwrite=overwrite,
         dry_run=dry_run,

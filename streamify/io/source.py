@@ -153,6 +153,9 @@ def _resolve_path(spec: str, path: Path) -> Source:
             )
         path = path.parent
     if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:  # a GGUF artifact folder
+            return Source(spec, "gguf", ggufs[0], gguf_file=ggufs[0].name)
         if not (path / "config.json").is_file():
             raise InputError(
                 f"{path}: not a model folder (no config.json)",

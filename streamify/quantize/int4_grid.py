@@ -8,8 +8,8 @@ and ``zero`` puts ``min`` on code -8. This is compressed-tensors' convention
 (``weight_scale``, ``weight_zero_point``), and Q4_0 / Q4_1 of GGUF are the same
 grid with ``code + 8`` stored (see :mod:`streamify.quantize.gguf_export`).
 
-Scales are rounded to ``scale_dtype`` (the dtype they are stored in) as soon as
-they are made, and dequantization multiplies in that dtype, so the in-memory
+Scales are rounded (up) to ``scale_dtype``, the dtype they are stored in, as soon
+as they are made, and dequantization multiplies in that dtype, so the in-memory
 model, the packed artifact and its reload agree bit for bit.
 """
 
@@ -43,17 +43,24 @@ def group_scale_zero(
     block = block.float()
     if symmetric:
         scale = block.abs().amax(dim=1) / ((QMAX - QMIN) / 2)
-        scale = _nonzero(scale).to(scale_dtype)
+        scale = _round_up(_nonzero(scale), scale_dtype)
         return scale, torch.zeros_like(scale, dtype=torch.int8)
     low = block.amin(dim=1).clamp(max=0)
     high = block.amax(dim=1).clamp(min=0)
-    scale = _nonzero((high - low) / (QMAX - QMIN)).to(scale_dtype)
+    scale = _round_up(_nonzero((high - low) / (QMAX - QMIN)), scale_dtype)
     zero = (QMIN - torch.round(low / scale.float())).clamp(QMIN, QMAX).to(torch.int8)
     return scale, zero
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in ``dtype``, rounded up where the cast rounded down (so the grid still covers the group)."""
+    cast = scale.to(dtype)
+    larger = torch.nextafter(cast, torch.full_like(cast, float("inf")))
+    return torch.where(cast.float() < scale, larger, cast)
 
 
 def quantize_columns(

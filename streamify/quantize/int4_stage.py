@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
@@ -20,6 +20,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.calibrate import quantize_sequentially
+from streamify.quantize.gguf_export import check_exportable, write_gguf
 from streamify.quantize.gptq import gptq
 from streamify.quantize.int4_grid import Int4Weight, rtn, valid_group_sizes
 
@@ -31,6 +32,7 @@ class Int4Params(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    bits: int = Field(4, description="weight bits: 4 (W4A16) is the one supported")
     method: Literal["rtn", "gptq"] = Field("gptq", description="rtn (no calibration) or gptq")
     group_size: int | Literal["auto"] = Field(
         128, description="weights per scale; auto: the largest of 128/64/32 dividing every target's input"
@@ -49,8 +51,20 @@ class Int4Params(BaseModel):
     )
     gguf_type: Literal["Q4_0", "Q4_1"] = Field("Q4_0", description="gguf: Q4_0 (symmetric) or Q4_1 (asymmetric)")
 
+    @field_validator("bits")
+    @classmethod
+    def _four_bits(cls, bits: int) -> int:
+        if bits != 4:
+            raise ValueError(f"only 4-bit weights are supported (W4A16), not {bits}-bit")
+        return bits
+
     @model_validator(mode="after")
-    def _gguf_grid(self) -> Int4Params:
+    def _format_grid(self) -> Int4Params:
+        if self.format == "compressed-tensors" and not self.symmetric:
+            raise ValueError(
+                "asymmetric compressed-tensors artifacts do not reload in transformers 5 with compressed-tensors 0.20 "
+                "(packed zero points meet an unpacked placeholder): use symmetric, or format gguf with gguf_type Q4_1"
+            )
         if self.format != "gguf":
             return self
         if self.group_size not in (GGUF_GROUP, "auto"):
@@ -96,6 +110,7 @@ def _check_not_quantized(model, where: str) -> None:
     method = getattr(getattr(config, "quantization_config", None), "quant_method", None)
     if method is None and isinstance(getattr(config, "quantization_config", None), dict):
         method = config.quantization_config.get("quant_method")
+    method = getattr(method, "value", method)
     if method is not None and method != "gguf":
         raise InputError(
             f"{where}: the model is already quantized ({method}); INT4 needs floating-point weights",
@@ -116,6 +131,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     model = checkpoint.model
     where = checkpoint.source.spec
     _check_not_quantized(model, where)
+    if params.format == "gguf":
+        check_exportable(model, where)
     targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
     group = resolve_group_size(model, targets, params)
     scale_dtype = torch.float16 if params.format == "gguf" else model.dtype
@@ -137,6 +154,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             result = gptq(linear.weight, hessian, group, params.symmetric, scale_dtype, params.damp, params.act_order)
         else:
             result = rtn(linear.weight, group, params.symmetric, scale_dtype)
+        if params.format == "gguf":  # fp16 scales, but llama.cpp multiplies in fp32
+            result.scale = result.scale.float()
         quantized[name] = result
         return result.dequantize(linear.weight.dtype)
 
@@ -156,8 +175,6 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
 
 def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
     if params.format == "gguf":
-        from streamify.quantize.gguf_export import write_gguf
-
         return lambda folder: write_gguf(checkpoint, quantized, params.gguf_type, folder)
     from streamify.quantize.compressed import write_compressed_tensors
 

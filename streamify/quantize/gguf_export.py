@@ -1,0 +1,172 @@
+"""Write an INT4 artifact as a GGUF file that llama.cpp runs, with the ``gguf`` package.
+
+Q4_0 and Q4_1 are the INT4 grid of :mod:`streamify.quantize.int4_grid` with a
+group of 32: a block stores its scale ``d`` as fp16 (Q4_1 also ``m``), then 16
+bytes holding codes ``q = code + 8`` in [0, 15] (weight ``j`` in the low nibble
+of byte ``j``, weight ``j + 16`` in the high nibble). Q4_0: ``w = (q - 8)·d``;
+Q4_1: ``w = q·d + m`` with ``m = -(8 + zero)·d``. Our codes are packed as they
+are, so llama.cpp computes with exactly the weights streamify measured (Q4_1:
+up to the fp16 rounding of ``m``).
+
+Llama-architecture decoders only (Llama, SmolLM, Mistral without sliding
+windows): the tensor names follow gguf's name map, query and key rows are
+permuted to llama.cpp's rotary layout, and the tokenizer is copied from a GGUF
+source or built from the HF tokenizer (byte-level BPE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamify import __version__
+from streamify.errors import InputError
+from streamify.io.checkpoint import Checkpoint
+from streamify.quantize.int4_grid import Int4Weight
+
+GGUF_NAME = "model.gguf"
+_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+
+
+def pack_q4(weight: Int4Weight, qtype: str) -> np.ndarray:
+    """GGUF Q4_0 / Q4_1 blocks of ``weight`` (group 32) as bytes ``[out, in / 32 * block bytes]``."""
+    rows, columns = weight.codes.shape
+    q = (weight.codes.to(torch.int16) + 8).to(torch.uint8).reshape(rows, columns // 32, 32).numpy()
+    nibbles = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    scale = weight.scale.to(torch.float16)
+    parts = [scale.numpy()[..., None].view(np.uint8)]
+    if qtype == "Q4_1":
+        minimum = (-(8 + weight.zero.to(torch.float32)) * scale.float()).to(torch.float16)
+        parts.append(minimum.numpy()[..., None].view(np.uint8))
+    blocks = np.concatenate([*parts, nibbles], axis=-1)
+    return np.ascontiguousarray(blocks.reshape(rows, -1))
+
+
+def _permute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotary halves -> llama.cpp's interleaved pairs, per head (rows only; groups stay whole)."""
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _permuted(weight: Int4Weight, heads: int) -> Int4Weight:
+    return Int4Weight(
+        _permute_rows(weight.codes, heads),
+        _permute_rows(weight.scale, heads),
+        _permute_rows(weight.zero, heads),
+        weight.group_size,
+    )
+
+
+def check_exportable(model, where: str) -> None:
+    """Refuse (exit 3) an architecture this writer does not map to llama.cpp."""
+    name = type(model).__name__
+    windowed = getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True)
+    if name not in _ARCHITECTURES or (name == "MistralForCausalLM" and windowed):
+        raise InputError(
+            f"{where}: GGUF export supports Llama-architecture decoders, not {name}",
+            "use format compressed-tensors for this model",
+        )
+
+
+def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: str, folder: Path) -> None:
+    """Write ``folder/model.gguf``: metadata, tokenizer, quantized linears, the rest in F16/F32."""
+    import gguf
+
+    model = checkpoint.model
+    check_exportable(model, checkpoint.source.spec)
+    config = model.config
+    blocks = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(str(folder / GGUF_NAME), "llama")
+    writer.add_name(checkpoint.source.base_model or checkpoint.source.spec)
+    writer.add_string("general.quantized_by", f"streamify {__version__}")
+    writer.add_block_count(blocks)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    file_type = gguf.LlamaFileType.MOSTLY_Q4_0 if qtype == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q4_1
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, checkpoint, config.vocab_size)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
+    raw_type = getattr(gguf.GGMLQuantizationType, qtype)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            continue  # buffers such as rotary inv_freq
+        module = name.rsplit(".", 1)[0]
+        rotary = heads.get(module.rsplit(".", 1)[-1])
+        if module in quantized:
+            weight = _permuted(quantized[module], rotary) if rotary else quantized[module]
+            writer.add_tensor(target, pack_q4(weight, qtype), raw_dtype=raw_type)
+            continue
+        data = tensor.detach().float()
+        if rotary:
+            data = _permute_rows(data, rotary)
+        kind = np.float32 if data.ndim == 1 else np.float16
+        writer.add_tensor(target, data.numpy().astype(kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_tokenizer(writer, checkpoint: Checkpoint, vocab_size: int) -> None:
+    """Copy the tokenizer of a GGUF source; otherwise describe the HF byte-level BPE tokenizer."""
+    import gguf
+
+    if checkpoint.source.kind == "gguf":
+        reader = gguf.GGUFReader(str(checkpoint.source.path))
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                value_type = field.types[0]
+                sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(key, field.contents(), value_type, sub_type=sub_type)
+        return
+    tokenizer = checkpoint.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    import json
+
+    model_json = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model_json.get("type") != "BPE":
+        raise InputError(
+            f"{checkpoint.source.spec}: GGUF export needs a byte-level BPE tokenizer (tokenizer.json)",
+            "use format compressed-tensors for this model",
+        )
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = tokenizer.convert_ids_to_tokens(index) if index < len(tokenizer) else None
+        tokens.append(token if token is not None else f"[PAD{index}]")
+        if token is None:
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            types.append(gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model_json.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
+        if token_id is not None:
+            setter(token_id)
+    writer.add_add_bos_token(False)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)

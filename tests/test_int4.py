@@ -1,0 +1,168 @@
+"""INT4 weights: the grid, GPTQ, compressed-tensors and GGUF artifacts, loading them in real runtimes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import streamify
+from streamify.io.artifact import save_model_files
+from streamify.io.load import load_checkpoint
+from streamify.pipeline.registry import StageContext, get_stage
+from streamify.quantize.gguf_export import pack_q4
+from streamify.quantize.gptq import HessianAccumulator, gptq
+from streamify.quantize.int4_grid import QMAX, QMIN, rtn
+from streamify.quantize.int4_stage import Int4Params
+
+IDS = torch.arange(5, 69)[None]
+
+
+def quantized(model_dir, **params):
+    """The checkpoint after quantize.int4 with ``params`` (in memory: dequantized weights)."""
+    checkpoint = load_checkpoint(str(model_dir))
+    ctx = StageContext(device=torch.device("cpu"), seed=0, data="builtin:pydoc")
+    return get_stage("quantize.int4").run(checkpoint, Int4Params(**params), ctx)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits[0]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rtn_grid_error_is_at_most_half_a_step(symmetric, scale_dtype):
+    weight = torch.randn(16, 128) * torch.linspace(0.01, 3, 128)
+    q = rtn(weight, 32, symmetric, scale_dtype)
+    assert q.codes.dtype == torch.int8 and q.codes.min() >= QMIN and q.codes.max() <= QMAX
+    step = q.scale.float().repeat_interleave(32, dim=1)
+    error = (q.dequantize(torch.float32) - weight).abs()
+    rounding = weight.abs() * torch.finfo(scale_dtype).eps  # the product is rounded to the scale's dtype
+    assert (error <= 0.5 * step + rounding + 1e-6).all()
+    if symmetric:
+        assert (q.zero == 0).all()
+
+
+def test_gptq_beats_rtn_on_the_layer_output():
+    torch.manual_seed(0)
+    mixing = torch.randn(64, 64)
+    inputs = torch.randn(2048, 64) @ mixing  # correlated inputs: where GPTQ's error feedback pays off
+    weight = torch.randn(32, 64)
+    acc = HessianAccumulator(64, torch.device("cpu"))
+    for chunk in inputs.split(256):
+        acc.add(chunk)
+    assert torch.allclose(acc.hessian, 2 * inputs.T @ inputs / inputs.shape[0], rtol=1e-4, atol=1e-3)
+    reference = inputs @ weight.T
+    errors = {}
+    for name, q in {
+        "rtn": rtn(weight, 32, True, torch.float32),
+        "gptq": gptq(weight, acc.hessian, 32, True, torch.float32),
+        "gptq act-order": gptq(weight, acc.hessian, 32, True, torch.float32, act_order=True),
+    }.items():
+        errors[name] = (inputs @ q.dequantize(torch.float32).T - reference).pow(2).mean().item()
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+    assert errors["gptq act-order"] < 0.8 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize(("qtype", "symmetric"), [("Q4_0", True), ("Q4_1", False)])
+def test_gguf_blocks_decode_with_ggufs_own_dequantizer(qtype, symmetric):
+    weight = torch.randn(8, 96)
+    q = rtn(weight, 32, symmetric, torch.float16)
+    q.scale = q.scale.float()  # as quantize.int4 keeps them for GGUF: fp16 values, fp32 products (as llama.cpp)
+    raw = getattr(gguf.GGMLQuantizationType, qtype)
+    decoded = gguf.quants.dequantize(pack_q4(q, qtype), raw)
+    ours = q.dequantize(torch.float32).numpy()
+    tolerance = 0 if qtype == "Q4_0" else 2e-3  # Q4_1 stores m = -(8 + zero)·d in fp16
+    assert np.abs(decoded - ours).max() <= tolerance * np.abs(ours).max()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_compressed_tensors_artifact_reloads_to_the_same_logits(tiny_llama, tmp_path, act_order):
+    checkpoint = quantized(tiny_llama, method="gptq", group_size=32, act_order=act_order, samples=4, seq_len=64)
+    save_model_files(checkpoint, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert weights["num_bits"] == 4 and weights["group_size"] == 32 and weights["symmetric"]
+    assert config["ignore"] == ["lm_head"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # transformers + compressed-tensors, no streamify
+    assert torch.equal(logits(plain), logits(checkpoint.model))
+    model, _ = streamify.load(str(tmp_path))
+    assert torch.equal(logits(model), logits(checkpoint.model))
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert not torch.equal(logits(original), logits(checkpoint.model))
+
+
+def test_ignore_patterns_keep_layers_in_float(tiny_llama, tmp_path):
+    checkpoint = quantized(tiny_llama, method="rtn", group_size=32, ignore=["re:.*mlp.*"])
+    save_model_files(checkpoint, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert sorted(config["ignore"]) == sorted(
+        ["lm_head"] + [f"model.layers.{i}.mlp.{p}_proj" for i in range(4) for p in ("gate", "up", "down")]
+    )
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert torch.equal(original.model.layers[1].mlp.up_proj.weight, checkpoint.model.model.layers[1].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize(("qtype", "symmetric"), [("Q4_0", True), ("Q4_1", False)])
+def test_gguf_artifact_runs_in_llama_cpp(tiny_llama, tmp_path, qtype, symmetric):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency: run make test")
+    checkpoint = quantized(tiny_llama, method="rtn", group_size=32, symmetric=symmetric, format="gguf", gguf_type=qtype)
+    save_model_files(checkpoint, tmp_path)
+    ours = logits(checkpoint.model).numpy()
+    original = logits(AutoModelForCausalLM.from_pretrained(tiny_llama)).numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(IDS[0].tolist())
+    theirs = np.array(llm.scores[: IDS.shape[1]])
+    # llama.cpp multiplies Q4 weights with 8-bit activations and an fp16 embedding: close, not equal;
+    # far closer to our quantized model than the quantized model is to the original weights
+    assert np.abs(theirs - ours).max() < 0.25 * np.abs(original - ours).max()
+    text = llm("def main():", max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert isinstance(text, str) and llm.n_tokens > 3
+    reloaded, _ = streamify.load(str(tmp_path))  # transformers' GGUF reader, through streamify
+    assert np.abs(logits(reloaded).numpy() - ours).max() < 0.25 * np.abs(original - ours).max()
+
+
+def test_llama_cpp_is_installed_for_the_suite():
+    """The GGUF test above must not skip silently in CI: llama-cpp-python is installed by make test."""
+    import llama_cpp
+
+    assert llama_cpp.__version__
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"group_size": 64}, "group size 64 does not divide the input size 32 of model.layers.0.self_attn.q_proj"),
+        ({"group_size": 64, "format": "gguf"}, "format gguf stores blocks of 32"),
+        ({"bits": 8}, "4-bit"),
+        ({"symmetric": False}, "asymmetric compressed-tensors artifacts do not reload"),
+        ({"targets": ["nope"]}, "'nope' matches no module"),
+    ],
+)
+def test_bad_int4_options(cli, tiny_llama, tmp_path, params, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        json.dumps({"model": str(tiny_llama), "stages": [{"quantize.int4": {"method": "rtn", **params}}]})
+    )
+    result = cli("run", recipe, f"output={tmp_path / 'out'}")
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr.replace("\n", " ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_already_quantized_input_is_refused(cli, tiny_llama, tmp_path):
+    first = tmp_path / "int4"
+    assert (
+        cli("quantize", "int4", tiny_llama, "-o", first, "--method", "rtn", "--group-size", "32", "--no-eval").exit_code
+        == 0
+    )
+    again = cli("quantize", "int4", first, "-o", tmp_path / "twice", "--method", "rtn", "--group-size", "32")
+    assert again.exit_code == 3 and "already quantized (compressed-tensors)" in again.stderr
+    shutil.rmtree(first)
