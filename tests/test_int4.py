@@ -15,6 +15,7 @@ import streamify
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
+from streamify.quantize.awq import InputSample, awq_block, search_scale
 from streamify.quantize.gguf_export import pack_q4
 from streamify.quantize.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4_grid import QMAX, QMIN, rtn
@@ -68,6 +69,46 @@ def test_gptq_beats_rtn_on_the_layer_output():
         errors[name] = (inputs @ q.dequantize(torch.float32).T - reference).pow(2).mean().item()
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
     assert errors["gptq act-order"] < 0.8 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_awq_folding_keeps_the_float_function(tiny_models, arch):
+    """AWQ's scales go into the preceding norm / linear: before rounding, the model computes the same."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    before = logits(model)
+    modules = dict(model.named_modules())
+    for index in range(model.config.num_hidden_layers):
+        block = f"model.layers.{index}"
+        names = [n for n in modules if n.startswith(block + ".") and isinstance(modules[n], torch.nn.Linear)]
+        samples = {}
+        for name in names:
+            samples[name] = InputSample()
+            samples[name].add(
+                torch.randn(64, modules[name].in_features) * torch.linspace(0.1, 5, modules[name].in_features)
+            )
+        _, alphas = awq_block(modules, block, names, samples, 8, True, torch.float32)
+        assert {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"} <= set(alphas)
+    changed = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, changed.model.layers[0].mlp.up_proj.weight)
+    assert torch.allclose(logits(model), before, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_search_protects_a_salient_channel():
+    """alpha = 0 is plain RTN; a salient channel (large activations, small weights) makes scaling win."""
+    torch.manual_seed(0)
+    inputs = torch.randn(512, 64)
+    inputs[:, 3] *= 40  # an outlier channel, as LLM activations have
+    linear = torch.nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        linear.weight[:, 3] *= 0.1  # its weights sit well inside the group's range: room to scale them up
+    scale, alpha = search_scale([linear], inputs, 32, True, torch.float32)
+    reference = inputs @ linear.weight.T
+
+    def error(q_scale):
+        q = rtn(linear.weight * q_scale, 32, True, torch.float32).dequantize(torch.float32) / q_scale
+        return (inputs @ q.T - reference).pow(2).mean().item()
+
+    assert alpha > 0 and error(scale) < 0.9 * error(torch.ones(64))
 
 
 @pytest.mark.parametrize(("qtype", "symmetric"), [("Q4_0", True), ("Q4_1", False)])

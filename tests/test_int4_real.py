@@ -31,11 +31,13 @@ def heldout():
     return eval_blocks(load_checkpoint(MODEL).tokenizer, EvalSpec(max_tokens=2048, seq_len=512))
 
 
-def test_gptq_beats_rtn_on_smollm2(heldout):
-    """Same group size (64, divides 576), same held-out text: GPTQ's perplexity is lower than RTN's."""
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_beat_rtn_on_smollm2(heldout, method):
+    """Same group size (64, divides 576), same held-out text: GPTQ's and AWQ's perplexity is below RTN's."""
     rtn = perplexity(quantize(method="rtn", group_size=64).model, heldout, 1)["perplexity"]
-    gptq = perplexity(quantize(method="gptq", group_size=64, samples=32, seq_len=256).model, heldout, 1)["perplexity"]
-    assert gptq < rtn, (gptq, rtn)
+    calibrated = quantize(method=method, group_size=64, samples=32, seq_len=256)
+    ours = perplexity(calibrated.model, heldout, 1)["perplexity"]
+    assert ours < rtn, (method, ours, rtn)
 
 
 def test_gguf_q4_0_runs_in_llama_cpp_with_our_perplexity(heldout, tmp_path):

@@ -19,10 +19,12 @@ from torch import nn
 
 from streamify.model.blocks import block_list
 from streamify.progress import SILENT, Progress
-from streamify.quantize.gptq import HessianAccumulator
 
-# solve(name, linear, hessian or None) -> the dequantized weight to put in its place
-Solver = Callable[[str, nn.Linear, torch.Tensor | None], torch.Tensor]
+# make_stats(linear) -> an accumulator with add(inputs), fed every input the linear sees in its block;
+# solve_block(block, names, stats) -> quantizes those linears in place; ``block`` is the block's module name
+# (None for targets outside the block list); stats[name] is None without calibration.
+StatsFactory = Callable[[nn.Linear], object]
+BlockSolver = Callable[[str | None, list[str], dict[str, object]], None]
 
 
 class _Stop(Exception):
@@ -62,41 +64,40 @@ def quantize_sequentially(
     model: nn.Module,
     targets: list[str],
     ids: torch.Tensor | None,
-    solve: Solver,
+    make_stats: StatsFactory | None,
+    solve_block: BlockSolver,
     progress: Progress = SILENT,
 ) -> None:
-    """Replace the weight of every linear named in ``targets`` by ``solve``'s result, block by block.
+    """Quantize the linears named in ``targets`` block by block with ``solve_block``.
 
-    With ``ids`` (calibration token blocks ``[n, seq_len]``) ``solve`` gets each
-    linear's input Hessian; without, it gets None and no forward pass runs
-    (round-to-nearest). Targets outside the block list get no Hessian.
+    With ``ids`` (calibration token blocks ``[n, seq_len]``) and ``make_stats``,
+    each target linear gets an accumulator of its inputs in its block; without,
+    no forward pass runs (round-to-nearest). Targets outside the block list are
+    solved last, without statistics.
     """
     modules = dict(model.named_modules())
     prefix, blocks = block_list(model, type(model).__name__)
-    inputs = _first_block_inputs(model, blocks, ids) if ids is not None else None
+    calibrated = ids is not None and make_stats is not None
+    inputs = _first_block_inputs(model, blocks, ids) if calibrated else None
     done: set[str] = set()
     for index in progress.track(range(len(blocks)), "quantizing blocks", total=len(blocks)):
         inside = f"{prefix}.{index}."
         names = [n for n in targets if n.startswith(inside)]
-        hessians: dict[str, HessianAccumulator] = {}
-        handles = []
+        stats: dict[str, object] = dict.fromkeys(names)
         if inputs is not None:
+            handles = []
             for name in names:
-                linear = modules[name]
-                hessians[name] = HessianAccumulator(linear.in_features, linear.weight.device)
-                handles.append(linear.register_forward_hook(lambda m, a, o, acc=hessians[name]: acc.add(a[0])))
+                stats[name] = make_stats(modules[name])
+                handles.append(modules[name].register_forward_hook(lambda m, a, o, acc=stats[name]: acc.add(a[0])))
             try:
                 _run_block(blocks[index], inputs)
             finally:
                 for handle in handles:
                     handle.remove()
-        for name in names:
-            linear = modules[name]
-            hessian = hessians[name].hessian if name in hessians else None
-            linear.weight.copy_(solve(name, linear, hessian))
-            done.add(name)
+        solve_block(f"{prefix}.{index}", names, stats)
+        done.update(names)
         if inputs is not None:
             inputs = _run_block(blocks[index], inputs)
-    for name in targets:
-        if name not in done:
-            modules[name].weight.copy_(solve(name, modules[name], None))
+    rest = [name for name in targets if name not in done]
+    if rest:
+        solve_block(None, rest, dict.fromkeys(rest))

@@ -1,4 +1,4 @@
-"""Stage ``quantize.int4``: weight-only INT4 (W4A16), group-wise, by RTN or GPTQ.
+"""Stage ``quantize.int4``: weight-only INT4 (W4A16), group-wise, by RTN, GPTQ or AWQ.
 
 The in-memory model after the stage holds the dequantized weights (so the
 eval measures exactly what the artifact stores); the artifact is written in
@@ -19,9 +19,10 @@ from streamify.errors import InputError, UsageError
 from streamify.io.checkpoint import Checkpoint
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
+from streamify.quantize.awq import InputSample, awq_block
 from streamify.quantize.calibrate import quantize_sequentially
 from streamify.quantize.gguf_export import check_exportable, write_gguf
-from streamify.quantize.gptq import gptq
+from streamify.quantize.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4_grid import Int4Weight, rtn, valid_group_sizes
 
 GGUF_GROUP = 32  # Q4_0 and Q4_1 blocks hold 32 weights
@@ -33,7 +34,7 @@ class Int4Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bits: int = Field(4, description="weight bits: 4 (W4A16) is the one supported")
-    method: Literal["rtn", "gptq"] = Field("gptq", description="rtn (no calibration) or gptq")
+    method: Literal["rtn", "gptq", "awq"] = Field("gptq", description="rtn (no calibration), gptq or awq")
     group_size: int | Literal["auto"] = Field(
         128, description="weights per scale; auto: the largest of 128/64/32 dividing every target's input"
     )
@@ -42,8 +43,8 @@ class Int4Params(BaseModel):
         None, description="module patterns to quantize (default: every linear but the head)"
     )
     ignore: list[str] = Field(default_factory=list, description="module patterns to leave in floating point")
-    samples: int = Field(64, ge=1, description="calibration sequences (gptq)")
-    seq_len: int = Field(512, ge=16, description="calibration sequence length (gptq)")
+    samples: int = Field(64, ge=1, description="calibration sequences (gptq, awq)")
+    seq_len: int = Field(512, ge=16, description="calibration sequence length (gptq, awq)")
     damp: float = Field(0.01, gt=0, description="gptq: damping, a fraction of the mean Hessian diagonal")
     act_order: bool = Field(False, description="gptq: visit columns by decreasing Hessian diagonal (static groups)")
     format: Literal["compressed-tensors", "gguf"] = Field(
@@ -121,7 +122,7 @@ def _check_not_quantized(model, where: str) -> None:
 @register(
     "quantize.int4",
     Int4Params,
-    "weight-only INT4 (W4A16) by RTN or GPTQ; compressed-tensors or GGUF artifact",
+    "weight-only INT4 (W4A16) by RTN, GPTQ or AWQ; compressed-tensors or GGUF artifact",
     relation="quantized",
     bytes_per_param=_bits_per_param,
     final=True,
@@ -137,7 +138,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     group = resolve_group_size(model, targets, params)
     scale_dtype = torch.float16 if params.format == "gguf" else model.dtype
     ids = None
-    if params.method == "gptq":
+    if params.method != "rtn":
         texts = load_texts(ctx.data, "train")
         wanted = params.samples * params.seq_len
         ids = token_blocks(
@@ -147,21 +148,28 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             f"calibrating on {ids.shape[0]} x {ids.shape[1]} tokens of {ctx.data}, block by block "
             f"(about {ids.numel() * model.config.hidden_size * 4 * 2 / 2**20:.0f} MiB of block inputs)"
         )
+    modules = dict(model.named_modules())
     quantized: dict[str, Int4Weight] = {}
+    alphas: dict[str, dict[str, float]] = {}
 
-    def solve(name, linear, hessian):
-        if params.method == "gptq" and hessian is not None:
-            result = gptq(linear.weight, hessian, group, params.symmetric, scale_dtype, params.damp, params.act_order)
-        else:
-            result = rtn(linear.weight, group, params.symmetric, scale_dtype)
-        if params.format == "gguf":  # fp16 scales, but llama.cpp multiplies in fp32
-            result.scale = result.scale.float()
-        quantized[name] = result
-        return result.dequantize(linear.weight.dtype)
+    def solve_block(block, names, stats):
+        results = _solve(params, modules, block, names, stats, group, scale_dtype, alphas)
+        for name, result in results.items():
+            if params.format == "gguf":  # fp16 scales, but llama.cpp multiplies in fp32
+                result.scale = result.scale.float()
+            modules[name].weight.copy_(result.dequantize(modules[name].weight.dtype))
+            quantized[name] = result
 
-    quantize_sequentially(model, targets, ids, solve, ctx.progress)
+    make_stats = {
+        "gptq": lambda linear: HessianAccumulator(linear.in_features, linear.weight.device),
+        "awq": lambda linear: InputSample(),
+    }.get(params.method)
+    with torch.no_grad():
+        quantize_sequentially(model, targets, ids, make_stats, solve_block, ctx.progress)
     checkpoint.weights_writer = _writer(checkpoint, quantized, params)
     total = sum(w.codes.numel() for w in quantized.values())
+    if alphas:
+        ctx.metrics["awq_alpha"] = {block: found for block, found in alphas.items() if found}
     ctx.metrics.update(
         method=params.method,
         group_size=group,
@@ -171,6 +179,22 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         quantized_weights=total,
     )
     return checkpoint
+
+
+def _solve(params: Int4Params, modules, block, names, stats, group, scale_dtype, alphas) -> dict[str, Int4Weight]:
+    """INT4 weights of one block's target linears by ``params.method`` (RTN where there are no statistics)."""
+    if params.method == "awq":
+        results, alphas[block] = awq_block(modules, block, names, stats, group, params.symmetric, scale_dtype)
+        return results
+    results = {}
+    for name in names:
+        weight = modules[name].weight
+        if params.method == "gptq" and stats[name] is not None:
+            hessian = stats[name].hessian
+            results[name] = gptq(weight, hessian, group, params.symmetric, scale_dtype, params.damp, params.act_order)
+        else:
+            results[name] = rtn(weight, group, params.symmetric, scale_dtype)
+    return results
 
 
 def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
