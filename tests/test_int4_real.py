@@ -31,10 +31,15 @@ def heldout():
     return eval_blocks(load_checkpoint(MODEL).tokenizer, EvalSpec(max_tokens=2048, seq_len=512))
 
 
+@pytest.fixture(scope="module")
+def rtn_perplexity(heldout) -> float:
+    return perplexity(quantize(method="rtn", group_size=64).model, heldout, 1)["perplexity"]
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_calibrated_methods_beat_rtn_on_smollm2(heldout, method):
+def test_calibrated_methods_beat_rtn_on_smollm2(heldout, rtn_perplexity, method):
     """Same group size (64, divides 576), same held-out text: GPTQ's and AWQ's perplexity is below RTN's."""
-    rtn = perplexity(quantize(method="rtn", group_size=64).model, heldout, 1)["perplexity"]
+    rtn = rtn_perplexity
     calibrated = quantize(method=method, group_size=64, samples=32, seq_len=256)
     ours = perplexity(calibrated.model, heldout, 1)["perplexity"]
     assert ours < rtn, (method, ours, rtn)
