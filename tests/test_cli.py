@@ -41,6 +41,7 @@ def test_dry_run_reads_no_weights_and_writes_nothing(cli, tiny_llama, tmp_path, 
         raise AssertionError("dry run loaded weights")
 
     monkeypatch.setattr(runner, "load_checkpoint", forbidden)
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))  # an empty stage cache: a miss
     out = tmp_path / "out"
     result = cli("convert", "dtype", tiny_llama, "-o", out, "--dry-run", "--format", "json")
     assert result.exit_code == 0, result.stderr

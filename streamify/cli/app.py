@@ -16,6 +16,7 @@ from streamify.cli.options import (
     DtypeOpt,
     EvalOpt,
     FormatOpt,
+    KvBitsOpt,
     LazyOpt,
     MaxTokensOpt,
     ModelArg,
@@ -124,6 +125,7 @@ def eval_(
         str | None, typer.Option("--check", help="equivalence: chunked cached runtime vs masked full forward")
     ] = None,
     chunks: Annotated[str, typer.Option("--chunks", help="--check equivalence: chunk sizes to compare")] = "1,7,64",
+    kv_bits: KvBitsOpt = None,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Perplexity on held-out text, parameters, size, bits per weight, load time and peak memory.
@@ -136,7 +138,7 @@ def eval_(
     from streamify.eval.report import EvalSpec
 
     if stream or check:
-        _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, fmt)
+        _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt)
         return
     with command(fmt) as out:
         spec = EvalSpec(data=data, max_tokens=max_tokens, seq_len=seq_len)
@@ -150,7 +152,7 @@ def eval_(
         out.result(evaluate_models(model, vs, spec, options, progress=out), render_eval)
 
 
-def _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, fmt) -> None:
+def _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt) -> None:
     from streamify.cli.render import render_streaming_eval
     from streamify.errors import UsageError
     from streamify.eval.streaming import check_equivalence, stream_eval
@@ -162,7 +164,7 @@ def _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, de
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
         result: dict = {"model_spec": model}
         if stream:
-            result["stream"] = stream_eval(checkpoint, data, tokens or 8192, chunk, progress=out)
+            result["stream"] = stream_eval(checkpoint, data, tokens or 8192, chunk, progress=out, kv_bits=kv_bits)
         if check:
             sizes = [int(c) for c in chunks.split(",")]
             result["equivalence"] = check_equivalence(checkpoint, data, tokens, sizes, progress=out)
@@ -175,6 +177,7 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="text to continue")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; above 0: sampling")] = 0.0,
+    kv_bits: KvBitsOpt = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -190,7 +193,13 @@ def generate(
         if getattr(checkpoint.model, "streamify_controller", None) is None:
             raise UsageError(f"{model} is not a streaming model", "convert it first: streamify convert streaming")
         text, count, cache_bytes = generate_text(
-            checkpoint.model, checkpoint.tokenizer, prompt, max_new_tokens, temperature=temperature, seed=seed
+            checkpoint.model,
+            checkpoint.tokenizer,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            kv_bits=kv_bits,
         )
         out.result(
             {"prompt": prompt, "text": text, "new_tokens": count, "cache_bytes": cache_bytes},
@@ -204,6 +213,7 @@ def stream(
     input_path: Annotated[str, typer.Option("--input", help="text file to stream, or - for stdin (may be endless)")],
     chunk: Annotated[int, typer.Option("--chunk", help="tokens fed per step")] = 64,
     report_every: Annotated[int, typer.Option("--report-every", help="log one line every N chunks")] = 16,
+    kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     fmt: FormatOpt = Format.human,
@@ -216,7 +226,7 @@ def stream(
     with command(fmt) as out:
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
         with open_text(input_path) as lines:
-            result = stream_text(checkpoint.model, checkpoint.tokenizer, lines, chunk, report_every, out)
+            result = stream_text(checkpoint.model, checkpoint.tokenizer, lines, chunk, report_every, out, kv_bits)
         out.result(result, render_stream)
 
 

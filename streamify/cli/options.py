@@ -31,3 +31,6 @@ LazyOpt = Annotated[bool, typer.Option("--lazy", help="entropy-coded artifacts: 
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="neither reuse nor store stage outputs and training checkpoints")
 ]
+KvBitsOpt = Annotated[
+    int | None, typer.Option("--kv-bits", help="4: keep the recent keys/values in INT4 (sinks stay full precision)")
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +38,7 @@ class EvalSpec(BaseModel):
         0, ge=0, description="also stream this many held-out tokens through the runtime (0: off)"
     )
     stream_chunk: int = Field(16, gt=0, description="tokens fed per step when streaming")
+    stream_kv_bits: Literal[4] | None = Field(None, description="4: stream with the recent keys/values in INT4")
     equivalence: bool = Field(
         False, description="streaming models: also check the chunked cached runtime against a masked forward"
     )
@@ -90,7 +92,9 @@ def evaluate(
         if spec.stream_tokens:
             from streamify.eval.streaming import stream_eval
 
-            streamed = stream_eval(checkpoint, spec.data, spec.stream_tokens, spec.stream_chunk, progress)
+            streamed = stream_eval(
+                checkpoint, spec.data, spec.stream_tokens, spec.stream_chunk, progress, spec.stream_kv_bits
+            )
             report.update({f"stream.{key}": value for key, value in streamed.items()})
         if spec.equivalence:
             from streamify.eval.streaming import check_equivalence

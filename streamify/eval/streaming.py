@@ -18,14 +18,21 @@ def stream_ids(tokenizer, data: str, tokens: int) -> torch.Tensor:
     return token_blocks(tokenizer, load_texts(data, "heldout"), tokens, tokens, where=f"--data {data}")[0]
 
 
-def stream_eval(checkpoint: Checkpoint, data: str, tokens: int, chunk: int, progress: Progress = SILENT) -> dict:
+def stream_eval(
+    checkpoint: Checkpoint,
+    data: str,
+    tokens: int,
+    chunk: int,
+    progress: Progress = SILENT,
+    kv_bits: int | None = None,
+) -> dict:
     """The runtime over ``tokens`` held-out tokens: perplexity, cache bytes, latency early vs late.
 
     A model that does not stream runs with transformers' dynamic cache (the
     full-attention baseline).
     """
     ids = stream_ids(checkpoint.tokenizer, data, tokens)
-    report = stream_report(checkpoint.model, ids, chunk, progress)
+    report = stream_report(checkpoint.model, ids, chunk, progress, kv_bits)
     report["streaming"] = getattr(checkpoint.model, "streamify_controller", None) is not None
     return report
 

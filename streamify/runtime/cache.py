@@ -11,25 +11,46 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from streamify.errors import UsageError
+from streamify.runtime.kv_quant import QuantizedKV
 from streamify.runtime.spec import FULL, StreamingSpec
 
 
 class StreamingCacheLayer(CacheLayerMixin):
-    """One layer's sink keys/values, recent keys/values, and the count of tokens seen."""
+    """One layer's sink keys/values, recent keys/values, and the count of tokens seen.
+
+    With ``kv_bits`` 4 the recent tokens are kept as INT4 groups once their own
+    step has run (:mod:`streamify.runtime.kv_quant`); sinks stay in full precision.
+    """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, kind: str, sinks: int, window: int):
+    def __init__(self, kind: str, sinks: int, window: int, kv_bits: int | None = None):
         super().__init__()
         self.kind = kind
         self.sinks = 0 if kind == FULL else sinks
         self.window = window
+        self.kv_bits = kv_bits
         self.sink: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.recent: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # recent tokens in full precision
+        self.stored: QuantizedKV | None = None  # older recent tokens in INT4 (kv_bits 4)
         self.recent_start = 0
         self.seen = 0
         self.pending = False  # a chunk was appended and its attention has not run yet
+
+    @property
+    def recent(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The recent keys and values (INT4 ones dequantized), oldest first."""
+        old = self.stored.dequantize() if self.stored is not None else None
+        if old is None or self.fresh is None:
+            return old if self.fresh is None else self.fresh
+        return torch.cat((old[0], self.fresh[0]), dim=-2), torch.cat((old[1], self.fresh[1]), dim=-2)
+
+    def recent_length(self) -> int:
+        """Recent tokens held."""
+        fresh = 0 if self.fresh is None else self.fresh[0].shape[-2]
+        return fresh + (0 if self.stored is None else self.stored.length)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -41,40 +62,48 @@ class StreamingCacheLayer(CacheLayerMixin):
         if self.seen < self.sinks:
             taken = min(self.sinks - self.seen, key_states.shape[-2])
             self.sink = _append(self.sink, key_states[:, :, :taken], value_states[:, :, :taken])
-        if self.recent is None or self.recent[0].shape[-2] == 0:
+        if self.recent_length() == 0:
             self.recent_start = self.seen + taken
-        self.recent = _append(self.recent, key_states[:, :, taken:], value_states[:, :, taken:])
+        self.fresh = _append(self.fresh, key_states[:, :, taken:], value_states[:, :, taken:])
         self.seen += key_states.shape[-2]
         self.pending = True
         return key_states, value_states
 
     def trim(self) -> None:
-        """Drop recent tokens no later query can attend to (after the chunk's attention ran)."""
+        """After the chunk's attention ran: drop recent tokens no later query attends to, quantize the rest."""
         self.pending = False
-        if self.kind == FULL:
-            return
-        extra = self.recent[0].shape[-2] - (self.window - 1)
+        extra = self.recent_length() - (self.window - 1) if self.kind != FULL else 0
         if extra > 0:
-            self.recent = (self.recent[0][:, :, extra:].clone(), self.recent[1][:, :, extra:].clone())
+            from_stored = min(extra, 0 if self.stored is None else self.stored.length)
+            if from_stored:
+                self.stored.drop_front(from_stored)
+            rest = extra - from_stored
+            if rest:
+                self.fresh = (self.fresh[0][:, :, rest:].clone(), self.fresh[1][:, :, rest:].clone())
             self.recent_start += extra
+        if self.kv_bits == 4 and self.fresh is not None and self.fresh[0].shape[-2]:
+            if self.stored is None:
+                self.stored = QuantizedKV(self.fresh[0].shape[-1], self.fresh[0].dtype)
+            self.stored.append(*self.fresh)
+            self.fresh = None
 
     def nbytes(self) -> int:
         """Bytes of the keys and values held now."""
-        tensors = [t for pair in (self.sink, self.recent) if pair is not None for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [t for pair in (self.sink, self.fresh) if pair is not None for t in pair]
+        stored = 0 if self.stored is None else self.stored.nbytes()
+        return stored + sum(t.numel() * t.element_size() for t in tensors)
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        held = 0 if self.recent is None else self.recent[0].shape[-2]
-        return held + (0 if self.sink is None else self.sink[0].shape[-2]) + query_length, 0
+        return self.recent_length() + (0 if self.sink is None else self.sink[0].shape[-2]) + query_length, 0
 
     def get_max_length(self) -> int:
         return -1 if self.kind == FULL else self.sinks + self.window - 1
 
     def reset(self) -> None:
-        self.sink, self.recent, self.recent_start, self.seen = None, None, 0, 0
+        self.sink, self.fresh, self.stored, self.recent_start, self.seen = None, None, None, 0, 0
 
 
 def _append(pair, keys: torch.Tensor, values: torch.Tensor):
@@ -90,8 +119,9 @@ class StreamingCache(Cache):
     reads, so several streams can share one model (one call at a time).
     """
 
-    def __init__(self, spec: StreamingSpec, controller):
-        super().__init__(layers=[StreamingCacheLayer(kind, spec.sinks, spec.window) for kind in spec.layer_types])
+    def __init__(self, spec: StreamingSpec, controller, kv_bits: int | None = None):
+        layers = [StreamingCacheLayer(kind, spec.sinks, spec.window, kv_bits) for kind in spec.layer_types]
+        super().__init__(layers=layers)
         self.spec = spec
         self.controller = controller
 
@@ -105,9 +135,13 @@ class StreamingCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def new_cache(model) -> StreamingCache:
-    """A fresh cache for a streaming model (pass it as ``past_key_values``)."""
+def new_cache(model, kv_bits: int | None = None) -> StreamingCache:
+    """A fresh cache for a streaming model (pass it as ``past_key_values``); ``kv_bits`` 4 quantizes it."""
     ctl = getattr(model, "streamify_controller", None)
     if ctl is None:
         raise ValueError("the model is not streaming; load a streaming artifact or call enable_streaming first")
-    return StreamingCache(ctl.spec, ctl)
+    if kv_bits not in (None, 4):
+        raise UsageError(
+            f"--kv-bits {kv_bits}: the cache holds keys and values as computed, or in 4 bits", "use --kv-bits 4"
+        )
+    return StreamingCache(ctl.spec, ctl, kv_bits)

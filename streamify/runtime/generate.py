@@ -33,11 +33,20 @@ def make_streaming(model, spec: StreamingSpec):
     return model
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0):
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+    kv_bits: int | None = None,
+):
     """Generate from ``prompt`` with the streaming cache; returns (text, new token count, cache bytes)."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    cache = new_cache(model)
+    cache = new_cache(model, kv_bits)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from streamify.errors import InputError
+from streamify.errors import InputError, UsageError
 from streamify.progress import SILENT, Progress
 from streamify.runtime.cache import new_cache
 
@@ -32,10 +32,12 @@ class ChunkStats:
     cache_bytes: int
 
 
-def fresh_cache(model):
-    """streamify's bounded cache for a streaming model, transformers' dynamic cache otherwise."""
+def fresh_cache(model, kv_bits: int | None = None):
+    """streamify's bounded cache for a streaming model (INT4 keys/values with ``kv_bits`` 4), else a dynamic one."""
     if getattr(model, "streamify_controller", None) is not None:
-        return new_cache(model)
+        return new_cache(model, kv_bits)
+    if kv_bits is not None:
+        raise UsageError("--kv-bits 4 needs a streaming model", "convert it first: streamify convert streaming")
     return DynamicCache(config=model.config)
 
 
@@ -69,14 +71,14 @@ def text_pieces(lines: Iterable[str], tokenizer, chunk: int) -> Iterator[torch.T
 
 
 @torch.inference_mode()
-def stream_chunks(model, pieces: Iterable[torch.Tensor]) -> Iterator[ChunkStats]:
+def stream_chunks(model, pieces: Iterable[torch.Tensor], kv_bits: int | None = None) -> Iterator[ChunkStats]:
     """Run token ``pieces`` (1-D each) through ``model`` with one cache, yielding each piece's stats.
 
     The loss of a piece covers the tokens it predicts: its own tokens after
     the first, plus the next piece's first token (from its last logits).
     """
     device = next(model.parameters()).device
-    cache = fresh_cache(model)
+    cache = fresh_cache(model, kv_bits)
     carry = None
     start = 0
     for tokens in pieces:
@@ -92,11 +94,13 @@ def stream_chunks(model, pieces: Iterable[torch.Tensor]) -> Iterator[ChunkStats]
         start += piece.shape[1]
 
 
-def stream_report(model, ids: torch.Tensor, chunk: int, progress: Progress = SILENT) -> dict:
+def stream_report(
+    model, ids: torch.Tensor, chunk: int, progress: Progress = SILENT, kv_bits: int | None = None
+) -> dict:
     """Stream ``ids`` and summarise: perplexity, cache bytes, latency per token early vs late."""
-    pieces = chunked(ids, chunk)
-    stats = list(progress.track(stream_chunks(model, pieces), "stream", total=math.ceil(ids.numel() / chunk)))
-    return summarize(stats) | {"chunk": chunk}
+    pieces = stream_chunks(model, chunked(ids, chunk), kv_bits)
+    stats = list(progress.track(pieces, "stream", total=math.ceil(ids.numel() / chunk)))
+    return summarize(stats) | {"chunk": chunk, "kv_bits": kv_bits}
 
 
 def summarize(stats: list[ChunkStats]) -> dict:
@@ -128,7 +132,15 @@ def open_text(path: str) -> Iterator[Iterable[str]]:
         yield handle
 
 
-def stream_text(model, tokenizer, lines: Iterable[str], chunk: int, report_every: int, progress: Progress) -> dict:
+def stream_text(
+    model,
+    tokenizer,
+    lines: Iterable[str],
+    chunk: int,
+    report_every: int,
+    progress: Progress,
+    kv_bits: int | None = None,
+) -> dict:
     """Stream text of any length in constant memory; log a line every ``report_every`` pieces; summarise.
 
     Latency is per token, over the first and the last ``report_every`` pieces.
@@ -136,7 +148,7 @@ def stream_text(model, tokenizer, lines: Iterable[str], chunk: int, report_every
     nll, scored, tokens, cache_max, count = 0.0, 0, 0, 0, 0
     first: list[ChunkStats] = []
     recent: collections.deque[ChunkStats] = collections.deque(maxlen=report_every)
-    for item in stream_chunks(model, text_pieces(lines, tokenizer, chunk)):
+    for item in stream_chunks(model, text_pieces(lines, tokenizer, chunk), kv_bits):
         count += 1
         nll, scored, tokens = nll + item.nll_sum, scored + item.scored, tokens + item.tokens
         cache_max = max(cache_max, item.cache_bytes)

@@ -1,0 +1,79 @@
+"""INT4 storage for the recent keys and values of the streaming cache.
+
+Each token's key (and value) vector of each head is cut into groups of
+``GROUP`` channels; a group is stored as 4-bit codes (two per byte) with an
+fp16 scale and minimum (asymmetric: ``x ≈ code · scale + minimum``). That is
+4 + 32/GROUP bits per value, 0.31 of an fp16 cache at groups of 32. Tokens
+are quantized after the step that produced them has attended to them in full
+precision (their own chunk never sees its rounding), and dequantized for each
+later step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP = 32
+LEVELS = 15
+
+
+def _quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = x.shape
+    grouped = x.float().reshape(*shape[:-1], shape[-1] // group, group)
+    low = grouped.amin(dim=-1, keepdim=True)
+    scale = (grouped.amax(dim=-1, keepdim=True) - low) / LEVELS
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half()
+    low = low.half()
+    codes = torch.clamp(torch.round((grouped - low.float()) / scale.float()), 0, LEVELS).to(torch.uint8)
+    codes = codes.reshape(shape)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, scale.squeeze(-1), low.squeeze(-1)
+
+
+def _dequantize(packed, scale, low, dtype: torch.dtype, group: int) -> torch.Tensor:
+    codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // group, group).float()
+    return (grouped * scale.float()[..., None] + low.float()[..., None]).reshape(codes.shape).to(dtype)
+
+
+class QuantizedKV:
+    """Keys and values ``[batch, heads, tokens, head_dim]`` held as INT4 groups, appended and dropped by token."""
+
+    def __init__(self, head_dim: int, dtype: torch.dtype) -> None:
+        self.group = GROUP if head_dim % GROUP == 0 else head_dim
+        self.dtype = dtype
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens held."""
+        return 0 if self.parts is None else self.parts[0][0].shape[-2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize and keep ``keys`` and ``values`` after the ones held."""
+        new = [_quantize(keys, self.group), _quantize(values, self.group)]
+        if self.parts is None:
+            self.parts = new
+        else:
+            self.parts = [
+                tuple(torch.cat((old, add), dim=-2) for old, add in zip(held, fresh, strict=True))
+                for held, fresh in zip(self.parts, new, strict=True)
+            ]
+
+    def drop_front(self, count: int) -> None:
+        """Forget the ``count`` oldest tokens."""
+        if self.parts is not None and count > 0:
+            self.parts = [tuple(t[:, :, count:].clone() for t in part) for part in self.parts]
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The held keys and values in the cache's dtype (None when empty)."""
+        if self.parts is None:
+            return None
+        keys, values = (_dequantize(*part, self.dtype, self.group) for part in self.parts)
+        return keys, values
+
+    def nbytes(self) -> int:
+        """Bytes of codes, scales and minimums held."""
+        if self.parts is None:
+            return 0
+        return sum(t.numel() * t.element_size() for part in self.parts for t in part)

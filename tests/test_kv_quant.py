@@ -1,0 +1,78 @@
+"""INT4 keys and values in the streaming cache: the grid, bounded bytes, and outputs close to full precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from streamify.runtime import enable_streaming, make_spec, new_cache
+from streamify.runtime.kv_quant import QuantizedKV
+
+
+def test_quantized_kv_round_trip_is_within_half_a_step():
+    keys = torch.randn(1, 3, 10, 64) * torch.linspace(0.1, 4, 64)
+    values = torch.randn(1, 3, 10, 64)
+    held = QuantizedKV(64, torch.float32)
+    held.append(keys[:, :, :6], values[:, :, :6])
+    held.append(keys[:, :, 6:], values[:, :, 6:])
+    got_k, got_v = held.dequantize()
+    for original, got in ((keys, got_k), (values, got_v)):
+        grouped = original.reshape(1, 3, 10, 2, 32)
+        step = (grouped.amax(-1, keepdim=True) - grouped.amin(-1, keepdim=True)) / 15
+        error = (got - original).abs().reshape(1, 3, 10, 2, 32)
+        assert (error <= 0.5 * step * 1.01 + 1e-3).all()
+    held.drop_front(4)
+    assert held.length == 6 and torch.equal(held.dequantize()[0], got_k[:, :, 4:])
+    # 4-bit codes plus an fp16 scale and minimum per 32 values: 5 bits a value, keys and values
+    assert held.nbytes() == 2 * 3 * 6 * (64 // 2 + 2 * 2 * 64 // 32)
+
+
+@torch.inference_mode()
+def test_int4_cache_bytes_are_bounded_and_outputs_close(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    enable_streaming(model, make_spec(sinks=4, window=16, full_layers="none", num_layers=4))
+    ids = torch.randint(1, 384, (1, 10 * 20), generator=torch.Generator().manual_seed(1))
+    caches = {"full": new_cache(model), "int4": new_cache(model, kv_bits=4)}
+    logits = {name: [] for name in caches}
+    sizes = []
+    for token in ids[0]:
+        for name, cache in caches.items():
+            logits[name].append(model(token.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1])
+        sizes.append(caches["int4"].nbytes())
+    full, int4 = torch.stack(logits["full"]), torch.stack(logits["int4"])
+    # head_dim 8: one group of 8 a head, 4 bits + 2 fp16 per 8 values; the 4 sinks stay fp32
+    per_recent_token = 4 * 2 * 2 * (8 // 2 + 2 * 2)  # layers x (k, v) x kv heads x bytes
+    per_sink_token = 4 * 2 * 2 * 8 * 4
+    assert max(sizes) == sizes[-1] == 4 * per_sink_token + 15 * per_recent_token
+    assert caches["full"].nbytes() == 19 * per_sink_token
+    assert torch.equal(full[:5], int4[:5])  # nothing is quantized before a token's own step has passed
+    difference = (full - int4).abs().max().item()
+    assert 0 < difference < 0.1 * full.abs().max().item()
+
+
+def test_kv_bits_other_than_4_are_refused(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    enable_streaming(model, make_spec(sinks=4, window=16, full_layers="none", num_layers=4))
+    with pytest.raises(Exception, match="--kv-bits 8"):
+        new_cache(model, kv_bits=8)
+
+
+def test_stream_eval_with_int4_cache(cli, tiny_llama, tmp_path):
+    out = tmp_path / "stream"
+    assert (
+        cli("convert", "streaming", tiny_llama, "-o", out, "--sinks", "2", "--window", "16", "--no-eval").exit_code == 0
+    )
+    import json
+
+    runs = {}
+    for bits in (None, 4):
+        extra = ["--kv-bits", "4"] if bits else []
+        result = cli("eval", out, "--stream", "--tokens", "256", "--format", "json", *extra)
+        assert result.exit_code == 0, result.stderr
+        runs[bits] = json.loads(result.stdout)["stream"]
+    assert runs[4]["kv_bits"] == 4 and runs[4]["cache_bytes_max"] < 0.5 * runs[None]["cache_bytes_max"]
+    assert runs[4]["perplexity"] != runs[None]["perplexity"]
+    assert abs(runs[4]["perplexity"] / runs[None]["perplexity"] - 1) < 0.05
+    plain = cli("eval", tiny_llama, "--stream", "--tokens", "64", "--kv-bits", "4")
+    assert plain.exit_code == 2 and "needs a streaming model" in plain.stderr
