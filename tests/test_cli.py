@@ -59,7 +59,7 @@ def test_dry_run_reads_no_weights_and_writes_nothing(cli, tiny_llama, tmp_path, 
 def test_json_output_is_pure_json_and_quiet_is_silent(cli, tiny_llama, tmp_path):
     result = cli("convert", "dtype", tiny_llama, "-o", tmp_path / "a", "--format", "json", "--no-eval")
     summary = json.loads(result.stdout)
-    assert summary["output"] == str(tmp_path / "a") and "loading" in result.stderr
+    assert summary["output"] == str(tmp_path / "a") and "writing" in result.stderr
     quiet = cli("convert", "dtype", tiny_llama, "-o", tmp_path / "b", "--format", "quiet", "--no-eval")
     assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
 
