@@ -71,7 +71,10 @@ def check_exportable(model, where: str) -> None:
 
 
 def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: str, folder: Path) -> None:
-    """Write ``folder/model.gguf``: metadata, tokenizer, quantized linears, the rest in F16/F32."""
+    """Write ``folder/model.gguf``: metadata, tokenizer, ``quantized`` linears in ``qtype``, the rest in F16/F32.
+
+    ``qtype`` F16 with nothing quantized writes the float model (to hand to llama.cpp's own quantizer).
+    """
     import gguf
 
     model = checkpoint.model
@@ -92,13 +95,12 @@ def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: 
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    file_type = gguf.LlamaFileType.MOSTLY_Q4_0 if qtype == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q4_1
-    writer.add_file_type(int(file_type))
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}")))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, checkpoint, config.vocab_size)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
-    raw_type = getattr(gguf.GGMLQuantizationType, qtype)
+    raw_type = getattr(gguf.GGMLQuantizationType, qtype) if quantized else None
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
