@@ -1,7 +1,8 @@
 """INT4 weight quantization of SmolLM2-135M, side by side in one run.
 
 Usage:  .venv/bin/python benchmarks/int4_quant.py [--group-size 64] [--samples 128] [--seq-len 512]
-                                                  [--eval-tokens 8192] [--skip-llmcompressor] [--json out.json]
+                                                  [--eval-tokens 8192] [--methods rtn gptq gptq-bf16 awq]
+                                                  [--skip-llmcompressor] [--skip-gguf] [--json out.json]
 
 Part 1, W4A16 with one group size (must divide 576): RTN, streamify's GPTQ, streamify's AWQ, and
 llm-compressor's GPTQ (installed in its own virtual environment, benchmarks/.venv-llmcompressor,
@@ -109,12 +110,17 @@ def llama_cpp_quantize(source: Path, target: Path) -> float:
 def part_one(args, base, blocks, work: Path) -> list[dict]:
     teacher = perplexity(base.model, blocks, 1)["perplexity"]
     rows = [{"method": "fp32 (SmolLM2 GGUF Q4_1, dequantized)", "perplexity": teacher, "seconds": None}]
-    for method in ("rtn", "gptq", "awq"):
+    for name in args.methods:
+        method, _, calibration = name.partition("-")
         checkpoint, seconds = quantize(
-            method=method, group_size=args.group_size, samples=args.samples, seq_len=args.seq_len
+            method=method,
+            group_size=args.group_size,
+            samples=args.samples,
+            seq_len=args.seq_len,
+            calibration_dtype=calibration or "auto",
         )
-        ppl = reloaded_perplexity(checkpoint, blocks, work / method)
-        rows.append({"method": f"streamify {method}", "perplexity": ppl, "seconds": seconds})
+        ppl = reloaded_perplexity(checkpoint, blocks, work / name)
+        rows.append({"method": f"streamify {name}", "perplexity": ppl, "seconds": seconds})
         print(rows[-1], flush=True)
     if not args.skip_llmcompressor:
         calibration = token_blocks(
@@ -169,7 +175,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--methods", nargs="*", default=["rtn", "gptq", "gptq-bf16", "awq"], help="-bf16: bf16 calibration passes"
+    )
     parser.add_argument("--skip-llmcompressor", action="store_true")
+    parser.add_argument("--skip-gguf", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     base = load_checkpoint(MODEL)
@@ -177,7 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         first = part_one(args, base, blocks, work)
-        second = part_two(base, blocks, work)
+        second = [] if args.skip_gguf else part_two(base, blocks, work)
     result = {
         "args": vars(args) | {"json": str(args.json)},
         "threads": torch.get_num_threads(),

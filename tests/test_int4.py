@@ -123,9 +123,17 @@ def test_gguf_blocks_decode_with_ggufs_own_dequantizer(qtype, symmetric):
     assert np.abs(decoded - ours).max() <= tolerance * np.abs(ours).max()
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_compressed_tensors_artifact_reloads_to_the_same_logits(tiny_llama, tmp_path, act_order):
-    checkpoint = quantized(tiny_llama, method="gptq", group_size=32, act_order=act_order, samples=4, seq_len=64)
+@pytest.mark.parametrize(("act_order", "calibration_dtype"), [(False, "auto"), (True, "auto"), (False, "bf16")])
+def test_compressed_tensors_artifact_reloads_to_the_same_logits(tiny_llama, tmp_path, act_order, calibration_dtype):
+    checkpoint = quantized(
+        tiny_llama,
+        method="gptq",
+        group_size=32,
+        act_order=act_order,
+        calibration_dtype=calibration_dtype,
+        samples=4,
+        seq_len=64,
+    )
     save_model_files(checkpoint, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"

@@ -385,11 +385,14 @@ def quantize_int4(
         list[str] | None, typer.Option("--targets", help="module pattern to quantize (repeatable)")
     ] = None,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="module pattern to skip (repeatable)")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="gptq: calibration sequences")] = 64,
+    samples: Annotated[int, typer.Option("--samples", help="gptq/awq: calibration sequences")] = 64,
     seq_len: SeqLenOpt = 512,
     act_order: Annotated[
         bool, typer.Option("--act-order", help="gptq: columns by decreasing Hessian diagonal")
     ] = False,
+    calibration_dtype: Annotated[
+        str, typer.Option("--calibration-dtype", help="auto (the model's) or bf16 (autocast, faster on AMX CPUs)")
+    ] = "auto",
     weight_format: Annotated[
         str, typer.Option("--weights-format", help="compressed-tensors or gguf (--format is the output format)")
     ] = "compressed-tensors",
@@ -416,6 +419,7 @@ def quantize_int4(
         "samples": samples,
         "seq_len": seq_len,
         "act_order": act_order,
+        "calibration_dtype": calibration_dtype,
         "format": weight_format,
         "gguf_type": gguf_type,
     }

@@ -67,18 +67,23 @@ def quantize_sequentially(
     make_stats: StatsFactory | None,
     solve_block: BlockSolver,
     progress: Progress = SILENT,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Quantize the linears named in ``targets`` block by block with ``solve_block``.
 
     With ``ids`` (calibration token blocks ``[n, seq_len]``) and ``make_stats``,
     each target linear gets an accumulator of its inputs in its block; without,
     no forward pass runs (round-to-nearest). Targets outside the block list are
-    solved last, without statistics.
+    solved last, without statistics. ``compute_dtype`` (e.g. bf16) runs the
+    calibration forward passes under autocast; statistics are kept in fp32.
     """
     modules = dict(model.named_modules())
     prefix, blocks = block_list(model, type(model).__name__)
     calibrated = ids is not None and make_stats is not None
-    inputs = _first_block_inputs(model, blocks, ids) if calibrated else None
+    device = next(model.parameters()).device.type
+    autocast = torch.autocast(device, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None)
+    with autocast:
+        inputs = _first_block_inputs(model, blocks, ids) if calibrated else None
     done: set[str] = set()
     for index in progress.track(range(len(blocks)), "quantizing blocks", total=len(blocks)):
         inside = f"{prefix}.{index}."
@@ -90,14 +95,16 @@ def quantize_sequentially(
                 stats[name] = make_stats(modules[name])
                 handles.append(modules[name].register_forward_hook(lambda m, a, o, acc=stats[name]: acc.add(a[0])))
             try:
-                _run_block(blocks[index], inputs)
+                with autocast:
+                    _run_block(blocks[index], inputs)
             finally:
                 for handle in handles:
                     handle.remove()
         solve_block(f"{prefix}.{index}", names, stats)
         done.update(names)
-        if inputs is not None:
-            inputs = _run_block(blocks[index], inputs)
+        if inputs is not None and index + 1 < len(blocks):
+            with autocast:
+                inputs = _run_block(blocks[index], inputs)
     rest = [name for name in targets if name not in done]
     if rest:
         solve_block(None, rest, dict.fromkeys(rest))
