@@ -388,8 +388,8 @@ def quantize_int4(
     samples: Annotated[int, typer.Option("--samples", help="gptq/awq: calibration sequences")] = 64,
     seq_len: SeqLenOpt = 512,
     act_order: Annotated[
-        bool, typer.Option("--act-order", help="gptq: columns by decreasing Hessian diagonal")
-    ] = False,
+        bool, typer.Option("--act-order/--no-act-order", help="gptq: columns by decreasing Hessian diagonal")
+    ] = True,
     calibration_dtype: Annotated[
         str, typer.Option("--calibration-dtype", help="auto (the model's) or bf16 (autocast, faster on AMX CPUs)")
     ] = "auto",

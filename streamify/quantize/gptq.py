@@ -34,6 +34,21 @@ class HessianAccumulator:
         self.hessian += x.T @ x
 
 
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped Hessian's inverse; damping grows 10× (up to 3 times) if it is not PD."""
+    if not torch.isfinite(hessian).all():
+        raise FloatingPointError("the calibration inputs hold inf or NaN; calibrate in the model's dtype")
+    eye = torch.eye(hessian.shape[0], device=hessian.device)
+    mean = torch.mean(torch.diag(hessian))
+    for attempt in range(4):
+        try:
+            damped = hessian + damp * 10**attempt * mean * eye
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise FloatingPointError(f"the Hessian is not positive definite even with damping {damp * 1000}")
+
+
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -60,8 +75,7 @@ def gptq(
             scales[:, g], zeros[:, g] = group_scale_zero(block, symmetric, scale_dtype)
         order = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, order], h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(columns, device=w.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h, damp)
 
     codes = torch.zeros(out, columns, dtype=torch.int8, device=w.device)
     step = group_size * max(1, 128 // group_size)

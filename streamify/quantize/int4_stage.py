@@ -50,7 +50,7 @@ class Int4Params(BaseModel):
         description="calibration forward passes in the model's dtype, or bf16 autocast (faster on CPUs with AMX)",
     )
     damp: float = Field(0.01, gt=0, description="gptq: damping, a fraction of the mean Hessian diagonal")
-    act_order: bool = Field(False, description="gptq: visit columns by decreasing Hessian diagonal (static groups)")
+    act_order: bool = Field(True, description="gptq: visit columns by decreasing Hessian diagonal (static groups)")
     format: Literal["compressed-tensors", "gguf"] = Field(
         "compressed-tensors", description="artifact format: compressed-tensors pack-quantized, or GGUF"
     )
