@@ -15,6 +15,7 @@ import streamify
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
+from streamify.progress import Progress
 from streamify.quantize.awq import InputSample, awq_block, search_scale
 from streamify.quantize.gguf_export import pack_q4
 from streamify.quantize.gptq import HessianAccumulator, gptq
@@ -215,3 +216,42 @@ def test_already_quantized_input_is_refused(cli, tiny_llama, tmp_path):
     again = cli("quantize", "int4", first, "-o", tmp_path / "twice", "--method", "rtn", "--group-size", "32")
     assert again.exit_code == 3 and "already quantized (compressed-tensors)" in again.stderr
     shutil.rmtree(first)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_killed_calibration_resumes_to_the_same_weights(tiny_llama, tmp_path, method, monkeypatch):
+    """A calibration that dies after block 2 resumes there and ends with the uninterrupted run's weights."""
+    import streamify.quantize.calibrate as calibrate
+
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    params = {"method": method, "group_size": 32, "samples": 4, "seq_len": 64}
+    monkeypatch.setattr(calibrate, "CHECKPOINT_EVERY", 1)
+    whole = quantized(tiny_llama, **params).model.state_dict()
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+    original = calibrate._run_block
+    calls = {"count": 0}
+
+    def dies_in_block_3(block, inputs):
+        calls["count"] += 1
+        if calls["count"] == 6:  # statistics + propagation passes of blocks 0-1, then block 2's statistics pass
+            raise KeyboardInterrupt("killed")
+        return original(block, inputs)
+
+    monkeypatch.setattr(calibrate, "_run_block", dies_in_block_3)
+    with pytest.raises(KeyboardInterrupt):
+        quantized(tiny_llama, **params)
+    assert list((tmp_path / "cache" / "calibrate").glob("*/calibration_state.pt"))
+    monkeypatch.setattr(calibrate, "_run_block", original)
+    logs = []
+
+    class Log(Progress):
+        def log(self, message: str) -> None:
+            logs.append(message)
+
+    checkpoint = load_checkpoint(str(tiny_llama))
+    ctx = StageContext(device=torch.device("cpu"), seed=0, data="builtin:pydoc", progress=Log())
+    resumed = get_stage("quantize.int4").run(checkpoint, Int4Params(**params), ctx).model.state_dict()
+    assert any("resumed after block 2/4" in line for line in logs), logs
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not list((tmp_path / "cache" / "calibrate").glob("*/*")), "the checkpoint is removed at the end"

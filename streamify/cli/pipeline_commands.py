@@ -109,7 +109,7 @@ def cache_clean(
         float | None, typer.Option("--older-than", help="only entries unused for this many days")
     ] = None,
     kind: Annotated[
-        list[str] | None, typer.Option("--kind", help="stages, train or gguf (repeatable; default all)")
+        list[str] | None, typer.Option("--kind", help="stages, train, calibrate or gguf (repeatable; default all)")
     ] = None,
     fmt: FormatOpt = Format.human,
 ) -> None:

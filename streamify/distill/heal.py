@@ -9,14 +9,11 @@ measured before and after, on text the training never saw.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from contextlib import nullcontext
 
 import torch
 from pydantic import Field
 
-from streamify import __version__
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.distill.lora import add_lora, merge_lora
@@ -26,6 +23,7 @@ from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import cache_root, load_checkpoint
 from streamify.model.blocks import block_list
+from streamify.model.fingerprint import content_key
 from streamify.model.hooks import recording
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
@@ -85,7 +83,8 @@ def heal(
         param.requires_grad_(False)
     progress.log("measuring held-out KL to the teacher before healing")
     kl_before = heldout_kl(student, teacher, eval_ids)
-    checkpoint_dir = cache_root() / "train" / _run_key(student, params, seq_len, data, seed) if resumable else None
+    settings = {"params": params.model_dump(), "seq_len": seq_len, "data": data, "seed": seed}
+    checkpoint_dir = cache_root() / "train" / content_key(student, settings) if resumable else None
     targets = select_modules(student, params.lora_targets, params.lora_ignore, "heal: lora_targets/lora_ignore")
     trainee = add_lora(student, params.lora_rank, params.lora_alpha, targets)
 
@@ -121,16 +120,6 @@ def heal(
         "heldout_kl_after": round(kl_after, 6),
     }
     return healed, metrics
-
-
-def _run_key(model: torch.nn.Module, params: HealParams, seq_len: int, data: str, seed: int) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    settings = {"params": params.model_dump(), "seq_len": seq_len, "data": data, "seed": seed, "v": __version__}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:32]
 
 
 class DistillHealParams(HealParams):

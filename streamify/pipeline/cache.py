@@ -11,8 +11,9 @@ sibling and renamed, so a killed run never leaves a half entry. Stages that fix
 the weight format (``final``) are not cached: they are the cheap last step.
 
 Training inside a stage (healing) checkpoints itself under ``<cache>/train/``
-(see :mod:`streamify.distill.trainer`); the GGUF dequantization cache lives
-under ``<cache>/gguf/``.
+(see :mod:`streamify.distill.trainer`), INT4 calibration under
+``<cache>/calibrate/`` (see :mod:`streamify.quantize.calibrate`); the GGUF
+dequantization cache lives under ``<cache>/gguf/``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from streamify.pipeline.recipe import Recipe
 from streamify.progress import SILENT, Progress
 
 ENTRY_RECORD = "stage.json"
-KINDS = ("stages", "train", "gguf")
+KINDS = ("stages", "train", "calibrate", "gguf")
 
 
 def _digest(payload: dict) -> str:

@@ -7,24 +7,37 @@ quantized, and the block runs again (now quantized) to make the next block's
 inputs. Each block so sees what the already-quantized blocks before it
 produce, and peak memory is one block's activations for the calibration set,
 not the whole model's.
+
+With a checkpoint folder, the state after every few blocks (the next block's
+inputs, the weights of the finished blocks, their INT4 results) is saved, and
+a later call with the same folder resumes after the last saved block; the
+folder is removed when the stage finishes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from streamify.model.blocks import block_list
 from streamify.progress import SILENT, Progress
+from streamify.quantize.int4_grid import Int4Weight
 
 # make_stats(linear) -> an accumulator with add(inputs), fed every input the linear sees in its block;
-# solve_block(block, names, stats) -> quantizes those linears in place; ``block`` is the block's module name
-# (None for targets outside the block list); stats[name] is None without calibration.
+# solve_block(block, names, stats) -> quantizes those linears in place and returns their INT4 weights;
+# ``block`` is the block's module name (None for targets outside the block list); stats[name] is None
+# without calibration.
 StatsFactory = Callable[[nn.Linear], object]
-BlockSolver = Callable[[str | None, list[str], dict[str, object]], None]
+BlockSolver = Callable[[str | None, list[str], dict[str, object]], dict[str, Int4Weight]]
+STATE_NAME = "calibration_state.pt"
+CHECKPOINT_EVERY = 4  # blocks between saved calibration states
 
 
 class _Stop(Exception):
@@ -59,6 +72,42 @@ def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
     return outputs
 
 
+class _Checkpoints:
+    """Saves and restores the calibration state of :func:`quantize_sequentially` in ``folder``."""
+
+    def __init__(self, folder: Path | None, blocks: nn.ModuleList, every: int) -> None:
+        self.folder, self.blocks, self.every = folder, blocks, every
+        self.saved = 0  # blocks whose weights are on disk
+
+    def resume(self) -> tuple[int, list | None, dict[str, Int4Weight]]:
+        """``(next block, its inputs, results so far)``; ``(0, None, {})`` when there is nothing to resume."""
+        if self.folder is None or not (self.folder / STATE_NAME).is_file():
+            return 0, None, {}
+        state = torch.load(self.folder / STATE_NAME, weights_only=True)
+        for part in sorted(self.folder.glob("blocks-*.pt")):
+            for index, tensors in torch.load(part, weights_only=True).items():
+                self.blocks[int(index)].load_state_dict(tensors)
+        self.saved = state["next_block"]
+        results = {name: Int4Weight(**fields) for name, fields in state["results"].items()}
+        return state["next_block"], state["inputs"], results
+
+    def save(self, next_block: int, inputs: list, results: dict[str, Int4Weight]) -> None:
+        """Keep the state after ``next_block`` blocks (every ``every`` blocks)."""
+        if self.folder is None or inputs is None or next_block % self.every:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        finished = {str(i): self.blocks[i].state_dict() for i in range(self.saved, next_block)}
+        torch.save(finished, self.folder / f"blocks-{self.saved:05d}.pt")
+        state = {"next_block": next_block, "inputs": inputs, "results": {n: asdict(w) for n, w in results.items()}}
+        torch.save(state, self.folder / (STATE_NAME + ".tmp"))
+        os.replace(self.folder / (STATE_NAME + ".tmp"), self.folder / STATE_NAME)
+        self.saved = next_block
+
+    def clear(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @torch.no_grad()
 def quantize_sequentially(
     model: nn.Module,
@@ -68,24 +117,30 @@ def quantize_sequentially(
     solve_block: BlockSolver,
     progress: Progress = SILENT,
     compute_dtype: torch.dtype | None = None,
-) -> None:
-    """Quantize the linears named in ``targets`` block by block with ``solve_block``.
+    checkpoint_dir: Path | None = None,
+) -> dict[str, Int4Weight]:
+    """Quantize the linears named in ``targets`` block by block with ``solve_block``; their INT4 weights.
 
     With ``ids`` (calibration token blocks ``[n, seq_len]``) and ``make_stats``,
     each target linear gets an accumulator of its inputs in its block; without,
     no forward pass runs (round-to-nearest). Targets outside the block list are
     solved last, without statistics. ``compute_dtype`` (e.g. bf16) runs the
     calibration forward passes under autocast; statistics are kept in fp32.
+    With ``checkpoint_dir`` a killed run resumes after its last saved block.
     """
     modules = dict(model.named_modules())
     prefix, blocks = block_list(model, type(model).__name__)
     calibrated = ids is not None and make_stats is not None
+    checkpoints = _Checkpoints(checkpoint_dir if calibrated else None, blocks, CHECKPOINT_EVERY)
+    start, inputs, results = checkpoints.resume()
+    if start:
+        progress.log(f"calibration: resumed after block {start}/{len(blocks)} from {checkpoint_dir}")
     device = next(model.parameters()).device.type
     autocast = torch.autocast(device, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None)
-    with autocast:
-        inputs = _first_block_inputs(model, blocks, ids) if calibrated else None
-    done: set[str] = set()
-    for index in progress.track(range(len(blocks)), "quantizing blocks", total=len(blocks)):
+    if calibrated and inputs is None:
+        with autocast:
+            inputs = _first_block_inputs(model, blocks, ids)
+    for index in progress.track(range(start, len(blocks)), "quantizing blocks", total=len(blocks) - start):
         inside = f"{prefix}.{index}."
         names = [n for n in targets if n.startswith(inside)]
         stats: dict[str, object] = dict.fromkeys(names)
@@ -100,11 +155,13 @@ def quantize_sequentially(
             finally:
                 for handle in handles:
                     handle.remove()
-        solve_block(f"{prefix}.{index}", names, stats)
-        done.update(names)
+        results.update(solve_block(f"{prefix}.{index}", names, stats))
         if inputs is not None and index + 1 < len(blocks):
             with autocast:
                 inputs = _run_block(blocks[index], inputs)
-    rest = [name for name in targets if name not in done]
+            checkpoints.save(index + 1, inputs, results)
+    rest = [name for name in targets if name not in results]
     if rest:
-        solve_block(None, rest, dict.fromkeys(rest))
+        results.update(solve_block(None, rest, dict.fromkeys(rest)))
+    checkpoints.clear()
+    return results

@@ -17,6 +17,8 @@ from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.errors import InputError, UsageError
 from streamify.io.checkpoint import Checkpoint
+from streamify.io.load import cache_root
+from streamify.model.fingerprint import content_key
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.awq import InputSample, awq_block
@@ -153,8 +155,9 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             f"(about {ids.numel() * model.config.hidden_size * 4 * 2 / 2**20:.0f} MiB of block inputs)"
         )
     modules = dict(model.named_modules())
-    quantized: dict[str, Int4Weight] = {}
     alphas: dict[str, dict[str, float]] = {}
+    settings = {"params": params.model_dump(mode="json"), "data": ctx.data, "seed": ctx.seed}
+    checkpoint_dir = cache_root() / "calibrate" / content_key(model, settings) if ctx.use_cache else None
 
     def solve_block(block, names, stats):
         results = _solve(params, modules, block, names, stats, group, scale_dtype, alphas)
@@ -162,7 +165,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             if params.format == "gguf":  # fp16 scales, but llama.cpp multiplies in fp32
                 result.scale = result.scale.float()
             modules[name].weight.copy_(result.dequantize(modules[name].weight.dtype))
-            quantized[name] = result
+        return results
 
     make_stats = {
         "gptq": lambda linear: HessianAccumulator(linear.in_features, linear.weight.device),
@@ -170,7 +173,9 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     }.get(params.method)
     with torch.no_grad():
         compute = torch.bfloat16 if params.calibration_dtype == "bf16" else None
-        quantize_sequentially(model, targets, ids, make_stats, solve_block, ctx.progress, compute)
+        quantized = quantize_sequentially(
+            model, targets, ids, make_stats, solve_block, ctx.progress, compute, checkpoint_dir
+        )
     checkpoint.weights_writer = _writer(checkpoint, quantized, params)
     total = sum(w.codes.numel() for w in quantized.values())
     if alphas:
