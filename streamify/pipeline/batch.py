@@ -87,7 +87,7 @@ def _run_one(model: str, out: Path, command: list[str], logs: Path) -> dict:
     if done.returncode != 0:
         entry["error"] = summary.get("error") or _last_line(log)
         entry["hint"] = summary.get("hint")
-    manifest = read_manifest(out) if (out / "streamify.json").is_file() else None
+    manifest = read_manifest(out)
     if manifest is not None:  # also after a failed gate: the artifact was written with its results
         entry.update(eval=manifest.get("eval"), eval_source=manifest.get("eval_source"), gates=manifest.get("gates"))
     else:

@@ -88,16 +88,17 @@ def run_recipe(
         ctx = StageContext(device=device, seed=recipe.seed, data=recipe.data, use_cache=use_cache, progress=progress)
         stage_start = time.perf_counter()
         checkpoint = stage.run(checkpoint, params, ctx)
+        store = cache is not None and cacheable[index] and checkpoint.weights_writer is None
         records.append(
             {
                 "name": stage.name,
                 "params": params.model_dump(mode="json"),
                 "seconds": round(time.perf_counter() - stage_start, 3),
                 "metrics": ctx.metrics,
-                "cache": "stored" if cache and cacheable[index] else "off",
+                "cache": "stored" if store else "off",
             }
         )
-        if cache and cacheable[index] and checkpoint.weights_writer is None:
+        if store:
             cache.store(keys[index], checkpoint, records, progress)
 
     with staged_folder(out) as tmp:

@@ -16,6 +16,7 @@ source or built from the HF tokenizer (byte-level BPE).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,6 @@ def _add_tokenizer(writer, checkpoint: Checkpoint, vocab_size: int) -> None:
         return
     tokenizer = checkpoint.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    import json
-
     model_json = json.loads(backend.to_str())["model"] if backend is not None else {}
     if model_json.get("type") != "BPE":
         raise InputError(

@@ -157,7 +157,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     modules = dict(model.named_modules())
     alphas: dict[str, dict[str, float]] = {}
     settings = {"params": params.model_dump(mode="json"), "data": ctx.data, "seed": ctx.seed}
-    checkpoint_dir = cache_root() / "calibrate" / content_key(model, settings) if ctx.use_cache else None
+    resumable = ctx.use_cache and ids is not None  # hashing the weights is only worth it when calibrating
+    checkpoint_dir = cache_root() / "calibrate" / content_key(model, settings) if resumable else None
 
     def solve_block(block, names, stats):
         results = _solve(params, modules, block, names, stats, group, scale_dtype, alphas)
