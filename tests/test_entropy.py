@@ -15,7 +15,7 @@ import streamify
 from conftest import build_tiny
 from streamify.io.load import load_checkpoint
 from streamify.io.safetensors_file import read_header
-from streamify.quantize.entropy_codec import CorruptWeightsError, decode_tensor, encode_tensor
+from streamify.quantize.entropy_codec import NIBBLE_CODEC, CorruptWeightsError, decode_tensor, encode_tensor
 from streamify.quantize.entropy_format import CONTAINER_NAME, decode_tensors, read_index, restore_files, write_container
 
 _BITS = {2: torch.int16, 4: torch.int32}
@@ -89,6 +89,37 @@ def test_every_single_byte_corruption_of_a_chunk_is_detected():
             decode_tensor("w", encoded.index, bytes(corrupt))
     with pytest.raises(CorruptWeightsError, match="chunk 1"):
         decode_tensor("w", encoded.index, bytes(blob[:-1]))
+
+
+@pytest.mark.parametrize("words", [513, 4096])
+def test_nibble_codec_round_trips_every_int32_word(words):
+    gen = torch.Generator().manual_seed(words)
+    extremes = torch.tensor([0, -1, 2**31 - 1, -(2**31), 0x0F0F0F0F, -0x0F0F0F10], dtype=torch.int32)
+    tensor = torch.cat([torch.randint(-(2**31), 2**31, (words,), generator=gen, dtype=torch.int64).int(), extremes])
+    tensor = tensor.reshape(-1, 1 if tensor.numel() % 2 else 2)
+    encoded = encode_tensor(tensor, chunk_elems=4100, threads=2, codec=NIBBLE_CODEC)  # rounded down to 4096
+    assert all(c["start"] % 8 == 0 and c["count"] % 8 == 0 for c in encoded.index["chunks"])
+    assert sum(c["count"] for c in encoded.index["chunks"]) == 8 * tensor.numel()
+    decoded = decode_tensor("w", encoded.index, encoded.blob, threads=2)
+    assert decoded.dtype == torch.int32 and torch.equal(decoded, tensor)
+
+
+def test_nibble_codec_codes_skewed_4bit_codes_below_4_bits_and_detects_corruption():
+    gen = torch.Generator().manual_seed(0)
+    codes = (torch.randn(8 * 4096, generator=gen) * 2.5 + 8).round().clamp(0, 15).to(torch.int64)
+    words = (codes.reshape(-1, 8) << torch.arange(0, 32, 4)).sum(dim=1)
+    tensor = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    encoded = encode_tensor(tensor, chunk_elems=8192, codec=NIBBLE_CODEC)
+    counts = torch.bincount(codes, minlength=16).double() / codes.numel()
+    entropy = -(counts[counts > 0] * counts[counts > 0].log2()).sum().item()
+    bits = 8 * len(encoded.blob) / codes.numel()
+    assert entropy < bits < entropy + 0.1 and bits < 3.6  # 8 Ki-value chunks: their headers cost ~0.07 bit
+    blob = bytearray(encoded.blob)
+    for position in range(0, len(blob), 97):
+        corrupt = bytearray(blob)
+        corrupt[position] ^= 0x01
+        with pytest.raises(CorruptWeightsError, match=r"tensor w, chunk \d"):
+            decode_tensor("w", encoded.index, bytes(corrupt))
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +241,31 @@ def test_decode_tensors_reads_names_on_demand(small_llama, tmp_path, cli):
     assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
     got = decode_tensors(coded / CONTAINER_NAME, ["model.norm.weight"])
     assert list(got) == ["model.norm.weight"]
+
+
+def test_int4_codes_are_entropy_coded_and_restore_the_compressed_tensors_files(cli, small_llama, tmp_path):
+    plain, coded, restored = tmp_path / "plain", tmp_path / "coded", tmp_path / "restored"
+    command = ("quantize", "int4", small_llama, "--method", "rtn", "--group-size", "32", "--no-eval")
+    assert cli(*command, "-o", plain, "--format", "quiet").exit_code == 0
+    result = cli(*command, "-o", coded, "--entropy", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert not (coded / "model.safetensors").exists()
+    entries = read_index(coded / CONTAINER_NAME)["tensors"]
+    packed = [name for name in entries if name.endswith("weight_packed")]
+    assert len(packed) == metrics["quantized_modules"] > 0
+    coded_packed = [name for name in packed if entries[name]["storage"] == "coded"]  # small k/v stay raw
+    assert len(coded_packed) >= len(packed) // 2 and all(entries[n]["codec"] == NIBBLE_CODEC for n in coded_packed)
+    assert 0 < metrics["code_bits_per_weight"] < 4 < metrics["bits_per_weight"] < 4 + 2 * 16 / 32
+
+    assert cli("quantize", "decode", coded, "-o", restored, "--format", "quiet").exit_code == 0
+    assert _tensor_hashes(restored / "model.safetensors") == _tensor_hashes(plain / "model.safetensors")
+    from_plain, _ = streamify.load(str(plain))
+    from_coded, _ = streamify.load(str(coded))
+    ids = torch.randint(0, 384, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(from_coded(ids).logits, from_plain(ids).logits)
+    with pytest.raises(streamify.errors.UsageError, match="--lazy"):
+        streamify.load(str(coded), lazy=True)
+    refused = cli(*command, "-o", tmp_path / "g", "--entropy", "--weights-format", "gguf", "--sym")
+    assert refused.exit_code == 2 and "entropy" in refused.stderr and not (tmp_path / "g").exists()

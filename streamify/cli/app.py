@@ -397,6 +397,9 @@ def quantize_int4(
         str, typer.Option("--weights-format", help="compressed-tensors or gguf (--format is the output format)")
     ] = "compressed-tensors",
     gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: Q4_0 (sym) or Q4_1 (asym)")] = "Q4_0",
+    entropy: Annotated[
+        bool, typer.Option("--entropy", help="compressed-tensors: entropy-code the 4-bit codes too (lossless)")
+    ] = False,
     data: DataOpt = "builtin:pydoc",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -422,6 +425,7 @@ def quantize_int4(
         "calibration_dtype": calibration_dtype,
         "format": weight_format,
         "gguf_type": gguf_type,
+        "entropy": entropy,
     }
     run_one_stage(
         "quantize.int4",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,24 +106,25 @@ def load_checkpoint(
     cls = model_class(config, spec)
     manifest = read_manifest(folder) or {}
     container = folder / CONTAINER_NAME
-    if container.is_file():
+    if container.is_file() and getattr(config, "quantization_config", None) is None:
         from streamify.quantize.entropy_load import load_entropy_model
 
         model = load_entropy_model(container, config, cls, torch_dtype(dtype), target, lazy=lazy)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
-    use_safetensors = _check_weight_files(folder, allow_pickle)
-    try:
-        model, info = cls.from_pretrained(
-            folder,
-            config=config,
-            dtype=torch_dtype(dtype),
-            local_files_only=True,
-            use_safetensors=use_safetensors,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{spec}: transformers could not load the weights: {exc}", "check the files") from exc
+    with _weights_folder(folder, container, lazy) as weights:
+        use_safetensors = _check_weight_files(weights, allow_pickle)
+        try:
+            model, info = cls.from_pretrained(
+                weights,
+                config=config,
+                dtype=torch_dtype(dtype),
+                local_files_only=True,
+                use_safetensors=use_safetensors,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{spec}: transformers could not load the weights: {exc}", "check the files") from exc
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise InputError(
@@ -129,6 +133,26 @@ def load_checkpoint(
         )
     model.to(target).eval()
     return _checkpoint(model, folder, source, manifest, trust_remote_code)
+
+
+@contextmanager
+def _weights_folder(folder: Path, container: Path, lazy: bool) -> Iterator[Path]:
+    """``folder``, or for an entropy-coded quantized artifact a temporary folder with its files restored."""
+    if not container.is_file():
+        yield folder
+        return
+    if lazy:
+        raise UsageError(
+            f"{container}: --lazy decodes floating-point weights block by block; these weights are quantized",
+            "load it without --lazy",
+        )
+    from streamify.quantize.entropy_format import restore_files
+
+    with tempfile.TemporaryDirectory(prefix="streamify-restore-") as tmp:
+        for path in folder.glob("*.json"):
+            shutil.copyfile(path, Path(tmp) / path.name)
+        restore_files(container, Path(tmp), threads=os.cpu_count() or 1)
+        yield Path(tmp)
 
 
 def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remote_code: bool) -> Checkpoint:

@@ -1,17 +1,23 @@
-"""Lossless entropy coding of floating-point tensors (the codec; the container is in ``entropy_format``).
+"""Lossless entropy coding of weight tensors (the codec; the container is in ``entropy_format``).
 
-Each element of ``w`` bytes (BF16/FP16: 2, FP32: 4) is read as an unsigned
-integer and rotated left by one bit, so the sign moves to the lowest bit and the
-exponent to the top. Those integers are compressed with pcodec
-(https://github.com/pcodec/pcodec): it splits each value into a *bin* (the
-high, low-entropy bits: the exponent and the top of the mantissa) that it codes
-with tANS, and an *offset* (the remaining mantissa bits and the sign) that it
-stores as raw bits. In trained BF16 weights the exponent carries about 2.6 bits
-of information, so the coded size approaches (8 + 2.6) / 16 of the raw size.
+Two codecs, both on pcodec (https://github.com/pcodec/pcodec), which splits
+each unsigned integer into a *bin* (its high, low-entropy bits) coded with tANS
+and an *offset* (the remaining bits) stored raw:
 
-The tensor is cut into chunks of ``chunk_elems`` elements, each compressed on
-its own and followed by a CRC-32 of its stored bytes, so decoding runs on all
-cores and a corrupt chunk is named before anything is decoded from it.
+- ``pcodec-rotl1`` (BF16, FP16, FP32): each element is read as an unsigned
+  integer of its width and rotated left by one bit, so the sign moves to the
+  lowest bit and the exponent to the top. The bins then hold the exponent and
+  the top of the mantissa. In trained BF16 weights the exponent carries about
+  2.6 bits of information, so the coded size approaches (8 + 2.6) / 16.
+- ``pcodec-nibbles`` (INT32 words packing eight 4-bit codes, as
+  compressed-tensors' ``pack-quantized`` ``weight_packed`` tensors do): each
+  word is split into its eight nibbles, lowest first, each coded as one value
+  0..15. INT4 weight codes are far from uniform, so they cost less than 4 bits.
+
+A tensor's values (elements, or nibbles) are cut into chunks of ``chunk_elems``
+values, each compressed on its own and followed by a CRC-32 of its stored bytes,
+so decoding runs on all cores and a corrupt chunk is named before anything is
+decoded from it.
 """
 
 from __future__ import annotations
@@ -26,14 +32,25 @@ from pcodec import ChunkConfig, standalone
 
 from streamify.errors import InputError
 
-CODEC = "pcodec-rotl1"
+FLOAT_CODEC = "pcodec-rotl1"
+NIBBLE_CODEC = "pcodec-nibbles"
 CODEC_VERSION = 1
 CODED_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-DTYPE_BY_NAME = {v: k for k, v in CODED_DTYPES.items()}
+TENSOR_DTYPES = {**{v: k for k, v in CODED_DTYPES.items()}, "I32": torch.int32}
 _UINT = {2: np.uint16, 4: np.uint32}
 _SIGNED = {2: torch.int16, 4: torch.int32}
+_NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
 DEFAULT_CHUNK_ELEMS = 1 << 18  # 256 Ki elements: enough chunks to keep every core busy, same ratio as 1 Mi
 MIN_CODED_ELEMS = 4096  # smaller tensors are stored raw: coding them would not pay for their index
+
+
+def codec_for(name: str, tensor: torch.Tensor) -> str | None:
+    """The codec for a checkpoint tensor, or None to store it raw."""
+    if tensor.dtype in CODED_DTYPES and tensor.numel() >= MIN_CODED_ELEMS:
+        return FLOAT_CODEC
+    if tensor.dtype == torch.int32 and name.endswith("weight_packed") and tensor.numel() * 8 >= MIN_CODED_ELEMS:
+        return NIBBLE_CODEC
+    return None
 
 
 class CorruptWeightsError(InputError):
@@ -48,10 +65,17 @@ class EncodedTensor:
     blob: bytes
 
 
-def _as_rotated_uint(tensor: torch.Tensor) -> np.ndarray:
+def _as_uint(tensor: torch.Tensor) -> np.ndarray:
     width = tensor.element_size()
-    values = tensor.detach().contiguous().view(-1).cpu().view(_SIGNED[width]).numpy().view(_UINT[width])
-    return (values << 1) | (values >> (8 * width - 1))
+    return tensor.detach().contiguous().view(-1).cpu().view(_SIGNED[width]).numpy().view(_UINT[width])
+
+
+def _values(codec: str, tensor: torch.Tensor) -> np.ndarray:
+    """The unsigned integers that ``codec`` compresses for ``tensor``."""
+    words = _as_uint(tensor)
+    if codec == NIBBLE_CODEC:
+        return ((words[:, None] >> _NIBBLE_SHIFTS) & 0xF).astype(np.uint16).ravel()
+    return (words << 1) | (words >> (8 * words.dtype.itemsize - 1))
 
 
 def _rotate_back_inplace(values: np.ndarray) -> None:
@@ -61,10 +85,14 @@ def _rotate_back_inplace(values: np.ndarray) -> None:
 
 
 def encode_tensor(
-    tensor: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS, level: int = 8, threads: int = 1
+    tensor: torch.Tensor,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    level: int = 8,
+    threads: int = 1,
+    codec: str = FLOAT_CODEC,
 ) -> EncodedTensor:
-    """Code a BF16/FP16/FP32 tensor into independently decodable, checksummed chunks."""
-    return encode_many({"t": tensor}, chunk_elems, level, threads)["t"]
+    """Code one tensor into independently decodable, checksummed chunks."""
+    return encode_many({"t": tensor}, chunk_elems, level, threads, {"t": codec})["t"]
 
 
 def encode_many(
@@ -72,10 +100,13 @@ def encode_many(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     level: int = 8,
     threads: int = 1,
+    codecs: dict[str, str] | None = None,
 ) -> dict[str, EncodedTensor]:
-    """Code several tensors, the chunks of all of them spread over one pool of ``threads``."""
+    """Code several tensors (each with ``codecs[name]``, floats by default) on one pool of ``threads``."""
     config = ChunkConfig(compression_level=level)
-    values = {name: _as_rotated_uint(tensor) for name, tensor in tensors.items()}
+    codecs = {name: (codecs or {}).get(name, FLOAT_CODEC) for name in tensors}
+    values = {name: _values(codecs[name], tensor) for name, tensor in tensors.items()}
+    chunk_elems -= chunk_elems % 8  # a nibble chunk ends on a word
     jobs = [(name, start) for name, v in values.items() for start in range(0, v.size, chunk_elems)]
 
     def encode_chunk(job: tuple[str, int]) -> bytes:
@@ -101,9 +132,9 @@ def encode_many(
             parts.append(data)
             offset += len(data)
         index = {
-            "codec": CODEC,
+            "codec": codecs[name],
             "codec_version": CODEC_VERSION,
-            "dtype": CODED_DTYPES[tensor.dtype],
+            "dtype": CODED_DTYPES.get(tensor.dtype, "I32"),
             "shape": list(tensor.shape),
             "chunks": chunks,
         }
@@ -120,17 +151,18 @@ def decode_many(items: list[tuple[str, dict, bytes | memoryview]], threads: int 
     """Decode several ``(name, index, blob)`` tensors, the chunks of all of them on one pool of ``threads``."""
     outputs, jobs = {}, []
     for name, index, blob in items:
-        if index.get("codec") != CODEC or index.get("codec_version") != CODEC_VERSION:
+        codec = index.get("codec")
+        if codec not in (FLOAT_CODEC, NIBBLE_CODEC) or index.get("codec_version") != CODEC_VERSION:
             raise InputError(
-                f"tensor {name}: codec {index.get('codec')} v{index.get('codec_version')} is not "
-                f"{CODEC} v{CODEC_VERSION}",
+                f"tensor {name}: codec {codec} v{index.get('codec_version')} is not one of "
+                f"{FLOAT_CODEC}, {NIBBLE_CODEC} v{CODEC_VERSION}",
                 "upgrade streamify",
             )
-        dtype = DTYPE_BY_NAME[index["dtype"]]
+        dtype = TENSOR_DTYPES[index["dtype"]]
         out = np.empty(int(np.prod(index["shape"], dtype=np.int64)), dtype=_UINT[dtype.itemsize])
         outputs[name] = (out, dtype, index["shape"])
         view = memoryview(blob)
-        jobs += [(name, number, chunk, view, out) for number, chunk in enumerate(index["chunks"])]
+        jobs += [(name, codec, number, chunk, view, out) for number, chunk in enumerate(index["chunks"])]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(_decode_chunk, jobs))
     return {
@@ -139,19 +171,28 @@ def decode_many(items: list[tuple[str, dict, bytes | memoryview]], threads: int 
     }
 
 
-def _decode_chunk(job: tuple[str, int, dict, memoryview, np.ndarray]) -> None:
-    name, number, chunk, view, out = job
+def _decode_chunk(job: tuple[str, str, int, dict, memoryview, np.ndarray]) -> None:
+    name, codec, number, chunk, view, out = job
     where = f"tensor {name}, chunk {number} (elements {chunk['start']}..{chunk['start'] + chunk['count'] - 1})"
     data = view[chunk["offset"] : chunk["offset"] + chunk["length"]]
     if len(data) != chunk["length"] or zlib.crc32(data) != chunk["crc32"]:
         raise CorruptWeightsError(
             f"{where}: checksum mismatch, the stored bytes are corrupt", "re-create or re-download the artifact"
         )
-    target = out[chunk["start"] : chunk["start"] + chunk["count"]]
+    if codec == NIBBLE_CODEC:
+        target = np.empty(chunk["count"], dtype=np.uint16)
+    else:
+        target = out[chunk["start"] : chunk["start"] + chunk["count"]]
     try:
         written = standalone.simple_decompress_into(bytes(data), target)
     except Exception as exc:  # pcodec raises plain runtime errors on bad input
         raise CorruptWeightsError(f"{where}: does not decode ({exc})", "re-create the artifact") from exc
     if written.n_processed != chunk["count"] or not written.finished:
         raise CorruptWeightsError(f"{where}: decoded to the wrong number of elements", "re-create the artifact")
-    _rotate_back_inplace(target)
+    if codec == NIBBLE_CODEC:
+        if chunk["start"] % 8 or chunk["count"] % 8 or int(target.max(initial=0)) > 0xF:
+            raise CorruptWeightsError(f"{where}: not whole 4-bit words", "re-create the artifact")
+        words = np.bitwise_or.reduce(target.reshape(-1, 8).astype(np.uint32) << _NIBBLE_SHIFTS, axis=1)
+        out[chunk["start"] // 8 : (chunk["start"] + chunk["count"]) // 8] = words
+    else:
+        _rotate_back_inplace(target)

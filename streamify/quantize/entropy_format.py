@@ -5,22 +5,28 @@ Format (version 1), so that another implementation can read it:
 - A safetensors file. Every tensor of the checkpoint is stored under its own
   name, either *coded* (a 1-D ``U8`` tensor: the concatenated chunks written by
   :mod:`streamify.quantize.entropy_codec`) or *raw* (the tensor itself, in its
-  own dtype: integer and bool tensors, and tensors under 4096 elements).
+  own dtype: tensors under 4096 values, and integer and bool tensors other than
+  INT4 codes packed in INT32 ``*weight_packed`` tensors).
 - ``__metadata__["streamify_entropy"]`` is a JSON string::
 
     {"format": "streamify.entropy", "format_version": 1,
      "files": {"model.safetensors": {"metadata": {...}}},   # the original files and their __metadata__
      "tensors": {NAME: {"file": "model.safetensors", "storage": "coded" | "raw",
                         # coded only:
-                        "codec": "pcodec-rotl1", "codec_version": 1, "dtype": "BF16" | "F16" | "F32",
-                        "shape": [...],
-                        "chunks": [{"start": first element, "count": elements,
+                        "codec": "pcodec-rotl1" | "pcodec-nibbles", "codec_version": 1,
+                        "dtype": "BF16" | "F16" | "F32" (rotl1) | "I32" (nibbles), "shape": [...],
+                        "chunks": [{"start": first value, "count": values,
                                     "offset": byte offset in the U8 tensor, "length": bytes,
                                     "crc32": CRC-32 (zlib) of those bytes}, ...]}}}
 
+- Values: ``pcodec-rotl1`` codes one value per element (unsigned integers of the
+  dtype's width); ``pcodec-nibbles`` codes eight values per INT32 word (16-bit
+  unsigned integers 0..15, nibble k = bits 4k..4k+3 of the word, k = 0 first).
+  Chunks of a nibble tensor start and end on whole words.
 - Decoding a chunk: check its CRC-32, pcodec-decompress it (``simple_decompress``)
-  into ``count`` unsigned integers of the dtype's width, rotate each right by one
-  bit, and reinterpret the bits as the dtype. Restoring a file writes its tensors,
+  into ``count`` unsigned integers, then for ``pcodec-rotl1`` rotate each right
+  by one bit and reinterpret the bits as the dtype; for ``pcodec-nibbles`` put
+  each group of eight back into its word. Restoring a file writes its tensors,
   in name order, with its original ``__metadata__``.
 """
 
@@ -28,6 +34,10 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,13 +46,8 @@ from safetensors.torch import save_file
 
 from streamify.errors import InputError
 from streamify.io.safetensors_file import read_header
-from streamify.quantize.entropy_codec import (
-    CODED_DTYPES,
-    DTYPE_BY_NAME,
-    MIN_CODED_ELEMS,
-    decode_many,
-    encode_many,
-)
+from streamify.progress import Progress
+from streamify.quantize.entropy_codec import TENSOR_DTYPES, codec_for, decode_many, encode_many
 
 CONTAINER_NAME = "model.entropy.safetensors"
 FORMAT = "streamify.entropy"
@@ -58,8 +63,8 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple
     with safe_open(path, "pt") as fh:
         tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (not a mapping)
         file_entry = {"metadata": fh.metadata()}
-    to_code = {n: t for n, t in tensors.items() if t.dtype in CODED_DTYPES and t.numel() >= MIN_CODED_ELEMS}
-    coded = encode_many(to_code, chunk_elems, level, threads)
+    codecs = {name: codec for name, tensor in tensors.items() if (codec := codec_for(name, tensor))}
+    coded = encode_many({name: tensors[name] for name in codecs}, chunk_elems, level, threads, codecs)
     stored: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
     for name, tensor in tensors.items():
@@ -70,6 +75,45 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple
             stored[name] = tensor
             index[name] = {"file": path.name, "storage": "raw"}
     return stored, index, file_entry
+
+
+@dataclass
+class CodedCheckpoint:
+    """A saved checkpoint's files, coded: the container's contents plus the other files (config, ...)."""
+
+    stored: dict[str, torch.Tensor]
+    index: dict[str, dict]
+    files: dict[str, dict]
+    side_files: dict[str, bytes]
+    seconds: float
+
+    def summary(self) -> dict:
+        """:func:`summarize` of the coded tensors, with the encode throughput."""
+        found = summarize(self.index, {name: t.numel() * t.element_size() for name, t in self.stored.items()})
+        return {**found, "encode_gb_per_s": found["raw_bytes"] / max(self.seconds, 1e-9) / 1e9}
+
+    def write(self, folder: Path) -> None:
+        """Write the side files and the container into ``folder``."""
+        for name, data in self.side_files.items():
+            (folder / name).write_bytes(data)
+        write_container(folder / CONTAINER_NAME, self.stored, self.index, self.files)
+
+
+def code_checkpoint(
+    save: Callable[[Path], None], level: int, chunk_elems: int, threads: int, progress: Progress
+) -> CodedCheckpoint:
+    """Let ``save`` write a checkpoint into a temporary folder, then code every safetensors file of it."""
+    with tempfile.TemporaryDirectory(prefix="streamify-entropy-") as tmp:
+        plain = Path(tmp)
+        save(plain)
+        side_files = {p.name: p.read_bytes() for p in plain.iterdir() if p.suffix != ".safetensors"}
+        stored, index, files = {}, {}, {}
+        started = time.perf_counter()
+        for path in progress.track(sorted(plain.glob("*.safetensors")), "entropy coding"):
+            file_stored, file_index, files[path.name] = encode_file(path, level, chunk_elems, threads)
+            stored.update(file_stored)
+            index.update(file_index)
+        return CodedCheckpoint(stored, index, files, side_files, time.perf_counter() - started)
 
 
 def write_container(path: Path, stored: dict[str, torch.Tensor], index: dict[str, dict], files: dict) -> None:
@@ -130,7 +174,7 @@ def _raw_bytes(entry: dict, stored_bytes: int) -> int:
     count = 1
     for dim in entry["shape"]:
         count *= dim
-    return count * DTYPE_BY_NAME[entry["dtype"]].itemsize
+    return count * TENSOR_DTYPES[entry["dtype"]].itemsize
 
 
 def summarize(index: dict[str, dict], stored_bytes: dict[str, int]) -> dict:

@@ -3,11 +3,13 @@
 The in-memory model after the stage holds the dequantized weights (so the
 eval measures exactly what the artifact stores); the artifact is written in
 the chosen format: compressed-tensors ``pack-quantized`` (transformers, vLLM)
-or GGUF (llama.cpp).
+or GGUF (llama.cpp). With ``entropy`` the compressed-tensors files are stored
+entropy-coded (``entropy_format``), the packed 4-bit codes included.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -23,6 +25,8 @@ from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.awq import InputSample, awq_block
 from streamify.quantize.calibrate import quantize_sequentially
+from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS
+from streamify.quantize.entropy_format import CodedCheckpoint, code_checkpoint
 from streamify.quantize.gguf_export import check_exportable, write_gguf
 from streamify.quantize.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4_grid import Int4Weight, rtn, valid_group_sizes
@@ -57,6 +61,11 @@ class Int4Params(BaseModel):
         "compressed-tensors", description="artifact format: compressed-tensors pack-quantized, or GGUF"
     )
     gguf_type: Literal["Q4_0", "Q4_1"] = Field("Q4_0", description="gguf: Q4_0 (symmetric) or Q4_1 (asymmetric)")
+    entropy: bool = Field(
+        False,
+        description="compressed-tensors: also entropy-code the 4-bit codes and float weights, losslessly "
+        "(streamify's container: streamify.load reads it, streamify quantize decode restores the plain files)",
+    )
 
     @field_validator("bits")
     @classmethod
@@ -74,6 +83,8 @@ class Int4Params(BaseModel):
             )
         if self.format != "gguf":
             return self
+        if self.entropy:
+            raise ValueError("entropy coding applies to compressed-tensors artifacts, not gguf (llama.cpp reads gguf)")
         if self.group_size not in (GGUF_GROUP, "auto"):
             raise ValueError(f"format gguf stores blocks of {GGUF_GROUP} weights: use group_size 32 (or auto)")
         if self.symmetric != (self.gguf_type == "Q4_0"):
@@ -179,6 +190,11 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         )
     checkpoint.weights_writer = _writer(checkpoint, quantized, params)
     total = sum(w.codes.numel() for w in quantized.values())
+    if params.entropy:
+        coded = code_checkpoint(checkpoint.weights_writer, 8, DEFAULT_CHUNK_ELEMS, os.cpu_count() or 1, ctx.progress)
+        checkpoint.weights_writer = coded.write
+        ctx.metrics["entropy"] = coded.summary()
+        ctx.metrics.update(_effective_bits(coded, quantized, total))
     if alphas:
         ctx.metrics["awq_alpha"] = {block: found for block, found in alphas.items() if found}
     ctx.metrics.update(
@@ -206,6 +222,14 @@ def _solve(params: Int4Params, modules, block, names, stats, group, scale_dtype,
         else:
             results[name] = rtn(weight, group, params.symmetric, scale_dtype)
     return results
+
+
+def _effective_bits(coded: CodedCheckpoint, quantized: dict[str, Int4Weight], total: int) -> dict:
+    """Stored bits per quantized weight: the coded 4-bit codes alone, and with their scales (and zero points)."""
+    size = {name: t.numel() * t.element_size() for name, t in coded.stored.items()}
+    codes = sum(size[f"{name}.weight_packed"] for name in quantized)
+    everything = sum(b for n, b in size.items() if n.rpartition(".")[0] in quantized)
+    return {"code_bits_per_weight": 8 * codes / total, "bits_per_weight": 8 * everything / total}
 
 
 def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
