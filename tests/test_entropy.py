@@ -260,6 +260,10 @@ def test_int4_codes_are_entropy_coded_and_restore_the_compressed_tensors_files(c
 
     assert cli("quantize", "decode", coded, "-o", restored, "--format", "quiet").exit_code == 0
     assert _tensor_hashes(restored / "model.safetensors") == _tensor_hashes(plain / "model.safetensors")
+    later, restored_later = tmp_path / "later", tmp_path / "restored-later"  # an INT4 artifact coded afterwards
+    assert cli("quantize", "entropy", plain, "-o", later, "--no-eval", "--format", "quiet").exit_code == 0
+    assert cli("quantize", "decode", later, "-o", restored_later, "--format", "quiet").exit_code == 0
+    assert _tensor_hashes(restored_later / "model.safetensors") == _tensor_hashes(plain / "model.safetensors")
     from_plain, _ = streamify.load(str(plain))
     from_coded, _ = streamify.load(str(coded))
     ids = torch.randint(0, 384, (1, 40), generator=torch.Generator().manual_seed(0))
