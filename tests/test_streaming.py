@@ -209,6 +209,28 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     assert not (tmp_path / "train_state.pt").exists()
 
 
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights():
+    starts = torch.randint(0, 50, (12, 1), generator=torch.Generator().manual_seed(0))
+    blocks = (starts + torch.arange(8)) % 50  # next token = this one + 1: learnable
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
+    seen = []
+
+    def loss_fn(batch):
+        logits = model(batch[:, :-1])
+        seen.append(logits.dtype)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    params = TrainParams(steps=40, lr=5e-2, grad_accum=1, warmup_steps=0, autocast="bf16")
+    result = train(model, blocks, loss_fn, params, seed=0)
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert result.losses[-1] < 0.9 * result.losses[0]
+    seen.clear()
+    train(model, blocks, loss_fn, params.model_copy(update={"autocast": "off", "steps": 1}), seed=0)
+    assert seen == [torch.float32]
+
+
 def test_healing_lowers_heldout_kl(tmp_path, tiny_llama, cli, monkeypatch):
     """convert streaming --heal-steps: LoRA distillation from the full-attention original, merged."""
     monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))

@@ -10,6 +10,7 @@ import typer
 
 from streamify import __version__
 from streamify.cli.options import (
+    AUTOCAST_HELP,
     DataOpt,
     DeviceOpt,
     DryRunOpt,
@@ -461,6 +462,7 @@ def convert_streaming(
     heal_grad_accum: Annotated[int, typer.Option("--heal-grad-accum", help="micro-batches per step")] = 4,
     heal_lora_rank: Annotated[int, typer.Option("--heal-lora-rank", help="LoRA rank (0: all weights)")] = 16,
     heal_ce_weight: Annotated[float, typer.Option("--heal-ce-weight", help="weight of next-token CE")] = 0.0,
+    heal_autocast: Annotated[str, typer.Option("--heal-autocast", help=AUTOCAST_HELP)] = "off",
     data: DataOpt = "builtin:pydoc",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -474,7 +476,9 @@ def convert_streaming(
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Make MODEL stream: attention sinks + sliding window (StreamingLLM), optional full layers and healing."""
-    heal = _heal_params(heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight)
+    heal = _heal_params(
+        heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight, heal_autocast
+    )
     run_one_stage(
         "convert.streaming",
         {"sinks": sinks, "window": window, "full_layers": full_layers, "export_arch": export_arch, "heal": heal},
@@ -509,6 +513,7 @@ def prune_depth(
     heal_grad_accum: Annotated[int, typer.Option("--heal-grad-accum", help="micro-batches per step")] = 4,
     heal_lora_rank: Annotated[int, typer.Option("--heal-lora-rank", help="LoRA rank (0: all weights)")] = 16,
     heal_ce_weight: Annotated[float, typer.Option("--heal-ce-weight", help="weight of next-token CE")] = 0.0,
+    heal_autocast: Annotated[str, typer.Option("--heal-autocast", help=AUTOCAST_HELP)] = "off",
     heal_hidden_weight: Annotated[
         float, typer.Option("--heal-hidden-weight", help="weight of per-block hidden-state MSE (layer-wise)")
     ] = 0.0,
@@ -537,7 +542,9 @@ def prune_depth(
         "seq_len": seq_len,
         "protect_ends": protect_ends,
         "heal": {
-            **_heal_params(heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight),
+            **_heal_params(
+                heal_steps, heal_lr, heal_seq_len, heal_grad_accum, heal_lora_rank, heal_ce_weight, heal_autocast
+            ),
             "hidden_weight": heal_hidden_weight,
         },
     }
@@ -553,7 +560,7 @@ def prune_depth(
     )
 
 
-def _heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight) -> dict:
+def _heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight, autocast) -> dict:
     """The ``heal`` params of a stage from its --heal-* options."""
     return {
         "steps": steps,
@@ -562,6 +569,7 @@ def _heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight) -> dict:
         "grad_accum": grad_accum,
         "lora_rank": lora_rank,
         "ce_weight": ce_weight,
+        "autocast": autocast,
     }
 
 
@@ -579,6 +587,7 @@ def distill_heal(
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="micro-batches per step")] = 4,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (0: all weights)")] = 16,
     ce_weight: Annotated[float, typer.Option("--ce-weight", help="weight of next-token CE")] = 0.0,
+    autocast: Annotated[str, typer.Option("--autocast", help=AUTOCAST_HELP)] = "off",
     data: DataOpt = "builtin:pydoc",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -592,7 +601,7 @@ def distill_heal(
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Heal MODEL by distillation (KL on logits, LoRA merged) towards --teacher or its full-attention self."""
-    params = {"teacher": teacher, **_heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight)}
+    params = {"teacher": teacher, **_heal_params(steps, lr, seq_len, grad_accum, lora_rank, ce_weight, autocast)}
     run_one_stage(
         "distill.heal",
         params,

@@ -27,6 +27,7 @@ EvalOpt = Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the ar
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="tokens to score")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="window length in tokens")]
 ModelArg = Annotated[str, typer.Argument(help="a model folder, .gguf file, builtin:ALIAS or hub id", metavar="MODEL")]
+AUTOCAST_HELP = "healing: off, or bf16 (mixed precision: faster on GPUs and CPUs with bf16 units)"
 LazyOpt = Annotated[bool, typer.Option("--lazy", help="entropy-coded artifacts: decode each block as it runs")]
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="neither reuse nor store stage outputs and training checkpoints")
