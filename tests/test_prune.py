@@ -169,7 +169,7 @@ def test_pruned_smollm2_heals_towards_the_teacher(tmp_path, cli, monkeypatch):
     assert metrics["blocks_after"] == 26 and metrics["removed"] == list(
         range(metrics["removed"][0], metrics["removed"][0] + 4)
     )
-    assert metrics["heldout_kl_after"] < 0.97 * metrics["heldout_kl_before"], metrics  # 3.17 -> 2.97 here
+    assert metrics["heldout_kl_after"] < 0.9 * metrics["heldout_kl_before"], metrics
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
     assert model.config.num_hidden_layers == 26 and [b.self_attn.layer_idx for b in model.model.layers] == list(
         range(26)
