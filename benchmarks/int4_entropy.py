@@ -30,7 +30,7 @@ from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import SILENT
-from streamify.quantize.entropy_codec import decode_many
+from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL, decode_many
 from streamify.quantize.entropy_format import code_checkpoint
 from streamify.quantize.int4_stage import Int4Params
 
@@ -56,7 +56,11 @@ def run(method: str, group: int, repeats: int) -> dict:
         save_model_files(checkpoint, plain)
         tensors = load_file(plain / "model.safetensors")
         coded = code_checkpoint(
-            lambda folder: shutil.copytree(plain, folder, dirs_exist_ok=True), 8, 1 << 18, os.cpu_count() or 1, SILENT
+            lambda folder: shutil.copytree(plain, folder, dirs_exist_ok=True),
+            DEFAULT_LEVEL,
+            DEFAULT_CHUNK_ELEMS,
+            os.cpu_count() or 1,
+            SILENT,
         )
     packed = sorted(name for name in tensors if name.endswith("weight_packed"))
     modules = {name.rpartition(".")[0] for name in packed}

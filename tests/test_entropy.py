@@ -91,6 +91,20 @@ def test_every_single_byte_corruption_of_a_chunk_is_detected():
         decode_tensor("w", encoded.index, bytes(blob[:-1]))
 
 
+def test_an_index_that_does_not_cover_the_tensor_is_refused():
+    encoded = encode_tensor((torch.randn(10000) * 0.02).to(torch.bfloat16), chunk_elems=4096)
+    short = {**encoded.index, "chunks": encoded.index["chunks"][:-1]}
+    with pytest.raises(CorruptWeightsError, match="covers 8192 of its 10000 values"):
+        decode_tensor("w", short, encoded.blob)
+    shifted = {**encoded.index, "chunks": [{**c, "offset": c["offset"] + 10**6} for c in encoded.index["chunks"]]}
+    with pytest.raises(CorruptWeightsError, match="chunk 0: the index does not match"):
+        decode_tensor("w", shifted, encoded.blob)
+    with pytest.raises(CorruptWeightsError, match="dtype I32"):
+        decode_tensor("w", {**encoded.index, "dtype": "I32"}, encoded.blob)
+    with pytest.raises(ValueError, match=r"does not code torch\.int16"):
+        encode_tensor(torch.zeros(5000, dtype=torch.int16), codec=BYTE_CODEC)
+
+
 @pytest.mark.parametrize("words", [513, 4096])
 def test_byte_codec_round_trips_every_int32_word(words):
     gen = torch.Generator().manual_seed(words)

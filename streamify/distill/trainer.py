@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -105,7 +106,7 @@ def train(
     if start:
         progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir / CHECKPOINT_NAME}")
     model.train()
-    mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.autocast == "bf16")
+    mixed = torch.autocast(device.type, dtype=torch.bfloat16) if params.autocast == "bf16" else nullcontext()
     for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0

@@ -146,12 +146,16 @@ def _weights_folder(folder: Path, container: Path, lazy: bool) -> Iterator[Path]
             f"{container}: --lazy decodes floating-point weights block by block; these weights are quantized",
             "load it without --lazy",
         )
-    from streamify.quantize.entropy_format import restore_files
+    from streamify.quantize.entropy_format import restore_folder
 
-    with tempfile.TemporaryDirectory(prefix="streamify-restore-") as tmp:
-        for path in folder.glob("*.json"):
-            shutil.copyfile(path, Path(tmp) / path.name)
-        restore_files(container, Path(tmp), threads=os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="streamify-restore-", ignore_cleanup_errors=True) as tmp:
+        try:
+            restore_folder(folder, Path(tmp), threads=os.cpu_count() or 1)
+        except OSError as exc:
+            raise InputError(
+                f"{container}: could not restore the quantized files into {tmp} ({exc})",
+                "free space in the temporary folder ($TMPDIR), or decode once with streamify quantize decode",
+            ) from exc
         yield Path(tmp)
 
 

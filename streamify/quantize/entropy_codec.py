@@ -38,9 +38,12 @@ BYTE_CODEC = "pcodec-bytes"
 CODEC_VERSION = 1
 CODED_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TENSOR_DTYPES = {**{v: k for k, v in CODED_DTYPES.items()}, "I32": torch.int32}
+_CODEC_DTYPES = {FLOAT_CODEC: set(CODED_DTYPES), BYTE_CODEC: {torch.int32}}
+_UNIT = {FLOAT_CODEC: "elements", BYTE_CODEC: "bytes"}
 _UINT = {2: np.uint16, 4: np.uint32}
 _SIGNED = {2: torch.int16, 4: torch.int32}
 DEFAULT_CHUNK_ELEMS = 1 << 18  # 256 Ki elements: enough chunks to keep every core busy, same ratio as 1 Mi
+DEFAULT_LEVEL = 8  # pcodec's default: level 12 saves ~0.3% more and encodes 4x slower
 MIN_CODED_ELEMS = 4096  # smaller tensors are stored raw: coding them would not pay for their index
 
 
@@ -107,6 +110,9 @@ def encode_many(
     byte_config.enable_8_bit = True
     configs = {FLOAT_CODEC: ChunkConfig(compression_level=level), BYTE_CODEC: byte_config}
     codecs = {name: (codecs or {}).get(name, FLOAT_CODEC) for name in tensors}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _CODEC_DTYPES[codecs[name]]:
+            raise ValueError(f"tensor {name}: codec {codecs[name]} does not code {tensor.dtype}")
     values = {name: _values(codecs[name], tensor) for name, tensor in tensors.items()}
     jobs = [(name, start) for name, v in values.items() for start in range(0, v.size, chunk_elems)]
 
@@ -159,10 +165,15 @@ def decode_many(items: list[tuple[str, dict, bytes | memoryview]], threads: int 
                 f"{FLOAT_CODEC}, {BYTE_CODEC} v{CODEC_VERSION}",
                 "upgrade streamify",
             )
-        dtype = TENSOR_DTYPES[index["dtype"]]
+        dtype = TENSOR_DTYPES.get(index.get("dtype"))
+        if dtype is None or dtype not in _CODEC_DTYPES[codec]:
+            raise CorruptWeightsError(
+                f"tensor {name}: dtype {index.get('dtype')} is not one that {codec} codes", "re-create the artifact"
+            )
         out = np.empty(int(np.prod(index["shape"], dtype=np.int64)), dtype=_UINT[dtype.itemsize])
         outputs[name] = (out, dtype, index["shape"])
         view = memoryview(blob)
+        _check_chunks(name, index["chunks"], out.size * (out.itemsize if codec == BYTE_CODEC else 1), len(view))
         jobs += [(name, codec, number, chunk, view, out) for number, chunk in enumerate(index["chunks"])]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(_decode_chunk, jobs))
@@ -172,9 +183,26 @@ def decode_many(items: list[tuple[str, dict, bytes | memoryview]], threads: int 
     }
 
 
+def _check_chunks(name: str, chunks: list[dict], values: int, blob_bytes: int) -> None:
+    """The chunks must cover the tensor's values in order, each inside the blob: else the index is corrupt."""
+    position = 0
+    for number, chunk in enumerate(chunks):
+        inside = chunk["offset"] >= 0 and chunk["offset"] + chunk["length"] <= blob_bytes
+        if chunk["start"] != position or chunk["count"] <= 0 or not inside:
+            raise CorruptWeightsError(
+                f"tensor {name}, chunk {number}: the index does not match the stored data", "re-create the artifact"
+            )
+        position += chunk["count"]
+    if position != values:
+        raise CorruptWeightsError(
+            f"tensor {name}: the index covers {position} of its {values} values", "re-create the artifact"
+        )
+
+
 def _decode_chunk(job: tuple[str, str, int, dict, memoryview, np.ndarray]) -> None:
     name, codec, number, chunk, view, out = job
-    where = f"tensor {name}, chunk {number} (elements {chunk['start']}..{chunk['start'] + chunk['count'] - 1})"
+    last = chunk["start"] + chunk["count"] - 1
+    where = f"tensor {name}, chunk {number} ({_UNIT[codec]} {chunk['start']}..{last})"
     data = view[chunk["offset"] : chunk["offset"] + chunk["length"]]
     if len(data) != chunk["length"] or zlib.crc32(data) != chunk["crc32"]:
         raise CorruptWeightsError(
@@ -187,6 +215,6 @@ def _decode_chunk(job: tuple[str, str, int, dict, memoryview, np.ndarray]) -> No
     except Exception as exc:  # pcodec raises plain runtime errors on bad input
         raise CorruptWeightsError(f"{where}: does not decode ({exc})", "re-create the artifact") from exc
     if written.n_processed != chunk["count"] or not written.finished:
-        raise CorruptWeightsError(f"{where}: decoded to the wrong number of elements", "re-create the artifact")
+        raise CorruptWeightsError(f"{where}: decoded to the wrong number of values", "re-create the artifact")
     if codec == FLOAT_CODEC:
         _rotate_back_inplace(target)

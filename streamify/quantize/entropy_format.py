@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -166,6 +167,14 @@ def restore_files(path: Path, folder: Path, threads: int = 1) -> list[Path]:
         save_file(tensors, target, metadata=info.get("metadata") or None)
         written.append(target)
     return written
+
+
+def restore_folder(folder: Path, target: Path, threads: int = 1, skip: frozenset[str] = frozenset()) -> list[Path]:
+    """Copy an artifact folder's other files into ``target`` and restore its safetensors files there."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CONTAINER_NAME and path.name not in skip:
+            shutil.copy2(path, target / path.name)
+    return restore_files(folder / CONTAINER_NAME, target, threads)
 
 
 def _raw_bytes(entry: dict, stored_bytes: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict
 
@@ -14,7 +13,7 @@ from streamify.io.load import MANIFEST_NAME, read_manifest
 from streamify.io.model_card import render_model_card
 from streamify.io.source import SourceFile, resolve_source, sha256_file
 from streamify.progress import SILENT, Progress
-from streamify.quantize.entropy_format import CONTAINER_NAME, restore_files
+from streamify.quantize.entropy_format import CONTAINER_NAME, restore_folder
 
 
 def decode_artifact(
@@ -31,11 +30,9 @@ def decode_artifact(
     out = check_output(output, source.folder, overwrite)
     started = time.perf_counter()
     with staged_folder(out) as tmp:
-        for path in sorted(source.folder.iterdir()):
-            if path.is_file() and path.name not in {CONTAINER_NAME, MANIFEST_NAME, "README.md"}:
-                shutil.copy2(path, tmp / path.name)
         progress.log(f"decoding {container}")
-        written = restore_files(container, tmp, threads or os.cpu_count() or 1)
+        threads = threads or os.cpu_count() or 1
+        written = restore_folder(source.folder, tmp, threads, skip=frozenset({MANIFEST_NAME, "README.md"}))
         seconds = time.perf_counter() - started
         raw = sum(p.stat().st_size for p in written)
         manifest = read_manifest(source.folder) or {}

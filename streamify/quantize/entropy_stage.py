@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
-from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS
+from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
 from streamify.quantize.entropy_format import code_checkpoint
 
 
@@ -18,7 +18,9 @@ class EntropyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    level: int = Field(8, ge=0, le=12, description="pcodec compression level: higher is smaller and slower to encode")
+    level: int = Field(
+        DEFAULT_LEVEL, ge=0, le=12, description="pcodec compression level: higher is smaller and slower to encode"
+    )
     chunk_elems: int = Field(DEFAULT_CHUNK_ELEMS, ge=4096, description="elements per independently decodable chunk")
     threads: int = Field(0, ge=0, description="encoding threads (0: all cores)")
 

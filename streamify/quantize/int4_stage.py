@@ -25,7 +25,7 @@ from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.awq import InputSample, awq_block
 from streamify.quantize.calibrate import quantize_sequentially
-from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS
+from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
 from streamify.quantize.entropy_format import CodedCheckpoint, code_checkpoint
 from streamify.quantize.gguf_export import check_exportable, write_gguf
 from streamify.quantize.gptq import HessianAccumulator, gptq
@@ -191,10 +191,11 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     checkpoint.weights_writer = _writer(checkpoint, quantized, params)
     total = sum(w.codes.numel() for w in quantized.values())
     if params.entropy:
-        coded = code_checkpoint(checkpoint.weights_writer, 8, DEFAULT_CHUNK_ELEMS, os.cpu_count() or 1, ctx.progress)
+        threads = os.cpu_count() or 1
+        coded = code_checkpoint(checkpoint.weights_writer, DEFAULT_LEVEL, DEFAULT_CHUNK_ELEMS, threads, ctx.progress)
         checkpoint.weights_writer = coded.write
         ctx.metrics["entropy"] = coded.summary()
-        ctx.metrics.update(_effective_bits(coded, quantized, total))
+        ctx.metrics.update(_effective_bits(coded, total))
     if alphas:
         ctx.metrics["awq_alpha"] = {block: found for block, found in alphas.items() if found}
     ctx.metrics.update(
@@ -224,12 +225,12 @@ def _solve(params: Int4Params, modules, block, names, stats, group, scale_dtype,
     return results
 
 
-def _effective_bits(coded: CodedCheckpoint, quantized: dict[str, Int4Weight], total: int) -> dict:
-    """Stored bits per quantized weight: the coded 4-bit codes alone, and with their scales (and zero points)."""
+def _effective_bits(coded: CodedCheckpoint, total: int) -> dict:
+    """Stored bits per quantized weight: the coded 4-bit codes alone, and with their scales and zero points."""
     size = {name: t.numel() * t.element_size() for name, t in coded.stored.items()}
-    codes = sum(size[f"{name}.weight_packed"] for name in quantized)
-    everything = sum(b for n, b in size.items() if n.rpartition(".")[0] in quantized)
-    return {"code_bits_per_weight": 8 * codes / total, "bits_per_weight": 8 * everything / total}
+    codes = sum(b for name, b in size.items() if name.endswith(".weight_packed"))
+    side = sum(b for name, b in size.items() if name.endswith((".weight_scale", ".weight_zero_point")))
+    return {"code_bits_per_weight": 8 * codes / total, "bits_per_weight": 8 * (codes + side) / total}
 
 
 def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
