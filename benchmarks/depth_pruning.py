@@ -1,7 +1,8 @@
 """Depth pruning of SmolLM2-135M (30 -> 23 blocks), side by side in one run.
 
 Usage:  .venv/bin/python benchmarks/depth_pruning.py [--remove 7] [--heal-tokens 500000 2000000]
-                                                     [--eval-tokens 16384] [--loss-samples 2] [--json out.json]
+                                                     [--eval-tokens 16384] [--loss-samples 2] [--heal-autocast bf16]
+                                                     [--json out.json]
 
 Rows: the teacher; each metric without healing (bi = ShortGPT, angular = Gromov et al., streamline =
 LLM-Streamline's span replaced by one block trained on hidden-state MSE, loss = greedy held-out loss);
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--remove", type=int, default=7)
     parser.add_argument("--heal-tokens", type=int, nargs="*", default=[500_000, 2_000_000])
     parser.add_argument("--heal-seq-len", type=int, default=512)
+    parser.add_argument("--heal-autocast", choices=["off", "bf16"], default="off", help="bf16 mixed precision")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--loss-samples", type=int, default=2, help="calibration sequences for the loss metric")
     parser.add_argument("--json", default=None)
@@ -67,7 +69,8 @@ def main() -> None:
     for tokens in args.heal_tokens:
         started = time.perf_counter()
         steps = max(1, tokens // (4 * args.heal_seq_len))
-        params = HealParams(steps=steps, lr=2e-4, grad_accum=4, warmup_steps=max(1, steps // 20))
+        warmup = max(1, steps // 20)
+        params = HealParams(steps=steps, lr=2e-4, grad_accum=4, warmup_steps=warmup, autocast=args.heal_autocast)
         model, metrics = heal(
             copy.deepcopy(pruned_by_metric[best][0]),
             teacher,
