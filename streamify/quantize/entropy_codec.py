@@ -1,19 +1,21 @@
 """Lossless entropy coding of weight tensors (the codec; the container is in ``entropy_format``).
 
-Two codecs, both on pcodec (https://github.com/pcodec/pcodec), which splits
-each unsigned integer into a *bin* (its high, low-entropy bits) coded with tANS
-and an *offset* (the remaining bits) stored raw:
+Two codecs:
 
-- ``pcodec-rotl1`` (BF16, FP16, FP32): each element is read as an unsigned
-  integer of its width and rotated left by one bit, so the sign moves to the
-  lowest bit and the exponent to the top. The bins then hold the exponent and
-  the top of the mantissa. In trained BF16 weights the exponent carries about
-  2.6 bits of information, so the coded size approaches (8 + 2.6) / 16.
-- ``pcodec-bytes`` (INT32 words packing eight 4-bit codes, as
-  compressed-tensors' ``pack-quantized`` ``weight_packed`` tensors do): the
-  tensor's little-endian bytes, each coded as one 8-bit value (two codes).
-  INT4 weight codes are far from uniform, so they cost less than 4 bits; coding
-  pairs rather than single codes costs about 1% more and decodes 3-4x faster.
+- ``pcodec-rotl1`` (BF16, FP16, FP32), with pcodec
+  (https://github.com/pcodec/pcodec), which splits each unsigned integer into a
+  *bin* (its high, low-entropy bits) coded with tANS and an *offset* (the
+  remaining bits) stored raw. Each element is read as an unsigned integer of
+  its width and rotated left by one bit, so the sign moves to the lowest bit
+  and the exponent to the top; the bins then hold the exponent and the top of
+  the mantissa. In trained BF16 weights the exponent carries about 2.6 bits of
+  information, so the coded size approaches (8 + 2.6) / 16.
+- ``zstd-bytes`` (INT32 words packing eight 4-bit codes, as compressed-tensors'
+  ``pack-quantized`` ``weight_packed`` tensors do): the tensor's bytes (two
+  codes each), compressed with zstd (level 3), whose Huffman-coded literals
+  capture the skewed distribution of INT4 codes. Measured on SmolLM2's INT4
+  codes it is smaller than pcodec on the same bytes (3.578 vs 3.588 bits a code)
+  and decodes 1.4-1.7x faster.
 
 A tensor's values (elements, or bytes) are cut into chunks of ``chunk_elems``
 values, each compressed on its own and followed by a CRC-32 of its stored bytes,
@@ -29,12 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import zstandard
 from pcodec import ChunkConfig, standalone
 
 from streamify.errors import InputError
 
 FLOAT_CODEC = "pcodec-rotl1"
-BYTE_CODEC = "pcodec-bytes"
+BYTE_CODEC = "zstd-bytes"
+ZSTD_LEVEL = 3  # levels 1-9 give the same size on INT4 codes; 3 is zstd's default
 CODEC_VERSION = 1
 CODED_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TENSOR_DTYPES = {**{v: k for k, v in CODED_DTYPES.items()}, "I32": torch.int32}
@@ -106,9 +110,7 @@ def encode_many(
     codecs: dict[str, str] | None = None,
 ) -> dict[str, EncodedTensor]:
     """Code several tensors (each with ``codecs[name]``, floats by default) on one pool of ``threads``."""
-    byte_config = ChunkConfig(compression_level=level)
-    byte_config.enable_8_bit = True
-    configs = {FLOAT_CODEC: ChunkConfig(compression_level=level), BYTE_CODEC: byte_config}
+    config = ChunkConfig(compression_level=level)
     codecs = {name: (codecs or {}).get(name, FLOAT_CODEC) for name in tensors}
     for name, tensor in tensors.items():
         if tensor.dtype not in _CODEC_DTYPES[codecs[name]]:
@@ -118,7 +120,10 @@ def encode_many(
 
     def encode_chunk(job: tuple[str, int]) -> bytes:
         name, start = job
-        return standalone.simple_compress(values[name][start : start + chunk_elems], configs[codecs[name]])
+        chunk = values[name][start : start + chunk_elems]
+        if codecs[name] == BYTE_CODEC:
+            return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(chunk)
+        return standalone.simple_compress(chunk, config)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         coded = dict(zip(jobs, pool.map(encode_chunk, jobs), strict=True))
@@ -211,10 +216,17 @@ def _decode_chunk(job: tuple[str, str, int, dict, memoryview, np.ndarray]) -> No
     values = out.view(np.uint8) if codec == BYTE_CODEC else out
     target = values[chunk["start"] : chunk["start"] + chunk["count"]]
     try:
-        written = standalone.simple_decompress_into(bytes(data), target)
-    except Exception as exc:  # pcodec raises plain runtime errors on bad input
+        if codec == BYTE_CODEC:
+            raw = zstandard.ZstdDecompressor().decompress(bytes(data))
+            complete = len(raw) == chunk["count"]
+            if complete:
+                target[:] = np.frombuffer(raw, dtype=np.uint8)
+        else:
+            written = standalone.simple_decompress_into(bytes(data), target)
+            complete = written.n_processed == chunk["count"] and written.finished
+    except Exception as exc:  # pcodec and zstd raise their own errors on bad input
         raise CorruptWeightsError(f"{where}: does not decode ({exc})", "re-create the artifact") from exc
-    if written.n_processed != chunk["count"] or not written.finished:
+    if not complete:
         raise CorruptWeightsError(f"{where}: decoded to the wrong number of values", "re-create the artifact")
     if codec == FLOAT_CODEC:
         _rotate_back_inplace(target)

@@ -13,20 +13,19 @@ Format (version 1), so that another implementation can read it:
      "files": {"model.safetensors": {"metadata": {...}}},   # the original files and their __metadata__
      "tensors": {NAME: {"file": "model.safetensors", "storage": "coded" | "raw",
                         # coded only:
-                        "codec": "pcodec-rotl1" | "pcodec-bytes", "codec_version": 1,
+                        "codec": "pcodec-rotl1" | "zstd-bytes", "codec_version": 1,
                         "dtype": "BF16" | "F16" | "F32" (rotl1) | "I32" (bytes), "shape": [...],
                         "chunks": [{"start": first value, "count": values,
                                     "offset": byte offset in the U8 tensor, "length": bytes,
                                     "crc32": CRC-32 (zlib) of those bytes}, ...]}}}
 
 - Values: ``pcodec-rotl1`` codes one value per element (unsigned integers of the
-  dtype's width); ``pcodec-bytes`` codes the tensor's little-endian bytes, one
-  8-bit value each (pcodec's 8-bit support switched on); ``start`` and ``count``
-  are then in bytes.
-- Decoding a chunk: check its CRC-32, pcodec-decompress it (``simple_decompress``)
-  into ``count`` unsigned integers, then for ``pcodec-rotl1`` rotate each right
-  by one bit and reinterpret the bits as the dtype; ``pcodec-bytes`` values are
-  the tensor's bytes as they are. Restoring a file writes its tensors,
+  dtype's width); ``zstd-bytes`` codes the tensor's little-endian bytes, each
+  chunk one zstd frame; ``start`` and ``count`` are then in bytes.
+- Decoding a chunk: check its CRC-32; for ``pcodec-rotl1`` pcodec-decompress it
+  (``simple_decompress``) into ``count`` unsigned integers, rotate each right by
+  one bit and reinterpret the bits as the dtype; for ``zstd-bytes``
+  zstd-decompress it into ``count`` bytes of the tensor. Restoring a file writes its tensors,
   in name order, with its original ``__metadata__``.
 """
 
