@@ -65,7 +65,7 @@ def run(method: str, group: int, repeats: int) -> dict:
     packed = sorted(name for name in tensors if name.endswith("weight_packed"))
     modules = {name.rpartition(".")[0] for name in packed}
     weights = sum(tensors[name].numel() * 8 for name in packed)
-    stored = {name: t.numel() * t.element_size() for name, t in coded.stored.items()}
+    stored = coded.stored_bytes()
     items = [(name, coded.index[name], coded.stored[name].numpy()) for name in packed]
     raw_bytes = sum(tensors[name].numel() * 4 for name in packed)
     row = {"method": method, "group_size": group, "weights": weights}

@@ -41,7 +41,8 @@ BYTE_CODEC = "zstd-bytes"
 ZSTD_LEVEL = 3  # levels 1-9 give the same size on INT4 codes; 3 is zstd's default
 CODEC_VERSION = 1
 CODED_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-TENSOR_DTYPES = {**{v: k for k, v in CODED_DTYPES.items()}, "I32": torch.int32}
+_DTYPE_NAMES = {**CODED_DTYPES, torch.int32: "I32"}
+TENSOR_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _CODEC_DTYPES = {FLOAT_CODEC: set(CODED_DTYPES), BYTE_CODEC: {torch.int32}}
 _UNIT = {FLOAT_CODEC: "elements", BYTE_CODEC: "bytes"}
 _UINT = {2: np.uint16, 4: np.uint32}
@@ -94,7 +95,7 @@ def _rotate_back_inplace(values: np.ndarray) -> None:
 def encode_tensor(
     tensor: torch.Tensor,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-    level: int = 8,
+    level: int = DEFAULT_LEVEL,
     threads: int = 1,
     codec: str = FLOAT_CODEC,
 ) -> EncodedTensor:
@@ -105,7 +106,7 @@ def encode_tensor(
 def encode_many(
     tensors: dict[str, torch.Tensor],
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-    level: int = 8,
+    level: int = DEFAULT_LEVEL,
     threads: int = 1,
     codecs: dict[str, str] | None = None,
 ) -> dict[str, EncodedTensor]:
@@ -146,7 +147,7 @@ def encode_many(
         index = {
             "codec": codecs[name],
             "codec_version": CODEC_VERSION,
-            "dtype": CODED_DTYPES.get(tensor.dtype, "I32"),
+            "dtype": _DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
             "chunks": chunks,
         }

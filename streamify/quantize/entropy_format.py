@@ -25,8 +25,8 @@ Format (version 1), so that another implementation can read it:
 - Decoding a chunk: check its CRC-32; for ``pcodec-rotl1`` pcodec-decompress it
   (``simple_decompress``) into ``count`` unsigned integers, rotate each right by
   one bit and reinterpret the bits as the dtype; for ``zstd-bytes``
-  zstd-decompress it into ``count`` bytes of the tensor. Restoring a file writes its tensors,
-  in name order, with its original ``__metadata__``.
+  zstd-decompress it into ``count`` bytes of the tensor. Restoring a file writes
+  its tensors, in name order, with its original ``__metadata__``.
 """
 
 from __future__ import annotations
@@ -87,9 +87,13 @@ class CodedCheckpoint:
     side_files: dict[str, bytes]
     seconds: float
 
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes each tensor takes in the container."""
+        return {name: t.numel() * t.element_size() for name, t in self.stored.items()}
+
     def summary(self) -> dict:
         """:func:`summarize` of the coded tensors, with the encode throughput."""
-        found = summarize(self.index, {name: t.numel() * t.element_size() for name, t in self.stored.items()})
+        found = summarize(self.index, self.stored_bytes())
         return {**found, "encode_gb_per_s": found["raw_bytes"] / max(self.seconds, 1e-9) / 1e9}
 
     def write(self, folder: Path) -> None:

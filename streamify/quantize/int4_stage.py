@@ -227,7 +227,7 @@ def _solve(params: Int4Params, modules, block, names, stats, group, scale_dtype,
 
 def _effective_bits(coded: CodedCheckpoint, total: int) -> dict:
     """Stored bits per quantized weight: the coded 4-bit codes alone, and with their scales and zero points."""
-    size = {name: t.numel() * t.element_size() for name, t in coded.stored.items()}
+    size = coded.stored_bytes()
     codes = sum(b for name, b in size.items() if name.endswith(".weight_packed"))
     side = sum(b for name, b in size.items() if name.endswith((".weight_scale", ".weight_zero_point")))
     return {"code_bits_per_weight": 8 * codes / total, "bits_per_weight": 8 * (codes + side) / total}
