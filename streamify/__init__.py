@@ -15,16 +15,25 @@ def load(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     lazy: bool = False,
+    verify: bool = False,
 ):
     """Load any model streamify accepts (an artifact folder, HF folder, .gguf, builtin alias, hub id).
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``
     (tokenizer is None when the checkpoint ships none). ``lazy`` applies to
     entropy-coded artifacts: each block is decoded just before it runs.
+    ``verify`` first checks a streamify artifact's files against the sha256
+    its manifest recorded (raises ``InputError`` naming a file that differs).
     """
     from streamify.io.load import load_checkpoint
 
     checkpoint = load_checkpoint(
-        path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, lazy=lazy
+        path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        lazy=lazy,
+        verify=verify,
     )
     return checkpoint.model, checkpoint.tokenizer

@@ -16,7 +16,8 @@ from conftest import build_tiny
 from streamify.io.load import load_checkpoint
 from streamify.io.safetensors_file import read_header
 from streamify.quantize.entropy_codec import BYTE_CODEC, CorruptWeightsError, decode_tensor, encode_tensor
-from streamify.quantize.entropy_format import CONTAINER_NAME, decode_tensors, read_index, restore_files, write_container
+from streamify.quantize.entropy_format import CONTAINER_NAME, decode_tensors, read_index, write_container
+from streamify.quantize.entropy_restore import restore_files
 
 _BITS = {2: torch.int16, 4: torch.int32}
 
@@ -65,7 +66,7 @@ def test_codec_keeps_shapes_including_empty_and_scalar(tmp_path):
     write_container(tmp_path / CONTAINER_NAME, stored, index, {"model.safetensors": {"metadata": {"note": "kept"}}})
     restored = tmp_path / "restored"
     restored.mkdir()
-    (path,) = restore_files(tmp_path / CONTAINER_NAME, restored)
+    (path,) = restore_files(tmp_path / CONTAINER_NAME, restored, config=None)
     with safe_open(path, "pt") as fh:
         assert fh.metadata() == {"note": "kept"}
         for name, tensor in tensors.items():

@@ -48,7 +48,7 @@ def test_artifact_folder_contents(cli, tiny_llama, tmp_path):
 
     manifest_bytes = (out / "streamify.json").read_bytes()
     manifest = json.loads(manifest_bytes)
-    assert manifest["format_version"] == 1 and manifest["streamify_version"] == streamify.__version__
+    assert manifest["format_version"] == 2 and manifest["streamify_version"] == streamify.__version__
     source_file = tiny_llama / "model.safetensors"
     assert manifest["source"]["files"] == [
         {
@@ -66,7 +66,13 @@ def test_artifact_folder_contents(cli, tiny_llama, tmp_path):
     with safe_open(out / "model.safetensors", "pt") as fh:
         meta = fh.metadata()
     assert meta["streamify_version"] == streamify.__version__
-    assert meta["streamify_manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    # the stamp is the sha256 of the manifest without its `files` record, which hashes the stamped files
+    core = {k: v for k, v in manifest.items() if k != "files"}
+    assert meta["streamify_manifest_sha256"] == hashlib.sha256((json.dumps(core, indent=2) + "\n").encode()).hexdigest()
+    for name in ("model.safetensors", "config.json", "recipe.yaml", "tokenizer.json"):
+        data = (out / name).read_bytes()
+        assert manifest["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert "README.md" not in manifest["files"] and "streamify.json" not in manifest["files"]
 
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])

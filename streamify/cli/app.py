@@ -29,6 +29,7 @@ from streamify.cli.options import (
     SeedOpt,
     SeqLenOpt,
     TrustOpt,
+    VerifyOpt,
 )
 from streamify.cli.output import Format, command
 from streamify.cli.pipeline_commands import batch, cache_app
@@ -82,6 +83,23 @@ def inspect(model: ModelArg, fmt: FormatOpt = Format.human, trust_remote_code: T
 
 
 @app.command()
+def verify(
+    artifact: Annotated[str, typer.Argument(help="a folder written by streamify", metavar="ARTIFACT")],
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Check every file of ARTIFACT against the sha256 its manifest recorded (exit 3 naming a file that differs)."""
+    from streamify.io.verify import verify_artifact
+
+    with command(fmt) as out:
+        out.result(
+            verify_artifact(Path(artifact).expanduser()),
+            lambda console, data: console.print(
+                f"{data['artifact']}: {data['files']} files ({data['bytes']:,} bytes) match the manifest"
+            ),
+        )
+
+
+@app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help="recipe YAML file or shipped recipe name")],
     overrides: Annotated[
@@ -115,6 +133,7 @@ def eval_(
     trust_remote_code: TrustOpt = False,
     allow_pickle: PickleOpt = False,
     lazy: LazyOpt = False,
+    verify: VerifyOpt = False,
     stream: Annotated[
         bool, typer.Option("--stream", help="run the streaming runtime over --tokens held-out tokens")
     ] = False,
@@ -149,6 +168,7 @@ def eval_(
             "trust_remote_code": trust_remote_code,
             "allow_pickle": allow_pickle,
             "lazy": lazy,
+            "verify": verify,
         }
         out.result(evaluate_models(model, vs, spec, options, progress=out), render_eval)
 
@@ -666,7 +686,7 @@ def run_one_stage(
 
     with command(fmt) as out:
         data = {**top, "stages": [{stage: params}], "eval": {} if evaluate else None}
-        recipe = validate_recipe(data, f"streamify {stage.replace('.', ' ')}")
+        recipe = validate_recipe(data, f"streamify {stage.replace('.', ' ')}", flags=True)
         if save_recipe is not None:
             save_recipe.write_text(recipe.to_yaml())
             out.log(f"wrote the equivalent recipe to {save_recipe}")

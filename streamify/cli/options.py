@@ -24,10 +24,13 @@ SaveRecipeOpt = Annotated[Path | None, typer.Option("--save-recipe", help="write
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="run Python code shipped with the model")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow loading pickled .bin weights (can run code)")]
 EvalOpt = Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the artifact after writing it")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="tokens to score")]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="window length in tokens")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="tokens to score")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="window length in tokens")]
 ModelArg = Annotated[str, typer.Argument(help="a model folder, .gguf file, builtin:ALIAS or hub id", metavar="MODEL")]
 AUTOCAST_HELP = "healing: off, or bf16 (mixed precision: faster on GPUs and CPUs with bf16 units)"
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="first check a streamify artifact's files against its manifest's sha256")
+]
 LazyOpt = Annotated[bool, typer.Option("--lazy", help="entropy-coded artifacts: decode each block as it runs")]
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="neither reuse nor store stage outputs and training checkpoints")

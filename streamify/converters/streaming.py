@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from streamify.converters.native import native_target, to_native
 from streamify.distill.heal import HealParams, heal
@@ -34,7 +34,7 @@ class StreamingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sinks: int = Field(4, ge=0, description="attention-sink tokens kept from the start of the stream")
-    window: int = Field(1024, description="most recent tokens each token attends to, itself included")
+    window: int = Field(1024, ge=1, description="most recent tokens each token attends to, itself included")
     full_layers: str | list[int] = Field(
         "none", description="layers that keep full attention: none, every:K, middle-third or a list of indices"
     )
@@ -42,6 +42,15 @@ class StreamingParams(BaseModel):
         "same", description="same: the source architecture; native: one with per-layer sliding windows"
     )
     heal: HealParams = Field(default_factory=HealParams, description="healing under the streaming pattern")
+
+    @model_validator(mode="after")
+    def _sinks_fit_the_window(self) -> StreamingParams:
+        if self.sinks > self.window:
+            raise ValueError(
+                f"sinks ({self.sinks}) is larger than window ({self.window}): keep a few sink tokens "
+                "(4 is the default) and a window much larger than that"
+            )
+        return self
 
 
 @register(

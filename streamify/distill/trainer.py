@@ -139,7 +139,7 @@ def _save(folder: Path, model, names, optimizer, scheduler, step: int, losses: l
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
     }
-    tmp = folder / (CHECKPOINT_NAME + ".tmp")
+    tmp = folder / f"{CHECKPOINT_NAME}.tmp-{os.getpid()}"  # two runs of one job never share a half-written file
     torch.save(payload, tmp)
     os.replace(tmp, folder / CHECKPOINT_NAME)
 

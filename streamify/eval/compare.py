@@ -33,7 +33,7 @@ def evaluate_models(model: str, vs: str | None, spec: EvalSpec, options: dict, p
     if vs is None:
         return result
     del checkpoint
-    other, other_seconds = _load(vs, options, progress)
+    other, other_seconds = _load(vs, {**options, "verify": False}, progress)  # --verify is about MODEL
     other_blocks = eval_blocks(other.tokenizer, spec)
     if other_blocks.shape != blocks.shape or not bool((other_blocks == blocks).all()):
         raise UsageError(

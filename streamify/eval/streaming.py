@@ -44,7 +44,11 @@ def check_equivalence(
     """Max |logit difference| between the chunked cached runtime and one forward under the sink + window mask.
 
     The default length, three times sinks + window, makes the window roll at
-    least twice, so eviction and position re-indexing are exercised.
+    least twice, so eviction and position re-indexing are exercised. Besides
+    ``max_abs_diff`` it reports the logits' scale (``max_abs_logit``) and their
+    ratio (``max_rel_diff``): fp32 sums taken in another order (threads, CPU
+    kernels) move the difference by about 1e-6 of the scale, a wrong position or
+    mask by orders of magnitude more (benchmarks/equivalence_spread.py).
     """
     model = checkpoint.model
     ctl = getattr(model, "streamify_controller", None)
@@ -58,6 +62,7 @@ def check_equivalence(
     device = next(model.parameters()).device
     progress.log(f"reference: one forward over {tokens} tokens under the sink + window mask")
     reference = model(ids[None].to(device)).logits[0].float()
+    scale = reference.abs().max().item()
     per_chunk = {}
     for chunk in chunks:
         progress.log(f"runtime: chunks of {chunk}")
@@ -67,4 +72,12 @@ def check_equivalence(
             for start in range(0, tokens, chunk)
         ]
         per_chunk[str(chunk)] = (torch.cat(logits) - reference).abs().max().item()
-    return {"tokens": tokens, "chunks": chunks, "max_abs_diff": max(per_chunk.values()), "per_chunk": per_chunk}
+    worst = max(per_chunk.values())
+    return {
+        "tokens": tokens,
+        "chunks": chunks,
+        "max_abs_diff": worst,
+        "max_abs_logit": scale,
+        "max_rel_diff": worst / scale if scale else 0.0,
+        "per_chunk": per_chunk,
+    }

@@ -1,7 +1,19 @@
-"""Write an artifact folder atomically: a temporary sibling folder renamed into place at the end."""
+"""Write an artifact folder safely: checked output, a lock for the run, a temporary sibling renamed at the end.
+
+Safety rules (each one a user's data at stake):
+
+- the output is never the input, inside it, or a folder that contains it;
+- ``--overwrite`` replaces only a streamify artifact (a folder with ``streamify.json``),
+  never an arbitrary folder of the user's;
+- one run at a time writes an output (a lock next to it names the holder's PID),
+  and the final rename re-checks what is at the output then;
+- temporary siblings of killed runs are removed by the next run on that output
+  and by ``streamify cache clean``.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -12,15 +24,25 @@ from pathlib import Path
 
 from streamify import __version__
 from streamify.errors import UsageError
+from streamify.io.atomic import TMP_TAG, pid_alive, remove_stale_siblings, temp_sibling
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import MANIFEST_NAME
+from streamify.io.load import MANIFEST_NAME, cache_root
 from streamify.io.safetensors_file import stamp_metadata
+from streamify.io.source import sha256_file
 
 WEIGHT_GLOBS = ("*.safetensors", "*.gguf")
+FILES_KEY = "files"  # the manifest's record of every file it covers: name -> {sha256, bytes}
+_OVERWRITE_HINT = "choose another output folder, or remove this one yourself if you mean to replace it"
 
 
 def check_output(output: str | None, source_folder: Path | None, overwrite: bool) -> Path:
-    """Check an output folder before any work: set, not the input, empty unless ``overwrite``."""
+    """Check an output folder before any work; returns its absolute path.
+
+    Refused (exit 2): no output; the input, a folder inside it or one that
+    contains it (with or without ``overwrite``); a file; a non-empty folder
+    without ``overwrite``, or with it when the folder is not a streamify
+    artifact; an unwritable place.
+    """
     if not output:
         raise UsageError("no output folder given", "pass -o OUT (or output=OUT after a recipe)")
     out = Path(output).expanduser().resolve()
@@ -28,16 +50,34 @@ def check_output(output: str | None, source_folder: Path | None, overwrite: bool
         src = source_folder.resolve()
         if out == src or src in out.parents:
             raise UsageError(
-                f"{out}: output is inside the input folder {src}; streamify never writes there",
+                f"{out}: output is inside the input folder {src} (or is that folder); streamify never writes there",
                 "choose an output folder outside the input",
+            )
+        if out in src.parents:
+            raise UsageError(
+                f"{out}: output folder contains the input {src}; replacing it would delete the input",
+                "choose an output folder outside the input's folders",
             )
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder", "choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out}: output folder exists and is not empty", "pass --overwrite, or choose another folder")
+    _check_replaceable(out, overwrite)
     if not os.access(_existing_parent(out), os.W_OK):
         raise UsageError(f"{out}: cannot write there (no permission)", "choose a writable output folder")
     return out
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite`` and it is a streamify artifact."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(f"{out}: output folder exists and is not empty", "pass --overwrite, or choose another folder")
+    if not (out / MANIFEST_NAME).is_file():
+        raise UsageError(
+            f"{out}: --overwrite replaces only a streamify artifact (a folder with {MANIFEST_NAME}); "
+            "this folder holds other files",
+            _OVERWRITE_HINT,
+        )
 
 
 def _existing_parent(path: Path) -> Path:
@@ -47,22 +87,102 @@ def _existing_parent(path: Path) -> Path:
 
 
 @contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.streamify-tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for a run; a second run fails at once (exit 2) naming the first's PID."""
+    lock = out.with_name(f".{out.name}.streamify-lock")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UsageError(
+                    f"{out}: another streamify run (PID {holder}) is writing this output",
+                    "wait for it to finish, or choose another output folder",
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:  # the holder before us removed it: lock the new file
+                same = False
+            if same:
+                break
+            os.close(fd)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot create the output folder there ({exc.strerror})", _WRITABLE) from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    remove_stale_siblings(out.parent, out.name)  # left by killed runs on this output
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+_WRITABLE = "choose a writable output folder on a real file system"
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error it is removed.
+
+    At the end, what is at ``out`` is checked again (a folder made there during
+    the run is never deleted without ``overwrite``, and never when it is not an
+    artifact). Use it under :func:`output_lock`.
+    """
+    try:
+        tmp = temp_sibling(out)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot create the output folder there ({exc.strerror})", _WRITABLE) from exc
+    pending = _register_pending(tmp)
     try:
         yield tmp
-    except BaseException:
+        _check_replaceable(out, overwrite)
+        old = tmp.with_name(tmp.name.replace(".streamify-tmp-", ".streamify-old-"))
+        if out.exists():
+            out.replace(old)
+        tmp.replace(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.streamify-old-{os.getpid()}")
-    if out.exists():
-        out.replace(old)
-    tmp.replace(out)
-    shutil.rmtree(old, ignore_errors=True)
+        if pending is not None:
+            pending.unlink(missing_ok=True)
+
+
+def pending_folder() -> Path:
+    """Where runs record their temporary output folders, so ``streamify cache clean`` finds those of killed runs."""
+    return cache_root() / "pending"
+
+
+def clean_pending() -> int:
+    """Remove the temporary output folders of runs that were killed; returns the bytes freed."""
+    freed = 0
+    folder = pending_folder()
+    for record in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            entry = json.loads(record.read_text())
+            tmp, pid = Path(entry["path"]), int(entry["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            record.unlink(missing_ok=True)
+            continue
+        if pid_alive(pid):
+            continue
+        freed += remove_stale_siblings(tmp.parent, tmp.name.split(TMP_TAG)[0].removeprefix("."))
+        record.unlink(missing_ok=True)
+    return freed
+
+
+def _register_pending(tmp: Path) -> Path | None:
+    record = pending_folder() / f"{hashlib.sha256(str(tmp).encode()).hexdigest()[:24]}.json"
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"pid": os.getpid(), "path": str(tmp)}))
+    except OSError:  # a cache that cannot be written costs only this bookkeeping
+        return None
+    return record
 
 
 def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
@@ -85,14 +205,27 @@ def weights_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in weight_files(folder))
 
 
-def write_manifest(folder: Path, manifest: dict) -> str:
-    """Write ``streamify.json`` and stamp its sha256 and the streamify version into every safetensors file.
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest as written, without its ``files`` record (which hashes files carrying this digest)."""
+    core = {k: v for k, v in manifest.items() if k != FILES_KEY}
+    return hashlib.sha256(_encode(core)).hexdigest()
 
-    Returns the manifest's sha256.
+
+def _encode(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
+def write_manifest(folder: Path, manifest: dict) -> str:
+    """Write ``streamify.json``: stamp its digest into every safetensors file, then record every file's sha256.
+
+    Call it once the folder holds everything but the model card (which is made
+    from the manifest). Returns the digest (:func:`manifest_digest`).
     """
-    encoded = (json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode()
-    digest = hashlib.sha256(encoded).hexdigest()
+    manifest = json.loads(_encode(manifest))  # what a reader will see: strings where default=str applied
+    digest = manifest_digest(manifest)
     for path in sorted(folder.glob("*.safetensors")):
         stamp_metadata(path, {"streamify_version": __version__, "streamify_manifest_sha256": digest})
-    (folder / MANIFEST_NAME).write_bytes(encoded)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    manifest[FILES_KEY] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+    (folder / MANIFEST_NAME).write_bytes(_encode(manifest))
     return digest

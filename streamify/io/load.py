@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,10 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from streamify.errors import InputError, UsageError
+from streamify.io.atomic import publish, temp_sibling
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
@@ -79,9 +82,12 @@ def read_manifest(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})", "restore the file or re-create the artifact") from exc
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: not a JSON object", "restore the file or re-create the artifact")
+    return manifest
 
 
 def load_checkpoint(
@@ -92,14 +98,21 @@ def load_checkpoint(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     lazy: bool = False,
+    verify: bool = False,
     progress: Progress = SILENT,
 ) -> Checkpoint:
     """Load a model and its tokenizer from anything streamify accepts as MODEL.
 
     ``lazy`` applies to entropy-coded artifacts: blocks are decoded during the
-    forward pass instead of at load time.
+    forward pass instead of at load time. ``verify`` first checks a streamify
+    artifact's files against the sha256 in its manifest
+    (:func:`~streamify.io.verify.verify_artifact`).
     """
     source = resolve_source(spec)
+    if verify:
+        from streamify.io.verify import verify_artifact
+
+        verify_artifact(source.folder)
     target = resolve_device(device)
     folder = _materialize_gguf(source, progress) if source.kind == "gguf" else source.path
     config = _folder_config(folder, trust_remote_code)
@@ -111,7 +124,7 @@ def load_checkpoint(
 
         model = load_entropy_model(container, config, cls, torch_dtype(dtype), target, lazy=lazy)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
-    with _weights_folder(folder, container, lazy) as weights:
+    with _weights_folder(folder, container, config, lazy) as weights:
         use_safetensors = _check_weight_files(weights, allow_pickle)
         try:
             model, info = cls.from_pretrained(
@@ -122,21 +135,39 @@ def load_checkpoint(
                 use_safetensors=use_safetensors,
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, with the names, instead of a bare error
             )
-        except (OSError, ValueError, RuntimeError) as exc:
+        except pickle.UnpicklingError as exc:
+            raise InputError(
+                f"{spec}: the pickled weights were refused as unsafe: torch's weights-only loader found "
+                f"objects other than tensors ({str(exc).splitlines()[0]})",
+                "convert the weights to safetensors with a tool you trust; streamify never runs pickled code",
+            ) from exc
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
             raise InputError(f"{spec}: transformers could not load the weights: {exc}", "check the files") from exc
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])
-        raise InputError(
-            f"{spec}: {len(missing)} weights are missing from the checkpoint, e.g. {', '.join(missing[:5])}",
-            "the weight files do not match config.json; re-download or re-create the checkpoint",
-        )
+    _check_loading_info(spec, info)
     model.to(target).eval()
     return _checkpoint(model, folder, source, manifest, trust_remote_code)
 
 
+def _check_loading_info(spec: str, info: dict) -> None:
+    """Refuse weights that do not fit the config: missing, of the wrong shape, or left unused."""
+    problems = {
+        "missing_keys": "weights are missing from the checkpoint",
+        "mismatched_keys": "weights have a shape that config.json does not give them",
+        "unexpected_keys": "weights in the files are not used by the model config.json describes",
+    }
+    for key, what in problems.items():
+        names = sorted(str(n[0] if isinstance(n, tuple) else n) for n in info.get(key) or ())
+        if names:
+            raise InputError(
+                f"{spec}: {len(names)} {what}, e.g. {', '.join(names[:5])}",
+                "the weight files do not match config.json; re-download or re-create the checkpoint",
+            )
+
+
 @contextmanager
-def _weights_folder(folder: Path, container: Path, lazy: bool) -> Iterator[Path]:
+def _weights_folder(folder: Path, container: Path, config: PretrainedConfig, lazy: bool) -> Iterator[Path]:
     """``folder``, or for an entropy-coded quantized artifact a temporary folder with its files restored."""
     if not container.is_file():
         yield folder
@@ -146,11 +177,11 @@ def _weights_folder(folder: Path, container: Path, lazy: bool) -> Iterator[Path]
             f"{container}: --lazy decodes floating-point weights block by block; these weights are quantized",
             "load it without --lazy",
         )
-    from streamify.quantize.entropy_format import restore_folder
+    from streamify.quantize.entropy_restore import restore_folder
 
     with tempfile.TemporaryDirectory(prefix="streamify-restore-", ignore_cleanup_errors=True) as tmp:
         try:
-            restore_folder(folder, Path(tmp), threads=os.cpu_count() or 1)
+            restore_folder(folder, Path(tmp), config, threads=os.cpu_count() or 1)
         except OSError as exc:
             raise InputError(
                 f"{container}: could not restore the quantized files into {tmp} ({exc})",
@@ -173,14 +204,37 @@ def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remot
     )
 
 
+# Sizes every architecture reads as positive integers; a wrong type or value here fails deep inside torch.
+_POSITIVE_INT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
 def _folder_config(folder: Path, trust_remote_code: bool) -> PretrainedConfig:
     path = folder / "config.json"
+    restore = "restore config.json from the original model"
     try:
-        json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})", "restore config.json from the original model") from exc
+        raise InputError(f"{path}: not valid JSON ({exc})", restore) from exc
+    if not isinstance(raw, dict):
+        raise InputError(f'{path}: not a JSON object (a config is {{"model_type": ..., ...}})', restore)
+    for key in _POSITIVE_INT_KEYS:
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InputError(f"{path}: '{key}' is {value!r}; it must be a positive integer", restore)
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+        message = " ".join(str(exc).split())
+        raise InputError(f"{path}: transformers rejects this config ({message})", restore) from exc
     except ValueError as exc:
         text = str(exc)
         if "trust_remote_code" in text:
@@ -243,11 +297,14 @@ def _materialize_gguf(source: Source, progress: Progress) -> Path:
     progress.log(f"dequantizing {source.path.name} once into {folder} (this takes a while)")
     config = _gguf_config(source)
     model_class(config, str(source.path))
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(folder)  # unique to this process: two first uses at once each write their own
     try:
         kwargs = {"gguf_file": source.gguf_file, "local_files_only": True}
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        except (ValueError, KeyError, OSError) as exc:
+            raise InputError(f"{source.path}: could not read the GGUF weights ({exc})", "check the file") from exc
         # The GGUF marker says "quantized"; the weights are now dequantized floats, so drop it.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -255,9 +312,7 @@ def _materialize_gguf(source: Source, progress: Progress) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.replace(folder)
-    except (ValueError, KeyError, OSError) as exc:
-        raise InputError(f"{source.path}: could not read the GGUF weights ({exc})", "check the file") from exc
+        publish(tmp, folder, complete=lambda f: (f / "config.json").is_file())  # the first writer wins
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

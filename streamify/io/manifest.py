@@ -10,7 +10,7 @@ from streamify import __version__
 from streamify.io.checkpoint import Checkpoint
 
 FORMAT = "streamify.manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `files` records the sha256 of every file of the artifact
 _PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "peft", "gguf", "pydantic")
 
 

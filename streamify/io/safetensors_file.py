@@ -7,6 +7,7 @@ string -> string), then the tensor bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import struct
@@ -15,13 +16,21 @@ from pathlib import Path
 from streamify.errors import InputError
 
 _MAX_HEADER = 100 * 1024 * 1024
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
 
 
 def read_header(path: Path) -> dict:
     """Read and check a safetensors header; raise :class:`InputError` if the file is broken.
 
-    Checks that the header parses and that the file holds every byte the header
-    points to, so a truncated download is caught before loading.
+    Checks that the header parses, that every entry is consistent (a known
+    dtype, a shape of non-negative integers, byte offsets that fit its shape and
+    do not overlap another tensor's), and that the file holds every byte the
+    header points to, so a truncated download is caught before loading.
     """
     size = path.stat().st_size
     hint = "re-download or re-create the file; it is truncated or not a safetensors file"
@@ -33,10 +42,51 @@ def read_header(path: Path) -> dict:
             header = json.loads(fh.read(length))
     except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: unreadable safetensors header ({exc})", hint) from exc
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: the safetensors header is not a JSON object", hint)
+    spans = sorted(_check_entry(path, name, entry) for name, entry in header.items() if name != "__metadata__")
+    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            raise InputError(f"{path}: tensors '{name}' and '{other}' overlap in the file", _DAMAGED)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: the header's __metadata__ must map strings to strings", _DAMAGED)
+    end = max((span[1] for span in spans), default=0)
     if 8 + length + end > size:
         raise InputError(f"{path}: file is {size} bytes but its header needs {8 + length + end}", hint)
     return header
+
+
+_DAMAGED = "the file's header is damaged: re-download or re-create the file"
+
+
+def _check_entry(path: Path, name: str, entry) -> tuple[int, int, str]:
+    """Check one header entry; returns ``(start, end, name)`` of its bytes."""
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise InputError(f"{where}: the header entry needs dtype, shape and data_offsets", _DAMAGED)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise InputError(f"{where}: unknown dtype {dtype!r}", _DAMAGED)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers", _DAMAGED)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise InputError(f"{where}: data_offsets {offsets!r} are not two non-negative integers", _DAMAGED)
+    count = 1
+    for dim in shape:
+        count *= dim
+    start, end = offsets
+    if end - start != count * DTYPE_BYTES[dtype]:
+        raise InputError(
+            f"{where}: shape {shape} of {dtype} needs {count * DTYPE_BYTES[dtype]} bytes, "
+            f"data_offsets give {end - start}",
+            _DAMAGED,
+        )
+    return start, end, name
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def stamp_metadata(path: Path, extra: dict[str, str]) -> None:

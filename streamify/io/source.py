@@ -141,6 +141,24 @@ def _resolve_builtin(spec: str) -> Source:
     return Source(spec, "gguf", path, gguf_file=path.name, base_model=entry["base_model"])
 
 
+def check_links(folder: Path, root: Path | None = None) -> None:
+    """Refuse a folder holding a symbolic link that leads outside ``root`` (default: the folder itself).
+
+    A crafted checkpoint can link ``vocab.txt`` to a secret elsewhere on disk;
+    whatever streamify reads or copies from an input stays inside it.
+    """
+    root = (root or folder).resolve()
+    for path in sorted(folder.iterdir()):
+        if not path.is_symlink():
+            continue
+        target = path.resolve()
+        if target != root and root not in target.parents:
+            raise InputError(
+                f"{path}: a link to {target}, outside the model folder",
+                "replace the link by the file it should be, inside the folder",
+            )
+
+
 def _resolve_path(spec: str, path: Path) -> Source:
     path = path.resolve()
     if path.is_file() and path.suffix == ".gguf":
@@ -161,6 +179,7 @@ def _resolve_path(spec: str, path: Path) -> Source:
                 f"{path}: not a model folder (no config.json)",
                 "point at a Hugging Face model folder, or at a .gguf file",
             )
+        check_links(path)
         return Source(spec, "hf-folder", path)
     raise InputError(f"{path}: unsupported file type '{path.suffix}'", "pass a model folder or a .gguf file")
 
@@ -184,4 +203,5 @@ def _resolve_hub(spec: str) -> Source:
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise InputError(f"{spec}: could not fetch from the Hugging Face hub: {exc}", "check the id") from exc
+    check_links(Path(folder), root=Path(folder).parent.parent)  # the hub cache links snapshots to ../../blobs
     return Source(spec, "hf-folder", Path(folder), base_model=spec)

@@ -31,7 +31,8 @@ import torch
 from streamify import __version__
 from streamify.data.sources import data_fingerprint
 from streamify.errors import StreamifyError
-from streamify.io.artifact import save_model_files
+from streamify.io.artifact import clean_pending, save_model_files
+from streamify.io.atomic import publish, remove_stale_siblings, temp_sibling
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import cache_root, load_checkpoint
 from streamify.io.source import Source
@@ -83,10 +84,9 @@ class StageCache:
 
     def store(self, key: str, checkpoint: Checkpoint, records: list[dict], progress: Progress = SILENT) -> None:
         """Keep ``checkpoint`` (the output of the stages ``records`` describe); a full disk only warns."""
-        tmp = self.folder / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = None
         try:
-            tmp.mkdir(parents=True)
+            tmp = temp_sibling(self.entry(key))
             save_model_files(checkpoint, tmp)
             record = {
                 "key": key,
@@ -97,12 +97,12 @@ class StageCache:
                 "history": checkpoint.history,
             }
             (tmp / ENTRY_RECORD).write_text(json.dumps(record, indent=2, default=str))
-            shutil.rmtree(self.entry(key), ignore_errors=True)
-            tmp.replace(self.entry(key))
+            publish(tmp, self.entry(key), complete=lambda entry: (entry / ENTRY_RECORD).is_file())
         except OSError as exc:
             progress.log(f"warning: could not cache the output of {records[-1]['name']} in {self.folder}: {exc}")
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, key: str, source: Source, device: str) -> tuple[Checkpoint, list[dict]]:
         """The cached checkpoint for ``key`` (as if made from ``source``) and the stage records behind it."""
@@ -166,8 +166,14 @@ def cache_entries(root: Path | None = None) -> list[dict]:
 
 
 def clean_cache(root: Path | None = None, *, older_than_days: float | None = None, kinds=KINDS) -> dict:
-    """Remove cache entries of ``kinds`` (all, or those unused for ``older_than_days``)."""
+    """Remove cache entries of ``kinds`` (all, or those unused for ``older_than_days``).
+
+    Temporary folders of killed runs go too: half-written cache entries and
+    half-written artifacts next to their output folders.
+    """
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    root = root or cache_root()
+    stale = clean_pending() + sum(remove_stale_siblings(root / kind) for kind in KINDS)
     removed, freed = 0, 0
     for item in cache_entries(root):
         if item["kind"] not in kinds:
@@ -178,4 +184,4 @@ def clean_cache(root: Path | None = None, *, older_than_days: float | None = Non
         shutil.rmtree(path, ignore_errors=True)
         removed += 1
         freed += item["bytes"]
-    return {"removed": removed, "freed_bytes": freed, "root": str(root or cache_root())}
+    return {"removed": removed, "freed_bytes": freed + stale, "stale_temp_bytes": stale, "root": str(root)}

@@ -16,6 +16,7 @@ from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
 from streamify.model.patterns import match_patterns, select_modules
 from streamify.pipeline.recipe import Recipe
+from streamify.progress import SILENT, Progress
 
 _LOGIT_BYTES = 4 * 3  # fp32 logits, their log-softmax and the gradient-free copy cross_entropy makes
 
@@ -148,8 +149,12 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
     }
 
 
-def check_fits(plan: dict, output: Path) -> None:
-    """Refuse (exit 4) a run whose estimated memory or disk exceeds what this machine has free."""
+def check_fits(plan: dict, output: Path, progress: Progress = SILENT) -> None:
+    """Refuse (exit 4) a run whose estimated memory or disk exceeds what this machine has free.
+
+    Where the free space cannot be measured (a file system that reports no
+    size, such as /proc), the disk check steps aside with a warning.
+    """
     estimate = plan["estimate"]
     available = estimate["available_memory_bytes"]
     if available is not None and estimate["peak_memory_bytes"] > available:
@@ -161,7 +166,11 @@ def check_fits(plan: dict, output: Path) -> None:
     parent = output
     while not parent.exists():
         parent = parent.parent
-    free = shutil.disk_usage(parent).free
+    usage = shutil.disk_usage(parent)
+    if usage.total == 0:
+        progress.log(f"warning: {parent} reports no size, so free space there is not checked")
+        return
+    free = usage.free
     if estimate["disk_bytes"] > free:
         raise ResourceError(
             f"{output}: the artifact needs about {estimate['disk_bytes'] / 2**30:.1f} GiB, "

@@ -63,6 +63,9 @@ class Recipe(BaseModel):
     device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto")
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    verify: bool = Field(
+        True, description="when the model is a streamify artifact, check its files against its manifest first"
+    )
     stages: list[dict[str, Any]] = Field(default_factory=list, description="[{stage-name: params}, ...] in order")
     eval: RecipeEval | None = Field(None, description="evaluate the artifact ({} for the defaults); off when absent")
     gates: Gates | None = None
@@ -105,7 +108,7 @@ class LoadedRecipe:
     where: str
 
 
-def _resolve_stage(index: int, entry: Any) -> tuple[Stage, BaseModel]:
+def _resolve_stage(index: int, entry: Any, flags: bool = False) -> tuple[Stage, BaseModel]:
     where = f"stages.{index}"
     if not isinstance(entry, dict) or len(entry) != 1:
         raise UsageError(
@@ -117,17 +120,20 @@ def _resolve_stage(index: int, entry: Any) -> tuple[Stage, BaseModel]:
     try:
         return stage, stage.params.model_validate(params or {})
     except ValidationError as exc:
+        if flags:
+            raise UsageError(describe_validation(exc, flags=True), "see --help for each option's range") from exc
         raise UsageError(
             f"{where} ({name}): {describe_validation(exc)}",
             f"valid keys of {name}: {', '.join(stage.params.model_fields)}",
         ) from exc
 
 
-def describe_validation(exc: ValidationError) -> str:
-    """One line per pydantic error, naming the key; unknown keys list the valid ones."""
+def describe_validation(exc: ValidationError, flags: bool = False) -> str:
+    """One line per pydantic error, naming the key (or, with ``flags``, the command-line option)."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        parts = [str(p) for p in err["loc"]]
+        loc = "--" + "-".join(parts).replace("_", "-") if flags and parts else ".".join(parts)
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}'")
         elif err["type"] == "missing":
@@ -180,8 +186,12 @@ def read_recipe_file(path: Path) -> dict:
     return data
 
 
-def validate_recipe(data: dict, where: str) -> Recipe:
-    """Validate a recipe mapping (schema and every stage's params); errors name the key."""
+def validate_recipe(data: dict, where: str, flags: bool = False) -> Recipe:
+    """Validate a recipe mapping (schema and every stage's params); errors name the key.
+
+    ``flags``: the recipe was built from a command line, so errors in stage
+    params name the option (``--window``) instead of the recipe key.
+    """
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -190,7 +200,7 @@ def validate_recipe(data: dict, where: str) -> Recipe:
         ) from exc
     for index, entry in enumerate(recipe.stages):
         try:
-            stage, _ = _resolve_stage(index, entry)
+            stage, _ = _resolve_stage(index, entry, flags)
         except UsageError as exc:
             raise UsageError(f"{where}: {exc.message}", exc.hint) from exc
         if stage.final and index != len(recipe.stages) - 1:

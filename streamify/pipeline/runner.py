@@ -7,9 +7,16 @@ import time
 import transformers
 
 from streamify.eval.report import eval_blocks, evaluate
-from streamify.io.artifact import check_output, save_model_files, staged_folder, weights_size, write_manifest
+from streamify.io.artifact import (
+    check_output,
+    output_lock,
+    save_model_files,
+    staged_folder,
+    weights_size,
+    write_manifest,
+)
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import load_checkpoint
+from streamify.io.load import MANIFEST_NAME, load_checkpoint
 from streamify.io.manifest import build_manifest
 from streamify.io.model_card import render_model_card
 from streamify.io.placement import resolve_device
@@ -39,7 +46,6 @@ def run_recipe(
     :class:`~streamify.errors.GateError` (exit 5) after writing the artifact
     when a gate fails.
     """
-    stages = recipe.resolved_stages()
     source = resolve_source(recipe.model)
     out = check_output(recipe.output, source.folder, overwrite)
     device = resolve_device(recipe.device)
@@ -48,8 +54,19 @@ def run_recipe(
     plan = build_plan(recipe, source, out, cache_hits=[cache.has(k) for k in keys] if cache else None)
     if dry_run:
         return {"dry_run": True, "plan": plan}
-    check_fits(plan, out)
+    check_fits(plan, out, progress)
+    if recipe.verify and source.kind == "hf-folder" and (source.folder / MANIFEST_NAME).is_file():
+        from streamify.io.verify import verify_artifact
 
+        checked = verify_artifact(source.folder)
+        progress.log(f"verified {checked['files']} files of {source.folder} against its manifest")
+    with output_lock(out):
+        return _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progress)
+
+
+def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progress) -> dict:
+    """The run itself, under the output's lock (see :func:`run_recipe`)."""
+    stages = recipe.resolved_stages()
     started = time.perf_counter()
     cacheable = [not stage.final for stage, _ in stages]
     resumed, checkpoint, records = -1, None, []
@@ -101,7 +118,7 @@ def run_recipe(
         if store:
             cache.store(keys[index], checkpoint, records, progress)
 
-    with staged_folder(out) as tmp:
+    with staged_folder(out, overwrite) as tmp:
         progress.log(f"writing {out}")
         save_model_files(checkpoint, tmp)
         report = None
@@ -117,8 +134,8 @@ def run_recipe(
             source_eval=source_eval,
             gates=gates,
         )
-        write_manifest(tmp, manifest)
         (tmp / "recipe.yaml").write_text(recipe.model_copy(update={"output": str(out)}).to_yaml())
+        write_manifest(tmp, manifest)
         relation = next((s.relation for s, _ in reversed(stages) if s.relation), None)
         (tmp / "README.md").write_text(render_model_card(manifest, relation))
     raise_on_failure(gates, str(out))

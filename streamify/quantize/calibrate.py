@@ -97,10 +97,12 @@ class _Checkpoints:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         finished = {str(i): self.blocks[i].state_dict() for i in range(self.saved, next_block)}
-        torch.save(finished, self.folder / f"blocks-{self.saved:05d}.pt")
+        part = self.folder / f"blocks-{self.saved:05d}.pt"
         state = {"next_block": next_block, "inputs": inputs, "results": {n: asdict(w) for n, w in results.items()}}
-        torch.save(state, self.folder / (STATE_NAME + ".tmp"))
-        os.replace(self.folder / (STATE_NAME + ".tmp"), self.folder / STATE_NAME)
+        for path, payload in ((part, finished), (self.folder / STATE_NAME, state)):
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # never a half file, even with two writers
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
         self.saved = next_block
 
     def clear(self) -> None:

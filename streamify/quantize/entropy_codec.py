@@ -179,7 +179,9 @@ def decode_many(items: list[tuple[str, dict, bytes | memoryview]], threads: int 
         out = np.empty(int(np.prod(index["shape"], dtype=np.int64)), dtype=_UINT[dtype.itemsize])
         outputs[name] = (out, dtype, index["shape"])
         view = memoryview(blob)
-        _check_chunks(name, index["chunks"], out.size * (out.itemsize if codec == BYTE_CODEC else 1), len(view))
+        check_chunks(
+            f"tensor {name}", index["chunks"], out.size * (out.itemsize if codec == BYTE_CODEC else 1), len(view)
+        )
         jobs += [(name, codec, number, chunk, view, out) for number, chunk in enumerate(index["chunks"])]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(_decode_chunk, jobs))
@@ -189,19 +191,24 @@ def decode_many(items: list[tuple[str, dict, bytes | memoryview]], threads: int 
     }
 
 
-def _check_chunks(name: str, chunks: list[dict], values: int, blob_bytes: int) -> None:
+_CHUNK_KEYS = ("start", "count", "offset", "length", "crc32")
+
+
+def check_chunks(where: str, chunks: list[dict], values: int, blob_bytes: int) -> None:
     """The chunks must cover the tensor's values in order, each inside the blob: else the index is corrupt."""
     position = 0
     for number, chunk in enumerate(chunks):
-        inside = chunk["offset"] >= 0 and chunk["offset"] + chunk["length"] <= blob_bytes
-        if chunk["start"] != position or chunk["count"] <= 0 or not inside:
+        valid = isinstance(chunk, dict) and all(isinstance(chunk.get(k), int) for k in _CHUNK_KEYS)
+        inside = valid and chunk["offset"] >= 0 and chunk["length"] >= 0
+        inside = inside and chunk["offset"] + chunk["length"] <= blob_bytes
+        if not inside or chunk["start"] != position or chunk["count"] <= 0:
             raise CorruptWeightsError(
-                f"tensor {name}, chunk {number}: the index does not match the stored data", "re-create the artifact"
+                f"{where}, chunk {number}: the index does not match the stored data", "re-create the artifact"
             )
         position += chunk["count"]
     if position != values:
         raise CorruptWeightsError(
-            f"tensor {name}: the index covers {position} of its {values} values", "re-create the artifact"
+            f"{where}: the index covers {position} of its {values} values", "re-create the artifact"
         )
 
 

@@ -1,24 +1,33 @@
 """The container of entropy-coded weights: ``model.entropy.safetensors``.
 
-Format (version 1), so that another implementation can read it:
+Format (version 2), so that another implementation can read it:
 
 - A safetensors file. Every tensor of the checkpoint is stored under its own
   name, either *coded* (a 1-D ``U8`` tensor: the concatenated chunks written by
   :mod:`streamify.quantize.entropy_codec`) or *raw* (the tensor itself, in its
   own dtype: tensors under 4096 values, and integer and bool tensors other than
   INT4 codes packed in INT32 ``*weight_packed`` tensors).
-- ``__metadata__["streamify_entropy"]`` is a JSON string::
+- ``__metadata__["streamify_entropy"]`` is a JSON string (the index)::
 
-    {"format": "streamify.entropy", "format_version": 1,
+    {"format": "streamify.entropy", "format_version": 2,
      "files": {"model.safetensors": {"metadata": {...}}},   # the original files and their __metadata__
      "tensors": {NAME: {"file": "model.safetensors", "storage": "coded" | "raw",
+                        "dtype": "BF16" | ..., "shape": [...],   # of the original tensor
+                        # raw only:
+                        "crc32": CRC-32 (zlib) of the stored bytes,
                         # coded only:
                         "codec": "pcodec-rotl1" | "zstd-bytes", "codec_version": 1,
-                        "dtype": "BF16" | "F16" | "F32" (rotl1) | "I32" (bytes), "shape": [...],
                         "chunks": [{"start": first value, "count": values,
                                     "offset": byte offset in the U8 tensor, "length": bytes,
                                     "crc32": CRC-32 (zlib) of those bytes}, ...]}}}
 
+  and ``__metadata__["streamify_entropy_sha256"]`` the hex sha256 of that string,
+  so every stored byte is covered by a checksum: the index by its sha256, each
+  coded chunk and each raw tensor by its CRC-32.
+- File names in ``files`` are plain names of ``.safetensors`` files (no folders);
+  every tensor of the container has an index entry and every entry a tensor
+  whose dtype and shape agree with it. A reader refuses anything else before it
+  writes a byte.
 - Values: ``pcodec-rotl1`` codes one value per element (unsigned integers of the
   dtype's width); ``zstd-bytes`` codes the tensor's little-endian bytes, each
   chunk one zstd frame; ``start`` and ``count`` are then in bytes.
@@ -31,11 +40,12 @@ Format (version 1), so that another implementation can read it:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,14 +55,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from streamify.errors import InputError
-from streamify.io.safetensors_file import read_header
+from streamify.io.safetensors_file import DTYPE_BYTES, read_header
 from streamify.progress import Progress
-from streamify.quantize.entropy_codec import TENSOR_DTYPES, codec_for, decode_many, encode_many
+from streamify.quantize.entropy_codec import (
+    TENSOR_DTYPES,
+    CorruptWeightsError,
+    check_chunks,
+    codec_for,
+    decode_many,
+    encode_many,
+)
 
 CONTAINER_NAME = "model.entropy.safetensors"
 FORMAT = "streamify.entropy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META_KEY = "streamify_entropy"
+_DIGEST_KEY = "streamify_entropy_sha256"
+_RECREATE = "the container is damaged or was altered: re-create or re-download the artifact"
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+                       torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
+                       torch.int64: "I64", torch.bool: "BOOL"}  # fmt: skip
 
 
 def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple[dict, dict, dict]:
@@ -73,8 +95,19 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple
             index[name] = {"file": path.name, "storage": "coded", **coded[name].index}
         else:
             stored[name] = tensor
-            index[name] = {"file": path.name, "storage": "raw"}
+            index[name] = {
+                "file": path.name,
+                "storage": "raw",
+                "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "crc32": _crc32(tensor),
+            }
     return stored, index, file_entry
+
+
+def _crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes as safetensors stores them."""
+    return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 @dataclass
@@ -123,23 +156,95 @@ def code_checkpoint(
 def write_container(path: Path, stored: dict[str, torch.Tensor], index: dict[str, dict], files: dict) -> None:
     """Write the container file."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files, "tensors": index}
-    save_file(stored, path, metadata={"format": "pt", _META_KEY: json.dumps(meta, separators=(",", ":"))})
+    text = json.dumps(meta, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    save_file(stored, path, metadata={"format": "pt", _META_KEY: text, _DIGEST_KEY: digest})
 
 
 def read_index(path: Path) -> dict:
-    """The container's JSON index (checked for format and version; a truncated file is an error)."""
-    raw = read_header(path).get("__metadata__", {}).get(_META_KEY)
+    """The container's JSON index, checked in full against its checksum and the stored tensors.
+
+    Raises :class:`InputError` (exit 3) for a file that is not a container, a
+    version this streamify does not read, an index whose sha256 does not match,
+    a file name that is not a plain ``.safetensors`` name, or entries that do not
+    match the stored tensors one for one.
+    """
+    header = read_header(path)
+    metadata = header.get("__metadata__", {})
+    raw = metadata.get(_META_KEY)
     try:
         meta = json.loads(raw) if raw else None
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: the entropy index is not valid JSON ({exc})", "re-create the artifact") from exc
-    if not meta or meta.get("format") != FORMAT:
+        raise InputError(f"{path}: the entropy index is not valid JSON ({exc})", _RECREATE) from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{path}: not a streamify entropy container", "re-create it with streamify quantize entropy")
     if meta.get("format_version") != FORMAT_VERSION:
         raise InputError(
-            f"{path}: entropy format version {meta.get('format_version')} is not {FORMAT_VERSION}", "upgrade streamify"
+            f"{path}: entropy format version {meta.get('format_version')} is not {FORMAT_VERSION} "
+            "(version 1 left small tensors without a checksum)",
+            "re-create the artifact with this streamify (streamify quantize entropy on the original model)",
         )
+    if hashlib.sha256(raw.encode()).hexdigest() != metadata.get(_DIGEST_KEY):
+        raise CorruptWeightsError(f"{path}: the entropy index does not match its sha256", _RECREATE)
+    _check_index(path, meta, {k: v for k, v in header.items() if k != "__metadata__"})
     return meta
+
+
+def _check_index(path: Path, meta: dict, stored: dict[str, dict]) -> None:
+    files, entries = meta.get("files"), meta.get("tensors")
+    if not isinstance(files, dict) or not isinstance(entries, dict):
+        raise CorruptWeightsError(f"{path}: the index lacks its files or tensors", _RECREATE)
+    for name in files:
+        if not _plain_file_name(name):
+            raise CorruptWeightsError(
+                f"{path}: the index names the file {name!r}, which is not a plain .safetensors file name "
+                "(a crafted container can try to write outside the output folder)",
+                "do not use this artifact; re-create it from the original model",
+            )
+    if set(entries) != set(stored):
+        extra, lost = sorted(set(stored) - set(entries)), sorted(set(entries) - set(stored))
+        what = f"tensor {extra[0]} has no index entry" if extra else f"the index entry {lost[0]} has no tensor"
+        raise CorruptWeightsError(f"{path}: {what}", _RECREATE)
+    for name, entry in entries.items():
+        _check_entry(path, name, entry, stored[name], files)
+
+
+def _check_entry(path: Path, name: str, entry, header: dict, files: dict) -> None:
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict) or entry.get("file") not in files or entry.get("storage") not in ("raw", "coded"):
+        raise CorruptWeightsError(f"{where}: malformed index entry", _RECREATE)
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CorruptWeightsError(f"{where}: the index gives no valid shape", _RECREATE)
+    if entry["storage"] == "raw":
+        if (header["dtype"], header["shape"]) != (entry.get("dtype"), shape) or not isinstance(entry.get("crc32"), int):
+            raise CorruptWeightsError(f"{where}: stored as {header['dtype']} {header['shape']}, the index says "
+                                      f"raw {entry.get('dtype')} {shape}", _RECREATE)  # fmt: skip
+        return
+    if header["dtype"] != "U8" or len(header["shape"]) != 1:
+        raise CorruptWeightsError(f"{where}: the index says coded, the stored tensor is not coded bytes", _RECREATE)
+    dtype = TENSOR_DTYPES.get(entry.get("dtype"))
+    if dtype is None or not isinstance(entry.get("chunks"), list):
+        raise CorruptWeightsError(f"{where}: coded entry without a valid dtype or chunk list", _RECREATE)
+    count = 1
+    for dim in shape:
+        count *= dim
+    values = count * (dtype.itemsize if entry.get("codec") == "zstd-bytes" else 1)
+    check_chunks(f"{where}", entry["chunks"], values, header["shape"][0])
+
+
+def _plain_file_name(name) -> bool:
+    """A bare ``*.safetensors`` file name: no folder part, no traversal, not the container itself."""
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and name != CONTAINER_NAME
+        and Path(name).name == name
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not name.startswith(".")
+    )
 
 
 def decode_tensors(
@@ -148,36 +253,20 @@ def decode_tensors(
     threads: int = 1,
     index: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Decode the named tensors (all when ``names`` is None) from a container."""
+    """Decode the named tensors (all when ``names`` is None) from a container; raw ones are checked by CRC-32."""
     meta = index or read_index(path)
     entries = meta["tensors"]
     wanted = names if names is not None else list(entries)
     with safe_open(path, "pt") as fh:
         stored = {name: fh.get_tensor(name) for name in wanted}
+    for name in wanted:
+        if entries[name]["storage"] == "raw" and _crc32(stored[name]) != entries[name]["crc32"]:
+            raise CorruptWeightsError(
+                f"{path}: tensor {name} (stored raw): checksum mismatch, the stored bytes are corrupt", _RECREATE
+            )
     coded = [(n, entries[n], stored[n].numpy()) for n in wanted if entries[n]["storage"] == "coded"]
     decoded = decode_many(coded, threads)
     return {n: decoded[n] if n in decoded else stored[n] for n in wanted}
-
-
-def restore_files(path: Path, folder: Path, threads: int = 1) -> list[Path]:
-    """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``."""
-    meta = read_index(path)
-    written = []
-    for file_name, info in meta["files"].items():
-        names = sorted(n for n, e in meta["tensors"].items() if e["file"] == file_name)
-        tensors = decode_tensors(path, names, threads, meta)
-        target = folder / file_name
-        save_file(tensors, target, metadata=info.get("metadata") or None)
-        written.append(target)
-    return written
-
-
-def restore_folder(folder: Path, target: Path, threads: int = 1, skip: frozenset[str] = frozenset()) -> list[Path]:
-    """Copy an artifact folder's other files into ``target`` and restore its safetensors files there."""
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != CONTAINER_NAME and path.name not in skip:
-            shutil.copy2(path, target / path.name)
-    return restore_files(folder / CONTAINER_NAME, target, threads)
 
 
 def _raw_bytes(entry: dict, stored_bytes: int) -> int:
@@ -186,7 +275,7 @@ def _raw_bytes(entry: dict, stored_bytes: int) -> int:
     count = 1
     for dim in entry["shape"]:
         count *= dim
-    return count * TENSOR_DTYPES[entry["dtype"]].itemsize
+    return count * DTYPE_BYTES[entry["dtype"]]
 
 
 def summarize(index: dict[str, dict], stored_bytes: dict[str, int]) -> dict:

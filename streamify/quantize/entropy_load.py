@@ -9,16 +9,55 @@ decoded block (the container itself is memory-mapped, not read into memory).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from transformers import PretrainedConfig
 
 from streamify.errors import InputError
-from streamify.io.load import instantiate
+from streamify.io.load import instantiate, model_class
 from streamify.model.blocks import find_blocks
+from streamify.quantize.entropy_codec import CorruptWeightsError
 from streamify.quantize.entropy_format import decode_tensors, read_index
+
+# compressed-tensors stores a quantized Linear's ``weight`` as these tensors
+_QUANTIZED_PARTS = re.compile(r"\.weight_(packed|scale|zero_point|shape|g_idx)$")
+_MISMATCH = "the container does not match config.json; re-create the artifact"
+
+
+def check_matches_config(container: Path, index: dict, config: PretrainedConfig) -> None:
+    """:func:`check_matches_model` against the model ``config`` describes (built on the meta device)."""
+    with init_empty_weights(include_buffers=False):
+        model = instantiate(model_class(config, str(container.parent)), config)
+    model.tie_weights()
+    check_matches_model(container, index, model, getattr(config, "quantization_config", None) is not None)
+
+
+def check_matches_model(container: Path, index: dict, model: nn.Module, quantized: bool) -> None:
+    """Refuse a container whose tensors are not the model's: one missing, one it lacks, or a shape it does not have.
+
+    Tied weights need one of their names; a ``quantized`` model's Linear weights
+    may be stored as compressed-tensors parts (``weight_packed``, ``weight_scale``...).
+    """
+    entries = index["tensors"]
+    shapes = {name: list(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    for name, entry in entries.items():
+        base = _QUANTIZED_PARTS.sub(".weight", name) if quantized else name
+        if base not in shapes:
+            raise InputError(f"{container}: tensor {name} is not one of the model's", _MISMATCH)
+        if base == name and entry["shape"] != shapes[name]:
+            raise CorruptWeightsError(
+                f"{container}: tensor {name} is stored as {entry['shape']}, the model's is {shapes[name]}", _MISMATCH
+            )
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    for names in aliases.values():
+        if not any(n in entries or (quantized and f"{n}_packed" in entries) for n in names):
+            raise CorruptWeightsError(f"{container}: the model's tensor {names[0]} is missing", _MISMATCH)
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -52,14 +91,9 @@ def load_entropy_model(
     index = read_index(container)
     with init_empty_weights(include_buffers=False):
         model = instantiate(cls, config)
+    model.tie_weights()
+    check_matches_model(container, index, model, quantized=False)
     names = list(index["tensors"])
-    expected = set(model.state_dict())
-    unknown = sorted(set(names) - expected)
-    if unknown:
-        raise InputError(
-            f"{container}: tensors that the model does not have, e.g. {', '.join(unknown[:5])}",
-            "the container does not match config.json; re-create the artifact",
-        )
     target_dtype = None if dtype == "auto" else dtype
     found = find_blocks(model) if lazy else None
     prefix = f"{found[0]}." if found else None

@@ -1,19 +1,66 @@
-"""``streamify quantize decode``: turn an entropy-coded artifact back into a plain safetensors checkpoint."""
+"""Restore an entropy-coded artifact's original files; ``streamify quantize decode`` writes them as an artifact.
+
+Everything read from the artifact is checked before a byte is written: the
+container's index (:func:`~streamify.quantize.entropy_format.read_index`), that
+its tensors are the ones config.json's model has, with its shapes, and that
+side files are regular files inside the artifact folder.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import save_file
+from transformers import PretrainedConfig
 
 from streamify.errors import InputError
-from streamify.io.artifact import check_output, staged_folder, write_manifest
-from streamify.io.load import MANIFEST_NAME, read_manifest
+from streamify.io.artifact import check_output, output_lock, staged_folder, write_manifest
+from streamify.io.load import MANIFEST_NAME, read_config, read_manifest
 from streamify.io.model_card import render_model_card
-from streamify.io.source import SourceFile, resolve_source, sha256_file
+from streamify.io.source import SourceFile, check_links, resolve_source, sha256_file
 from streamify.progress import SILENT, Progress
-from streamify.quantize.entropy_format import CONTAINER_NAME, restore_folder
+from streamify.quantize.entropy_format import CONTAINER_NAME, decode_tensors, read_index
+from streamify.quantize.entropy_load import check_matches_config
+
+
+def restore_files(path: Path, folder: Path, config: PretrainedConfig | None, threads: int = 1) -> list[Path]:
+    """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``.
+
+    With ``config``, the container must hold exactly the model's tensors
+    (:func:`~streamify.quantize.entropy_load.check_matches_config`).
+    """
+    meta = read_index(path)
+    if config is not None:
+        check_matches_config(path, meta, config)
+    written = []
+    for file_name, info in meta["files"].items():
+        names = sorted(n for n, e in meta["tensors"].items() if e["file"] == file_name)
+        tensors = decode_tensors(path, names, threads, meta)
+        target = folder / file_name
+        save_file(tensors, target, metadata=info.get("metadata") or None)
+        written.append(target)
+    return written
+
+
+def restore_folder(
+    folder: Path, target: Path, config: PretrainedConfig, threads: int = 1, skip: frozenset[str] = frozenset()
+) -> list[Path]:
+    """Copy an artifact folder's other files into ``target`` and restore its safetensors files there.
+
+    Only regular files are copied; a link that leaves ``folder`` is refused.
+    """
+    container = folder / CONTAINER_NAME
+    read_index(container)  # the whole index is checked before anything is copied
+    check_links(folder)
+    for path in sorted(folder.iterdir()):
+        if path.name != CONTAINER_NAME and path.name not in skip and path.is_file():
+            shutil.copyfile(path, target / path.name)
+    return restore_files(container, target, config, threads)
 
 
 def decode_artifact(
@@ -28,11 +75,13 @@ def decode_artifact(
             "pass a folder written by streamify quantize entropy",
         )
     out = check_output(output, source.folder, overwrite)
+    config = read_config(source)
     started = time.perf_counter()
-    with staged_folder(out) as tmp:
+    with output_lock(out), staged_folder(out, overwrite) as tmp:
         progress.log(f"decoding {container}")
         threads = threads or os.cpu_count() or 1
-        written = restore_folder(source.folder, tmp, threads, skip=frozenset({MANIFEST_NAME, "README.md"}))
+        skip = frozenset({MANIFEST_NAME, "README.md"})
+        written = restore_folder(source.folder, tmp, config, threads, skip=skip)
         seconds = time.perf_counter() - started
         raw = sum(p.stat().st_size for p in written)
         manifest = read_manifest(source.folder) or {}

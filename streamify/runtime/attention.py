@@ -127,7 +127,7 @@ def attend(
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~torch.cat(allowed, dim=-1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     out = probs @ _repeat_heads(torch.cat(values, dim=-2), groups)
     return out.transpose(1, 2).contiguous()
 

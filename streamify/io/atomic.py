@@ -1,0 +1,79 @@
+"""Folders that appear whole or not at all, safe when several processes write the same one.
+
+A writer fills a temporary sibling named ``.NAME.streamify-tmp-PID-RANDOM`` and
+renames it into place. When another process published the same folder first,
+the later writer drops its copy and takes the winner's (cache entries are keyed
+by content, so both hold the same thing). Temporary siblings whose process is
+gone are stale: :func:`remove_stale_siblings` clears them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+TMP_TAG = ".streamify-tmp-"
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.streamify-(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this PID exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def temp_sibling(final: Path) -> Path:
+    """Create and return a fresh, empty temporary folder next to ``final`` (unique to this call)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_TAG}{os.getpid()}-", dir=final.parent))
+
+
+def publish(tmp: Path, final: Path, complete=lambda folder: folder.is_dir()) -> bool:
+    """Rename ``tmp`` to ``final``. When another writer got there first, drop ``tmp`` and keep theirs.
+
+    ``complete`` says whether a folder found at ``final`` is a whole entry; an
+    incomplete one (left by an older version or a crash) is replaced. Returns
+    True when ``tmp`` was published.
+    """
+    if final.exists() and complete(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        tmp.replace(final)
+    except OSError:
+        if final.exists() and complete(final):  # lost a race between the check and the rename
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+    return True
+
+
+def stale_siblings(folder: Path, name: str | None = None) -> list[Path]:
+    """Temporary folders in ``folder`` (for the final name ``name``, or any) whose writing process is gone."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _TMP_NAME.match(path.name)
+        if match and (name is None or match["name"] == name) and not pid_alive(int(match["pid"])):
+            found.append(path)
+    return sorted(found)
+
+
+def remove_stale_siblings(folder: Path, name: str | None = None) -> int:
+    """Remove :func:`stale_siblings`; returns the bytes freed."""
+    freed = 0
+    for path in stale_siblings(folder, name):
+        freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        shutil.rmtree(path, ignore_errors=True)
+    return freed
