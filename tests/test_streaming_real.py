@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -25,12 +26,22 @@ def hybrid(tmp_path_factory):
 
 
 def test_runtime_equals_masked_forward_on_smollm2(hybrid, cli):
-    """The window rolls about three times; chunks of 1, 7 and 64 all match the masked forward to 1e-4 (fp32)."""
+    """The window rolls about three times; chunks of 1, 7 and 64 all match the masked forward (fp32).
+
+    The bound, 2e-5 of the logits' largest magnitude (~37.6 here, so ~7.5e-4), is
+    5x the worst of 12 runs under 1 and 2 threads and three CPU kernel sets
+    (benchmarks/equivalence_spread.py: 2.3e-6 to 4.0e-6 of the scale, 8.7e-5 to
+    1.5e-4 absolute, so the old 1e-4 absolute bound sat inside the noise), and
+    25,000x below what a mask fault makes on these tokens (18.5 absolute).
+    """
     result = cli("eval", hybrid, "--check", "equivalence", "--tokens", "220", "--format", "json")
     assert result.exit_code == 0, result.stderr
     equivalence = json.loads(result.stdout)["equivalence"]
     assert set(equivalence["per_chunk"]) == {"1", "7", "64"}
-    assert equivalence["max_abs_diff"] <= 1e-4, equivalence
+    assert 10 < equivalence["max_abs_logit"] < 100, equivalence
+    assert equivalence["max_rel_diff"] <= 2e-5, equivalence
+    scaled = equivalence["max_rel_diff"] * equivalence["max_abs_logit"]
+    assert math.isclose(equivalence["max_abs_diff"], scaled, rel_tol=1e-9)
 
 
 def test_stream_eval_on_smollm2_keeps_sink_window_layers_flat(hybrid, cli):
@@ -46,8 +57,10 @@ def test_stream_eval_on_smollm2_keeps_sink_window_layers_flat(hybrid, cli):
 def test_healing_lowers_smollm2_heldout_kl(tmp_path, cli, monkeypatch):
     """30 LoRA steps on 128-token sequences (window 32) lower held-out KL to the full-attention teacher.
 
-    Measured on this machine: 0.1701 before, 0.1686 after (a small, seeded, deterministic step;
-    BENCHMARKS.md has the long runs).
+    Measured on this machine (2026-12-01): 0.170111 before, 0.168754 after with 1 thread and with 2
+    (identical to 6 digits), a fall of 0.00136. The test asks for a fall of 5e-4: about a third of the
+    measured one, and hundreds of times the thread-to-thread spread. A larger learning rate is no
+    way to a larger margin: 1e-3 raised the KL (0.1716). BENCHMARKS.md has the long runs.
     """
     monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
     args = ["--window", "32", "--heal-steps", "30", "--heal-lr", "4e-4", "--heal-seq-len", "128"]
@@ -66,4 +79,4 @@ def test_healing_lowers_smollm2_heldout_kl(tmp_path, cli, monkeypatch):
     )
     assert result.exit_code == 0, result.stderr
     metrics = json.loads(result.stdout)["stages"][0]["metrics"]
-    assert metrics["heldout_kl_after"] < metrics["heldout_kl_before"] - 1e-3, metrics
+    assert metrics["heldout_kl_after"] < metrics["heldout_kl_before"] - 5e-4, metrics
