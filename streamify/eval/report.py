@@ -22,6 +22,7 @@ from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.eval.perplexity import perplexity
 from streamify.io.checkpoint import Checkpoint
+from streamify.model.params import count_params
 from streamify.progress import SILENT, Progress
 
 
@@ -48,11 +49,6 @@ def eval_blocks(tokenizer, spec: EvalSpec) -> torch.Tensor:
     """The token windows an eval scores."""
     texts = load_texts(spec.data, "heldout")
     return token_blocks(tokenizer, texts, spec.seq_len, spec.max_tokens, where=f"--data {spec.data}")
-
-
-def count_params(model) -> int:
-    """Number of parameters, shared (tied) tensors counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def is_causal_lm(model) -> bool:

@@ -1,8 +1,18 @@
-"""The artifact's README.md: a Hugging Face model card with front matter and the eval table."""
+"""The artifact's README.md: a Hugging Face model card with front matter, the eval table and how to run it.
+
+The "Use" section and the front matter follow what the folder holds: a GGUF
+file (llama.cpp, llama-cpp-python, transformers with ``gguf_file=``), an
+entropy-coded container (streamify only, or decoded back to safetensors), or
+transformers files (plain, streaming, INT4 compressed-tensors).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
+
+PLACEHOLDER = "path/to/this/folder"  # what the snippets call the artifact folder
 
 _ROWS = (
     ("perplexity", "perplexity", "{:.3f}"),
@@ -31,17 +41,19 @@ def eval_rows(report: dict, source: dict | None) -> list[tuple[str, str, str, st
     return rows
 
 
-def render_model_card(manifest: dict, relation: str | None) -> str:
-    """Model card text for an artifact described by ``manifest``."""
+def render_model_card(manifest: dict, relation: str | None, folder: Path) -> str:
+    """Model card text for the artifact in ``folder``, described by ``manifest``."""
     source = manifest["source"]
     stage_names = [s["name"] for s in manifest["stages"]]
+    gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
     front: dict = {}
     if source.get("base_model"):
         front["base_model"] = source["base_model"]
         if relation:
             front["base_model_relation"] = relation
-    front["library_name"] = "transformers"
-    front["tags"] = ["streamify", *stage_names]
+    if gguf is None:  # a GGUF file is recognised by the Hub from the file itself, with these tags
+        front["library_name"] = "transformers"
+    front["tags"] = ["streamify", *stage_names, *(["gguf", "llama-cpp"] if gguf else [])]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     lines += [f"# {source['spec']} — streamify artifact", ""]
     lines += [f"Made by streamify {manifest['streamify_version']} from `{source['spec']}`"]
@@ -58,20 +70,54 @@ def render_model_card(manifest: dict, relation: str | None) -> str:
         lines += _streaming_section(manifest["streaming"])
     if manifest["eval"]:
         lines += _eval_section(manifest)
-    lines += [
-        "",
-        "## Use",
-        "",
+    lines += ["", "## Use", "", *_use_section(folder, gguf), ""]
+    return "\n".join(lines)
+
+
+def _use_section(folder: Path, gguf: Path | None) -> list[str]:
+    """How to run what ``folder`` holds, as snippets that run when PLACEHOLDER is the folder."""
+    streamify_load = ["import streamify", f'model, tokenizer = streamify.load("{PLACEHOLDER}")']
+    if gguf is not None:
+        return [
+            "With llama.cpp:",
+            "",
+            "```bash",
+            f'llama-cli -m {PLACEHOLDER}/{gguf.name} -p "The capital of France is" -n 32',
+            "```",
+            "",
+            "With llama-cpp-python, transformers (which dequantizes the GGUF to floats) or streamify:",
+            "",
+            "```python",
+            "from llama_cpp import Llama",
+            f'llm = Llama(model_path="{PLACEHOLDER}/{gguf.name}")',
+            'print(llm("The capital of France is", max_tokens=16)["choices"][0]["text"])',
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{PLACEHOLDER}", gguf_file="{gguf.name}")',
+            *streamify_load,
+            "```",
+        ]
+    if any(folder.glob("*.entropy.safetensors")):
+        return [
+            "The weights are entropy-coded (lossless); streamify decodes them as it loads:",
+            "",
+            "```python",
+            *streamify_load,
+            "```",
+            "",
+            "For other runtimes, decode them back to the original safetensors files first:",
+            "",
+            "```bash",
+            f"streamify quantize decode {PLACEHOLDER} -o {PLACEHOLDER}-decoded",
+            "```",
+        ]
+    return [
         "```python",
         "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        f'model = AutoModelForCausalLM.from_pretrained("{PLACEHOLDER}")',
         "# or, with streamify's runtime:",
-        "import streamify",
-        'model, tokenizer = streamify.load("path/to/this/folder")',
+        *streamify_load,
         "```",
-        "",
     ]
-    return "\n".join(lines)
 
 
 def _scores_section(metrics: dict) -> list[str]:

@@ -9,6 +9,7 @@ from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
+from streamify.model.params import count_params
 from streamify.pipeline.plan import meta_model
 from streamify.pipeline.registry import all_stages
 from streamify.quantize.entropy_format import CONTAINER_NAME, read_index, summarize_file
@@ -40,7 +41,7 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
     found = find_blocks(model)
     n_blocks = len(found[1]) if found else 0
     layout = attention_layout(config, n_blocks) if n_blocks else []
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     size = source.size_bytes()
     manifest = read_manifest(source.folder) if source.kind == "hf-folder" else None
     container = source.folder / CONTAINER_NAME

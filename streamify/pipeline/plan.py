@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from streamify.errors import ResourceError
-from streamify.eval.report import count_params
 from streamify.io.load import instantiate, model_class, read_config
 from streamify.io.placement import DTYPES
 from streamify.io.source import Source
 from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
+from streamify.model.params import count_params
 from streamify.model.patterns import match_patterns, select_modules
 from streamify.pipeline.recipe import Recipe
 from streamify.progress import SILENT, Progress

@@ -137,7 +137,7 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progres
         (tmp / "recipe.yaml").write_text(recipe.model_copy(update={"output": str(out)}).to_yaml())
         write_manifest(tmp, manifest)
         relation = next((s.relation for s, _ in reversed(stages) if s.relation), None)
-        (tmp / "README.md").write_text(render_model_card(manifest, relation))
+        (tmp / "README.md").write_text(render_model_card(manifest, relation, tmp))
     raise_on_failure(gates, str(out))
     return {
         "output": str(out),

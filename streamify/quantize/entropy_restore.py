@@ -107,7 +107,7 @@ def decode_artifact(
             gates=[],
         )
         write_manifest(tmp, manifest)
-        (tmp / "README.md").write_text(render_model_card(manifest, None))
+        (tmp / "README.md").write_text(render_model_card(manifest, None, tmp))
     return {
         "output": str(out),
         "files": [p.name for p in written],
