@@ -9,14 +9,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import streamify
+from streamify.arch import arch_for
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import Progress
-from streamify.quantize.awq import InputSample, awq_block, search_scale
+from streamify.quantize.awq import InputSample, fold_scales, search_scale
 from streamify.quantize.gguf_export import pack_q4
 from streamify.quantize.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4_grid import QMAX, QMIN, rtn
@@ -72,11 +73,40 @@ def test_gptq_beats_rtn_on_the_layer_output():
     assert errors["gptq act-order"] < 0.8 * errors["rtn"], errors
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+AWQ_CONFIGS = {  # families whose blocks differ from Llama's, beside tiny_models' llama, qwen2 and gemma
+    "gemma2": {"head_dim": 8},  # post-norms after attention and MLP
+    "gemma3_text": {"head_dim": 8},  # post-norms and q/k norms
+    "olmo2": {},  # no pre-norms at all
+    "phi3": {"pad_token_id": 0},  # fused qkv_proj and gate_up_proj
+}
+
+
+def _awq_model(arch: str, tiny_models):
+    if arch in tiny_models:
+        return AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=384, **TINY, **AWQ_CONFIGS[arch])
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms that start at 1 (or 0 for Gemma's 1 + w) would hide a wrong fold
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.rand_like(param))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", *AWQ_CONFIGS])
 def test_awq_folding_keeps_the_float_function(tiny_models, arch):
-    """AWQ's scales go into the preceding norm / linear: before rounding, the model computes the same."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    """AWQ's scales go where the architecture's adapter says: before rounding, the model computes the same.
+
+    Every group the adapter declares is scaled (but v -> o under grouped-query
+    attention, which has no 1:1 channel), and the logits move by at most 1e-4.
+    """
+    model = _awq_model(arch, tiny_models)
     before = logits(model)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = arch_for(model.config.model_type).awq_groups
     modules = dict(model.named_modules())
     for index in range(model.config.num_hidden_layers):
         block = f"model.layers.{index}"
@@ -87,11 +117,19 @@ def test_awq_folding_keeps_the_float_function(tiny_models, arch):
             samples[name].add(
                 torch.randn(64, modules[name].in_features) * torch.linspace(0.1, 5, modules[name].in_features)
             )
-        _, alphas = awq_block(modules, block, names, samples, 8, True, torch.float32)
-        assert {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"} <= set(alphas)
-    changed = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, changed.model.layers[0].mlp.up_proj.weight)
+        alphas, skipped = fold_scales(modules, block, groups, names, samples, 8, True, torch.float32)
+        assert set(alphas) | set(skipped) == {g.previous for g in groups}
+        assert set(skipped) <= {"self_attn.v_proj"}
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, original[n])]
+    assert any("mlp" in n for n in changed), "AWQ scaled nothing: the test would prove nothing"
     assert torch.allclose(logits(model), before, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_refuses_an_architecture_without_scale_groups(tiny_models, tmp_path, cli):
+    """GPT-2 has no declared groups: AWQ refuses (exit 3) instead of quietly giving RTN under its name."""
+    result = cli("quantize", "int4", tiny_models["gpt2"], "-o", tmp_path / "q", "--method", "awq", "--no-eval")
+    assert result.exit_code == 3 and "AWQ is not available for the 'gpt2' architecture" in result.stderr
+    assert "supported architectures: gemma" in result.stderr and not (tmp_path / "q").exists()
 
 
 def test_awq_search_protects_a_salient_channel():

@@ -58,6 +58,61 @@ def test_per_layer_config_lists_are_sliced(tiny_models):
     assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
 
 
+def _tiny(model_type: str, **extra) -> nn.Module:
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=384, eos_token_id=0, pad_token_id=0, **{**TINY, **extra})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+PER_LAYER_CASES = {
+    # model_type, config, blocks removed, the per-layer keys expected after
+    "qwen2 max_window_layers": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+        [0],
+        {"max_window_layers": 1, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+    ),
+    "gemma3 layer_types": (
+        "gemma3_text",
+        {"head_dim": 8, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2},
+        [1, 2],
+        {"layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "bamba attn_layer_indices": (
+        "bamba",
+        {"attn_layer_indices": [1, 3], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8,
+         "mamba_n_groups": 1, "mamba_chunk_size": 8, "partial_rotary_factor": 1.0},
+        [0],
+        {"attn_layer_indices": [0, 2]},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(PER_LAYER_CASES))
+@torch.inference_mode()
+def test_per_layer_keys_follow_the_kept_blocks(tmp_path, case):
+    """The saved config reloads in plain transformers with every per-layer key right; caches still agree."""
+    model_type, extra, remove, expected = PER_LAYER_CASES[case]
+    model = _tiny(model_type, **extra)
+    ids = _ids(20)
+    _, blocks = block_list(model, case)
+    with skipping(blocks, remove):
+        reference = model(ids).logits
+    pruned = remove_blocks(model, remove)
+    pruned.save_pretrained(tmp_path / "p")
+    reloaded = _load(tmp_path / "p")
+    saved = json.loads((tmp_path / "p" / "config.json").read_text())
+    for key, value in expected.items():
+        assert saved[key] == value and getattr(reloaded.config, key) == value, key
+    assert saved["num_hidden_layers"] == 4 - len(remove)
+    assert torch.allclose(reloaded(ids).logits, reference, atol=1e-5)
+    cached = reloaded.generate(ids[:, :5], max_new_tokens=10, do_sample=False)
+    uncached = reloaded.generate(ids[:, :5], max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
 def _planted(arch: str, tokenizer_dir, folder, identity: int) -> nn.Module:
     """A tiny model with strong random blocks and block ``identity`` zeroed to the identity map."""
     spec = dict(CONFIGS[arch])
@@ -88,6 +143,16 @@ def test_each_metric_finds_the_planted_redundant_block(tokenizer_dir, tmp_path, 
     text = model.generate(prompts, max_new_tokens=47, do_sample=True, top_k=0, pad_token_id=0, eos_token_id=None)
     chosen, table = select_blocks(model, text, metric, remove=1, protect_ends=True)
     assert chosen == [3], table
+
+
+def test_blocks_of_a_hybrid_are_its_layers_not_its_experts():
+    """Jamba mixes two block classes and holds 8-expert lists: the blocks are what transformers declares."""
+    model = _tiny(
+        "jamba", num_experts=8, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+    )  # fmt: skip
+    path, blocks = block_list(model, "jamba")
+    assert path == "model.layers" and len(blocks) == 4 and len({type(b) for b in blocks}) == 2
 
 
 def test_block_list_missing_is_a_clear_error():
@@ -259,3 +324,20 @@ def test_distill_heal_with_a_teacher_lowers_heldout_kl(tmp_path, tiny_llama, cli
     assert reloaded.config.num_hidden_layers == 3
     original = AutoModelForCausalLM.from_pretrained(pruned)
     assert not torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+
+
+def test_pruned_streaming_artifact_keeps_a_consistent_spec(tmp_path, tiny_llama, cli):
+    """Removing blocks of a streaming artifact slices its streaming spec wherever it is recorded."""
+    streaming = tmp_path / "s"
+    args = ["--sinks", "2", "--window", "8", "--full-layers", "1,3", "--no-eval"]
+    assert cli("convert", "streaming", tiny_llama, "-o", streaming, *args).exit_code == 0
+    pruned = tmp_path / "p"
+    result = cli("prune", "depth", streaming, "-o", pruned, "--blocks", "0", "--no-eval")
+    assert result.exit_code == 0, result.stderr
+    expected = ["full", "sink_window", "full"]
+    assert json.loads((pruned / "config.json").read_text())["streamify_streaming"]["layer_types"] == expected
+    manifest = json.loads((pruned / "streamify.json").read_text())
+    assert manifest["streaming"]["layer_types"] == expected and manifest["streaming"]["full_layers"] == [0, 2]
+    check = cli("eval", pruned, "--check", "equivalence", "--tokens", "40", "--format", "json")
+    assert check.exit_code == 0, check.stderr
+    assert json.loads(check.stdout)["equivalence"]["max_abs_diff"] <= 1e-4

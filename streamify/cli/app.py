@@ -397,7 +397,9 @@ def quantize_entropy(
 def quantize_int4(
     model: ModelArg,
     output: OutOpt,
-    method: Annotated[str, typer.Option("--method", help="rtn or gptq")] = "gptq",
+    method: Annotated[
+        str, typer.Option("--method", help="rtn, gptq or awq (awq: the architectures streamify.arch maps)")
+    ] = "gptq",
     group_size: Annotated[
         str, typer.Option("--group-size", help="weights per scale (32, 64, 128, ...) or auto")
     ] = "128",

@@ -11,23 +11,19 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from streamify.arch import arch_for
 from streamify.errors import UsageError
 from streamify.runtime.spec import FULL, StreamingSpec
 
-# source model_type -> native model_type that holds its weights under the same names
-NATIVE_TARGETS = {
-    "llama": "ministral",
-    "mistral": "ministral",
-    "ministral": "ministral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-}
-
 
 def native_target(config) -> str:
-    """The native model_type for ``config``; a :class:`UsageError` when none holds its weights exactly."""
+    """The native model_type for ``config`` (its family's ``native_target`` in :mod:`streamify.arch`).
+
+    A :class:`UsageError` when none holds its weights exactly under the same names.
+    """
     model_type = config.model_type
-    target = NATIVE_TARGETS.get(model_type)
+    arch = arch_for(model_type)
+    target = arch.native_target if arch else None
     has_bias = getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
     if target is None or (target == "ministral" and has_bias):
         raise UsageError(

@@ -18,17 +18,31 @@ def layer_count(config) -> int | None:
     return None
 
 
+def block_classes(model: nn.Module) -> set[str]:
+    """Class names of the model's blocks, as transformers declares them (``_no_split_modules``).
+
+    Read from every transformers model inside ``model``, so a wrapper (peft) has its model's.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's block list as ``(qualified name, ModuleList)``, or None if there is none.
 
-    The block list is the ModuleList whose children all share one class and
-    whose length is the config's layer count (the longest such list otherwise).
+    The block list is a ModuleList of the blocks transformers declares for the
+    model (:func:`block_classes`; hybrids mix two kinds), the one whose length is
+    the config's layer count (the longest such list otherwise). A list of
+    experts or heads is never taken for it.
     """
     expected = layer_count(getattr(model, "config", None))
+    classes = block_classes(model)
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(type(m).__name__ in classes for m in module)
     ]
     exact = [c for c in candidates if len(c[1]) == expected]
     pool = exact or candidates

@@ -21,6 +21,7 @@ from streamify.pipeline.registry import StageContext, register
 from streamify.progress import Progress
 from streamify.prune.scores import select_blocks
 from streamify.prune.surgery import average_into_neighbours, check_removal, remove_blocks
+from streamify.runtime.spec import read_spec
 
 
 class DepthParams(BaseModel):
@@ -119,6 +120,9 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
         )
         ctx.metrics.update(healed)
     checkpoint.model = model
+    spec = read_spec(model.config)
+    if checkpoint.streaming and spec is not None:  # the manifest's record follows the sliced spec
+        checkpoint.streaming = {**checkpoint.streaming, **spec.to_json()}
     ctx.metrics.update(
         removed=remove,
         blocks_before=count,

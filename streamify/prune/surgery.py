@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
+from streamify.arch import arch_for
 from streamify.errors import UsageError
-from streamify.model.blocks import LAYER_COUNT_KEYS, block_list
-from streamify.runtime.spec import CONFIG_KEY
+from streamify.model.blocks import LAYER_COUNT_KEYS, block_list, layer_count
+from streamify.runtime.spec import CONFIG_KEY, read_spec
 
 
 def check_removal(indices: list[int], count: int, where: str) -> list[int]:
@@ -25,7 +27,10 @@ def check_removal(indices: list[int], count: int, where: str) -> list[int]:
 
 
 def remove_blocks(model: nn.Module, remove: list[int], where: str = "model") -> nn.Module:
-    """Remove the blocks ``remove`` in place; renumber ``layer_idx`` and slice every per-layer config list."""
+    """Remove the blocks ``remove`` in place; renumber ``layer_idx`` and slice every per-layer config entry.
+
+    A streaming model keeps streaming, under its spec with the removed layers' entries gone.
+    """
     path, blocks = block_list(model, where)
     count = len(blocks)
     remove = check_removal(remove, count, where)
@@ -37,15 +42,39 @@ def remove_blocks(model: nn.Module, remove: list[int], where: str = "model") -> 
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
     _slice_config(model.config, keep, count)
+    if getattr(model, "streamify_controller", None) is not None:  # the runtime follows the sliced spec
+        from streamify.runtime.attention import enable_streaming
+
+        enable_streaming(model, read_spec(model.config))
     return model
 
 
 def _slice_config(config, keep: list[int], count: int) -> None:
+    """Make every per-layer entry of ``config`` (and of a nested config with the same layers) describe ``keep``.
+
+    Lists with one entry per layer are sliced; the keys the family's adapter
+    (:mod:`streamify.arch`) declares as layer indices are renumbered, and those
+    holding a number of layers (``max_window_layers``) count the kept layers below it.
+    """
+    arch = arch_for(getattr(config, "model_type", None))
+    index_keys = arch.layer_index_keys if arch else ()
+    for key in index_keys:
+        value = getattr(config, key, None)
+        if isinstance(value, list | tuple):
+            setattr(config, key, type(value)(keep.index(i) for i in value if i in keep))
+    for key in arch.layer_count_keys if arch else ():
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            setattr(config, key, sum(1 for i in keep if i < value))
     for key in LAYER_COUNT_KEYS:
         if isinstance(getattr(config, key, None), int) and getattr(config, key) == count:
             setattr(config, key, len(keep))
     for key, value in list(vars(config).items()):
-        if isinstance(value, list | tuple) and len(value) == count and not key.startswith("_"):
+        if key.startswith("_") or key in index_keys:
+            continue
+        if isinstance(value, PretrainedConfig) and layer_count(value) == count:  # e.g. a VLM's text_config
+            _slice_config(value, keep, count)
+        elif isinstance(value, list | tuple) and len(value) == count:
             setattr(config, key, type(value)(value[i] for i in keep))
     streaming = getattr(config, CONFIG_KEY, None)
     if isinstance(streaming, dict) and len(streaming.get("layer_types", [])) == count:

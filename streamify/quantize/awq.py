@@ -1,8 +1,9 @@
 """AWQ (Lin et al., 2023): protect the weights that meet large activations by scaling input channels.
 
-For linears that share one input and one preceding op (q/k/v after the
-attention norm, gate/up after the MLP norm, o after v, down after up), the
-per-channel scale ``s = mean|x|^α`` is searched over α in [0, 1): the weights
+For linears that share one input and one preceding op (the groups the
+architecture's adapter in :mod:`streamify.arch` declares: for a Llama, q/k/v
+after the attention norm, gate/up after the MLP norm, o after v, down after
+up), the per-channel scale ``s = mean|x|^α`` is searched over α in [0, 1): the weights
 are multiplied by ``s`` before round-to-nearest quantization and the input
 divided by ``s``, and the α whose quantized output is closest to the float
 output on the calibration inputs wins. The division is folded into the
@@ -16,16 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from streamify.quantize.int4_grid import Int4Weight, rtn
+from streamify.arch import ScaleGroup
+from streamify.errors import InputError
+from streamify.quantize.int4_grid import rtn
 
-# (preceding op, linears that read its output) within one decoder block, by Llama-family names.
-GROUPS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
 GRID = 20
+GQA_SKIP = "grouped-query attention: v's outputs are repeated before o, no 1:1 channel to fold"
 
 
 class InputSample:
@@ -49,15 +46,16 @@ class InputSample:
 
 
 def _fold(previous: nn.Module, scale: torch.Tensor) -> None:
-    """Divide the output channels of ``previous`` (a norm or a linear) by ``scale``."""
+    """Divide the output channels of ``previous`` (a norm or a linear) by ``scale``, bias included."""
     if isinstance(previous, nn.Linear):
         previous.weight.div_(scale[:, None].to(previous.weight.dtype))
-        if previous.bias is not None:
-            previous.bias.div_(scale.to(previous.bias.dtype))
     elif "Gemma" in type(previous).__name__:  # Gemma's RMSNorm multiplies by (1 + weight)
         previous.weight.copy_(((1 + previous.weight.float()) / scale - 1).to(previous.weight.dtype))
     else:
         previous.weight.div_(scale.to(previous.weight.dtype))
+    bias = getattr(previous, "bias", None)
+    if isinstance(bias, torch.Tensor):  # a linear's or a LayerNorm's
+        bias.div_(scale.to(bias.dtype))
 
 
 def search_scale(
@@ -81,29 +79,45 @@ def search_scale(
 
 
 @torch.no_grad()
-def awq_block(
+def fold_scales(
     modules: dict[str, nn.Module],
-    block: str | None,
+    block: str,
+    groups: tuple[ScaleGroup, ...],
     names: list[str],
     samples: dict[str, InputSample | None],
     group_size: int,
     symmetric: bool,
     scale_dtype: torch.dtype,
-) -> tuple[dict[str, Int4Weight], dict[str, float]]:
-    """Scale, fold and quantize the ``names`` of the block at ``block``; their INT4 weights and α per group."""
-    alphas = {}
-    for previous_name, group in GROUPS if block is not None else ():
-        previous = modules.get(f"{block}.{previous_name}")
-        members = [f"{block}.{g}" for g in group]
-        if previous is None or not all(m in names and samples[m] is not None for m in members):
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Search and fold the scale of every group of the block at ``block`` (the float function is unchanged).
+
+    Returns ``(α per group, groups not scaled and why)``. A group whose modules
+    the block does not have is an error (exit 3): the adapter does not describe
+    this model, and quietly skipping it would be RTN under AWQ's name.
+    """
+    alphas, skipped = {}, {}
+    for group in groups:
+        previous = modules.get(f"{block}.{group.previous}")
+        members = [f"{block}.{name}" for name in group.linears]
+        missing = [n for n in [f"{block}.{group.previous}", *members] if n not in modules]
+        if missing or not isinstance(previous, nn.Module):
+            raise InputError(
+                f"AWQ: {missing[0] if missing else group.previous} is not in the model, "
+                "so the architecture's scale groups do not describe it",
+                "fix the adapter in streamify/arch for this architecture, or use method gptq or rtn",
+            )
+        if not all(m in names for m in members):
+            skipped[group.previous] = "not all of its linears are quantization targets"
             continue
+        if any(samples[m] is None or samples[m].count == 0 for m in members):
+            raise InputError(f"AWQ: no calibration inputs reached {members[0]}", "check the calibration data")
         linears = [modules[m] for m in members]
         if isinstance(previous, nn.Linear) and previous.out_features != linears[0].in_features:
-            continue  # grouped-query attention: v's outputs are repeated before o, no 1:1 channel to fold
+            skipped[group.previous] = GQA_SKIP
+            continue
         scale, alpha = search_scale(linears, samples[members[0]].matrix(), group_size, symmetric, scale_dtype)
         _fold(previous, scale)
         for linear in linears:
             linear.weight.mul_(scale.to(linear.weight.dtype))
-        alphas[previous_name] = alpha
-    results = {name: rtn(modules[name].weight, group_size, symmetric, scale_dtype) for name in names}
-    return results, alphas
+        alphas[group.previous] = alpha
+    return alphas, skipped

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from streamify import __version__
+from streamify.arch import require
 from streamify.errors import InputError
 from streamify.io.checkpoint import Checkpoint
 from streamify.quantize.int4_grid import Int4Weight
 
 GGUF_NAME = "model.gguf"
-_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 
 
 def pack_q4(weight: Int4Weight, qtype: str) -> np.ndarray:
@@ -62,11 +62,12 @@ def _permuted(weight: Int4Weight, heads: int) -> Int4Weight:
 
 def check_exportable(model, where: str) -> None:
     """Refuse (exit 3) an architecture this writer does not map to llama.cpp."""
-    name = type(model).__name__
+    require(model.config.model_type, "gguf_architecture", "GGUF export", where)
     windowed = getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True)
-    if name not in _ARCHITECTURES or (name == "MistralForCausalLM" and windowed):
+    if windowed:
         raise InputError(
-            f"{where}: GGUF export supports Llama-architecture decoders, not {name}",
+            f"{where}: GGUF export writes llama.cpp's Llama architecture, which has no sliding window; "
+            f"this {type(model).__name__} uses one ({model.config.sliding_window} tokens)",
             "use format compressed-tensors for this model",
         )
 

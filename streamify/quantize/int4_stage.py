@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from streamify.arch import require
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.errors import InputError, UsageError
@@ -23,7 +24,7 @@ from streamify.io.load import cache_root
 from streamify.model.fingerprint import content_key
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
-from streamify.quantize.awq import InputSample, awq_block
+from streamify.quantize.awq import InputSample, fold_scales
 from streamify.quantize.calibrate import quantize_sequentially
 from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
 from streamify.quantize.entropy_format import CodedCheckpoint, code_checkpoint
@@ -151,6 +152,12 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     _check_not_quantized(model, where)
     if params.format == "gguf":
         check_exportable(model, where)
+    groups = None
+    if params.method == "awq":
+        arch = require(model.config.model_type, "awq_groups", "AWQ", where)
+        groups = arch.awq_groups
+        if arch.awq_note:
+            ctx.metrics["awq_note"] = arch.awq_note
     targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
     group = resolve_group_size(model, targets, params)
     scale_dtype = torch.float16 if params.format == "gguf" else model.dtype
@@ -167,12 +174,24 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         )
     modules = dict(model.named_modules())
     alphas: dict[str, dict[str, float]] = {}
+    awq_skipped: dict[str, dict[str, str]] = {}
+    unsupported: list[str] = []  # GPTQ targets without statistics (outside the blocks): RTN, reported
     settings = {"params": params.model_dump(mode="json"), "data": ctx.data, "seed": ctx.seed}
     resumable = ctx.use_cache and ids is not None  # hashing the weights is only worth it when calibrating
     checkpoint_dir = cache_root() / "calibrate" / content_key(model, settings) if resumable else None
 
     def solve_block(block, names, stats):
-        results = _solve(params, modules, block, names, stats, group, scale_dtype, alphas)
+        if groups is not None:  # AWQ: scales folded first, then the same RTN as below
+            if block is None:
+                awq_skipped["(outside the blocks)"] = {name: "not in a block: plain RTN" for name in names}
+            else:
+                alphas[block], skipped = fold_scales(
+                    modules, block, groups, names, stats, group, params.symmetric, scale_dtype
+                )
+                awq_skipped.update({block: skipped} if skipped else {})
+        if params.method == "gptq":
+            unsupported.extend(name for name in names if stats[name] is None)
+        results = _solve(params, modules, names, stats, group, scale_dtype)
         for name, result in results.items():
             if params.format == "gguf":  # fp16 scales, but llama.cpp multiplies in fp32
                 result.scale = result.scale.float()
@@ -196,8 +215,15 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         checkpoint.weights_writer = coded.write
         ctx.metrics["entropy"] = coded.summary()
         ctx.metrics.update(_effective_bits(coded, total))
-    if alphas:
+    if groups is not None:
         ctx.metrics["awq_alpha"] = {block: found for block, found in alphas.items() if found}
+        ctx.metrics["awq_not_scaled"] = awq_skipped
+        reasons = sorted({f"{group}: {why}" for skipped in awq_skipped.values() for group, why in skipped.items()})
+        if reasons:
+            ctx.progress.log(f"AWQ: not scaled in some blocks (see metrics awq_not_scaled): {'; '.join(reasons)}")
+    if unsupported:
+        ctx.metrics["rtn_without_statistics"] = unsupported
+        ctx.progress.log(f"GPTQ: {len(unsupported)} targets saw no calibration inputs and were rounded (RTN)")
     ctx.metrics.update(
         method=params.method,
         group_size=group,
@@ -209,11 +235,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     return checkpoint
 
 
-def _solve(params: Int4Params, modules, block, names, stats, group, scale_dtype, alphas) -> dict[str, Int4Weight]:
-    """INT4 weights of one block's target linears by ``params.method`` (RTN where there are no statistics)."""
-    if params.method == "awq":
-        results, alphas[block] = awq_block(modules, block, names, stats, group, params.symmetric, scale_dtype)
-        return results
+def _solve(params: Int4Params, modules, names, stats, group, scale_dtype) -> dict[str, Int4Weight]:
+    """INT4 weights of one block's target linears: GPTQ where it has statistics, else RTN (AWQ's scales are in)."""
     results = {}
     for name in names:
         weight = modules[name].weight

@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from streamify.arch import require
 from streamify.errors import InputError
 from streamify.model.blocks import find_blocks
 from streamify.runtime.spec import FULL, StreamingSpec
 
 IMPLEMENTATION = "streamify_streaming"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma")
 
 
 class StreamingController:
@@ -173,10 +173,12 @@ def _base_model(model: nn.Module) -> nn.Module:
 def check_streamable(model: nn.Module, where: str) -> None:
     """Raise :class:`InputError` (exit 3) unless streamify can make ``model`` stream."""
     model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(_base_model(model), "rotary_emb"):
+    require(model_type, "streaming", "streaming conversion", where)
+    if not hasattr(_base_model(model), "rotary_emb"):
         raise InputError(
-            f"{where}: streaming conversion does not support the '{model_type}' architecture",
-            f"supported decoder families: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            f"{where}: streaming conversion needs the model's rotary embedding (model.rotary_emb), "
+            f"which this '{model_type}' model does not have",
+            "report the model: its transformers class differs from the family's",
         )
 
 
