@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import streamify
 from streamify.converters.native import to_native
 from streamify.distill.trainer import TrainParams, train
+from streamify.progress import Progress
 from streamify.runtime import disable_streaming, enable_streaming, make_spec, new_cache
 
 ARCHS = ["llama", "qwen2", "mistral", "qwen3", "gemma"]
@@ -217,6 +218,28 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not (tmp_path / "train_state.pt").exists()
+
+
+def test_checkpoint_for_other_parameters_is_reported_not_silently_dropped(tmp_path):
+    """A checkpoint whose parameter names differ is not resumed, and the result and log say so."""
+    blocks = torch.randint(0, 50, (12, 8), generator=torch.Generator().manual_seed(0))
+    params = TrainParams(steps=4, lr=1e-2, grad_accum=1, warmup_steps=1, checkpoint_every=2)
+    torch.save(
+        {"step": 2, "losses": [1.0, 1.0], "weights": {"other.weight": torch.zeros(1)}}, tmp_path / "train_state.pt"
+    )
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
+    logged = []
+
+    class Log(Progress):
+        def log(self, message: str) -> None:
+            logged.append(message)
+
+    def loss(batch):
+        return torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+
+    result = train(model, blocks, loss, params, seed=0, checkpoint_dir=tmp_path, progress=Log())
+    assert result.discarded_checkpoint and result.resumed_from == 0 and len(result.losses) == 4
+    assert any("not resumed" in line for line in logged)
 
 
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights():

@@ -78,6 +78,14 @@ def heal(
     train_blocks = token_blocks(tokenizer, load_texts(data, "train"), seq_len, needed, seed=seed, where=where)
     eval_tokens = params.eval_blocks * seq_len
     eval_ids = token_blocks(tokenizer, load_texts(data, "heldout"), seq_len, eval_tokens, where=where)
+    unique = train_blocks.numel()
+    if unique < needed:
+        progress.log(
+            f"healing: {data} holds {unique:,} training tokens, fewer than the {needed:,} the steps take: "
+            f"they are repeated ({needed / unique:.1f} epochs)"
+        )
+    if eval_ids.numel() < eval_tokens:
+        progress.log(f"healing: held-out KL on {eval_ids.numel():,} tokens, not the {eval_tokens:,} asked")
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -112,8 +120,11 @@ def heal(
     metrics = {
         "heal_steps": result.steps,
         "heal_tokens": result.tokens,
+        "heal_unique_tokens": unique,
+        "heal_heldout_tokens": eval_ids.numel(),
         "heal_seq_len": seq_len,
         "heal_resumed_from_step": result.resumed_from,
+        "heal_discarded_checkpoint": result.discarded_checkpoint,
         "heal_loss_first": result.losses[0] if result.losses else None,
         "heal_loss_last": result.losses[-1] if result.losses else None,
         "heldout_kl_before": round(kl_before, 6),

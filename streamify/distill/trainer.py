@@ -55,6 +55,7 @@ class TrainResult:
     resumed_from: int
     losses: list[float]
     tokens: int
+    discarded_checkpoint: bool = False  # a checkpoint for other parameters was found and not used
 
 
 def lr_factor(step: int, params: TrainParams) -> float:
@@ -102,7 +103,12 @@ def train(
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, params))
-    start, losses = _resume(checkpoint_dir, model, names, optimizer, scheduler)
+    start, losses, discarded = _resume(checkpoint_dir, model, names, optimizer, scheduler)
+    if discarded:
+        progress.log(
+            f"training: the checkpoint {checkpoint_dir / CHECKPOINT_NAME} holds other parameters than this "
+            "model trains, so it is not resumed: training starts at step 0"
+        )
     if start:
         progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir / CHECKPOINT_NAME}")
     model.train()
@@ -126,7 +132,7 @@ def train(
     if checkpoint_dir is not None:
         (checkpoint_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     tokens = params.steps * params.batch_size * params.grad_accum * blocks.shape[1]
-    return TrainResult(params.steps, start, losses, tokens)
+    return TrainResult(params.steps, start, losses, tokens, discarded)
 
 
 def _save(folder: Path, model, names, optimizer, scheduler, step: int, losses: list[float]) -> None:
@@ -144,17 +150,18 @@ def _save(folder: Path, model, names, optimizer, scheduler, step: int, losses: l
     os.replace(tmp, folder / CHECKPOINT_NAME)
 
 
-def _resume(folder: Path | None, model, names, optimizer, scheduler) -> tuple[int, list[float]]:
+def _resume(folder: Path | None, model, names, optimizer, scheduler) -> tuple[int, list[float], bool]:
+    """``(step, losses, discarded)`` from a checkpoint in ``folder``; one for other parameters is discarded."""
     path = None if folder is None else folder / CHECKPOINT_NAME
     if path is None or not path.is_file():
-        return 0, []
+        return 0, [], False
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if sorted(payload["weights"]) != sorted(names):
-        return 0, []
+        return 0, [], True
     state = dict(model.named_parameters())
     with torch.no_grad():
         for name in names:
             state[name].copy_(payload["weights"][name])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    return int(payload["step"]), list(payload["losses"])
+    return int(payload["step"]), list(payload["losses"]), False
