@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import zstandard
 
+from streamify.codec.codec import MIN_CODED_ELEMS, decode_many, encode_many
 from streamify.io.load import load_checkpoint
-from streamify.quantize.entropy_codec import MIN_CODED_ELEMS, decode_many, encode_many
 
 HERE = Path(__file__).resolve().parent
 CODERS_VENV = HERE / ".venv-coders"

@@ -26,13 +26,13 @@ import torch
 from entropy_coding import best, zstd_runs
 from safetensors.torch import load_file
 
+from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL, decode_many
+from streamify.codec.container import code_checkpoint
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import SILENT
-from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL, decode_many
-from streamify.quantize.entropy_format import code_checkpoint
-from streamify.quantize.int4_stage import Int4Params
+from streamify.quantize.int4.stage import Int4Params
 
 MODEL = "builtin:smollm2-135m"
 

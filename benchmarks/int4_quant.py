@@ -37,8 +37,8 @@ from streamify.eval.report import EvalSpec, eval_blocks
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
-from streamify.quantize.gguf_export import write_gguf
-from streamify.quantize.int4_stage import Int4Params
+from streamify.quantize.int4.gguf import write_gguf
+from streamify.quantize.int4.stage import Int4Params
 
 MODEL = "builtin:smollm2-135m"
 HERE = Path(__file__).resolve().parent

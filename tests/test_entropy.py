@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 
 import streamify
 from conftest import build_tiny
+from streamify.codec.codec import BYTE_CODEC, CorruptWeightsError, decode_tensor, encode_tensor
+from streamify.codec.container import CONTAINER_NAME, decode_tensors, read_index, write_container
+from streamify.codec.restore import restore_files
 from streamify.io.load import load_checkpoint
 from streamify.io.safetensors_file import read_header
-from streamify.quantize.entropy_codec import BYTE_CODEC, CorruptWeightsError, decode_tensor, encode_tensor
-from streamify.quantize.entropy_format import CONTAINER_NAME, decode_tensors, read_index, write_container
-from streamify.quantize.entropy_restore import restore_files
 
 _BITS = {2: torch.int16, 4: torch.int32}
 
@@ -59,7 +59,7 @@ def test_codec_keeps_shapes_including_empty_and_scalar(tmp_path):
         "big": torch.randn(64, 200, dtype=torch.float32),
     }
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt", "note": "kept"})
-    from streamify.quantize.entropy_format import encode_file
+    from streamify.codec.container import encode_file
 
     stored, index, _ = encode_file(tmp_path / "model.safetensors", level=8, chunk_elems=4096, threads=1)
     assert {n for n, e in index.items() if e["storage"] == "coded"} == {"matrix", "big"}

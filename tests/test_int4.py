@@ -17,11 +17,11 @@ from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import Progress
-from streamify.quantize.awq import InputSample, fold_scales, search_scale
-from streamify.quantize.gguf_export import pack_q4
-from streamify.quantize.gptq import HessianAccumulator, gptq
-from streamify.quantize.int4_grid import QMAX, QMIN, rtn
-from streamify.quantize.int4_stage import Int4Params
+from streamify.quantize.int4.awq import InputSample, fold_scales, search_scale
+from streamify.quantize.int4.gguf import pack_q4
+from streamify.quantize.int4.gptq import HessianAccumulator, gptq
+from streamify.quantize.int4.grid import QMAX, QMIN, rtn
+from streamify.quantize.int4.stage import Int4Params
 
 IDS = torch.arange(5, 69)[None]
 
@@ -259,7 +259,7 @@ def test_already_quantized_input_is_refused(cli, tiny_llama, tmp_path):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_killed_calibration_resumes_to_the_same_weights(tiny_llama, tmp_path, method, monkeypatch):
     """A calibration that dies after block 2 resumes there and ends with the uninterrupted run's weights."""
-    import streamify.quantize.calibrate as calibrate
+    import streamify.quantize.int4.calibrate as calibrate
 
     monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
     params = {"method": method, "group_size": 32, "samples": 4, "seq_len": 64}

@@ -13,7 +13,7 @@ from streamify.eval.report import EvalSpec, eval_blocks
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
-from streamify.quantize.int4_stage import Int4Params
+from streamify.quantize.int4.stage import Int4Params
 
 pytestmark = pytest.mark.real
 MODEL = "builtin:smollm2-135m"

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from streamify.codec.container import CONTAINER_NAME, read_index, write_container
 from streamify.errors import ExitCode
 from streamify.io.artifact import output_lock, pending_folder
 from streamify.io.atomic import publish, temp_sibling
-from streamify.quantize.entropy_format import CONTAINER_NAME, read_index, write_container
 
 DEAD_PID = 4194304 + 4242  # above Linux's largest pid_max: never a live process
 

@@ -8,7 +8,8 @@ Every stage asks :func:`arch_for` / :func:`require` instead of checking a
   (post-norms, fused projections); ``None`` when none is mapped, and AWQ refuses.
 - ``streaming``: the sink + window runtime handles its attention (rotary, ``self_attn``).
 - ``native_target``: the transformers architecture with per-layer sliding
-  windows that holds its weights exactly (``--export-arch native``).
+  windows that holds its weights exactly (``--export-arch native``);
+  ``native_holds_bias`` False when that target has no attention or MLP biases.
 - ``gguf_architecture``: the llama.cpp architecture our GGUF writer maps it to.
 - ``layer_index_keys`` / ``layer_count_keys``: config keys that hold layer
   *indices* or a *number of layers* (sliced when blocks are removed); lists with
@@ -42,6 +43,7 @@ class Arch:
     awq_note: str = ""
     streaming: bool = False
     native_target: str | None = None
+    native_holds_bias: bool = True
     gguf_architecture: str | None = None
     layer_index_keys: tuple[str, ...] = ()
     layer_count_keys: tuple[str, ...] = ()

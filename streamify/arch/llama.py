@@ -3,12 +3,20 @@
 from streamify.arch import LLAMA_AWQ, Arch
 
 ARCHS = (
-    Arch(("llama",), awq_groups=LLAMA_AWQ, streaming=True, native_target="ministral", gguf_architecture="llama"),
+    Arch(
+        ("llama",),
+        awq_groups=LLAMA_AWQ,
+        streaming=True,
+        native_target="ministral",
+        native_holds_bias=False,  # Ministral has no attention_bias / mlp_bias
+        gguf_architecture="llama",
+    ),
     Arch(
         ("mistral", "ministral"),
         awq_groups=LLAMA_AWQ,
         streaming=True,
         native_target="ministral",
+        native_holds_bias=False,
         gguf_architecture="llama",  # llama.cpp runs Mistral as a Llama (without its sliding window)
     ),
     # max_window_layers: the layers from this index on use the sliding window

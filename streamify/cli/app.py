@@ -659,7 +659,7 @@ def quantize_decode(
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Restore a plain safetensors checkpoint, bit-identical to the one that was coded."""
-    from streamify.quantize.entropy_restore import decode_artifact
+    from streamify.codec.restore import decode_artifact
 
     with command(fmt) as out:
         result = decode_artifact(artifact, str(output), overwrite=overwrite, threads=threads, progress=out)

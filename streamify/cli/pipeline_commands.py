@@ -84,7 +84,7 @@ def render_batch(console: Console, data: dict) -> None:
 @cache_app.command("list")
 def cache_list(fmt: FormatOpt = Format.human) -> None:
     """Stage outputs, training checkpoints and dequantized GGUF files in the cache, with their sizes."""
-    from streamify.io.load import cache_root
+    from streamify.io.cache import cache_root
     from streamify.pipeline.cache import cache_entries
 
     with command(fmt) as out:

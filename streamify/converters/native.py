@@ -25,7 +25,7 @@ def native_target(config) -> str:
     arch = arch_for(model_type)
     target = arch.native_target if arch else None
     has_bias = getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
-    if target is None or (target == "ministral" and has_bias):
+    if target is None or (has_bias and not arch.native_holds_bias):
         raise UsageError(
             f"--export-arch native: no transformers architecture with per-layer sliding windows holds "
             f"these '{model_type}' weights exactly",

@@ -20,8 +20,9 @@ from streamify.distill.lora import add_lora, merge_lora
 from streamify.distill.losses import heldout_kl, hidden_mse, kl_to_teacher, next_token_ce
 from streamify.distill.trainer import TrainParams, train
 from streamify.errors import UsageError
+from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import cache_root, load_checkpoint
+from streamify.io.load import load_checkpoint
 from streamify.model.blocks import block_list
 from streamify.model.fingerprint import content_key
 from streamify.model.hooks import recording

@@ -25,8 +25,9 @@ from pathlib import Path
 from streamify import __version__
 from streamify.errors import UsageError
 from streamify.io.atomic import TMP_TAG, pid_alive, remove_stale_siblings, temp_sibling
+from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import MANIFEST_NAME, cache_root
+from streamify.io.manifest import MANIFEST_NAME
 from streamify.io.safetensors_file import stamp_metadata
 from streamify.io.source import sha256_file
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -12,82 +11,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from streamify.codec.container import CONTAINER_NAME
+from streamify.codec.load import load_entropy_model
+from streamify.codec.restore import restore_folder
 from streamify.errors import InputError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.io.checkpoint import Checkpoint
+from streamify.io.config import folder_config, gguf_cache_folder, gguf_config, model_class
+from streamify.io.manifest import read_manifest
 from streamify.io.placement import resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
+from streamify.io.verify import verify_artifact
 from streamify.progress import SILENT, Progress
-from streamify.quantize.entropy_format import CONTAINER_NAME
 from streamify.runtime.attention import check_streamable
 from streamify.runtime.generate import make_streaming
 from streamify.runtime.spec import read_spec
-
-MANIFEST_NAME = "streamify.json"
-
-
-def cache_root() -> Path:
-    """streamify's cache folder: ``$STREAMIFY_CACHE_DIR`` or the user cache dir."""
-    env = os.environ.get("STREAMIFY_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("streamify"))
-
-
-def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The model config, read without touching any weights."""
-    if source.kind == "gguf":
-        cached = _gguf_cache_folder(source)
-        if cached.is_dir():
-            return _folder_config(cached, trust_remote_code)
-        return _gguf_config(source)
-    return _folder_config(source.path, trust_remote_code)
-
-
-def model_class(config: PretrainedConfig, where: str) -> type:
-    """The transformers class for a config: the one ``architectures`` names, else causal LM, else bare model."""
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type):
-            return cls
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return AutoModelForCausalLM
-    if type(config) in MODEL_MAPPING:
-        return AutoModel
-    raise InputError(
-        f"{where}: architecture '{config.model_type}' has no model class in transformers",
-        "streamify handles the architectures transformers ships; convert the checkpoint to one of them",
-    )
-
-
-def instantiate(cls: type, config: PretrainedConfig, trust_remote_code: bool = False):
-    """A model of ``cls`` built from ``config`` (random or empty weights, per the active device context)."""
-    if hasattr(cls, "from_config"):  # an Auto class
-        return cls.from_config(config, trust_remote_code=trust_remote_code)
-    return cls(config)
-
-
-def read_manifest(folder: Path) -> dict | None:
-    """The streamify manifest of an artifact folder, or None for other checkpoints."""
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})", "restore the file or re-create the artifact") from exc
-    if not isinstance(manifest, dict):
-        raise InputError(f"{path}: not a JSON object", "restore the file or re-create the artifact")
-    return manifest
 
 
 def load_checkpoint(
@@ -110,18 +51,14 @@ def load_checkpoint(
     """
     source = resolve_source(spec)
     if verify:
-        from streamify.io.verify import verify_artifact
-
         verify_artifact(source.folder)
     target = resolve_device(device)
     folder = _materialize_gguf(source, progress) if source.kind == "gguf" else source.path
-    config = _folder_config(folder, trust_remote_code)
+    config = folder_config(folder, trust_remote_code)
     cls = model_class(config, spec)
     manifest = read_manifest(folder) or {}
     container = folder / CONTAINER_NAME
     if container.is_file() and getattr(config, "quantization_config", None) is None:
-        from streamify.quantize.entropy_load import load_entropy_model
-
         model = load_entropy_model(container, config, cls, torch_dtype(dtype), target, lazy=lazy)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
     with _weights_folder(folder, container, config, lazy) as weights:
@@ -177,8 +114,6 @@ def _weights_folder(folder: Path, container: Path, config: PretrainedConfig, laz
             f"{container}: --lazy decodes floating-point weights block by block; these weights are quantized",
             "load it without --lazy",
         )
-    from streamify.quantize.entropy_restore import restore_folder
-
     with tempfile.TemporaryDirectory(prefix="streamify-restore-", ignore_cleanup_errors=True) as tmp:
         try:
             restore_folder(folder, Path(tmp), config, threads=os.cpu_count() or 1)
@@ -202,51 +137,6 @@ def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remot
         history=manifest.get("history", []) + manifest.get("stages", []),
         streaming=manifest.get("streaming"),
     )
-
-
-# Sizes every architecture reads as positive integers; a wrong type or value here fails deep inside torch.
-_POSITIVE_INT_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "max_position_embeddings",
-)
-
-
-def _folder_config(folder: Path, trust_remote_code: bool) -> PretrainedConfig:
-    path = folder / "config.json"
-    restore = "restore config.json from the original model"
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})", restore) from exc
-    if not isinstance(raw, dict):
-        raise InputError(f'{path}: not a JSON object (a config is {{"model_type": ..., ...}})', restore)
-    for key in _POSITIVE_INT_KEYS:
-        value = raw.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise InputError(f"{path}: '{key}' is {value!r}; it must be a positive integer", restore)
-    try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
-        message = " ".join(str(exc).split())
-        raise InputError(f"{path}: transformers rejects this config ({message})", restore) from exc
-    except ValueError as exc:
-        text = str(exc)
-        if "trust_remote_code" in text:
-            raise UsageError(
-                f"{folder}: this model ships its own code",
-                "read that code, then pass --trust-remote-code if you trust it",
-            ) from exc
-        model_type = json.loads(path.read_text()).get("model_type", "?")
-        raise InputError(
-            f"{path}: unsupported architecture (model_type '{model_type}')",
-            "streamify handles the architectures transformers ships; upgrade transformers or convert the model",
-        ) from exc
 
 
 def _check_weight_files(folder: Path, allow_pickle: bool) -> bool:
@@ -277,25 +167,13 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
         raise InputError(f"{folder}: tokenizer files are unreadable ({exc})", "restore the tokenizer files") from exc
 
 
-def _gguf_cache_folder(source: Source) -> Path:
-    sha = source.hash_files()[0].sha256
-    return cache_root() / "gguf" / sha
-
-
-def _gguf_config(source: Source) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise InputError(f"{source.path}: unreadable or unsupported GGUF file ({exc})", "check the file") from exc
-
-
 def _materialize_gguf(source: Source, progress: Progress) -> Path:
     """Dequantize a GGUF file once into a cached HF folder (keyed by its sha256); return the folder."""
-    folder = _gguf_cache_folder(source)
+    folder = gguf_cache_folder(source)
     if folder.is_dir():
         return folder
     progress.log(f"dequantizing {source.path.name} once into {folder} (this takes a while)")
-    config = _gguf_config(source)
+    config = gguf_config(source)
     model_class(config, str(source.path))
     tmp = temp_sibling(folder)  # unique to this process: two first uses at once each write their own
     try:

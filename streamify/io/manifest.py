@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from streamify import __version__
+from streamify.errors import InputError
 from streamify.io.checkpoint import Checkpoint
 
 FORMAT = "streamify.manifest"
 FORMAT_VERSION = 2  # 2: `files` records the sha256 of every file of the artifact
+MANIFEST_NAME = "streamify.json"
 _PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "peft", "gguf", "pydantic")
 
 
@@ -50,3 +54,17 @@ def build_manifest(
         "eval_source": source_eval,
         "gates": gates,
     }
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The streamify manifest of an artifact folder, or None for other checkpoints."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})", "restore the file or re-create the artifact") from exc
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: not a JSON object", "restore the file or re-create the artifact")
+    return manifest

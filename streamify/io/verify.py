@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from streamify.errors import InputError
 from streamify.io.artifact import FILES_KEY, manifest_digest, weight_files
-from streamify.io.load import MANIFEST_NAME, read_manifest
+from streamify.io.manifest import MANIFEST_NAME, read_manifest
 from streamify.io.source import sha256_file
 
 _RECREATE = "the file is damaged or was changed: restore it from a good copy, or re-create the artifact"

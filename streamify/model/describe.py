@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from streamify.io.load import read_config, read_manifest
+from streamify.codec.container import CONTAINER_NAME, read_index, summarize_file
+from streamify.io.config import read_config
+from streamify.io.manifest import read_manifest
 from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.model.attention import attention_layout, summarize_layout
@@ -12,7 +14,6 @@ from streamify.model.blocks import find_blocks
 from streamify.model.params import count_params
 from streamify.pipeline.plan import meta_model
 from streamify.pipeline.registry import all_stages
-from streamify.quantize.entropy_format import CONTAINER_NAME, read_index, summarize_file
 
 
 def stored_dtypes(source: Source) -> dict[str, int]:

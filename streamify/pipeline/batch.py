@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from streamify.errors import ExitCode, UsageError
-from streamify.io.load import read_manifest
+from streamify.io.manifest import read_manifest
 from streamify.pipeline.recipe import load_recipe
 from streamify.progress import SILENT, Progress
 

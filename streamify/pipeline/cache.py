@@ -12,7 +12,7 @@ the weight format (``final``) are not cached: they are the cheap last step.
 
 Training inside a stage (healing) checkpoints itself under ``<cache>/train/``
 (see :mod:`streamify.distill.trainer`), INT4 calibration under
-``<cache>/calibrate/`` (see :mod:`streamify.quantize.calibrate`); the GGUF
+``<cache>/calibrate/`` (see :mod:`streamify.quantize.int4.calibrate`); the GGUF
 dequantization cache lives under ``<cache>/gguf/``.
 """
 
@@ -33,8 +33,9 @@ from streamify.data.sources import data_fingerprint
 from streamify.errors import StreamifyError
 from streamify.io.artifact import clean_pending, save_model_files
 from streamify.io.atomic import publish, remove_stale_siblings, temp_sibling
+from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import cache_root, load_checkpoint
+from streamify.io.load import load_checkpoint
 from streamify.io.source import Source
 from streamify.pipeline.recipe import Recipe
 from streamify.progress import SILENT, Progress

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from streamify.errors import ResourceError
-from streamify.io.load import instantiate, model_class, read_config
+from streamify.io.config import instantiate, model_class, read_config
 from streamify.io.placement import DTYPES
 from streamify.io.source import Source
 from streamify.model.attention import attention_layout, summarize_layout

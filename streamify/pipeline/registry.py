@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,15 +17,7 @@ from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
 from streamify.progress import SILENT, Progress
 
-# Modules that register stages when imported; a new stage module is added here.
-STAGE_MODULES = (
-    "streamify.converters.dtype",
-    "streamify.converters.streaming",
-    "streamify.distill.heal",
-    "streamify.prune.depth",
-    "streamify.quantize.entropy_stage",
-    "streamify.quantize.int4_stage",
-)
+STAGE_MARK = "@register("  # a module that defines a stage says so: found, never listed by hand
 
 
 @dataclass
@@ -78,9 +73,28 @@ def register(name: str, params: type[BaseModel], summary: str, **options) -> Cal
     return wrap
 
 
+@cache
+def stage_modules() -> tuple[str, ...]:
+    """The modules of the package that register stages: those whose source applies :func:`register`.
+
+    Read as text, so only those modules are imported (importing every module
+    would slow every command down).
+    """
+    import streamify
+
+    found = []
+    for info in pkgutil.walk_packages(streamify.__path__, "streamify."):
+        if info.ispkg:
+            continue
+        path = Path(info.module_finder.path) / f"{info.name.rpartition('.')[2]}.py"
+        if path.is_file() and STAGE_MARK in path.read_text() and info.name != __name__:
+            found.append(info.name)
+    return tuple(sorted(found))
+
+
 def all_stages() -> dict[str, Stage]:
     """Every registered stage by name."""
-    for module in STAGE_MODULES:
+    for module in stage_modules():
         importlib.import_module(module)
     return dict(sorted(_REGISTRY.items()))
 

@@ -16,11 +16,12 @@ from streamify.io.artifact import (
     write_manifest,
 )
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import MANIFEST_NAME, load_checkpoint
-from streamify.io.manifest import build_manifest
+from streamify.io.load import load_checkpoint
+from streamify.io.manifest import MANIFEST_NAME, build_manifest
 from streamify.io.model_card import render_model_card
 from streamify.io.placement import resolve_device
 from streamify.io.source import resolve_source
+from streamify.io.verify import verify_artifact
 from streamify.pipeline.cache import StageCache, stage_keys
 from streamify.pipeline.gates import check_gates, raise_on_failure
 from streamify.pipeline.plan import build_plan, check_fits
@@ -56,8 +57,6 @@ def run_recipe(
         return {"dry_run": True, "plan": plan}
     check_fits(plan, out, progress)
     if recipe.verify and source.kind == "hf-folder" and (source.folder / MANIFEST_NAME).is_file():
-        from streamify.io.verify import verify_artifact
-
         checked = verify_artifact(source.folder)
         progress.log(f"verified {checked['files']} files of {source.folder} against its manifest")
     with output_lock(out):

@@ -1,1 +1,1 @@
-"""Quantization and compression stages: lossless entropy coding (INT4 follows)."""
+"""Quantization: INT4 weights (``streamify.quantize.int4``); lossless coding is ``streamify.codec``."""

@@ -1,4 +1,4 @@
-"""Lossless entropy coding of weight tensors (the codec; the container is in ``entropy_format``).
+"""Lossless entropy coding of weight tensors (the codec; the container is in :mod:`streamify.codec.container`).
 
 Two codecs:
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from streamify.io.checkpoint import Checkpoint
-from streamify.quantize.int4_grid import Int4Weight
+from streamify.quantize.int4.grid import Int4Weight
 
 FORMAT = "pack-quantized"
 

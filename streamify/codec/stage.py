@@ -1,4 +1,4 @@
-"""Stage ``quantize.entropy``: lossless entropy coding of the weights (see ``entropy_format``)."""
+"""Stage ``quantize.entropy``: lossless entropy coding of the weights (see :mod:`streamify.codec.container`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
+from streamify.codec.container import code_checkpoint
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
-from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
-from streamify.quantize.entropy_format import code_checkpoint
 
 
 class EntropyParams(BaseModel):

@@ -1,6 +1,6 @@
 """Write an INT4 artifact as a GGUF file that llama.cpp runs, with the ``gguf`` package.
 
-Q4_0 and Q4_1 are the INT4 grid of :mod:`streamify.quantize.int4_grid` with a
+Q4_0 and Q4_1 are the INT4 grid of :mod:`streamify.quantize.int4.grid` with a
 group of 32: a block stores its scale ``d`` as fp16 (Q4_1 also ``m``), then 16
 bytes holding codes ``q = code + 8`` in [0, 15] (weight ``j`` in the low nibble
 of byte ``j``, weight ``j + 16`` in the high nibble). Q4_0: ``w = (q - 8)·d``;
@@ -26,7 +26,7 @@ from streamify import __version__
 from streamify.arch import require
 from streamify.errors import InputError
 from streamify.io.checkpoint import Checkpoint
-from streamify.quantize.int4_grid import Int4Weight
+from streamify.quantize.int4.grid import Int4Weight
 
 GGUF_NAME = "model.gguf"
 

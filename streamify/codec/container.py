@@ -4,7 +4,7 @@ Format (version 2), so that another implementation can read it:
 
 - A safetensors file. Every tensor of the checkpoint is stored under its own
   name, either *coded* (a 1-D ``U8`` tensor: the concatenated chunks written by
-  :mod:`streamify.quantize.entropy_codec`) or *raw* (the tensor itself, in its
+  :mod:`streamify.codec.codec`) or *raw* (the tensor itself, in its
   own dtype: tensors under 4096 values, and integer and bool tensors other than
   INT4 codes packed in INT32 ``*weight_packed`` tensors).
 - ``__metadata__["streamify_entropy"]`` is a JSON string (the index)::
@@ -54,10 +54,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from streamify.errors import InputError
-from streamify.io.safetensors_file import DTYPE_BYTES, read_header
-from streamify.progress import Progress
-from streamify.quantize.entropy_codec import (
+from streamify.codec.codec import (
     TENSOR_DTYPES,
     CorruptWeightsError,
     check_chunks,
@@ -65,6 +62,9 @@ from streamify.quantize.entropy_codec import (
     decode_many,
     encode_many,
 )
+from streamify.errors import InputError
+from streamify.io.safetensors_file import DTYPE_BYTES, read_header
+from streamify.progress import Progress
 
 CONTAINER_NAME = "model.entropy.safetensors"
 FORMAT = "streamify.entropy"

@@ -19,7 +19,7 @@ from torch import nn
 
 from streamify.arch import ScaleGroup
 from streamify.errors import InputError
-from streamify.quantize.int4_grid import rtn
+from streamify.quantize.int4.grid import rtn
 
 GRID = 20
 GQA_SKIP = "grouped-query attention: v's outputs are repeated before o, no 1:1 channel to fold"

@@ -17,11 +17,11 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig
 
+from streamify.codec.codec import CorruptWeightsError
+from streamify.codec.container import decode_tensors, read_index
 from streamify.errors import InputError
-from streamify.io.load import instantiate, model_class
+from streamify.io.config import instantiate, model_class
 from streamify.model.blocks import find_blocks
-from streamify.quantize.entropy_codec import CorruptWeightsError
-from streamify.quantize.entropy_format import decode_tensors, read_index
 
 # compressed-tensors stores a quantized Linear's ``weight`` as these tensors
 _QUANTIZED_PARTS = re.compile(r"\.weight_(packed|scale|zero_point|shape|g_idx)$")

@@ -4,7 +4,7 @@ The in-memory model after the stage holds the dequantized weights (so the
 eval measures exactly what the artifact stores); the artifact is written in
 the chosen format: compressed-tensors ``pack-quantized`` (transformers, vLLM)
 or GGUF (llama.cpp). With ``entropy`` the compressed-tensors files are stored
-entropy-coded (``entropy_format``), the packed 4-bit codes included.
+entropy-coded (:mod:`streamify.codec.container`), the packed 4-bit codes included.
 """
 
 from __future__ import annotations
@@ -16,21 +16,21 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streamify.arch import require
+from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
+from streamify.codec.container import CodedCheckpoint, code_checkpoint
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.errors import InputError, UsageError
+from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import cache_root
 from streamify.model.fingerprint import content_key
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
-from streamify.quantize.awq import InputSample, fold_scales
-from streamify.quantize.calibrate import quantize_sequentially
-from streamify.quantize.entropy_codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
-from streamify.quantize.entropy_format import CodedCheckpoint, code_checkpoint
-from streamify.quantize.gguf_export import check_exportable, write_gguf
-from streamify.quantize.gptq import HessianAccumulator, gptq
-from streamify.quantize.int4_grid import Int4Weight, rtn, valid_group_sizes
+from streamify.quantize.int4.awq import InputSample, fold_scales
+from streamify.quantize.int4.calibrate import quantize_sequentially
+from streamify.quantize.int4.gguf import check_exportable, write_gguf
+from streamify.quantize.int4.gptq import HessianAccumulator, gptq
+from streamify.quantize.int4.grid import Int4Weight, rtn, valid_group_sizes
 
 GGUF_GROUP = 32  # Q4_0 and Q4_1 blocks hold 32 weights
 
@@ -259,6 +259,6 @@ def _effective_bits(coded: CodedCheckpoint, total: int) -> dict:
 def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
     if params.format == "gguf":
         return lambda folder: write_gguf(checkpoint, quantized, params.gguf_type, folder)
-    from streamify.quantize.compressed import write_compressed_tensors
+    from streamify.quantize.int4.compressed import write_compressed_tensors
 
     return lambda folder: write_compressed_tensors(checkpoint, quantized, params.symmetric, folder)

@@ -28,7 +28,7 @@ from torch import nn
 
 from streamify.model.blocks import block_list
 from streamify.progress import SILENT, Progress
-from streamify.quantize.int4_grid import Int4Weight
+from streamify.quantize.int4.grid import Int4Weight
 
 # make_stats(linear) -> an accumulator with add(inputs), fed every input the linear sees in its block;
 # solve_block(block, names, stats) -> quantizes those linears in place and returns their INT4 weights;

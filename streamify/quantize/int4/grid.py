@@ -6,7 +6,7 @@ a row. Symmetric: ``zero = 0`` and ``scale = max|w| / 7.5`` (the largest weight
 lands half a step inside the grid). Asymmetric: ``scale = (max - min) / 15``
 and ``zero`` puts ``min`` on code -8. This is compressed-tensors' convention
 (``weight_scale``, ``weight_zero_point``), and Q4_0 / Q4_1 of GGUF are the same
-grid with ``code + 8`` stored (see :mod:`streamify.quantize.gguf_export`).
+grid with ``code + 8`` stored (see :mod:`streamify.quantize.int4.gguf`).
 
 Scales are rounded (up) to ``scale_dtype``, the dtype they are stored in, as soon
 as they are made, and dequantization multiplies in that dtype, so the in-memory

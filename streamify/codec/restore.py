@@ -1,7 +1,7 @@
 """Restore an entropy-coded artifact's original files; ``streamify quantize decode`` writes them as an artifact.
 
 Everything read from the artifact is checked before a byte is written: the
-container's index (:func:`~streamify.quantize.entropy_format.read_index`), that
+container's index (:func:`~streamify.codec.container.read_index`), that
 its tensors are the ones config.json's model has, with its shapes, and that
 side files are regular files inside the artifact folder.
 """
@@ -18,21 +18,22 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
+from streamify.codec.container import CONTAINER_NAME, decode_tensors, read_index
+from streamify.codec.load import check_matches_config
 from streamify.errors import InputError
 from streamify.io.artifact import check_output, output_lock, staged_folder, write_manifest
-from streamify.io.load import MANIFEST_NAME, read_config, read_manifest
+from streamify.io.config import read_config
+from streamify.io.manifest import MANIFEST_NAME, read_manifest
 from streamify.io.model_card import render_model_card
 from streamify.io.source import SourceFile, check_links, resolve_source, sha256_file
 from streamify.progress import SILENT, Progress
-from streamify.quantize.entropy_format import CONTAINER_NAME, decode_tensors, read_index
-from streamify.quantize.entropy_load import check_matches_config
 
 
 def restore_files(path: Path, folder: Path, config: PretrainedConfig | None, threads: int = 1) -> list[Path]:
     """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``.
 
     With ``config``, the container must hold exactly the model's tensors
-    (:func:`~streamify.quantize.entropy_load.check_matches_config`).
+    (:func:`~streamify.codec.load.check_matches_config`).
     """
     meta = read_index(path)
     if config is not None:

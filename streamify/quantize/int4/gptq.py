@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from streamify.quantize.int4_grid import Int4Weight, group_scale_zero, quantize_columns
+from streamify.quantize.int4.grid import Int4Weight, group_scale_zero, quantize_columns
 
 
 class HessianAccumulator:

@@ -1,0 +1,109 @@
+"""A checkpoint's config and its transformers class, read and checked without touching any weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+from streamify.errors import InputError, UsageError
+from streamify.io.cache import cache_root
+from streamify.io.source import Source
+
+
+def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model config, read without touching any weights."""
+    if source.kind == "gguf":
+        cached = gguf_cache_folder(source)
+        if cached.is_dir():
+            return folder_config(cached, trust_remote_code)
+        return gguf_config(source)
+    return folder_config(source.path, trust_remote_code)
+
+
+def model_class(config: PretrainedConfig, where: str) -> type:
+    """The transformers class for a config: the one ``architectures`` names, else causal LM, else bare model."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type):
+            return cls
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    if type(config) in MODEL_MAPPING:
+        return AutoModel
+    raise InputError(
+        f"{where}: architecture '{config.model_type}' has no model class in transformers",
+        "streamify handles the architectures transformers ships; convert the checkpoint to one of them",
+    )
+
+
+def instantiate(cls: type, config: PretrainedConfig, trust_remote_code: bool = False):
+    """A model of ``cls`` built from ``config`` (random or empty weights, per the active device context)."""
+    if hasattr(cls, "from_config"):  # an Auto class
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+    return cls(config)
+
+
+# Sizes every architecture reads as positive integers; a wrong type or value here fails deep inside torch.
+_POSITIVE_INT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def folder_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """``folder/config.json`` as transformers reads it, after checks that name the file and the key."""
+    path = folder / "config.json"
+    restore = "restore config.json from the original model"
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})", restore) from exc
+    if not isinstance(raw, dict):
+        raise InputError(f'{path}: not a JSON object (a config is {{"model_type": ..., ...}})', restore)
+    for key in _POSITIVE_INT_KEYS:
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InputError(f"{path}: '{key}' is {value!r}; it must be a positive integer", restore)
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+        message = " ".join(str(exc).split())
+        raise InputError(f"{path}: transformers rejects this config ({message})", restore) from exc
+    except ValueError as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise UsageError(
+                f"{folder}: this model ships its own code",
+                "read that code, then pass --trust-remote-code if you trust it",
+            ) from exc
+        model_type = json.loads(path.read_text()).get("model_type", "?")
+        raise InputError(
+            f"{path}: unsupported architecture (model_type '{model_type}')",
+            "streamify handles the architectures transformers ships; upgrade transformers or convert the model",
+        ) from exc
+
+
+def gguf_cache_folder(source: Source) -> Path:
+    """Where the dequantized copy of a GGUF source is kept (keyed by the file's sha256)."""
+    sha = source.hash_files()[0].sha256
+    return cache_root() / "gguf" / sha
+
+
+def gguf_config(source: Source) -> PretrainedConfig:
+    """The config transformers reads from a GGUF file's metadata."""
+    try:
+        return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{source.path}: unreadable or unsupported GGUF file ({exc})", "check the file") from exc
