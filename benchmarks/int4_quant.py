@@ -154,7 +154,7 @@ def part_two(base, blocks, work: Path) -> list[dict]:
     )
     for method in ("rtn", "gptq"):
         checkpoint, seconds = quantize(
-            method=method, group_size=32, format="gguf", gguf_type="Q4_0", samples=32, seq_len=512
+            method=method, group_size=32, weights_format="gguf", gguf_type="Q4_0", samples=32, seq_len=512
         )
         save_model_files(checkpoint, _fresh(work / f"q4_0-{method}"))
         ppl = llama_cpp_perplexity(work / f"q4_0-{method}" / "model.gguf", blocks)

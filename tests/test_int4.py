@@ -201,7 +201,9 @@ def test_ignore_patterns_keep_layers_in_float(tiny_llama, tmp_path):
 @pytest.mark.parametrize(("qtype", "symmetric"), [("Q4_0", True), ("Q4_1", False)])
 def test_gguf_artifact_runs_in_llama_cpp(tiny_llama, tmp_path, qtype, symmetric):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency: run make test")
-    checkpoint = quantized(tiny_llama, method="rtn", group_size=32, symmetric=symmetric, format="gguf", gguf_type=qtype)
+    checkpoint = quantized(
+        tiny_llama, method="rtn", group_size=32, symmetric=symmetric, weights_format="gguf", gguf_type=qtype
+    )
     save_model_files(checkpoint, tmp_path)
     ours = logits(checkpoint.model).numpy()
     original = logits(AutoModelForCausalLM.from_pretrained(tiny_llama)).numpy()
@@ -228,7 +230,7 @@ def test_llama_cpp_is_installed_for_the_suite():
     ("params", "message"),
     [
         ({"group_size": 64}, "group size 64 does not divide the input size 32 of model.layers.0.self_attn.q_proj"),
-        ({"group_size": 64, "format": "gguf"}, "format gguf stores blocks of 32"),
+        ({"group_size": 64, "weights_format": "gguf"}, "weights_format gguf stores blocks of 32"),
         ({"bits": 8}, "4-bit"),
         ({"symmetric": False}, "asymmetric compressed-tensors artifacts do not reload"),
         ({"targets": ["nope"]}, "'nope' matches no module"),

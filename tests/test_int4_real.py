@@ -49,7 +49,7 @@ def test_gguf_q4_0_runs_in_llama_cpp_with_our_perplexity(heldout, tmp_path):
     """llama.cpp loads the Q4_0 artifact, generates, and scores held-out text as our fake-quant model does."""
     import llama_cpp
 
-    checkpoint = quantize(method="rtn", group_size=32, format="gguf", gguf_type="Q4_0")
+    checkpoint = quantize(method="rtn", group_size=32, weights_format="gguf", gguf_type="Q4_0")
     save_model_files(checkpoint, tmp_path)
     ids = heldout[0]
     ours = perplexity(checkpoint.model, ids[None], 1)["perplexity"]

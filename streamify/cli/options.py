@@ -27,7 +27,6 @@ EvalOpt = Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the ar
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="tokens to score")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="window length in tokens")]
 ModelArg = Annotated[str, typer.Argument(help="a model folder, .gguf file, builtin:ALIAS or hub id", metavar="MODEL")]
-AUTOCAST_HELP = "healing: off, or bf16 (mixed precision: faster on GPUs and CPUs with bf16 units)"
 VerifyOpt = Annotated[
     bool, typer.Option("--verify", help="first check a streamify artifact's files against its manifest's sha256")
 ]

@@ -133,7 +133,8 @@ def describe_validation(exc: ValidationError, flags: bool = False) -> str:
     lines = []
     for err in exc.errors():
         parts = [str(p) for p in err["loc"]]
-        loc = "--" + "-".join(parts).replace("_", "-") if flags and parts else ".".join(parts)
+        named = [p for p in parts if not p.isdigit()]  # a list item's index is not part of the option's name
+        loc = "--" + "-".join(named).replace("_", "-") if flags and named else ".".join(parts)
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}'")
         elif err["type"] == "missing":

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel
 
 from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
 from streamify.progress import SILENT, Progress
 
+if TYPE_CHECKING:  # torch is imported by the stages themselves; listing them stays light
+    import torch
+
 STAGE_MARK = "@register("  # a module that defines a stage says so: found, never listed by hand
+_STAGE_NAME = re.compile(r'@register\(\s*"([a-z0-9_]+\.[a-z0-9_]+)"')
 
 
 @dataclass
@@ -74,22 +78,28 @@ def register(name: str, params: type[BaseModel], summary: str, **options) -> Cal
 
 
 @cache
-def stage_modules() -> tuple[str, ...]:
-    """The modules of the package that register stages: those whose source applies :func:`register`.
+def stage_names() -> dict[str, str]:
+    """Every stage's name and the module that registers it, found by reading the package's sources.
 
-    Read as text, so only those modules are imported (importing every module
-    would slow every command down).
+    Read as text, so nothing is imported: the CLI lists stage commands without
+    loading torch, and running one imports only its own module.
     """
     import streamify
 
-    found = []
+    found = {}
     for info in pkgutil.walk_packages(streamify.__path__, "streamify."):
-        if info.ispkg:
-            continue
         path = Path(info.module_finder.path) / f"{info.name.rpartition('.')[2]}.py"
-        if path.is_file() and STAGE_MARK in path.read_text() and info.name != __name__:
-            found.append(info.name)
-    return tuple(sorted(found))
+        if info.ispkg or info.name == __name__ or not path.is_file():
+            continue
+        text = path.read_text()
+        if STAGE_MARK in text:
+            found.update(dict.fromkeys(_STAGE_NAME.findall(text), info.name))
+    return dict(sorted(found.items()))
+
+
+def stage_modules() -> tuple[str, ...]:
+    """The modules of the package that register stages."""
+    return tuple(sorted(set(stage_names().values())))
 
 
 def all_stages() -> dict[str, Stage]:
@@ -100,8 +110,9 @@ def all_stages() -> dict[str, Stage]:
 
 
 def get_stage(name: str) -> Stage:
-    """The stage called ``name``; a :class:`UsageError` listing the valid names otherwise."""
-    stages = all_stages()
-    if name not in stages:
-        raise UsageError(f"unknown stage '{name}'", f"valid stages: {', '.join(stages)}")
-    return stages[name]
+    """The stage called ``name`` (importing only its module); a :class:`UsageError` listing the valid names."""
+    names = stage_names()
+    if name not in names:
+        raise UsageError(f"unknown stage '{name}'", f"valid stages: {', '.join(names)}")
+    importlib.import_module(names[name])
+    return _REGISTRY[name]

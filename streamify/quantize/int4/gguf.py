@@ -68,7 +68,7 @@ def check_exportable(model, where: str) -> None:
         raise InputError(
             f"{where}: GGUF export writes llama.cpp's Llama architecture, which has no sliding window; "
             f"this {type(model).__name__} uses one ({model.config.sliding_window} tokens)",
-            "use format compressed-tensors for this model",
+            "use --weights-format compressed-tensors (recipe: weights_format) for this model",
         )
 
 
@@ -145,7 +145,7 @@ def _add_tokenizer(writer, checkpoint: Checkpoint, vocab_size: int) -> None:
     if model_json.get("type") != "BPE":
         raise InputError(
             f"{checkpoint.source.spec}: GGUF export needs a byte-level BPE tokenizer (tokenizer.json)",
-            "use format compressed-tensors for this model",
+            "use --weights-format compressed-tensors (recipe: weights_format) for this model",
         )
     special = set(tokenizer.all_special_ids)
     tokens, types = [], []

@@ -45,7 +45,9 @@ class Int4Params(BaseModel):
     group_size: int | Literal["auto"] = Field(
         128, description="weights per scale; auto: the largest of 128/64/32 dividing every target's input"
     )
-    symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric groups")
+    symmetric: bool = Field(
+        True, description="symmetric (no zero point) or asymmetric groups", json_schema_extra={"cli": "--sym/--asym"}
+    )
     targets: list[str] | None = Field(
         None, description="module patterns to quantize (default: every linear but the head)"
     )
@@ -58,7 +60,7 @@ class Int4Params(BaseModel):
     )
     damp: float = Field(0.01, gt=0, description="gptq: damping, a fraction of the mean Hessian diagonal")
     act_order: bool = Field(True, description="gptq: visit columns by decreasing Hessian diagonal (static groups)")
-    format: Literal["compressed-tensors", "gguf"] = Field(
+    weights_format: Literal["compressed-tensors", "gguf"] = Field(
         "compressed-tensors", description="artifact format: compressed-tensors pack-quantized, or GGUF"
     )
     gguf_type: Literal["Q4_0", "Q4_1"] = Field("Q4_0", description="gguf: Q4_0 (symmetric) or Q4_1 (asymmetric)")
@@ -77,17 +79,18 @@ class Int4Params(BaseModel):
 
     @model_validator(mode="after")
     def _format_grid(self) -> Int4Params:
-        if self.format == "compressed-tensors" and not self.symmetric:
+        if self.weights_format == "compressed-tensors" and not self.symmetric:
             raise ValueError(
-                "asymmetric compressed-tensors artifacts do not reload in transformers 5 with compressed-tensors 0.20 "
-                "(packed zero points meet an unpacked placeholder): use symmetric, or format gguf with gguf_type Q4_1"
+                "asymmetric compressed-tensors artifacts do not reload in transformers 5 with compressed-tensors "
+                "0.20 (packed zero points meet an unpacked placeholder): use symmetric, or weights_format gguf "
+                "with gguf_type Q4_1"
             )
-        if self.format != "gguf":
+        if self.weights_format != "gguf":
             return self
         if self.entropy:
             raise ValueError("entropy coding applies to compressed-tensors artifacts, not gguf (llama.cpp reads gguf)")
         if self.group_size not in (GGUF_GROUP, "auto"):
-            raise ValueError(f"format gguf stores blocks of {GGUF_GROUP} weights: use group_size 32 (or auto)")
+            raise ValueError(f"weights_format gguf stores blocks of {GGUF_GROUP} weights: use group_size 32 (or auto)")
         if self.symmetric != (self.gguf_type == "Q4_0"):
             raise ValueError("gguf_type Q4_0 is symmetric and Q4_1 asymmetric: set symmetric to match")
         return self
@@ -102,7 +105,7 @@ def resolve_group_size(model, targets: list[str], params: Int4Params) -> int:
     """The group size to use: the asked one if it divides every target's input, else a clear error."""
     modules = dict(model.named_modules())
     inputs = {name: modules[name].in_features for name in targets}
-    if params.format == "gguf":
+    if params.weights_format == "gguf":
         wanted = GGUF_GROUP
     elif params.group_size == "auto":
         common = [g for g in (128, 64, 32) if all(n % g == 0 for n in inputs.values())]
@@ -119,7 +122,7 @@ def resolve_group_size(model, targets: list[str], params: Int4Params) -> int:
             raise UsageError(
                 f"quantize.int4: group size {wanted} does not divide the input size {columns} of {name}",
                 f"use group_size {' or '.join(map(str, valid_group_sizes(columns))) or 'a divisor'}"
-                + ("" if params.format == "gguf" else ", or group_size auto"),
+                + ("" if params.weights_format == "gguf" else ", or group_size auto"),
             )
     return wanted
 
@@ -150,7 +153,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     model = checkpoint.model
     where = checkpoint.source.spec
     _check_not_quantized(model, where)
-    if params.format == "gguf":
+    if params.weights_format == "gguf":
         check_exportable(model, where)
     groups = None
     if params.method == "awq":
@@ -160,7 +163,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             ctx.metrics["awq_note"] = arch.awq_note
     targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
     group = resolve_group_size(model, targets, params)
-    scale_dtype = torch.float16 if params.format == "gguf" else model.dtype
+    scale_dtype = torch.float16 if params.weights_format == "gguf" else model.dtype
     ids = None
     if params.method != "rtn":
         texts = load_texts(ctx.data, "train")
@@ -193,7 +196,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             unsupported.extend(name for name in names if stats[name] is None)
         results = _solve(params, modules, names, stats, group, scale_dtype)
         for name, result in results.items():
-            if params.format == "gguf":  # fp16 scales, but llama.cpp multiplies in fp32
+            if params.weights_format == "gguf":  # fp16 scales, but llama.cpp multiplies in fp32
                 result.scale = result.scale.float()
             modules[name].weight.copy_(result.dequantize(modules[name].weight.dtype))
         return results
@@ -228,7 +231,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         method=params.method,
         group_size=group,
         symmetric=params.symmetric,
-        format=params.format,
+        weights_format=params.weights_format,
         quantized_modules=len(quantized),
         quantized_weights=total,
     )
@@ -257,7 +260,7 @@ def _effective_bits(coded: CodedCheckpoint, total: int) -> dict:
 
 
 def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
-    if params.format == "gguf":
+    if params.weights_format == "gguf":
         return lambda folder: write_gguf(checkpoint, quantized, params.gguf_type, folder)
     from streamify.quantize.int4.compressed import write_compressed_tensors
 

@@ -1,0 +1,61 @@
+"""Stage subcommands are made from the stages' Params: the CLI and recipe forms cannot drift apart."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+import yaml
+
+from streamify.cli.app import app
+from streamify.cli.stage_commands import stage_fields
+from streamify.pipeline.registry import all_stages
+
+STAGES = sorted(all_stages())
+REQUIRED = {"prune.depth": (["--remove", "1"], {"remove": 1})}  # one of remove, keep_ratio, blocks must be given
+
+
+def _command(stage_name: str):
+    group, action = stage_name.split(".")
+    root = typer.main.get_command(app)
+    ctx = root.make_context("streamify", [group, "--help"], resilient_parsing=True)
+    sub = root.get_command(ctx, group)
+    return sub.get_command(ctx, action.replace("_", "-"))
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_param_has_an_option(name):
+    flags = {opt for param in _command(name).params for opt in (*param.opts, *param.secondary_opts)}
+    for field, _ in stage_fields(all_stages()[name].params):
+        assert set(field.flag.split("/")) <= flags, (name, field.flag)
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_cli_defaults_are_the_recipe_defaults(name, cli, tiny_llama, tmp_path):
+    """With no stage option given (but a required one), the saved recipe holds exactly the stage's own defaults."""
+    group, action = name.split(".")
+    saved = tmp_path / "r.yaml"
+    args, values = REQUIRED.get(name, ([], {}))
+    result = cli(group, action, tiny_llama, "-o", tmp_path / "out", *args, "--dry-run", "--save-recipe", saved)
+    assert result.exit_code == 0, result.stderr
+    (entry,) = yaml.safe_load(saved.read_text())["stages"]
+    assert entry == {name: all_stages()[name].params(**values).model_dump(mode="json")}
+
+
+def test_options_reach_the_recipe(cli, tiny_llama, tmp_path):
+    """Nested fields (heal.*), booleans, lists and unions arrive typed as the recipe has them."""
+    saved = tmp_path / "r.yaml"
+    args = ["--window", "16", "--heal-steps", "3", "--heal-lora-targets", "mlp", "--heal-lora-targets", "self_attn"]
+    result = cli("convert", "streaming", tiny_llama, "-o", tmp_path / "o", *args, "--dry-run", "--save-recipe", saved)
+    assert result.exit_code == 0, result.stderr
+    params = yaml.safe_load(saved.read_text())["stages"][0]["convert.streaming"]
+    assert params["window"] == 16 and params["heal"]["steps"] == 3
+    assert params["heal"]["lora_targets"] == ["mlp", "self_attn"]
+    args = ["--group-size", "32", "--asym", "--no-act-order", "--weights-format", "gguf", "--gguf-type", "Q4_1"]
+    result = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "q", *args, "--dry-run", "--save-recipe", saved)
+    assert result.exit_code == 0, result.stderr
+    params = yaml.safe_load(saved.read_text())["stages"][0]["quantize.int4"]
+    assert params["group_size"] == 32 and params["symmetric"] is False and params["act_order"] is False
+    assert params["weights_format"] == "gguf"
+    args = ["--blocks", "1,2", "--dry-run", "--save-recipe", saved]
+    result = cli("prune", "depth", tiny_llama, "-o", tmp_path / "p", *args)
+    assert result.exit_code == 0 and yaml.safe_load(saved.read_text())["stages"][0]["prune.depth"]["blocks"] == [1, 2]
