@@ -100,3 +100,14 @@ def test_architecture_facts_live_in_one_place():
         if "arch" not in path.relative_to(PACKAGE).parts:
             text = path.read_text()
             assert '"qwen3"' not in text and '"ministral"' not in text, path
+
+
+def test_inspect_lists_only_the_stages_that_apply(cli, tiny_models):
+    """GPT-2 (Conv1D projections, no streaming adapter) gets the stages that can run on it, and why not the rest."""
+    import json
+
+    llama = json.loads(cli("inspect", tiny_models["llama"], "--format", "json").stdout)
+    assert set(llama["applicable_stages"]) == set(all_stages()) and llama["other_stages"] == {}
+    gpt2 = json.loads(cli("inspect", tiny_models["gpt2"], "--format", "json").stdout)
+    assert {"convert.streaming", "quantize.int4"} == set(gpt2["other_stages"])
+    assert {"convert.dtype", "prune.depth", "distill.heal", "quantize.entropy"} <= set(gpt2["applicable_stages"])

@@ -43,7 +43,11 @@ def render_inspect(console: Console, data: dict) -> None:
         render_entropy(console, data["entropy"])
     console.print("stages that apply:")
     for name, summary in data["applicable_stages"].items():
-        console.print(f"  {name:<18} {summary}")
+        console.print(f"  {name:<18} {summary}", soft_wrap=True)
+    if data.get("other_stages"):
+        console.print("stages that do not apply:")
+        for name, why in data["other_stages"].items():
+            console.print(f"  {name:<18} {why}", soft_wrap=True)
 
 
 def render_entropy(console: Console, summary: dict) -> None:

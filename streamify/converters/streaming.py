@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from streamify.arch import supported
 from streamify.converters.native import native_target, to_native
 from streamify.distill.heal import HealParams, heal
 from streamify.io.checkpoint import Checkpoint
@@ -59,6 +60,11 @@ class StreamingParams(BaseModel):
     "bounded-memory attention: sinks + sliding window, optional full layers (LongGen hybrid) and healing",
     relation="finetune",
     training=lambda p: (p.heal, 2 * (p.sinks + p.window)) if p.heal.steps else None,
+    applies=lambda model: (
+        None
+        if model.config.model_type in supported("streaming")
+        else f"the streaming runtime handles {', '.join(supported('streaming'))}"
+    ),
 )
 def convert_streaming(checkpoint: Checkpoint, params: StreamingParams, ctx: StageContext) -> Checkpoint:
     """Make the model stream per ``params``; heal it first when ``heal.steps`` > 0."""

@@ -63,6 +63,7 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
         "bits_per_weight": size * 8 / params if params else None,
         "streamify_artifact": manifest is not None,
         "stages_applied": [s["name"] for s in (manifest or {}).get("history", []) + (manifest or {}).get("stages", [])],
-        "applicable_stages": {name: stage.summary for name, stage in all_stages().items()},
+        "applicable_stages": {name: s.summary for name, s in all_stages().items() if s.applies(model) is None},
+        "other_stages": {name: why for name, s in all_stages().items() if (why := s.applies(model)) is not None},
         "entropy": summarize_file(container) if source.kind == "hf-folder" and container.is_file() else None,
     }

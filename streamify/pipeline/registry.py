@@ -51,7 +51,8 @@ class Stage:
     the stored bytes per parameter after the stage, given its params and the
     bytes before (for the plan's disk estimate); ``training`` returns the
     healing the stage will run as ``(HealParams, default seq_len)``, or None
-    (for the plan's memory estimate and module patterns).
+    (for the plan's memory estimate and module patterns); ``applies`` says why
+    the stage cannot run on a model (built on the meta device), or None when it can.
     """
 
     name: str
@@ -61,6 +62,7 @@ class Stage:
     relation: str | None = None
     bytes_per_param: Callable[[BaseModel, float], float] = lambda params, before: before
     training: Callable[[BaseModel], tuple[Any, int] | None] = lambda params: None
+    applies: Callable[[Any], str | None] = lambda model: None
     final: bool = False
 
 

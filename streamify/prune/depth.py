@@ -15,7 +15,7 @@ from streamify.distill.heal import HealParams, heal
 from streamify.distill.trainer import TrainParams, train
 from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
-from streamify.model.blocks import block_list
+from streamify.model.blocks import block_list, find_blocks
 from streamify.model.hooks import recording
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import Progress
@@ -74,6 +74,7 @@ def _amount(params: DepthParams, count: int) -> int:
     "remove whole blocks chosen by a metric (ShortGPT BI, angular, LLM-Streamline, loss), then heal",
     relation="finetune",
     training=lambda p: (p.heal, 512) if p.heal.steps else None,
+    applies=lambda model: None if find_blocks(model) else "no list of repeated blocks",
 )
 def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) -> Checkpoint:
     """Choose blocks, cut them out (the artifact is a stock checkpoint with fewer blocks), heal if asked."""

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
 from streamify.arch import require
 from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
@@ -23,6 +24,7 @@ from streamify.data.sources import load_texts
 from streamify.errors import InputError, UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
+from streamify.model.blocks import find_blocks
 from streamify.model.fingerprint import content_key
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
@@ -146,6 +148,11 @@ def _check_not_quantized(model, where: str) -> None:
     "weight-only INT4 (W4A16) by RTN, GPTQ or AWQ; compressed-tensors or GGUF artifact",
     relation="quantized",
     bytes_per_param=_bits_per_param,
+    applies=lambda model: (
+        None
+        if any(isinstance(m, nn.Linear) for m in (find_blocks(model) or ("", nn.ModuleList()))[1].modules())
+        else "no linear layers in the model's blocks"
+    ),
     final=True,
 )
 def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext) -> Checkpoint:
