@@ -256,7 +256,7 @@ def recipe_list(fmt: FormatOpt = Format.human) -> None:
         recipes = {name: _first_comment(path) for name, path in shipped_recipes().items()}
         out.result(
             {"recipes": recipes},
-            lambda console, data: [console.print(f"{k:<20} {v}") for k, v in data["recipes"].items()],
+            lambda console, data: [console.print(f"{k:<20} {v}", soft_wrap=True) for k, v in data["recipes"].items()],
         )
 
 
