@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -81,6 +82,8 @@ def command(fmt: Format) -> Iterator[Reporter]:
     """Run a command body: quiet third-party logs, map errors to documented exit codes."""
     import transformers
 
+    # our runtime passes past_key_values, the name every transformers 5 release accepts; 5.24 warns about it
+    warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     reporter = Reporter(fmt)
