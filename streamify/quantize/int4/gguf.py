@@ -60,9 +60,9 @@ def _permuted(weight: Int4Weight, heads: int) -> Int4Weight:
     )
 
 
-def check_exportable(model, where: str) -> None:
-    """Refuse (exit 3) an architecture this writer does not map to llama.cpp."""
-    require(model.config.model_type, "gguf_architecture", "GGUF export", where)
+def check_exportable(model, where: str) -> str:
+    """The llama.cpp architecture ``model`` is written as; exit 3 for one this writer does not map."""
+    arch = require(model.config.model_type, "gguf_architecture", "GGUF export", where)
     windowed = getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True)
     if windowed:
         raise InputError(
@@ -70,6 +70,7 @@ def check_exportable(model, where: str) -> None:
             f"this {type(model).__name__} uses one ({model.config.sliding_window} tokens)",
             "use --weights-format compressed-tensors (recipe: weights_format) for this model",
         )
+    return arch.gguf_architecture
 
 
 def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: str, folder: Path) -> None:
@@ -80,11 +81,11 @@ def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: 
     import gguf
 
     model = checkpoint.model
-    check_exportable(model, checkpoint.source.spec)
+    architecture = check_exportable(model, checkpoint.source.spec)
     config = model.config
     blocks = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = gguf.GGUFWriter(str(folder / GGUF_NAME), "llama")
+    writer = gguf.GGUFWriter(str(folder / GGUF_NAME), architecture)
     writer.add_name(checkpoint.source.base_model or checkpoint.source.spec)
     writer.add_string("general.quantized_by", f"streamify {__version__}")
     writer.add_block_count(blocks)
@@ -101,7 +102,7 @@ def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, checkpoint, config.vocab_size)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], blocks)  # gguf's own name map
     raw_type = getattr(gguf.GGMLQuantizationType, qtype) if quantized else None
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for name, tensor in model.state_dict().items():
