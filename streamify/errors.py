@@ -54,6 +54,10 @@ class ResourceError(StreamifyError):
 
 
 class GateError(StreamifyError):
-    """A quality gate failed (exit 5)."""
+    """A quality gate failed (exit 5); ``result`` is the run's summary (eval and every gate), written anyway."""
 
     exit_code = ExitCode.GATE
+
+    def __init__(self, message: str, hint: str | None = None, result: dict | None = None) -> None:
+        super().__init__(message, hint)
+        self.result = result

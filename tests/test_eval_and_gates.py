@@ -89,6 +89,20 @@ def test_violated_gate_exits_5_and_records_it(cli, tiny_llama, tmp_path):
     manifest = json.loads((tmp_path / "out" / "streamify.json").read_text())
     gates = {g["gate"]: g for g in manifest["gates"]}
     assert gates["max_perplexity"]["passed"] is False and gates["max_perplexity_increase_pct"]["passed"] is True
+    payload = json.loads(result.stdout)  # the error, and the results the run still produced
+    assert payload["exit_code"] == 5 and payload["result"]["eval"]["perplexity"] > 1.5
+    assert [g["passed"] for g in payload["result"]["gates"]] == [False, True]
+
+
+def test_failed_gate_still_shows_the_eval_and_every_gate(cli, tiny_llama, tmp_path):
+    """Human output on exit 5: the eval table and each gate, passed or failed, then the failure."""
+    gates = "{max_perplexity: 1.5, max_perplexity_increase_pct: 50}"
+    result = cli("run", _recipe(tmp_path, tiny_llama, gates), *QUICK_EVAL)
+    assert result.exit_code == 5
+    assert "perplexity" in result.stdout and "tokens scored" in result.stdout
+    assert "gate max_perplexity" in result.stdout and "FAILED" in result.stdout.upper()
+    assert "gate max_perplexity_increase_pct" in result.stdout and "passed" in result.stdout
+    assert "quality gate failed" in result.stderr
 
 
 def test_held_gate_exits_0(cli, tiny_llama, tmp_path):

@@ -113,8 +113,12 @@ def run(
 
     with command(fmt) as out:
         loaded = load_recipe(recipe, overrides)
-        result = run_recipe(loaded.recipe, overwrite=overwrite, dry_run=dry_run, use_cache=not no_cache, progress=out)
-        out.result(result, render_run)
+        out.run(
+            lambda: run_recipe(
+                loaded.recipe, overwrite=overwrite, dry_run=dry_run, use_cache=not no_cache, progress=out
+            ),
+            render_run,
+        )
 
 
 @app.command("eval")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 
-from streamify.errors import ExitCode, ResourceError, StreamifyError
+from streamify.errors import ExitCode, GateError, ResourceError, StreamifyError
 from streamify.progress import Progress
 
 T = TypeVar("T")
@@ -67,6 +67,16 @@ class Reporter(Progress):
         elif self.format == Format.human:
             render(self.out, data)
 
+    def run(self, work: Callable[[], dict], render: Callable[[Console, dict], None]) -> None:
+        """Show the result of ``work()``; when a gate fails, the eval and every gate are shown before the error."""
+        try:
+            data = work()
+        except GateError as exc:
+            if self.format == Format.human and exc.result is not None:
+                render(self.out, exc.result)
+            raise
+        self.result(data, render)
+
     def error(self, exc: StreamifyError) -> None:
         """Report an error: always on stderr, and as JSON on stdout in json mode."""
         self.err.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False)
@@ -74,7 +84,9 @@ class Reporter(Progress):
             self.err.print(f"  [bold]fix:[/bold] {exc.hint}")
         if self.format == Format.json:
             payload = {"ok": False, "exit_code": int(exc.exit_code), "error": exc.message, "hint": exc.hint}
-            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+            if getattr(exc, "result", None) is not None:  # a failed gate: the run's results still count
+                payload["result"] = exc.result
+            sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 @contextmanager

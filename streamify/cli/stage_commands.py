@@ -193,7 +193,7 @@ def run_one_stage(
         if save_recipe is not None:
             save_recipe.write_text(recipe.to_yaml())
             out.log(f"wrote the equivalent recipe to {save_recipe}")
-        out.result(run_recipe(recipe, overwrite=overwrite, dry_run=dry_run, progress=out), render_run)
+        out.run(lambda: run_recipe(recipe, overwrite=overwrite, dry_run=dry_run, progress=out), render_run)
 
 
 class StageGroup(TyperGroup):

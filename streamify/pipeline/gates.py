@@ -47,8 +47,8 @@ def check_gates(
     return results
 
 
-def raise_on_failure(results: list[dict], artifact: str) -> None:
-    """Raise :class:`GateError` (exit 5) naming every failed gate and by how much."""
+def raise_on_failure(results: list[dict], artifact: str, summary: dict | None = None) -> None:
+    """Raise :class:`GateError` (exit 5) naming every failed gate and by how much, carrying the run's ``summary``."""
     failed = [r for r in results if not r["passed"]]
     if failed:
         text = "; ".join(
@@ -59,4 +59,5 @@ def raise_on_failure(results: list[dict], artifact: str) -> None:
             f"quality gate failed: {text}",
             f"the artifact {artifact} was written with the gate results in streamify.json; "
             "loosen the gate or change the recipe",
+            result=summary,
         )

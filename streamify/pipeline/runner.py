@@ -137,8 +137,7 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progres
         write_manifest(tmp, manifest)
         relation = next((s.relation for s, _ in reversed(stages) if s.relation), None)
         (tmp / "README.md").write_text(render_model_card(manifest, relation, tmp))
-    raise_on_failure(gates, str(out))
-    return {
+    summary = {
         "output": str(out),
         "stages": records,
         "eval": report,
@@ -146,6 +145,8 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progres
         "gates": gates,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    raise_on_failure(gates, str(out), summary)
+    return summary
 
 
 def _load_source(recipe: Recipe, progress: Progress) -> Checkpoint:
