@@ -57,6 +57,7 @@ def test_parameter_count_is_the_sources(artifacts, tiny_llama, cli, kind):
     assert report["bits_per_weight"] == pytest.approx(size * 8 / expected)
     inspected = cli("inspect", artifacts[kind], "--format", "json")
     assert inspected.exit_code == 0 and json.loads(inspected.stdout)["params"] == expected
+    assert json.loads(inspected.stdout)["streamify_artifact"] is True, kind  # GGUF folders included
 
 
 def test_int4_bits_per_weight_from_the_bytes(artifacts, tiny_llama, cli):

@@ -59,3 +59,19 @@ def test_options_reach_the_recipe(cli, tiny_llama, tmp_path):
     args = ["--blocks", "1,2", "--dry-run", "--save-recipe", saved]
     result = cli("prune", "depth", tiny_llama, "-o", tmp_path / "p", *args)
     assert result.exit_code == 0 and yaml.safe_load(saved.read_text())["stages"][0]["prune.depth"]["blocks"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message", "fix"),
+    [
+        ("stages:\n  - quantize.int5: {}\n", "did you mean 'quantize.int4'?", "valid stages: convert.dtype"),
+        ("stages:\n  - quantize.int4: {group_sise: 32}\n", "did you mean 'group_size'?", "valid keys of quantize.int4"),
+        ("stages: []\neval: {max_tokes: 64}\n", "did you mean 'max_tokens'?", "valid eval keys: data, max_tokens"),
+        ("stages: []\nmodle: x\n", "did you mean 'model'?", "valid top-level keys: model"),
+    ],
+)
+def test_typos_get_a_suggestion_and_the_keys_of_their_level(cli, tiny_llama, tmp_path, yaml_text, message, fix):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_llama}\n{yaml_text}" if "modle" not in yaml_text else yaml_text)
+    result = cli("recipe", "validate", recipe)
+    assert result.exit_code == 2 and message in result.stderr and fix in result.stderr, result.stderr

@@ -242,6 +242,17 @@ def test_checkpoint_for_other_parameters_is_reported_not_silently_dropped(tmp_pa
     assert any("not resumed" in line for line in logged)
 
 
+def test_training_half_precision_weights_is_refused():
+    """Full fine-tuning of bf16 weights would lose AdamW's small updates: refused, with the fp32 + autocast way."""
+    from streamify.errors import UsageError
+
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50)).to(torch.bfloat16)
+    blocks = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UsageError, match="bfloat16 weights in place") as refused:
+        train(model, blocks, lambda batch: model(batch).float().mean(), TrainParams(steps=2), seed=0)
+    assert "--dtype fp32" in refused.value.hint
+
+
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights():
     starts = torch.randint(0, 50, (12, 1), generator=torch.Generator().manual_seed(0))
     blocks = (starts + torch.arange(8)) % 50  # next token = this one + 1: learnable

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from streamify.errors import UsageError
 from streamify.progress import SILENT, Progress
 
 CHECKPOINT_NAME = "train_state.pt"
@@ -100,6 +101,15 @@ def train(
     """
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
+    half_types = (torch.bfloat16, torch.float16)
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in trainable if p.dtype in half_types})
+    if half:
+        raise UsageError(
+            f"training would update {', '.join(half)} weights in place, and AdamW steps smaller than their "
+            "precision would be lost (no fp32 master weights)",
+            "load the model in fp32 (--dtype fp32) and train with --heal-autocast bf16 (recipe: autocast) for "
+            "bf16 speed, or train LoRA adapters (lora_rank > 0), which stay fp32",
+        )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, params))

@@ -44,7 +44,7 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
     layout = attention_layout(config, n_blocks) if n_blocks else []
     params = count_params(model)
     size = source.size_bytes()
-    manifest = read_manifest(source.folder) if source.kind == "hf-folder" else None
+    manifest = read_manifest(source.folder)  # a GGUF artifact folder has one too
     container = source.folder / CONTAINER_NAME
     return {
         "model": spec,

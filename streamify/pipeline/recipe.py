@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,22 +123,52 @@ def _resolve_stage(index: int, entry: Any, flags: bool = False) -> tuple[Stage, 
         return stage, stage.params.model_validate(params or {})
     except ValidationError as exc:
         if flags:
-            raise UsageError(describe_validation(exc, flags=True), "see --help for each option's range") from exc
+            raise UsageError(describe_validation(exc, stage.params, flags=True), "see --help for each option") from exc
+        level, keys = _mistyped_level(exc, stage.params)
         raise UsageError(
-            f"{where} ({name}): {describe_validation(exc)}",
-            f"valid keys of {name}: {', '.join(stage.params.model_fields)}",
+            f"{where} ({name}): {describe_validation(exc, stage.params)}",
+            f"valid keys of {name}{'.' + level if level else ''}: {', '.join(keys)}",
         ) from exc
 
 
-def describe_validation(exc: ValidationError, flags: bool = False) -> str:
-    """One line per pydantic error, naming the key (or, with ``flags``, the command-line option)."""
+def _level(schema: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    """The model that holds the keys at ``path`` inside ``schema`` (None when the path leaves the models)."""
+    for key in path:
+        field = schema.model_fields.get(key)
+        inner = getattr(field, "annotation", None)
+        inner = next((a for a in typing.get_args(inner) if isinstance(a, type)), inner)  # X | None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return None
+        schema = inner
+    return schema
+
+
+def _mistyped_level(exc: ValidationError, schema: type[BaseModel]) -> tuple[str, list[str]]:
+    """``(dotted level, its keys)`` of the first unknown key in ``exc``; the top level when none is unknown."""
+    for err in exc.errors():
+        parts = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        level = _level(schema, parts[:-1]) if err["type"] == "extra_forbidden" else None
+        if level is not None:
+            return ".".join(parts[:-1]), list(level.model_fields)
+    return "", list(schema.model_fields)
+
+
+def describe_validation(exc: ValidationError, schema: type[BaseModel] | None = None, flags: bool = False) -> str:
+    """One line per pydantic error, naming the key (or, with ``flags``, the command-line option).
+
+    With ``schema`` (the model validated), an unknown key gets the closest valid key of its level.
+    """
     lines = []
     for err in exc.errors():
         parts = [str(p) for p in err["loc"]]
         named = [p for p in parts if not p.isdigit()]  # a list item's index is not part of the option's name
         loc = "--" + "-".join(named).replace("_", "-") if flags and named else ".".join(parts)
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{loc}'")
+            level = _level(schema, named[:-1]) if schema else None
+            close = difflib.get_close_matches(named[-1], list(level.model_fields), n=1) if level else []
+            if flags and close:
+                close = ["--" + "-".join([*named[:-1], close[0]]).replace("_", "-")]
+            lines.append(f"unknown key '{loc}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         elif err["type"] == "missing":
             lines.append(f"missing required key '{loc}'")
         elif not loc:  # a check across keys
@@ -196,8 +228,9 @@ def validate_recipe(data: dict, where: str, flags: bool = False) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
+        level, keys = _mistyped_level(exc, Recipe)
         raise UsageError(
-            f"{where}: {describe_validation(exc)}", f"valid top-level keys: {', '.join(Recipe.model_fields)}"
+            f"{where}: {describe_validation(exc, Recipe)}", f"valid {level or 'top-level'} keys: {', '.join(keys)}"
         ) from exc
     for index, entry in enumerate(recipe.stages):
         try:

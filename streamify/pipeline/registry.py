@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 import re
@@ -115,6 +116,8 @@ def get_stage(name: str) -> Stage:
     """The stage called ``name`` (importing only its module); a :class:`UsageError` listing the valid names."""
     names = stage_names()
     if name not in names:
-        raise UsageError(f"unknown stage '{name}'", f"valid stages: {', '.join(names)}")
+        close = difflib.get_close_matches(name, list(names), n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(f"unknown stage '{name}'{guess}", f"valid stages: {', '.join(names)}")
     importlib.import_module(names[name])
     return _REGISTRY[name]
