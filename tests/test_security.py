@@ -438,3 +438,17 @@ def test_output_on_proc_is_a_usage_error(cli, tiny_llama):
     result = cli("convert", "dtype", tiny_llama, "-o", "/proc/streamify-out", "--no-eval")
     assert result.exit_code == ExitCode.USAGE and "0.0 GiB" not in result.stderr
     assert "/proc/streamify-out" in result.stderr
+
+
+def test_no_third_party_progress_bars_when_stdout_is_not_a_terminal(tmp_path):
+    """transformers' GGUF dequantization bar stays quiet in a pipe (tqdm reads TQDM_DISABLE at import)."""
+    import subprocess
+    import sys
+
+    gguf = _tiny_gguf(tmp_path)
+    env = {**os.environ, "STREAMIFY_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("TQDM_DISABLE", None)
+    args = [sys.executable, "-m", "streamify", "eval", gguf, "--max-tokens", "16", "--seq-len", "8"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert "dequantizing tiny.gguf" in done.stderr, done.stderr  # the GGUF was converted in this run
+    assert "Converting and de-quantizing" not in done.stderr and "it/s" not in done.stderr

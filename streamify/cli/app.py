@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -344,4 +346,6 @@ def quantize_decode(
 
 def main() -> None:
     """Console-script entry point."""
+    if not sys.stdout.isatty():  # third-party tqdm bars (GGUF dequantization, ...) follow our own: none
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported, so set before any import
     app()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sys
 import traceback
 import warnings
@@ -99,8 +98,6 @@ def command(fmt: Format) -> Iterator[Reporter]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     reporter = Reporter(fmt)
-    if not reporter.bars:  # third-party tqdm bars (GGUF dequantization, datasets) follow our own
-        os.environ["TQDM_DISABLE"] = "1"
     try:
         yield reporter
     except StreamifyError as exc:
