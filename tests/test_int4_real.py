@@ -32,17 +32,33 @@ def heldout():
 
 
 @pytest.fixture(scope="module")
+def fp32_perplexity(heldout) -> float:
+    return perplexity(load_checkpoint(MODEL).model, heldout, 1)["perplexity"]
+
+
+@pytest.fixture(scope="module")
 def rtn_perplexity(heldout) -> float:
     return perplexity(quantize(method="rtn", group_size=64).model, heldout, 1)["perplexity"]
 
 
+# Measured 2026-12-01 on these 2,048 tokens (fp32 16.833, RTN 23.973 = +42.4%), 32 x 256 calibration tokens:
+# GPTQ 19.708 (2 threads) and 19.299 (1 thread): +14.6..17.1%, 0.80..0.82 x RTN; AWQ 22.135 (both): +31.5%,
+# 0.92 x RTN. Bounds: a few points above the worst run, still well below RTN.
+BOUNDS = {"gptq": (1.25, 0.90), "awq": (1.38, 0.97)}  # max perplexity / fp32's, max perplexity / RTN's
+
+
+def test_rtn_rise_on_smollm2(fp32_perplexity, rtn_perplexity):
+    """RTN at group 64 raises perplexity by about 42% here: a broken grid would show far more or none."""
+    assert 1.30 < rtn_perplexity / fp32_perplexity < 1.60, (rtn_perplexity, fp32_perplexity)
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_calibrated_methods_beat_rtn_on_smollm2(heldout, rtn_perplexity, method):
-    """Same group size (64, divides 576), same held-out text: GPTQ's and AWQ's perplexity is below RTN's."""
-    rtn = rtn_perplexity
+def test_calibrated_methods_beat_rtn_on_smollm2(heldout, fp32_perplexity, rtn_perplexity, method):
+    """Same group size (64, divides 576), same held-out text: each calibrated method within its measured bounds."""
     calibrated = quantize(method=method, group_size=64, samples=32, seq_len=256)
     ours = perplexity(calibrated.model, heldout, 1)["perplexity"]
-    assert ours < rtn, (method, ours, rtn)
+    vs_fp32, vs_rtn = BOUNDS[method]
+    assert ours < vs_fp32 * fp32_perplexity and ours < vs_rtn * rtn_perplexity, (method, ours, rtn_perplexity)
 
 
 def test_gguf_q4_0_runs_in_llama_cpp_with_our_perplexity(heldout, tmp_path):
