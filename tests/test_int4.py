@@ -125,10 +125,17 @@ def test_awq_folding_keeps_the_float_function(tiny_models, arch):
     assert torch.allclose(logits(model), before, atol=1e-4, rtol=1e-4)
 
 
-def test_awq_refuses_an_architecture_without_scale_groups(tiny_models, tmp_path, cli):
-    """GPT-2 has no declared groups: AWQ refuses (exit 3) instead of quietly giving RTN under its name."""
-    result = cli("quantize", "int4", tiny_models["gpt2"], "-o", tmp_path / "q", "--method", "awq", "--no-eval")
-    assert result.exit_code == 3 and "AWQ is not available for the 'gpt2' architecture" in result.stderr
+def test_awq_refuses_an_architecture_without_scale_groups(tokenizer_dir, tmp_path, cli):
+    """BERT has linear layers but no declared scale groups: AWQ refuses (exit 3) before any weight is read,
+    instead of quietly giving RTN under its name."""
+    from transformers import AutoModel
+
+    config = AutoConfig.for_model(
+        "bert", vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    AutoModel.from_config(config).save_pretrained(tmp_path / "bert")
+    result = cli("quantize", "int4", tmp_path / "bert", "-o", tmp_path / "q", "--method", "awq", "--dry-run")
+    assert result.exit_code == 3 and "AWQ is not available for the 'bert' architecture" in result.stderr
     assert "supported architectures: gemma" in result.stderr and not (tmp_path / "q").exists()
 
 

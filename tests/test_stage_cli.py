@@ -75,3 +75,13 @@ def test_typos_get_a_suggestion_and_the_keys_of_their_level(cli, tiny_llama, tmp
     recipe.write_text(f"model: {tiny_llama}\n{yaml_text}" if "modle" not in yaml_text else yaml_text)
     result = cli("recipe", "validate", recipe)
     assert result.exit_code == 2 and message in result.stderr and fix in result.stderr, result.stderr
+
+
+def test_plan_checks_params_against_the_model_before_loading(cli, tiny_llama, tmp_path):
+    """A group size that does not fit fails at --dry-run; the default (auto) is resolved and shown in the plan."""
+    refused = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "q", "--group-size", "128", "--dry-run")
+    assert refused.exit_code == 2 and "group size 128 does not divide the input size 32" in refused.stderr
+    plan = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "q", "--dry-run")
+    assert plan.exit_code == 0 and "resolved for this model: group_size=32, targets=28" in plan.stdout
+    out_of_range = cli("convert", "streaming", tiny_llama, "-o", tmp_path / "s", "--full-layers", "7", "--dry-run")
+    assert out_of_range.exit_code == 2 and "out of range" in out_of_range.stderr

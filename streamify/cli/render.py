@@ -134,6 +134,9 @@ def render_plan(console: Console, plan: dict) -> None:
     for i, stage in enumerate(plan["stages"], 1):
         params = ", ".join(f"{k}={v}" for k, v in stage["params"].items())
         console.print(f"  {i}. {stage['name']} ({stage['summary']}): {params}", markup=False)
+        if stage.get("resolved"):
+            resolved = ", ".join(f"{k}={v}" for k, v in stage["resolved"].items())
+            console.print(f"     resolved for this model: {resolved}", markup=False)
         est = stage["estimate"]
         console.print(
             f"     cache: {stage['cache']}; peak memory ~{_size(est['peak_memory_bytes'])}, "
@@ -152,7 +155,10 @@ def render_plan(console: Console, plan: dict) -> None:
         console.print("  (no stages: re-export only)")
     if plan["eval"]:
         ev = plan["eval"]
-        console.print(f"  eval: {ev['data']}, {ev['max_tokens']} tokens in windows of {ev['seq_len']}")
+        stream = (
+            f"; stream of {ev['stream_tokens']} tokens, {ev['stream_chunk']} a step" if ev.get("stream_tokens") else ""
+        )
+        console.print(f"  eval: {ev['data']}, {ev['max_tokens']} tokens in windows of {ev['seq_len']}{stream}")
     if plan["gates"]:
         console.print(f"  gates: {plan['gates']}")
     est = plan["estimate"]

@@ -54,16 +54,25 @@ class StreamingParams(BaseModel):
         return self
 
 
+def _plan_check(params: StreamingParams, model, where: str) -> dict:
+    """The spec against the model's layers (full-layer indices in range), before any weight is read."""
+    check_streamable(model, where)
+    spec = make_spec(params.sinks, params.window, params.full_layers, layer_count(model.config))
+    return {"full_layers": spec.full_layers}
+
+
 @register(
     "convert.streaming",
     StreamingParams,
     "bounded-memory attention: sinks + sliding window, optional full layers (LongGen hybrid) and healing",
     relation="finetune",
     training=lambda p: (p.heal, 2 * (p.sinks + p.window)) if p.heal.steps else None,
+    check=lambda params, model, where: _plan_check(params, model, where),
     applies=lambda model: (
         None
         if model.config.model_type in supported("streaming")
-        else f"the streaming runtime handles {', '.join(supported('streaming'))}"
+        else f"the streaming runtime does not support '{model.config.model_type}' "
+        f"(supported: {', '.join(supported('streaming'))})"
     ),
 )
 def convert_streaming(checkpoint: Checkpoint, params: StreamingParams, ctx: StageContext) -> Checkpoint:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from streamify.errors import ResourceError
+from streamify.errors import InputError, ResourceError
 from streamify.io.config import instantiate, model_class, read_config
 from streamify.io.placement import DTYPES
 from streamify.io.source import Source
@@ -99,8 +99,19 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
     loaded = params * loaded_per_param
     per_param = float(loaded_per_param)
     stages = []
+    shapes_hold = True  # until a stage reshapes the model, its checks can run on the source's meta model
     for index, (stage, stage_params) in enumerate(recipe.resolved_stages()):
         where = f"stages.{index} ({stage.name})"
+        resolved = {}
+        if shapes_hold:
+            reason = stage.applies(model)
+            if reason is not None:
+                raise InputError(
+                    f"{recipe.model}: {where} does not apply to this model: {reason}",
+                    f"streamify inspect {recipe.model} lists the stages that apply",
+                )
+            resolved = stage.check(stage_params, model, recipe.model) or {}
+            shapes_hold = not stage.reshapes
         in_memory = int(params * per_param)
         per_param = stage.bytes_per_param(stage_params, per_param)
         training = stage.training(stage_params)
@@ -122,6 +133,7 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
                 "summary": stage.summary,
                 "params": stage_params.model_dump(mode="json"),
                 "modules": modules,
+                "resolved": resolved,
                 "cache": cache,
                 "estimate": {"peak_memory_bytes": peak, "disk_bytes": int(params * per_param)},
             }

@@ -53,7 +53,10 @@ class Stage:
     bytes before (for the plan's disk estimate); ``training`` returns the
     healing the stage will run as ``(HealParams, default seq_len)``, or None
     (for the plan's memory estimate and module patterns); ``applies`` says why
-    the stage cannot run on a model (built on the meta device), or None when it can.
+    the stage cannot run on a model (built on the meta device), or None when it can;
+    ``check(params, model, where)`` checks the params against that model before any
+    weight is read (raising a clear error) and returns what it resolved for the plan;
+    ``reshapes`` marks a stage after which the source's shapes no longer hold.
     """
 
     name: str
@@ -64,6 +67,8 @@ class Stage:
     bytes_per_param: Callable[[BaseModel, float], float] = lambda params, before: before
     training: Callable[[BaseModel], tuple[Any, int] | None] = lambda params: None
     applies: Callable[[Any], str | None] = lambda model: None
+    check: Callable[[BaseModel, Any, str], dict | None] = lambda params, model, where: None
+    reshapes: bool = False
     final: bool = False
 
 

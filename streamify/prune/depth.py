@@ -75,6 +75,7 @@ def _amount(params: DepthParams, count: int) -> int:
     relation="finetune",
     training=lambda p: (p.heal, 512) if p.heal.steps else None,
     applies=lambda model: None if find_blocks(model) else "no list of repeated blocks",
+    reshapes=True,
 )
 def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) -> Checkpoint:
     """Choose blocks, cut them out (the artifact is a stock checkpoint with fewer blocks), heal if asked."""

@@ -45,7 +45,7 @@ class Int4Params(BaseModel):
     bits: int = Field(4, description="weight bits: 4 (W4A16) is the one supported")
     method: Literal["rtn", "gptq", "awq"] = Field("gptq", description="rtn (no calibration), gptq or awq")
     group_size: int | Literal["auto"] = Field(
-        128, description="weights per scale; auto: the largest of 128/64/32 dividing every target's input"
+        "auto", description="weights per scale; auto: the largest of 128/64/32 dividing every target's input"
     )
     symmetric: bool = Field(
         True, description="symmetric (no zero point) or asymmetric groups", json_schema_extra={"cli": "--sym/--asym"}
@@ -103,6 +103,14 @@ def _bits_per_param(params: Int4Params, before: float) -> float:
     return (4 + 16 / group + (0 if params.symmetric else 4 / group)) / 8  # codes + fp16 scale (+ zero point)
 
 
+def _plan_check(params: Int4Params, model, where: str) -> dict:
+    """Targets, group size and (AWQ) the architecture's scale groups against the model, before any weight is read."""
+    if params.method == "awq":
+        require(model.config.model_type, "awq_groups", "AWQ", where)
+    targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
+    return {"group_size": resolve_group_size(model, targets, params), "targets": len(targets)}
+
+
 def resolve_group_size(model, targets: list[str], params: Int4Params) -> int:
     """The group size to use: the asked one if it divides every target's input, else a clear error."""
     modules = dict(model.named_modules())
@@ -148,6 +156,7 @@ def _check_not_quantized(model, where: str) -> None:
     "weight-only INT4 (W4A16) by RTN, GPTQ or AWQ; compressed-tensors or GGUF artifact",
     relation="quantized",
     bytes_per_param=_bits_per_param,
+    check=lambda params, model, where: _plan_check(params, model, where),
     applies=lambda model: (
         None
         if any(isinstance(m, nn.Linear) for m in (find_blocks(model) or ("", nn.ModuleList()))[1].modules())
@@ -170,6 +179,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             ctx.metrics["awq_note"] = arch.awq_note
     targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
     group = resolve_group_size(model, targets, params)
+    if params.group_size == "auto":
+        ctx.progress.log(f"quantize.int4: group size {group} (auto: the largest of 128/64/32 dividing every target)")
     scale_dtype = torch.float16 if params.weights_format == "gguf" else model.dtype
     ids = None
     if params.method != "rtn":
