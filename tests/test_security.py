@@ -452,3 +452,84 @@ def test_no_third_party_progress_bars_when_stdout_is_not_a_terminal(tmp_path):
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert "dequantizing tiny.gguf" in done.stderr, done.stderr  # the GGUF was converted in this run
     assert "Converting and de-quantizing" not in done.stderr and "it/s" not in done.stderr
+
+
+# Found by a second read of the change (each reproduced first)
+def test_lock_file_planted_as_a_link_is_refused_and_its_target_kept(cli, tiny_llama, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data")
+    (tmp_path / ".out.streamify-lock").symlink_to(victim)
+    result = cli("convert", "dtype", tiny_llama, "-o", tmp_path / "out", "--no-eval")
+    assert result.exit_code == ExitCode.USAGE and "link" in result.stderr
+    assert victim.read_text() == "precious data" and not (tmp_path / "out").exists()
+
+
+def test_file_appearing_at_the_output_during_a_run_is_not_moved_aside(cli, tiny_llama, tmp_path, monkeypatch):
+    import streamify.pipeline.runner as runner
+
+    out = tmp_path / "out"
+    save = runner.save_model_files
+
+    def user_writes_a_file_there(checkpoint, folder):
+        out.write_text("a file of the user's")
+        save(checkpoint, folder)
+
+    monkeypatch.setattr(runner, "save_model_files", user_writes_a_file_there)
+    result = cli("convert", "dtype", tiny_llama, "-o", out, "--no-eval")
+    assert result.exit_code == ExitCode.USAGE and out.read_text() == "a file of the user's"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_verify_refuses_unrecorded_files_and_links_out(cli, tiny_llama, tmp_path):
+    out = tmp_path / "bf16"
+    assert cli("convert", "dtype", tiny_llama, "-o", out, "--no-eval").exit_code == 0
+    (out / "modeling_evil.py").write_text("import os")
+    added = cli("verify", out)
+    assert added.exit_code == ExitCode.INPUT and "modeling_evil.py" in added.stderr
+    (out / "modeling_evil.py").unlink()
+    (tmp_path / "secret").write_text("root:x")
+    (out / "x.bin").symlink_to(tmp_path / "secret")
+    linked = cli("verify", out)
+    assert linked.exit_code == ExitCode.INPUT and "outside the model folder" in linked.stderr
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda meta: meta["tensors"]["model.norm.weight"].update(file=[]),
+        lambda meta: meta["tensors"]["lm_head.weight"].update(dtype=["BF16"]),
+        lambda meta: meta["tensors"]["model.norm.weight"].update(shape=[True] * 32),
+        lambda meta: meta["files"].update({"model.safetensors": "not a mapping"}),
+    ],
+    ids=["file is a list", "dtype is a list", "shape of booleans", "file entry not a mapping"],
+)
+def test_malformed_index_values_are_input_errors(cli, coded, tmp_path, damage):
+    _rewrite_container(coded, lambda tensors, meta: damage(meta))
+    result = cli("quantize", "decode", coded, "-o", tmp_path / "decoded")
+    assert result.exit_code == ExitCode.INPUT and "Traceback" not in result.stderr, result.stderr
+
+
+def test_deeply_nested_header_is_an_input_error(cli, tiny_llama, tmp_path):
+    model = _copy(tiny_llama, tmp_path)
+    nested = ("[" * 100_000 + "]" * 100_000).encode()
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(nested)) + nested)
+    result = cli("convert", "dtype", model, "-o", tmp_path / "out", "--no-eval")
+    assert result.exit_code == ExitCode.INPUT and "model.safetensors" in result.stderr
+
+
+def test_sibling_with_an_impossible_pid_is_left_alone(cli, tiny_llama, tmp_path):
+    odd = tmp_path / ".out.streamify-tmp-99999999999999999999"
+    odd.mkdir()
+    assert cli("convert", "dtype", tiny_llama, "-o", tmp_path / "out", "--no-eval").exit_code == 0
+    assert odd.exists()
+
+
+def test_publish_replaces_an_incomplete_leftover(tmp_path):
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "partial").write_text("left by a crash")
+    fresh = temp_sibling(final)
+    (fresh / "done").write_text("whole")
+    assert publish(fresh, final, complete=lambda f: (f / "done").is_file()) is True
+    assert (final / "done").is_file() and not (final / "partial").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]

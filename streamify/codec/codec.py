@@ -198,7 +198,7 @@ def check_chunks(where: str, chunks: list[dict], values: int, blob_bytes: int) -
     """The chunks must cover the tensor's values in order, each inside the blob: else the index is corrupt."""
     position = 0
     for number, chunk in enumerate(chunks):
-        valid = isinstance(chunk, dict) and all(isinstance(chunk.get(k), int) for k in _CHUNK_KEYS)
+        valid = isinstance(chunk, dict) and all(type(chunk.get(k)) is int for k in _CHUNK_KEYS)
         inside = valid and chunk["offset"] >= 0 and chunk["length"] >= 0
         inside = inside and chunk["offset"] + chunk["length"] <= blob_bytes
         if not inside or chunk["start"] != position or chunk["count"] <= 0:

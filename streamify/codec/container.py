@@ -174,8 +174,8 @@ def read_index(path: Path) -> dict:
     raw = metadata.get(_META_KEY)
     try:
         meta = json.loads(raw) if raw else None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: the entropy index is not valid JSON ({exc})", _RECREATE) from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: the entropy index is not valid JSON ({type(exc).__name__})", _RECREATE) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{path}: not a streamify entropy container", "re-create it with streamify quantize entropy")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -194,7 +194,11 @@ def _check_index(path: Path, meta: dict, stored: dict[str, dict]) -> None:
     files, entries = meta.get("files"), meta.get("tensors")
     if not isinstance(files, dict) or not isinstance(entries, dict):
         raise CorruptWeightsError(f"{path}: the index lacks its files or tensors", _RECREATE)
-    for name in files:
+    for name, info in files.items():
+        metadata = info.get("metadata") if isinstance(info, dict) else "not a mapping"
+        strings = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        if metadata is not None and not strings:
+            raise CorruptWeightsError(f"{path}: the index's entry for file {name!r} is malformed", _RECREATE)
         if not _plain_file_name(name):
             raise CorruptWeightsError(
                 f"{path}: the index names the file {name!r}, which is not a plain .safetensors file name "
@@ -211,10 +215,11 @@ def _check_index(path: Path, meta: dict, stored: dict[str, dict]) -> None:
 
 def _check_entry(path: Path, name: str, entry, header: dict, files: dict) -> None:
     where = f"{path}: tensor {name}"
-    if not isinstance(entry, dict) or entry.get("file") not in files or entry.get("storage") not in ("raw", "coded"):
+    valid = isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("storage"), str)
+    if not valid or entry["file"] not in files or entry["storage"] not in ("raw", "coded"):
         raise CorruptWeightsError(f"{where}: malformed index entry", _RECREATE)
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptWeightsError(f"{where}: the index gives no valid shape", _RECREATE)
     if entry["storage"] == "raw":
         if (header["dtype"], header["shape"]) != (entry.get("dtype"), shape) or not isinstance(entry.get("crc32"), int):
@@ -223,7 +228,7 @@ def _check_entry(path: Path, name: str, entry, header: dict, files: dict) -> Non
         return
     if header["dtype"] != "U8" or len(header["shape"]) != 1:
         raise CorruptWeightsError(f"{where}: the index says coded, the stored tensor is not coded bytes", _RECREATE)
-    dtype = TENSOR_DTYPES.get(entry.get("dtype"))
+    dtype = TENSOR_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None or not isinstance(entry.get("chunks"), list):
         raise CorruptWeightsError(f"{where}: coded entry without a valid dtype or chunk list", _RECREATE)
     count = 1

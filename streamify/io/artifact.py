@@ -13,11 +13,13 @@ Safety rules (each one a user's data at stake):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,12 +70,15 @@ def check_output(output: str | None, source_folder: Path | None, overwrite: bool
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless ``overwrite`` and it is a streamify artifact."""
+    """Refuse a non-empty ``out`` unless ``overwrite`` and it is a streamify artifact; refuse anything not a folder."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"{out}: exists and is not a folder (or is a link)", "choose another output path")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
         raise UsageError(f"{out}: output folder exists and is not empty", "pass --overwrite, or choose another folder")
-    if not (out / MANIFEST_NAME).is_file():
+    manifest = out / MANIFEST_NAME
+    if manifest.is_symlink() or not manifest.is_file():
         raise UsageError(
             f"{out}: --overwrite replaces only a streamify artifact (a folder with {MANIFEST_NAME}); "
             "this folder holds other files",
@@ -94,7 +99,10 @@ def output_lock(out: Path) -> Iterator[None]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a planted link is refused
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UsageError(f"{lock}: not a regular file", "remove it; streamify keeps its lock there")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -105,14 +113,15 @@ def output_lock(out: Path) -> Iterator[None]:
                     "wait for it to finish, or choose another output folder",
                 ) from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(lock).st_ino
             except FileNotFoundError:  # the holder before us removed it: lock the new file
                 same = False
             if same:
                 break
             os.close(fd)
     except OSError as exc:
-        raise UsageError(f"{out}: cannot create the output folder there ({exc.strerror})", _WRITABLE) from exc
+        what = "its lock file is a link" if exc.errno == errno.ELOOP else exc.strerror
+        raise UsageError(f"{out}: cannot create the output folder there ({what})", _WRITABLE) from exc
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     remove_stale_siblings(out.parent, out.name)  # left by killed runs on this output
@@ -145,7 +154,12 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         old = tmp.with_name(tmp.name.replace(".streamify-tmp-", ".streamify-old-"))
         if out.exists():
             out.replace(old)
-        tmp.replace(out)
+        try:
+            tmp.replace(out)
+        except OSError:
+            if old.exists() and not out.exists():  # put the previous artifact back
+                old.replace(out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

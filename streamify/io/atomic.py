@@ -25,7 +25,7 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, owned by someone else
+    except (PermissionError, OverflowError, ValueError):  # someone else's process, or not a PID: leave it be
         return True
     return True
 
@@ -43,19 +43,28 @@ def publish(tmp: Path, final: Path, complete=lambda folder: folder.is_dir()) -> 
     incomplete one (left by an older version or a crash) is replaced. Returns
     True when ``tmp`` was published.
     """
-    if final.exists() and complete(final):
-        shutil.rmtree(tmp, ignore_errors=True)
-        return False
-    if final.exists():
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        tmp.replace(final)
-    except OSError:
-        if final.exists() and complete(final):  # lost a race between the check and the rename
+    for _ in range(3):
+        if final.is_dir() and complete(final):  # another writer won: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-        raise
-    return True
+        try:
+            tmp.replace(final)  # atomic; fails while a non-empty folder is there
+            return True
+        except OSError:
+            if final.is_dir() and not complete(final):  # a leftover: move it aside in one rename, then drop it
+                aside = temp_sibling(final)
+                aside.rmdir()
+                try:
+                    final.replace(aside)
+                except OSError:
+                    continue
+                shutil.rmtree(aside, ignore_errors=True)
+            elif not final.is_dir() and final.exists():
+                raise
+    if final.is_dir() and complete(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    raise OSError(f"{final}: could not be published (something keeps replacing it)")
 
 
 def stale_siblings(folder: Path, name: str | None = None) -> list[Path]:

@@ -63,7 +63,7 @@ def read_manifest(folder: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})", "restore the file or re-create the artifact") from exc
     if not isinstance(manifest, dict):
         raise InputError(f"{path}: not a JSON object", "restore the file or re-create the artifact")

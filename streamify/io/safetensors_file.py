@@ -40,7 +40,7 @@ def read_header(path: Path) -> dict:
             if length > min(size - 8, _MAX_HEADER):
                 raise InputError(f"{path}: header length {length} exceeds the file size {size}", hint)
             header = json.loads(fh.read(length))
-    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: unreadable safetensors header ({exc})", hint) from exc
     if not isinstance(header, dict):
         raise InputError(f"{path}: the safetensors header is not a JSON object", hint)

@@ -145,9 +145,12 @@ def check_links(folder: Path, root: Path | None = None) -> None:
     """Refuse a folder holding a symbolic link that leads outside ``root`` (default: the folder itself).
 
     A crafted checkpoint can link ``vocab.txt`` to a secret elsewhere on disk;
-    whatever streamify reads or copies from an input stays inside it.
+    whatever streamify reads or copies from an input stays inside it. A Hugging
+    Face hub snapshot (``…/snapshots/REV``) may link into its repository's cache
+    (``../../blobs``), which is then the root.
     """
-    root = (root or folder).resolve()
+    hub_repo = folder.parent.parent if folder.parent.name == "snapshots" else None
+    root = (root or hub_repo or folder).resolve()
     for path in sorted(folder.iterdir()):
         if not path.is_symlink():
             continue
@@ -203,5 +206,5 @@ def _resolve_hub(spec: str) -> Source:
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise InputError(f"{spec}: could not fetch from the Hugging Face hub: {exc}", "check the id") from exc
-    check_links(Path(folder), root=Path(folder).parent.parent)  # the hub cache links snapshots to ../../blobs
+    check_links(Path(folder))
     return Source(spec, "hf-folder", Path(folder), base_model=spec)

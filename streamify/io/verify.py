@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
-
 from streamify.errors import InputError
-from streamify.io.artifact import FILES_KEY, manifest_digest, weight_files
+from streamify.io.artifact import FILES_KEY, manifest_digest
 from streamify.io.manifest import MANIFEST_NAME, read_manifest
-from streamify.io.source import sha256_file
+from streamify.io.safetensors_file import read_header
+from streamify.io.source import check_links, sha256_file
 
+_UNRECORDED = frozenset({MANIFEST_NAME, "README.md"})  # the manifest itself, and the card made from it
 _RECREATE = "the file is damaged or was changed: restore it from a good copy, or re-create the artifact"
 
 
@@ -34,14 +34,15 @@ def verify_artifact(folder: Path) -> dict:
             f"{folder / MANIFEST_NAME}: records no file hashes (written by an older streamify)",
             "re-create the artifact with this version to be able to verify it",
         )
-    unrecorded = [p.name for p in weight_files(folder) if p.name not in recorded]
+    check_links(folder)  # nothing outside the folder is read, not even to hash it
+    unrecorded = [p.name for p in sorted(folder.iterdir()) if p.name not in recorded and p.name not in _UNRECORDED]
     if unrecorded:
-        raise InputError(f"{folder / unrecorded[0]}: a weight file the manifest does not record", _RECREATE)
+        raise InputError(f"{folder / unrecorded[0]}: a file the manifest does not record", _RECREATE)
     total = 0
     for name, entry in sorted(recorded.items()):
         path = folder / name
-        if Path(name).name != name or not path.is_file():
-            raise InputError(f"{path}: recorded in the manifest but missing", _RECREATE)
+        if Path(name).name != name or not path.is_file() or not isinstance(entry, dict):
+            raise InputError(f"{path}: recorded in the manifest but missing (or the record is malformed)", _RECREATE)
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise InputError(f"{path}: {size} bytes, the manifest recorded {entry.get('bytes')}", _RECREATE)
@@ -50,8 +51,7 @@ def verify_artifact(folder: Path) -> dict:
         total += size
     digest = manifest_digest(manifest)
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as fh:
-            stamp = (fh.metadata() or {}).get("streamify_manifest_sha256")
+        stamp = read_header(path).get("__metadata__", {}).get("streamify_manifest_sha256")
         if stamp != digest:
             raise InputError(
                 f"{folder / MANIFEST_NAME}: does not match the stamp in {path.name} (the manifest was edited)",
