@@ -59,13 +59,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def tiny_model(model_type: str, seed: int = 0, **config) -> torch.nn.Module:
+    """A tiny random causal LM of ``model_type`` over the test tokenizer's 384 tokens, in eval mode."""
+    torch.manual_seed(seed)
+    options = {"vocab_size": 384, "eos_token_id": 0, **config}
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options)).eval()
+
+
 def build_tiny(arch: str, tokenizer_dir: Path, folder: Path, seed: int = 0) -> Path:
     """Save a tiny random model of ``arch`` with the test tokenizer into ``folder``."""
     spec = dict(CONFIGS[arch])
-    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=384, eos_token_id=0, **spec)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
+    tiny_model(spec.pop("model_type"), seed, **spec).save_pretrained(folder)
     PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder
 

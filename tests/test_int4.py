@@ -84,16 +84,14 @@ AWQ_CONFIGS = {  # families whose blocks differ from Llama's, beside tiny_models
 def _awq_model(arch: str, tiny_models):
     if arch in tiny_models:
         return AutoModelForCausalLM.from_pretrained(tiny_models[arch])
-    from conftest import TINY
+    from conftest import TINY, tiny_model
 
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(arch, vocab_size=384, **TINY, **AWQ_CONFIGS[arch])
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model(arch, **TINY, **AWQ_CONFIGS[arch])
     with torch.no_grad():  # norms that start at 1 (or 0 for Gemma's 1 + w) would hide a wrong fold
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.3 * torch.rand_like(param))
-    return model.eval()
+    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", *AWQ_CONFIGS])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from conftest import CONFIGS
+from conftest import CONFIGS, TINY, tiny_model
 from streamify.errors import InputError
 from streamify.model.blocks import block_list
 from streamify.model.hooks import skipping
@@ -59,11 +59,7 @@ def test_per_layer_config_lists_are_sliced(tiny_models):
 
 
 def _tiny(model_type: str, **extra) -> nn.Module:
-    from conftest import TINY
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=384, eos_token_id=0, pad_token_id=0, **{**TINY, **extra})
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_model(model_type, pad_token_id=0, **{**TINY, **extra})
 
 
 PER_LAYER_CASES = {

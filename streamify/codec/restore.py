@@ -29,13 +29,16 @@ from streamify.io.source import SourceFile, check_links, resolve_source, sha256_
 from streamify.progress import SILENT, Progress
 
 
-def restore_files(path: Path, folder: Path, config: PretrainedConfig | None, threads: int = 1) -> list[Path]:
+def restore_files(
+    path: Path, folder: Path, config: PretrainedConfig | None, threads: int = 1, meta: dict | None = None
+) -> list[Path]:
     """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``.
 
     With ``config``, the container must hold exactly the model's tensors
-    (:func:`~streamify.codec.load.check_matches_config`).
+    (:func:`~streamify.codec.load.check_matches_config`). ``meta``: the
+    container's index when the caller has read it already.
     """
-    meta = read_index(path)
+    meta = meta or read_index(path)
     if config is not None:
         check_matches_config(path, meta, config)
     written = []
@@ -56,12 +59,12 @@ def restore_folder(
     Only regular files are copied; a link that leaves ``folder`` is refused.
     """
     container = folder / CONTAINER_NAME
-    read_index(container)  # the whole index is checked before anything is copied
+    meta = read_index(container)  # the whole index is checked before anything is copied
     check_links(folder)
     for path in sorted(folder.iterdir()):
         if path.name != CONTAINER_NAME and path.name not in skip and path.is_file():
             shutil.copyfile(path, target / path.name)
-    return restore_files(container, target, config, threads)
+    return restore_files(container, target, config, threads, meta)
 
 
 def decode_artifact(

@@ -67,7 +67,7 @@ def _plan_check(params: StreamingParams, model, where: str) -> dict:
     "bounded-memory attention: sinks + sliding window, optional full layers (LongGen hybrid) and healing",
     relation="finetune",
     training=lambda p: (p.heal, 2 * (p.sinks + p.window)) if p.heal.steps else None,
-    check=lambda params, model, where: _plan_check(params, model, where),
+    check=_plan_check,
     applies=lambda model: (
         None
         if model.config.model_type in supported("streaming")

@@ -36,6 +36,7 @@ from streamify.io.source import sha256_file
 WEIGHT_GLOBS = ("*.safetensors", "*.gguf")
 FILES_KEY = "files"  # the manifest's record of every file it covers: name -> {sha256, bytes}
 _OVERWRITE_HINT = "choose another output folder, or remove this one yourself if you mean to replace it"
+_WRITABLE = "choose a writable output folder on a real file system"
 
 
 def check_output(output: str | None, source_folder: Path | None, overwrite: bool) -> Path:
@@ -132,9 +133,6 @@ def output_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-_WRITABLE = "choose a writable output folder on a real file system"
-
-
 @contextmanager
 def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error it is removed.
@@ -151,7 +149,7 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _check_replaceable(out, overwrite)
-        old = tmp.with_name(tmp.name.replace(".streamify-tmp-", ".streamify-old-"))
+        old = tmp.with_name(tmp.name.replace(TMP_TAG, ".streamify-old-"))
         if out.exists():
             out.replace(old)
         try:

@@ -46,6 +46,8 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
     size = source.size_bytes()
     manifest = read_manifest(source.folder)  # a GGUF artifact folder has one too
     container = source.folder / CONTAINER_NAME
+    stages = all_stages()
+    reasons = {name: stage.applies(model) for name, stage in stages.items()}  # None: the stage applies
     return {
         "model": spec,
         "path": str(source.path),
@@ -63,7 +65,7 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
         "bits_per_weight": size * 8 / params if params else None,
         "streamify_artifact": manifest is not None,
         "stages_applied": [s["name"] for s in (manifest or {}).get("history", []) + (manifest or {}).get("stages", [])],
-        "applicable_stages": {name: s.summary for name, s in all_stages().items() if s.applies(model) is None},
-        "other_stages": {name: why for name, s in all_stages().items() if (why := s.applies(model)) is not None},
+        "applicable_stages": {name: stages[name].summary for name, why in reasons.items() if why is None},
+        "other_stages": {name: why for name, why in reasons.items() if why is not None},
         "entropy": summarize_file(container) if source.kind == "hf-folder" and container.is_file() else None,
     }

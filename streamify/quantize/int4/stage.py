@@ -156,7 +156,7 @@ def _check_not_quantized(model, where: str) -> None:
     "weight-only INT4 (W4A16) by RTN, GPTQ or AWQ; compressed-tensors or GGUF artifact",
     relation="quantized",
     bytes_per_param=_bits_per_param,
-    check=lambda params, model, where: _plan_check(params, model, where),
+    check=_plan_check,
     applies=lambda model: (
         None
         if any(isinstance(m, nn.Linear) for m in (find_blocks(model) or ("", nn.ModuleList()))[1].modules())
