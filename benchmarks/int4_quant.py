@@ -33,7 +33,7 @@ import torch
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.eval.perplexity import perplexity
-from streamify.eval.report import EvalSpec, eval_blocks
+from streamify.eval.report import EvalSpec, eval_data
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     base = load_checkpoint(MODEL)
-    blocks = eval_blocks(base.tokenizer, EvalSpec(max_tokens=args.eval_tokens, seq_len=512))
+    blocks = eval_data(base, EvalSpec(max_tokens=args.eval_tokens, seq_len=512))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         first = part_one(args, base, blocks, work)

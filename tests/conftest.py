@@ -24,7 +24,7 @@ TINY = {
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
+    "max_position_embeddings": 1024,
 }
 CONFIGS = {
     "llama": {"model_type": "llama", **TINY},
@@ -32,7 +32,7 @@ CONFIGS = {
     "mistral": {"model_type": "mistral", **TINY, "sliding_window": 64},
     "qwen3": {"model_type": "qwen3", **TINY, "head_dim": 8},
     "gemma": {"model_type": "gemma", **TINY, "head_dim": 8},
-    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 256},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 1024},
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import QUICK_EVAL
-from streamify.eval.report import EvalSpec, eval_blocks
+from streamify.eval.report import EvalSpec, eval_data
 from streamify.io.load import load_checkpoint
 
 
@@ -28,7 +28,7 @@ def test_eval_perplexity_matches_transformers_loss(cli, tiny_llama):
     } <= set(report)
 
     checkpoint = load_checkpoint(str(tiny_llama))
-    blocks = eval_blocks(checkpoint.tokenizer, EvalSpec(max_tokens=512, seq_len=64))
+    blocks = eval_data(checkpoint, EvalSpec(max_tokens=512, seq_len=64))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     with torch.no_grad():  # transformers' own mean loss per window, averaged over equal-size windows
         losses = [model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks]
@@ -64,7 +64,7 @@ def test_eval_vs_refuses_a_different_tokenizer(cli, tiny_models, tmp_path):
     vocab[first], vocab[second] = vocab[second], vocab[first]
     (other / "tokenizer.json").write_text(json.dumps(tok))
     result = cli("eval", tiny_models["llama"], "--vs", other, "--max-tokens", "512", "--seq-len", "64")
-    assert result.exit_code == 2 and "different tokens" in result.stderr
+    assert result.exit_code == 2 and "different inputs" in result.stderr and "another tokenizer" in result.stderr
 
 
 def _recipe(tmp_path, model, gates: str) -> str:

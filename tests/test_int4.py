@@ -124,16 +124,14 @@ def test_awq_folding_keeps_the_float_function(tiny_models, arch):
 
 
 def test_awq_refuses_an_architecture_without_scale_groups(tokenizer_dir, tmp_path, cli):
-    """BERT has linear layers but no declared scale groups: AWQ refuses (exit 3) before any weight is read,
-    instead of quietly giving RTN under its name."""
-    from transformers import AutoModel
-
+    """Phi (one LayerNorm feeding attention and MLP in parallel) has no declared scale groups: AWQ refuses
+    (exit 3) before any weight is read, instead of quietly giving RTN under its name."""
     config = AutoConfig.for_model(
-        "bert", vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        "phi", vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
     )
-    AutoModel.from_config(config).save_pretrained(tmp_path / "bert")
-    result = cli("quantize", "int4", tmp_path / "bert", "-o", tmp_path / "q", "--method", "awq", "--dry-run")
-    assert result.exit_code == 3 and "AWQ is not available for the 'bert' architecture" in result.stderr
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
+    result = cli("quantize", "int4", tmp_path / "phi", "-o", tmp_path / "q", "--method", "awq", "--dry-run")
+    assert result.exit_code == 3 and "AWQ is not available for the 'phi' architecture" in result.stderr
     assert "supported architectures: gemma" in result.stderr and not (tmp_path / "q").exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamify.eval.perplexity import perplexity
-from streamify.eval.report import EvalSpec, eval_blocks
+from streamify.eval.report import EvalSpec, eval_data
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
@@ -28,7 +28,7 @@ def quantize(**params):
 @pytest.fixture(scope="module")
 def heldout():
     """2,048 held-out builtin:pydoc tokens in windows of 512 (never in the calibration split)."""
-    return eval_blocks(load_checkpoint(MODEL).tokenizer, EvalSpec(max_tokens=2048, seq_len=512))
+    return eval_data(load_checkpoint(MODEL), EvalSpec(max_tokens=2048, seq_len=512))
 
 
 @pytest.fixture(scope="module")

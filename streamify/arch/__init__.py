@@ -14,14 +14,21 @@ Every stage asks :func:`arch_for` / :func:`require` instead of checking a
 - ``layer_index_keys`` / ``layer_count_keys``: config keys that hold layer
   *indices* or a *number of layers* (sliced when blocks are removed); lists with
   one entry per layer are sliced for every architecture.
+- ``denoiser_inputs(config, count, generator)``: for a diffusion denoiser, ``count``
+  clean latents and conditions of the shapes it reads (its eval and training data).
+
+A transformers model is keyed by its ``model_type``, a diffusers model by its
+class name (:func:`family_key`).
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from streamify.errors import InputError
 
@@ -47,6 +54,7 @@ class Arch:
     gguf_architecture: str | None = None
     layer_index_keys: tuple[str, ...] = ()
     layer_count_keys: tuple[str, ...] = ()
+    denoiser_inputs: Callable[[Any, int, Any], list[dict]] | None = None
 
 
 LLAMA_AWQ = (
@@ -68,6 +76,14 @@ def _registry() -> dict[str, Arch]:
                     raise RuntimeError(f"model_type {model_type} is declared twice in streamify.arch")
                 found[model_type] = arch
     return found
+
+
+def family_key(config: Any) -> str | None:
+    """What :func:`arch_for` is keyed by: a transformers config's ``model_type``, a diffusers config's class name."""
+    model_type = getattr(config, "model_type", None)
+    if model_type:
+        return model_type
+    return config.get("_class_name") if isinstance(config, Mapping) else None
 
 
 def arch_for(model_type: str | None) -> Arch | None:

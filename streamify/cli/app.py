@@ -12,7 +12,6 @@ import typer
 
 from streamify import __version__
 from streamify.cli.options import (
-    DataOpt,
     DeviceOpt,
     DryRunOpt,
     DtypeOpt,
@@ -126,10 +125,18 @@ def run(
 @app.command("eval")
 def eval_(
     model: ModelArg,
-    vs: Annotated[str | None, typer.Option("--vs", help="a second model, evaluated on the same tokens")] = None,
-    data: DataOpt = "builtin:pydoc",
+    vs: Annotated[str | None, typer.Option("--vs", help="a second model, evaluated on the same inputs")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="text: a .txt/.jsonl/.parquet file or folder, hf:NAME[:CONFIG[:SPLIT]] or builtin:pydoc (default); "
+            "speech: a folder of .wav/.flac clips with .txt transcripts; denoisers: builtin:random-latents (default)",
+        ),
+    ] = None,
     max_tokens: MaxTokensOpt = 16384,
     seq_len: SeqLenOpt = 512,
+    max_items: Annotated[int, typer.Option("--max-items", help="speech clips or denoiser samples to score")] = 32,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -150,7 +157,7 @@ def eval_(
     kv_bits: KvBitsOpt = None,
     fmt: FormatOpt = Format.human,
 ) -> None:
-    """Perplexity on held-out text, parameters, size, bits per weight, load time and peak memory.
+    """The model kind's quality (perplexity, WER, denoising loss...), parameters, size, load time and peak memory.
 
     With --stream, the streaming runtime's perplexity, cache bytes and latency
     over a long stream; with --check equivalence, the runtime against one
@@ -163,7 +170,7 @@ def eval_(
         _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt)
         return
     with command(fmt) as out:
-        spec = EvalSpec(data=data, max_tokens=max_tokens, seq_len=seq_len)
+        spec = EvalSpec(data=data, max_tokens=max_tokens, seq_len=seq_len, max_items=max_items)
         options = {
             "dtype": dtype,
             "device": device,
@@ -180,11 +187,13 @@ def _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, de
     from streamify.errors import UsageError
     from streamify.eval.streaming import check_equivalence, stream_eval
     from streamify.io.load import load_checkpoint
+    from streamify.kinds.causal_lm import DEFAULT_TEXT
 
     with command(fmt) as out:
         if check not in (None, "equivalence"):
             raise UsageError(f"--check {check}: unknown check", "the one check is: --check equivalence")
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        data = data or DEFAULT_TEXT
         result: dict = {"model_spec": model}
         if stream:
             result["stream"] = stream_eval(checkpoint, data, tokens or 8192, chunk, progress=out, kv_bits=kv_bits)

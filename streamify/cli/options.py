@@ -14,7 +14,7 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="dtype to load in: auto, 
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 DataOpt = Annotated[
-    str,
+    str | None,
     typer.Option("--data", help="a .txt/.jsonl/.parquet file or folder, hf:NAME[:CONFIG[:SPLIT]], or builtin:pydoc"),
 ]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="artifact folder to write")]

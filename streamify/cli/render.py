@@ -26,6 +26,7 @@ def render_inspect(console: Console, data: dict) -> None:
         ("path", data["path"]),
         ("format", data["format"]),
         ("architecture", f"{data['architecture']} ({data['model_type']})"),
+        ("kind", data["kind"] or "none streamify handles"),
         ("parameters", f"{data['params']:,}"),
         ("blocks", f"{data['blocks']} at {data['block_path']}"),
         ("attention", data["attention_summary"] or "-"),

@@ -30,6 +30,7 @@ class EntropyParams(BaseModel):
     EntropyParams,
     "lossless entropy coding of BF16/FP16/FP32 weights (about 66% of BF16 size) and packed INT4 codes, bit-exact",
     bytes_per_param=lambda params, before: before * 0.67,
+    kinds="all",
     final=True,
 )
 def quantize_entropy(checkpoint: Checkpoint, params: EntropyParams, ctx: StageContext) -> Checkpoint:

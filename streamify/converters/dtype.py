@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from streamify.io.checkpoint import Checkpoint
+from streamify.io.config import is_diffusers
 from streamify.io.placement import DTYPE_NAMES, DTYPES
 from streamify.pipeline.registry import StageContext, register
 
@@ -29,6 +30,7 @@ def _bytes_per_param(params: DtypeParams, before: float) -> float:
     "cast floating-point weights to fp32, bf16 or fp16",
     relation="quantized",
     bytes_per_param=_bytes_per_param,
+    kinds="all",
 )
 def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext) -> Checkpoint:
     """Cast the floating-point tensors that are saved (parameters, persistent buffers); records the dtypes seen.
@@ -47,6 +49,7 @@ def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
                 setattr(module, name, buffer.to(target))
-    model.config.dtype = target
+    if not is_diffusers(model.config):  # a diffusers config has no dtype entry: its tensors say it
+        model.config.dtype = target
     ctx.metrics.update(dtype_before=before, dtype_after=params.dtype)
     return checkpoint

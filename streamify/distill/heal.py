@@ -20,7 +20,6 @@ from streamify.distill.lora import add_lora, merge_lora
 from streamify.distill.losses import heldout_kl, hidden_mse, kl_to_teacher, next_token_ce
 from streamify.distill.trainer import TrainParams, train
 from streamify.errors import UsageError
-from streamify.eval.report import is_causal_lm
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import load_checkpoint
@@ -150,7 +149,6 @@ class DistillHealParams(HealParams):
     "heal a modified model by distillation from a teacher (LoRA, merged)",
     relation="finetune",
     training=lambda p: (p, 512),
-    applies=lambda model: None if is_causal_lm(model) else "distillation on logits needs a causal LM",
 )
 def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageContext) -> Checkpoint:
     """Heal ``checkpoint`` towards ``params.teacher`` (or its own full-attention self when it streams)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from streamify.errors import UsageError
-from streamify.eval.report import EvalSpec, eval_blocks, evaluate
+from streamify.eval.report import EvalSpec, eval_data, evaluate
 from streamify.io.load import load_checkpoint
 from streamify.progress import SILENT, Progress
 
@@ -20,29 +20,38 @@ def _load(spec: str, options: dict, progress: Progress):
 
 
 def evaluate_models(model: str, vs: str | None, spec: EvalSpec, options: dict, progress: Progress = SILENT) -> dict:
-    """Eval report of ``model``; with ``vs``, also of ``vs`` on the same token windows, and their ratios.
+    """Eval report of ``model``; with ``vs``, also of ``vs`` on the same inputs, their ratios and how close they are.
 
-    Ratios are ``model / vs``. The two models must share a tokenizer (same ids
-    for the eval text), or the comparison would not be on the same tokens.
+    Ratios are ``model / vs``. The two models must be of one kind and read the
+    eval data the same way (a shared tokenizer: the same ids for the eval text),
+    or the comparison would not be on the same inputs. Kinds with comparable
+    outputs (embeddings, denoiser predictions) also report ``model`` against ``vs``
+    (``cosine_to_reference_mean``...).
     """
     checkpoint, seconds = _load(model, options, progress)
-    blocks = eval_blocks(checkpoint.tokenizer, spec)
+    data = eval_data(checkpoint, spec)
+    kind = checkpoint.kind
     size = checkpoint.source.size_bytes()
-    report = evaluate(checkpoint, spec, size_bytes=size, load_seconds=seconds, blocks=blocks, progress=progress)
+    report, outputs = evaluate(checkpoint, spec, size_bytes=size, load_seconds=seconds, data=data, progress=progress)
     result = {"model_spec": model, "model": report}
     if vs is None:
         return result
     del checkpoint
     other, other_seconds = _load(vs, {**options, "verify": False}, progress)  # --verify is about MODEL
-    other_blocks = eval_blocks(other.tokenizer, spec)
-    if other_blocks.shape != blocks.shape or not bool((other_blocks == blocks).all()):
+    if other.kind is not kind:
         raise UsageError(
-            f"--vs {vs}: its tokenizer turns the eval text into different tokens than {model}'s",
+            f"--vs {vs}: a {other.kind.name} model; {model} is a {kind.name}", "compare models of one kind"
+        )
+    if not kind.same_data(eval_data(other, spec), data):
+        raise UsageError(
+            f"--vs {vs}: it reads the eval data into different inputs than {model} (another tokenizer?)",
             "compare models that share a tokenizer",
         )
     other_size = other.source.size_bytes()
-    other_report = evaluate(
-        other, spec, size_bytes=other_size, load_seconds=other_seconds, blocks=blocks, progress=progress
+    other_report, other_outputs = evaluate(
+        other, spec, size_bytes=other_size, load_seconds=other_seconds, data=data, progress=progress
     )
+    if outputs is not None:
+        report.update(kind.compare(outputs, other_outputs))
     ratio = {k: report[k] / other_report[k] for k in _RATIO_KEYS if report.get(k) and other_report.get(k)}
     return {**result, "vs_spec": vs, "vs": other_report, "ratio": ratio}

@@ -1,7 +1,9 @@
-"""The eval report: perplexity on held-out text plus size, parameters, load time and memory.
+"""The eval report: the model kind's quality numbers plus size, parameters, load time and memory.
 
-The report's keys are an interface (README.md, "Eval report"): ``perplexity``,
-``nll``, ``tokens``, ``seq_len``, ``data``, ``params``, ``size_bytes``,
+The report's keys are an interface (README.md, "Eval report"): ``kind``; for a
+causal LM ``perplexity``, ``nll``, ``tokens``, ``seq_len``; for the other kinds
+theirs (:mod:`streamify.kinds`: ``wer``, ``denoising_loss``, ``cosine_to_reference_mean``...);
+``data``, ``params``, ``size_bytes``,
 ``bits_per_weight``, ``load_seconds``, ``peak_memory_bytes``; with ``stream_tokens``
 also ``stream.perplexity``, ``stream.cache_bytes_max``, ``stream.latency_ms_first_10pct``,
 ``stream.latency_ms_last_10pct`` (and the rest of :func:`~streamify.eval.streaming.stream_eval`);
@@ -12,28 +14,31 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from streamify.data.blocks import token_blocks
-from streamify.data.sources import load_texts
-from streamify.eval.perplexity import perplexity
+from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
+from streamify.kinds.causal_lm import CAUSAL_LM, DEFAULT_TEXT
 from streamify.model.params import count_params
 from streamify.progress import SILENT, Progress
 
 
 class EvalSpec(BaseModel):
-    """What to evaluate on: held-out split of ``data``, windows of ``seq_len``, at most ``max_tokens``."""
+    """What to evaluate on: the model kind's data (``data``), windows of ``seq_len`` tokens or ``max_items`` items."""
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field("builtin:pydoc", description="eval text (held-out split for builtin:pydoc)")
-    max_tokens: int = Field(16384, gt=0, description="tokens to score, rounded down to whole windows")
-    seq_len: int = Field(512, ge=2, description="window length; windows do not overlap")
+    data: str | None = Field(
+        None,
+        description="eval data (default: the model kind's: builtin:pydoc's held-out split for text, "
+        "builtin:random-latents for denoisers; speech needs a folder of clips with transcripts)",
+    )
+    max_tokens: int = Field(16384, gt=0, description="text: tokens to score, rounded down to whole windows")
+    seq_len: int = Field(512, ge=2, description="text: window length; windows do not overlap")
+    max_items: int = Field(32, gt=0, description="speech clips or denoiser samples to score")
     batch_size: int = Field(1, gt=0, description="windows per forward pass")
     stream_tokens: int = Field(
         0, ge=0, description="also stream this many held-out tokens through the runtime (0: off)"
@@ -44,16 +49,14 @@ class EvalSpec(BaseModel):
         False, description="streaming models: also check the chunked cached runtime against a masked forward"
     )
 
-
-def eval_blocks(tokenizer, spec: EvalSpec) -> torch.Tensor:
-    """The token windows an eval scores."""
-    texts = load_texts(spec.data, "heldout")
-    return token_blocks(tokenizer, texts, spec.seq_len, spec.max_tokens, where=f"--data {spec.data}")
+    def text_data(self) -> str:
+        """The text an eval of a text model reads (``data``, else builtin:pydoc)."""
+        return self.data or DEFAULT_TEXT
 
 
-def is_causal_lm(model) -> bool:
-    """True when the model predicts next tokens (so perplexity applies)."""
-    return type(model) in set(MODEL_FOR_CAUSAL_LM_MAPPING.values())
+def eval_data(checkpoint: Checkpoint, spec: EvalSpec) -> Any:
+    """The inputs an eval of ``checkpoint`` scores: its kind's (token windows, clips, latents)."""
+    return checkpoint.kind.eval_data(checkpoint, spec)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -70,33 +73,59 @@ def evaluate(
     *,
     size_bytes: int,
     load_seconds: float | None = None,
-    blocks: torch.Tensor | None = None,
+    data: Any = None,
+    reference: Any = None,
     progress: Progress = SILENT,
-) -> dict:
-    """Evaluate a checkpoint; ``blocks`` overrides the windows (to score two models on the same tokens)."""
+) -> tuple[dict, Any]:
+    """Evaluate a checkpoint as its kind says: ``(report, outputs)``.
+
+    ``data`` overrides the kind's eval data (to score two models on the same
+    inputs); ``reference`` is another model's ``outputs`` on that data, which
+    the report then compares against (cosine of embeddings, relative error of
+    denoiser predictions).
+    """
     model = checkpoint.model
+    kind = checkpoint.kind
     params = count_params(model)
-    report: dict = {"params": params, "size_bytes": size_bytes, "bits_per_weight": size_bytes * 8 / params}
-    if not is_causal_lm(model):
-        report.update(perplexity=None, note="not a causal LM: perplexity does not apply")
-    elif checkpoint.tokenizer is None and blocks is None:
-        report.update(perplexity=None, note="the checkpoint has no tokenizer: perplexity skipped")
+    report: dict = {
+        "kind": kind.name,
+        "params": params,
+        "size_bytes": size_bytes,
+        "bits_per_weight": size_bytes * 8 / params,
+    }
+    outputs = None
+    if kind.reads_text and checkpoint.tokenizer is None and data is None:
+        report["note"] = "the checkpoint has no tokenizer: the text eval is skipped"
+        if kind.name == CAUSAL_LM:
+            report["perplexity"] = None
     else:
-        windows = blocks if blocks is not None else eval_blocks(checkpoint.tokenizer, spec)
-        report.update(perplexity(model, windows, spec.batch_size, progress))
-        report.update(seq_len=int(windows.shape[1]), data=spec.data)
-        if spec.stream_tokens:
-            from streamify.eval.streaming import stream_eval
-
-            streamed = stream_eval(
-                checkpoint, spec.data, spec.stream_tokens, spec.stream_chunk, progress, spec.stream_kv_bits
-            )
-            report.update({f"stream.{key}": value for key, value in streamed.items()})
-        if spec.equivalence:
-            from streamify.eval.streaming import check_equivalence
-
-            checked = check_equivalence(checkpoint, spec.data, None, [1, 7, 64], progress)
-            report.update({f"equivalence.{key}": value for key, value in checked.items()})
+        data = data if data is not None else eval_data(checkpoint, spec)
+        metrics, outputs = kind.score(checkpoint, data, spec, progress)
+        report.update(metrics, data=spec.data or kind.default_data)
+        if reference is not None:
+            report.update(kind.compare(outputs, reference))
+    if spec.stream_tokens or spec.equivalence:
+        report.update(_streaming_checks(checkpoint, spec, kind.name, progress))
     report["load_seconds"] = load_seconds
     report["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
-    return report
+    return report, outputs
+
+
+def _streaming_checks(checkpoint: Checkpoint, spec: EvalSpec, kind: str, progress: Progress) -> dict:
+    from streamify.eval.streaming import check_equivalence, stream_eval
+
+    if kind != CAUSAL_LM:
+        raise UsageError(
+            f"{checkpoint.source.spec}: the streaming eval and the equivalence check run causal LMs; this is a {kind}",
+            "leave out eval.stream_tokens and eval.equivalence",
+        )
+    found = {}
+    if spec.stream_tokens:
+        streamed = stream_eval(
+            checkpoint, spec.text_data(), spec.stream_tokens, spec.stream_chunk, progress, spec.stream_kv_bits
+        )
+        found.update({f"stream.{key}": value for key, value in streamed.items()})
+    if spec.equivalence:
+        checked = check_equivalence(checkpoint, spec.text_data(), None, [1, 7, 64], progress)
+        found.update({f"equivalence.{key}": value for key, value in checked.items()})
+    return found

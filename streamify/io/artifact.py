@@ -199,13 +199,14 @@ def _register_pending(tmp: Path) -> Path | None:
 
 
 def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
-    """Write config, weights and tokenizer: as transformers does, or in the format a stage chose."""
+    """Write config, weights, tokenizer and feature extractor: as transformers does, or in the format a stage chose."""
     if checkpoint.weights_writer is not None:
         checkpoint.weights_writer(folder)
     else:
         checkpoint.model.save_pretrained(folder, max_shard_size="2GB")
-    if checkpoint.tokenizer is not None:
-        checkpoint.tokenizer.save_pretrained(folder)
+    for files in (checkpoint.tokenizer, checkpoint.processor):
+        if files is not None:
+            files.save_pretrained(folder)
 
 
 def weight_files(folder: Path) -> list[Path]:

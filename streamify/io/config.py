@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
@@ -24,10 +27,24 @@ def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedCo
     return folder_config(source.path, trust_remote_code)
 
 
-def model_class(config: PretrainedConfig, where: str) -> type:
-    """The transformers class for a config: the one ``architectures`` names, else causal LM, else bare model."""
+DIFFUSERS_KEY = "_diffusers_version"  # in the config.json of every model diffusers saves
+
+
+def is_diffusers(config: Any) -> bool:
+    """True for a diffusers model config (a mapping with ``_class_name``), False for a transformers one."""
+    return isinstance(config, Mapping) and "_class_name" in config
+
+
+def model_class(config: Any, where: str) -> type:
+    """The model class for a config.
+
+    transformers: the one ``architectures`` names, else causal LM, else bare model;
+    diffusers: the model class its ``_class_name`` names.
+    """
     import transformers
 
+    if is_diffusers(config):
+        return _diffusers_class(config["_class_name"], where)
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type):
@@ -42,8 +59,22 @@ def model_class(config: PretrainedConfig, where: str) -> type:
     )
 
 
-def instantiate(cls: type, config: PretrainedConfig, trust_remote_code: bool = False):
+def _diffusers_class(name: str, where: str) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin):
+        raise InputError(
+            f"{where}: '{name}' is not a model class of diffusers {diffusers.__version__}",
+            "streamify loads the model classes diffusers ships; upgrade diffusers or convert the model",
+        )
+    return cls
+
+
+def instantiate(cls: type, config: Any, trust_remote_code: bool = False):
     """A model of ``cls`` built from ``config`` (random or empty weights, per the active device context)."""
+    if is_diffusers(config):
+        return cls.from_config(config)
     if hasattr(cls, "from_config"):  # an Auto class
         return cls.from_config(config, trust_remote_code=trust_remote_code)
     return cls(config)
@@ -72,6 +103,8 @@ def folder_config(folder: Path, trust_remote_code: bool = False) -> PretrainedCo
         raise InputError(f"{path}: not valid JSON ({exc})", restore) from exc
     if not isinstance(raw, dict):
         raise InputError(f'{path}: not a JSON object (a config is {{"model_type": ..., ...}})', restore)
+    if DIFFUSERS_KEY in raw:
+        return _diffusers_config(path, raw)
     for key in _POSITIVE_INT_KEYS:
         value = raw.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -93,6 +126,17 @@ def folder_config(folder: Path, trust_remote_code: bool = False) -> PretrainedCo
             f"{path}: unsupported architecture (model_type '{model_type}')",
             "streamify handles the architectures transformers ships; upgrade transformers or convert the model",
         ) from exc
+
+
+def _diffusers_config(path: Path, raw: dict) -> Mapping:
+    """A diffusers model's config as its class reads it (defaults filled in), after checking the class exists."""
+    cls = _diffusers_class(str(raw.get("_class_name")), str(path))
+    try:
+        with torch.device("meta"):
+            return cls.from_config(raw).config
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        message = " ".join(str(exc).split())
+        raise InputError(f"{path}: diffusers rejects this config ({message})", "restore config.json") from exc
 
 
 def gguf_cache_folder(source: Source) -> Path:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from streamify.codec.container import CONTAINER_NAME
 from streamify.codec.load import load_entropy_model
@@ -19,7 +19,7 @@ from streamify.codec.restore import restore_folder
 from streamify.errors import InputError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.config import folder_config, gguf_cache_folder, gguf_config, model_class
+from streamify.io.config import folder_config, gguf_cache_folder, gguf_config, is_diffusers, model_class
 from streamify.io.manifest import read_manifest
 from streamify.io.placement import resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
@@ -63,17 +63,18 @@ def load_checkpoint(
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
     with _weights_folder(folder, container, config, lazy) as weights:
         use_safetensors = _check_weight_files(weights, allow_pickle)
-        try:
-            model, info = cls.from_pretrained(
-                weights,
+        options = {"local_files_only": True, "use_safetensors": use_safetensors, "output_loading_info": True}
+        if is_diffusers(config):  # diffusers reads its config from the folder and names the dtype torch_dtype
+            options.update(torch_dtype=torch_dtype(dtype) if dtype != "auto" else None)
+        else:
+            options.update(
                 config=config,
                 dtype=torch_dtype(dtype),
-                local_files_only=True,
-                use_safetensors=use_safetensors,
                 trust_remote_code=trust_remote_code,
-                output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported below, with the names, instead of a bare error
             )
+        try:
+            model, info = cls.from_pretrained(weights, **options)
         except pickle.UnpicklingError as exc:
             raise InputError(
                 f"{spec}: the pickled weights were refused as unsafe: torch's weights-only loader found "
@@ -133,6 +134,7 @@ def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remot
     return Checkpoint(
         model=model,
         tokenizer=_load_tokenizer(folder, trust_remote_code),
+        processor=_load_feature_extractor(folder, trust_remote_code),
         source=source,
         history=manifest.get("history", []) + manifest.get("stages", []),
         streaming=manifest.get("streaming"),
@@ -165,6 +167,19 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"{folder}: tokenizer files are unreadable ({exc})", "restore the tokenizer files") from exc
+
+
+def _load_feature_extractor(folder: Path, trust_remote_code: bool):
+    """The feature extractor of a speech model (``preprocessor_config.json``), or None."""
+    if not (folder / "preprocessor_config.json").is_file():
+        return None
+    try:
+        return AutoFeatureExtractor.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(
+            f"{folder / 'preprocessor_config.json'}: unreadable feature extractor ({exc})",
+            "restore the file from the original model",
+        ) from exc
 
 
 def _materialize_gguf(source: Source, progress: Progress) -> Path:

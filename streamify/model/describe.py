@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+from streamify.arch import family_key
 from streamify.codec.container import CONTAINER_NAME, read_index, summarize_file
 from streamify.io.config import read_config
 from streamify.io.manifest import read_manifest
 from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
+from streamify.kinds import find_kind
 from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
 from streamify.model.params import count_params
 from streamify.pipeline.plan import meta_model
-from streamify.pipeline.registry import all_stages
+from streamify.pipeline.registry import all_stages, why_not
 
 
 def stored_dtypes(source: Source) -> dict[str, int]:
@@ -47,13 +49,14 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
     manifest = read_manifest(source.folder)  # a GGUF artifact folder has one too
     container = source.folder / CONTAINER_NAME
     stages = all_stages()
-    reasons = {name: stage.applies(model) for name, stage in stages.items()}  # None: the stage applies
+    reasons = {name: why_not(stage, model) for name, stage in stages.items()}  # None: the stage applies
     return {
         "model": spec,
         "path": str(source.path),
         "format": source.kind,
         "architecture": type(model).__name__,
-        "model_type": config.model_type,
+        "model_type": family_key(config),
+        "kind": getattr(find_kind(model), "name", None),
         "params": params,
         "blocks": n_blocks,
         "block_path": found[0] if found else None,

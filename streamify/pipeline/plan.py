@@ -11,11 +11,13 @@ from streamify.errors import InputError, ResourceError
 from streamify.io.config import instantiate, model_class, read_config
 from streamify.io.placement import DTYPES
 from streamify.io.source import Source
+from streamify.kinds import find_kind
 from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
 from streamify.model.params import count_params
 from streamify.model.patterns import match_patterns, select_modules
 from streamify.pipeline.recipe import Recipe
+from streamify.pipeline.registry import why_not
 from streamify.progress import SILENT, Progress
 
 _LOGIT_BYTES = 4 * 3  # fp32 logits, their log-softmax and the gradient-free copy cross_entropy makes
@@ -92,6 +94,9 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
     """
     config = read_config(source, recipe.trust_remote_code)
     model = meta_model(config, recipe.trust_remote_code)
+    kind = find_kind(model)
+    if recipe.eval is not None and kind is not None:
+        kind.check_eval(model, recipe.eval, f"{recipe.model}: eval")
     params = count_params(model)
     found = find_blocks(model)
     n_blocks = len(found[1]) if found else 0
@@ -104,7 +109,7 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
         where = f"stages.{index} ({stage.name})"
         resolved = {}
         if shapes_hold:
-            reason = stage.applies(model)
+            reason = why_not(stage, model)
             if reason is not None:
                 raise InputError(
                     f"{recipe.model}: {where} does not apply to this model: {reason}",
@@ -151,7 +156,10 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
         "attention": summarize_layout(attention_layout(config, n_blocks)) if n_blocks else None,
         "output": str(output),
         "stages": stages,
+        "kind": kind.name if kind else None,
         "eval": recipe.eval.model_dump() if recipe.eval else None,
+        # the source is evaluated too: for relative gates, or when the kind judges a model by its closeness to it
+        "eval_vs_source": recipe.needs_source_eval() or bool(recipe.eval and kind and kind.compares_to_source),
         "gates": recipe.gates.model_dump(exclude_none=True) if recipe.gates else None,
         "estimate": {
             "peak_memory_bytes": int(peak),

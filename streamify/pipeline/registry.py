@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
@@ -66,6 +66,7 @@ class Stage:
     relation: str | None = None
     bytes_per_param: Callable[[BaseModel, float], float] = lambda params, before: before
     training: Callable[[BaseModel], tuple[Any, int] | None] = lambda params: None
+    kinds: tuple[str, ...] | Literal["all"] = ("causal-lm",)
     applies: Callable[[Any], str | None] = lambda model: None
     check: Callable[[BaseModel, Any, str], dict | None] = lambda params, model, where: None
     reshapes: bool = False
@@ -73,6 +74,18 @@ class Stage:
 
 
 _REGISTRY: dict[str, Stage] = {}
+
+
+def why_not(stage: Stage, model: Any) -> str | None:
+    """Why ``stage`` cannot run on ``model`` (its kind, then the stage's own check), or None when it can."""
+    if stage.kinds != "all":
+        from streamify.kinds import find_kind
+
+        kind = find_kind(model)
+        if kind is None or kind.name not in stage.kinds:
+            what = f"is {kind.name}" if kind else f"({type(model).__name__}) is none streamify handles"
+            return f"applies to {' and '.join(stage.kinds)} models; this model's kind {what}"
+    return stage.applies(model)
 
 
 def register(name: str, params: type[BaseModel], summary: str, **options) -> Callable[[RunFn], RunFn]:

@@ -6,7 +6,7 @@ import time
 
 import transformers
 
-from streamify.eval.report import eval_blocks, evaluate
+from streamify.eval.report import eval_data, evaluate
 from streamify.io.artifact import (
     check_output,
     output_lock,
@@ -60,11 +60,11 @@ def run_recipe(
         checked = verify_artifact(source.folder)
         progress.log(f"verified {checked['files']} files of {source.folder} against its manifest")
     with output_lock(out):
-        return _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progress)
+        return _run(recipe, source, out, device, cache, keys, overwrite, use_cache, plan["eval_vs_source"], progress)
 
 
-def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progress) -> dict:
-    """The run itself, under the output's lock (see :func:`run_recipe`)."""
+def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, vs_source, progress) -> dict:
+    """The run itself, under the output's lock (see :func:`run_recipe`); ``vs_source``: evaluate the source too."""
     stages = recipe.resolved_stages()
     started = time.perf_counter()
     cacheable = [not stage.final for stage, _ in stages]
@@ -77,20 +77,20 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progres
             f"stage {index + 1}/{len(stages)}: {record['name']}: reused from the stage cache ({keys[index][:12]})"
         )
     load_seconds = None
-    blocks, source_eval = None, None
-    if resumed < 0 or recipe.needs_source_eval():
+    data, source_eval, source_outputs = None, None, None
+    if resumed < 0 or vs_source:
         progress.log(f"loading {recipe.model}")
         source_checkpoint = _load_source(recipe, progress)
         load_seconds = time.perf_counter() - started
-        if recipe.needs_source_eval():
-            blocks = eval_blocks(source_checkpoint.tokenizer, recipe.eval)
+        if vs_source:
+            data = eval_data(source_checkpoint, recipe.eval)
             progress.log("evaluating the source")
-            source_eval = evaluate(
+            source_eval, source_outputs = evaluate(
                 source_checkpoint,
                 recipe.eval,
                 size_bytes=source.size_bytes(),
                 load_seconds=load_seconds,
-                blocks=blocks,
+                data=data,
                 progress=progress,
             )
         if resumed < 0:
@@ -123,7 +123,14 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, progres
         report = None
         if recipe.eval is not None:
             progress.log("evaluating the artifact")
-            report = evaluate(checkpoint, recipe.eval, size_bytes=weights_size(tmp), blocks=blocks, progress=progress)
+            report, _ = evaluate(
+                checkpoint,
+                recipe.eval,
+                size_bytes=weights_size(tmp),
+                data=data,
+                reference=source_outputs,
+                progress=progress,
+            )
         gates = check_gates(recipe.gates, report, source_eval, source.size_bytes())
         manifest = build_manifest(
             checkpoint,

@@ -1,0 +1,11 @@
+"""BERT-style encoders (BERT, and the MiniLM sentence encoders built on it): post-LayerNorm blocks.
+
+The LayerNorm follows each sub-block's residual sum, so no norm feeds a
+projection alone: no AWQ scale group is exact and none is declared. The model
+kind is ``encoder`` (:mod:`streamify.kinds.encoder`); positions are learned, up
+to ``max_position_embeddings``.
+"""
+
+from streamify.arch import Arch
+
+ARCHS = (Arch(("bert",), awq_note="post-LayerNorm blocks: no norm feeds a projection alone, nothing is scaled"),)

@@ -1,0 +1,53 @@
+"""Speech clips with transcripts: a folder of ``.wav``/``.flac`` files, each with a same-name ``.txt``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamify.errors import InputError, UsageError
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+AUDIO_LAYOUT = "a folder of .wav or .flac files, each with its transcript in a .txt file of the same name"
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One mono clip (float32 samples in [-1, 1]) at ``rate`` Hz and what is said in it."""
+
+    path: Path
+    audio: np.ndarray
+    rate: int
+    text: str
+
+
+def read_clips(data: str | None, rate: int, limit: int | None = None) -> list[Clip]:
+    """The clips of the folder ``data`` (sorted by name, at most ``limit``), checked to be mono-able at ``rate`` Hz."""
+    import soundfile
+
+    if not data:
+        raise UsageError("speech eval needs audio: no --data given", f"pass --data FOLDER: {AUDIO_LAYOUT}")
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"--data {data}: not a folder", f"speech data is {AUDIO_LAYOUT}")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not paths:
+        raise UsageError(f"--data {data}: holds no .wav or .flac files", f"speech data is {AUDIO_LAYOUT}")
+    clips = []
+    for path in paths[:limit]:
+        transcript = path.with_suffix(".txt")
+        if not transcript.is_file():
+            raise InputError(f"{path}: no transcript ({transcript.name} is missing)", f"speech data is {AUDIO_LAYOUT}")
+        try:
+            audio, found_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        except (RuntimeError, soundfile.LibsndfileError) as exc:
+            raise InputError(f"{path}: unreadable audio ({exc})", "re-encode it as 16-bit PCM WAV or FLAC") from exc
+        if found_rate != rate:
+            raise InputError(
+                f"{path}: sampled at {found_rate} Hz; the model's feature extractor reads {rate} Hz",
+                f"resample it to {rate} Hz (e.g. ffmpeg -i IN -ar {rate} OUT.wav)",
+            )
+        clips.append(Clip(path, audio.mean(axis=1), rate, transcript.read_text().strip()))
+    return clips

@@ -1,0 +1,81 @@
+"""Diffusion denoisers (diffusers transformers): noisy latents + noise level + condition in, velocity out.
+
+The eval draws seeded latents and conditions of the shapes the family declares
+(:mod:`streamify.arch`, ``denoiser_inputs``; ``--data builtin:random-latents``),
+noises each at a seeded level and scores the flow-matching loss: with
+``x_t = (1 - s) x_0 + s e`` at ``t = 1000 s``, the model predicts ``e - x_0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from streamify.arch import arch_for, family_key
+from streamify.errors import UsageError
+from streamify.kinds import Kind
+
+RANDOM_LATENTS = "builtin:random-latents"
+EVAL_SEED = 0  # the same latents, noise and levels for every model of a family
+
+
+class Denoiser(Kind):
+    name = "denoiser"
+    summary = "diffusion denoiser (diffusers): latents + noise level + condition -> velocity; flow-matching loss"
+    default_data = RANDOM_LATENTS
+    compares_to_source = True
+    order = 30
+
+    def matches(self, model: Any) -> bool:
+        return type(model).__module__.startswith("diffusers.") and bool(
+            getattr(arch_for(family_key(model.config)), "denoiser_inputs", None)
+        )
+
+    def eval_data(self, checkpoint: Any, spec: Any) -> Any:
+        data = spec.data or self.default_data
+        if data != RANDOM_LATENTS:
+            raise UsageError(
+                f"--data {data}: a denoiser is evaluated on {RANDOM_LATENTS} (seeded latents of its shapes)",
+                f"pass --data {RANDOM_LATENTS} or leave --data out",
+            )
+        config = checkpoint.model.config
+        arch = arch_for(family_key(config))
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        samples = arch.denoiser_inputs(config, spec.max_items, generator)
+        for sample in samples:
+            sample["noise"] = torch.randn(sample["latents"].shape, generator=generator)
+            sample["sigma"] = torch.rand((), generator=generator).item() * 0.98 + 0.01
+        return samples
+
+    @torch.inference_mode()
+    def score(self, checkpoint: Any, data: Any, spec: Any, progress: Any) -> tuple[dict, Any]:
+        model = checkpoint.model
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        losses, predictions = [], []
+        for sample in progress.track(data, "denoising", total=len(data)):
+            sigma = sample["sigma"]
+            noisy = (1 - sigma) * sample["latents"] + sigma * sample["noise"]
+            predicted = (
+                model(
+                    hidden_states=noisy.to(device, dtype),
+                    timestep=torch.tensor([1000 * sigma], device=device),
+                    encoder_hidden_states=sample["condition"].to(device, dtype),
+                    return_dict=False,
+                )[0]
+                .float()
+                .cpu()
+            )
+            losses.append(F.mse_loss(predicted, sample["noise"] - sample["latents"]).item())
+            predictions.append(predicted.flatten())
+        metrics = {"denoising_loss": sum(losses) / len(losses), "samples": len(losses), "objective": "flow matching"}
+        return metrics, torch.stack(predictions)
+
+    def compare(self, outputs: Any, reference: Any) -> dict:
+        error = (outputs.double() - reference.double()).norm() / reference.double().norm()
+        cosine = F.cosine_similarity(outputs.double(), reference.double(), dim=-1)
+        return {"relative_error_to_reference": error.item(), "cosine_to_reference_min": cosine.min().item()}
+
+
+KINDS = (Denoiser(),)
