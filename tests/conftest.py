@@ -101,3 +101,101 @@ def cli() -> Cli:
 
 
 QUICK_EVAL = ["eval.max_tokens=256", "eval.seq_len=64"]
+
+
+SPEECH_SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_kinds(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """One saved tiny random model of each non-text-decoder kind: Whisper (speech), BERT (encoder), Wan (denoiser)."""
+    from diffusers import WanTransformer3DModel
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
+
+    root = tmp_path_factory.mktemp("kinds")
+    text = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    speech = PreTrainedTokenizerFast(
+        tokenizer_object=text.backend_tokenizer,
+        eos_token=SPEECH_SPECIALS[0],
+        additional_special_tokens=list(SPEECH_SPECIALS[1:]),
+    )
+    ids = {token: speech.convert_tokens_to_ids(token) for token in SPEECH_SPECIALS}
+    torch.manual_seed(0)
+    end = ids["<|endoftext|>"]
+    whisper = WhisperForConditionalGeneration(
+        WhisperConfig(
+            vocab_size=len(speech),
+            num_mel_bins=80,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            d_model=32,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_source_positions=1500,
+            max_target_positions=64,
+            decoder_start_token_id=ids["<|startoftranscript|>"],
+            pad_token_id=end,
+            eos_token_id=end,
+            bos_token_id=end,
+        )
+    )
+    whisper.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=end,
+        pad_token_id=end,
+        lang_to_id={"<|en|>": ids["<|en|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        is_multilingual=True,
+    )
+    whisper.save_pretrained(root / "whisper")
+    speech.save_pretrained(root / "whisper")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
+    bert = BertModel(
+        BertConfig(
+            vocab_size=384,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=256,
+        )
+    )
+    bert.config.architectures = ["BertModel"]
+    bert.save_pretrained(root / "bert")
+    text.save_pretrained(root / "bert")
+    WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    ).save_pretrained(root / "wan")
+    return {"speech-seq2seq": root / "whisper", "encoder": root / "bert", "denoiser": root / "wan"}
+
+
+def write_clips(folder: Path, texts: list[str], rate: int = 16000) -> Path:
+    """One second of a different tone per text, as 16-bit WAV files with same-name transcripts."""
+    import numpy as np
+    import soundfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, text in enumerate(texts):
+        tone = 0.3 * np.sin(2 * np.pi * (200 + 150 * index) * np.arange(rate) / rate)
+        soundfile.write(folder / f"clip{index:02d}.wav", tone.astype(np.float32), rate, subtype="PCM_16")
+        (folder / f"clip{index:02d}.txt").write_text(text)
+    return folder

@@ -32,8 +32,14 @@ def check_matches_config(container: Path, index: dict, config: PretrainedConfig)
     """:func:`check_matches_model` against the model ``config`` describes (built on the meta device)."""
     with init_empty_weights(include_buffers=False):
         model = instantiate(model_class(config, str(container.parent)), config)
-    model.tie_weights()
+    _tie(model)
     check_matches_model(container, index, model, getattr(config, "quantization_config", None) is not None)
+
+
+def _tie(model: nn.Module) -> None:
+    """Tie shared weights as the model's library does (transformers); diffusers models share none."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def check_matches_model(container: Path, index: dict, model: nn.Module, quantized: bool) -> None:
@@ -91,7 +97,7 @@ def load_entropy_model(
     index = read_index(container)
     with init_empty_weights(include_buffers=False):
         model = instantiate(cls, config)
-    model.tie_weights()
+    _tie(model)
     check_matches_model(container, index, model, quantized=False)
     names = list(index["tensors"])
     target_dtype = None if dtype == "auto" else dtype
@@ -110,7 +116,7 @@ def load_entropy_model(
         for number, block in enumerate(found[1]):
             block_names = [n for n in names if n.startswith(f"{prefix}{number}.")]
             _hook_block(block, block_names, container, index, threads, place, model)
-    model.tie_weights()
+    _tie(model)
     missing = sorted(
         n for n, p in model.named_parameters() if p.device.type == "meta" and not (prefix and n.startswith(prefix))
     )

@@ -37,19 +37,29 @@ def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext
 
     Non-persistent buffers (such as rotary ``inv_freq``) keep their dtype, as
     they do when transformers loads a checkpoint in the target dtype, so the
-    in-memory model and the reloaded artifact compute the same logits.
+    in-memory model and the reloaded artifact compute the same logits. Tensors
+    the model's class keeps in fp32 (``_keep_in_fp32_modules``, e.g. Wan's
+    modulation tables) stay fp32, as transformers and diffusers load them;
+    ``kept_fp32`` in the metrics names them.
     """
     model = checkpoint.model
     target = DTYPES[params.dtype]
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     before = sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point():
-                param.data = param.data.to(target)
+    kept = []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.is_floating_point():
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            if any(part in full.split(".") for part in keep):
+                kept.append(full)
+                continue
+            param.data = param.data.to(target)
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
                 setattr(module, name, buffer.to(target))
     if not is_diffusers(model.config):  # a diffusers config has no dtype entry: its tensors say it
         model.config.dtype = target
-    ctx.metrics.update(dtype_before=before, dtype_after=params.dtype)
+    ctx.metrics.update(dtype_before=before, dtype_after=params.dtype, kept_fp32=kept)
     return checkpoint

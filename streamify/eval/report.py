@@ -39,6 +39,9 @@ class EvalSpec(BaseModel):
     max_tokens: int = Field(16384, gt=0, description="text: tokens to score, rounded down to whole windows")
     seq_len: int = Field(512, ge=2, description="text: window length; windows do not overlap")
     max_items: int = Field(32, gt=0, description="speech clips or denoiser samples to score")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="speech: most tokens decoded per clip (default: as many as the decoder holds)"
+    )
     batch_size: int = Field(1, gt=0, description="windows per forward pass")
     stream_tokens: int = Field(
         0, ge=0, description="also stream this many held-out tokens through the runtime (0: off)"

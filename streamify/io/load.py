@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -64,8 +65,8 @@ def load_checkpoint(
     with _weights_folder(folder, container, config, lazy) as weights:
         use_safetensors = _check_weight_files(weights, allow_pickle)
         options = {"local_files_only": True, "use_safetensors": use_safetensors, "output_loading_info": True}
-        if is_diffusers(config):  # diffusers reads its config from the folder and names the dtype torch_dtype
-            options.update(torch_dtype=torch_dtype(dtype) if dtype != "auto" else None)
+        if is_diffusers(config):  # diffusers reads its config from the folder, names the dtype torch_dtype
+            options.update(torch_dtype=torch_dtype(dtype) if dtype != "auto" else _stored_float_dtype(weights))
         else:
             options.update(
                 config=config,
@@ -86,6 +87,20 @@ def load_checkpoint(
     _check_loading_info(spec, info)
     model.to(target).eval()
     return _checkpoint(model, folder, source, manifest, trust_remote_code)
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _stored_float_dtype(folder: Path) -> torch.dtype:
+    """The floating-point dtype most weights of ``folder`` are stored in (diffusers would load fp32 otherwise)."""
+    counts: dict[torch.dtype, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        for name, entry in read_header(path).items():
+            if name != "__metadata__" and entry["dtype"] in _SAFETENSORS_FLOATS:
+                dtype = _SAFETENSORS_FLOATS[entry["dtype"]]
+                counts[dtype] = counts.get(dtype, 0) + math.prod(entry["shape"])
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def _check_loading_info(spec: str, info: dict) -> None:

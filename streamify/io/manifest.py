@@ -15,7 +15,7 @@ from streamify.io.checkpoint import Checkpoint
 FORMAT = "streamify.manifest"
 FORMAT_VERSION = 2  # 2: `files` records the sha256 of every file of the artifact
 MANIFEST_NAME = "streamify.json"
-_PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "peft", "gguf", "pydantic")
+_PACKAGES = ("torch", "transformers", "diffusers", "safetensors", "accelerate", "peft", "gguf", "pydantic")
 
 
 def package_versions() -> dict[str, str | None]:

@@ -52,7 +52,7 @@ class Denoiser(Kind):
     @torch.inference_mode()
     def score(self, checkpoint: Any, data: Any, spec: Any, progress: Any) -> tuple[dict, Any]:
         model = checkpoint.model
-        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        device, dtype = next(model.parameters()).device, model.dtype  # diffusers skips the fp32-kept tensors here
         losses, predictions = [], []
         for sample in progress.track(data, "denoising", total=len(data)):
             sigma = sample["sigma"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from streamify.data.audio import AUDIO_LAYOUT
-from streamify.errors import UsageError
+from streamify.errors import InputError, UsageError
 from streamify.kinds import Kind, in_mapping
 
 _PUNCTUATION = re.compile(r"[^\w\s']")
@@ -57,10 +57,16 @@ class SpeechSeq2Seq(Kind):
         features = checkpoint.processor([c.audio for c in clips], sampling_rate=rate, return_tensors="pt")
         prompt = decoder_prompt(checkpoint.model)
         eos = checkpoint.model.config.eos_token_id
-        labels = [
-            torch.tensor([*prompt, *checkpoint.tokenizer(c.text, add_special_tokens=False)["input_ids"], eos])
-            for c in clips
-        ]
+        labels = []
+        for clip in clips:
+            ids = [*prompt, *checkpoint.tokenizer(clip.text, add_special_tokens=False)["input_ids"], eos]
+            if len(ids) - 1 > checkpoint.model.config.max_target_positions:
+                raise InputError(
+                    f"{clip.path.with_suffix('.txt')}: the transcript is {len(ids)} tokens with the prompt; "
+                    f"the decoder holds {checkpoint.model.config.max_target_positions}",
+                    "split the clip and its transcript into shorter ones",
+                )
+            labels.append(torch.tensor(ids))
         return {"features": features.input_features, "texts": [c.text for c in clips], "labels": labels}
 
     @torch.inference_mode()
@@ -79,7 +85,7 @@ class SpeechSeq2Seq(Kind):
             scored = slice(len(prompt) - 1, None)  # the prompt is given, not predicted
             nll += F.cross_entropy(logits[scored].float(), labels[1:][scored].to(device), reduction="sum").item()
             tokens += len(labels) - len(prompt)
-            limit = 2 * len(labels) + 8
+            limit = min(spec.max_new_tokens or decode_limit(model), decode_limit(model))
             ids = greedy_decode(model, encoded, prompt, model.config.eos_token_id, limit)
             hypotheses.append(tokenizer.decode(ids, skip_special_tokens=True))
         references = [normalize(t) for t in data["texts"]]
@@ -114,6 +120,11 @@ def decoder_prompt(model: Any) -> list[int]:
     if no_timestamps is not None:
         prompt.append(no_timestamps)
     return prompt
+
+
+def decode_limit(model: Any) -> int:
+    """The most tokens a transcript may have: the decoder's positions after the prompt."""
+    return model.config.max_target_positions - len(decoder_prompt(model))
 
 
 @torch.inference_mode()
