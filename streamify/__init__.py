@@ -20,8 +20,9 @@ def load(
     """Load any model streamify accepts (an artifact folder, HF folder, .gguf, builtin alias, hub id).
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``
-    (tokenizer is None when the checkpoint ships none). ``lazy`` applies to
-    entropy-coded artifacts: each block is decoded just before it runs.
+    (tokenizer is None when the checkpoint ships none). ``lazy`` runs the
+    model block by block: each block's weights are read from the safetensors
+    files (or decoded from a coded artifact) just before it runs, then dropped.
     ``verify`` first checks a streamify artifact's files against the sha256
     its manifest recorded (raises ``InputError`` naming a file that differs).
     """

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import streamify
 from streamify.arch import arch_for
+from streamify.model.executor import BlockExecutor
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
@@ -272,20 +273,20 @@ def test_killed_calibration_resumes_to_the_same_weights(tiny_llama, tmp_path, me
     whole = quantized(tiny_llama, **params).model.state_dict()
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
 
-    original = calibrate._run_block
+    original = BlockExecutor.run_block
     calls = {"count": 0}
 
-    def dies_in_block_3(block, inputs):
+    def dies_in_block_3(self, index, inputs):
         calls["count"] += 1
         if calls["count"] == 6:  # statistics + propagation passes of blocks 0-1, then block 2's statistics pass
             raise KeyboardInterrupt("killed")
-        return original(block, inputs)
+        return original(self, index, inputs)
 
-    monkeypatch.setattr(calibrate, "_run_block", dies_in_block_3)
+    monkeypatch.setattr(BlockExecutor, "run_block", dies_in_block_3)
     with pytest.raises(KeyboardInterrupt):
         quantized(tiny_llama, **params)
     assert list((tmp_path / "cache" / "calibrate").glob("*/calibration_state.pt"))
-    monkeypatch.setattr(calibrate, "_run_block", original)
+    monkeypatch.setattr(BlockExecutor, "run_block", original)
     logs = []
 
     class Log(Progress):

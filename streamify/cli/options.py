@@ -30,7 +30,9 @@ ModelArg = Annotated[str, typer.Argument(help="a model folder, .gguf file, built
 VerifyOpt = Annotated[
     bool, typer.Option("--verify", help="first check a streamify artifact's files against its manifest's sha256")
 ]
-LazyOpt = Annotated[bool, typer.Option("--lazy", help="entropy-coded artifacts: decode each block as it runs")]
+LazyOpt = Annotated[
+    bool, typer.Option("--lazy", help="run block by block: read (or decode) each block's weights as it runs, then drop")
+]
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="neither reuse nor store stage outputs and training checkpoints")
 ]

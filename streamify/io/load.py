@@ -26,6 +26,8 @@ from streamify.io.placement import resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.io.verify import verify_artifact
+from streamify.model.blocks import find_blocks
+from streamify.model.executor import SafetensorsWeights, empty_model, lazy_model
 from streamify.progress import SILENT, Progress
 from streamify.runtime.attention import check_streamable
 from streamify.runtime.generate import make_streaming
@@ -45,8 +47,9 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load a model and its tokenizer from anything streamify accepts as MODEL.
 
-    ``lazy`` applies to entropy-coded artifacts: blocks are decoded during the
-    forward pass instead of at load time. ``verify`` first checks a streamify
+    ``lazy`` runs the model block by block (:mod:`streamify.model.executor`):
+    each block's weights are read from the safetensors files, or decoded from an
+    entropy-coded container, right before it runs and dropped after. ``verify`` first checks a streamify
     artifact's files against the sha256 in its manifest
     (:func:`~streamify.io.verify.verify_artifact`).
     """
@@ -61,6 +64,9 @@ def load_checkpoint(
     container = folder / CONTAINER_NAME
     if container.is_file() and getattr(config, "quantization_config", None) is None:
         model = load_entropy_model(container, config, cls, torch_dtype(dtype), target, lazy=lazy)
+        return _checkpoint(model, folder, source, manifest, trust_remote_code)
+    if lazy and not container.is_file():
+        model = _lazy_from_safetensors(folder, config, cls, dtype, target, allow_pickle, spec)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
     with _weights_folder(folder, container, config, lazy) as weights:
         use_safetensors = _check_weight_files(weights, allow_pickle)
@@ -101,6 +107,21 @@ def _stored_float_dtype(folder: Path) -> torch.dtype:
                 dtype = _SAFETENSORS_FLOATS[entry["dtype"]]
                 counts[dtype] = counts.get(dtype, 0) + math.prod(entry["shape"])
     return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _lazy_from_safetensors(folder: Path, config, cls: type, dtype: str, target, allow_pickle: bool, spec: str):
+    """The model on the meta device, each block read from the safetensors files as it runs (the block-wise executor)."""
+    if not _check_weight_files(folder, allow_pickle):
+        raise UsageError(
+            f"{spec}: --lazy reads safetensors files block by block; these weights are pickled", "drop --lazy"
+        )
+    model = empty_model(cls, config)
+    if find_blocks(model) is None:
+        raise UsageError(
+            f"{spec}: --lazy runs a model block by block; {type(model).__name__} has no block list", "drop --lazy"
+        )
+    wanted = dtype if dtype == "auto" else torch_dtype(dtype)
+    return lazy_model(model, SafetensorsWeights(folder), target, None if wanted == "auto" else wanted, spec)
 
 
 def _check_loading_info(spec: str, info: dict) -> None:

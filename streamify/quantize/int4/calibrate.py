@@ -1,7 +1,8 @@
 """Sequential, block-by-block calibration for weight quantization.
 
 The calibration tokens run through the model once, up to the first block,
-and its inputs are kept. Then, block by block: the block runs on those inputs
+and its inputs are kept (with the block-wise executor, :mod:`streamify.model.executor`).
+Then, block by block: the block runs on those inputs
 with hooks that gather each target linear's input statistics, its linears are
 quantized, and the block runs again (now quantized) to make the next block's
 inputs. Each block so sees what the already-quantized blocks before it
@@ -16,7 +17,6 @@ folder is removed when the stage finishes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from streamify.model.blocks import block_list
+from streamify.model.executor import BlockExecutor
 from streamify.progress import SILENT, Progress
 from streamify.quantize.int4.grid import Int4Weight
 
@@ -38,38 +39,6 @@ StatsFactory = Callable[[nn.Linear], object]
 BlockSolver = Callable[[str | None, list[str], dict[str, object]], dict[str, Int4Weight]]
 STATE_NAME = "calibration_state.pt"
 CHECKPOINT_EVERY = 4  # blocks between saved calibration states
-
-
-class _Stop(Exception):
-    """Raised by the hook on the first block: the rest of the model need not run."""
-
-
-def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> list[tuple]:
-    device = next(model.parameters()).device
-    captured: list[tuple] = []
-
-    def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, args[1:], kwargs))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for row in ids:
-            with contextlib.suppress(_Stop):
-                model(row[None].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
-    outputs = []
-    for hidden, args, kwargs in inputs:
-        out = block(hidden, *args, **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out, args, kwargs))
-    return outputs
 
 
 class _Checkpoints:
@@ -137,11 +106,12 @@ def quantize_sequentially(
     start, inputs, results = checkpoints.resume()
     if start:
         progress.log(f"calibration: resumed after block {start}/{len(blocks)} from {checkpoint_dir}")
-    device = next(model.parameters()).device.type
-    autocast = torch.autocast(device, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None)
+    place = next(model.parameters()).device
+    autocast = torch.autocast(place.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None)
+    executor = BlockExecutor(model)  # the model is in memory: blocks are run, not brought in
     if calibrated and inputs is None:
         with autocast:
-            inputs = _first_block_inputs(model, blocks, ids)
+            inputs = executor.first_inputs(ids, lambda m, row: m(row[None].to(place), use_cache=False))
     for index in progress.track(range(start, len(blocks)), "quantizing blocks", total=len(blocks) - start):
         inside = f"{prefix}.{index}."
         names = [n for n in targets if n.startswith(inside)]
@@ -153,14 +123,14 @@ def quantize_sequentially(
                 handles.append(modules[name].register_forward_hook(lambda m, a, o, acc=stats[name]: acc.add(a[0])))
             try:
                 with autocast:
-                    _run_block(blocks[index], inputs)
+                    executor.run_block(index, inputs)
             finally:
                 for handle in handles:
                     handle.remove()
         results.update(solve_block(f"{prefix}.{index}", names, stats))
         if inputs is not None and index + 1 < len(blocks):
             with autocast:
-                inputs = _run_block(blocks[index], inputs)
+                inputs = executor.run_block(index, inputs)
             checkpoints.save(index + 1, inputs, results)
     rest = [name for name in targets if name not in results]
     if rest:

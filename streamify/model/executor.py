@@ -1,0 +1,209 @@
+"""The block-wise executor: run a model one block at a time, with one block's weights in memory.
+
+The model is built on the meta device (no memory). The tensors outside its
+block list (embeddings, final norm, head) are brought in once; a block's
+tensors are brought in from a :class:`WeightSource` right before it runs and
+dropped (back to the meta device) after. Lazy loading (from safetensors files
+or an entropy-coded container) and calibration go through it; with no source
+(a model already in memory) bringing and dropping cost nothing, so the same
+code runs both ways.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+
+from streamify.errors import InputError
+from streamify.model.blocks import block_list
+
+
+class WeightSource(Protocol):
+    """Where a model's tensors come from, by name (safetensors files, a coded container)."""
+
+    def names(self) -> list[str]:
+        """Every tensor name the source holds."""
+        ...
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, on the CPU."""
+        ...
+
+
+class SafetensorsWeights:
+    """The tensors of a folder's ``*.safetensors`` files, read one by one (memory-mapped, never all at once)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.where: dict[str, Path] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as handle:
+                self.where.update(dict.fromkeys(handle.keys(), path))
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.where[name], []).append(name)
+        found = {}
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt") as handle:
+                found.update({name: handle.get_tensor(name) for name in group})
+        return found
+
+
+def empty_model(cls: type, config: Any) -> nn.Module:
+    """A model of ``cls`` for ``config`` with its weights on the meta device (buffers such as rotary tables real)."""
+    from streamify.io.config import instantiate
+
+    with init_empty_weights(include_buffers=False):
+        return instantiate(cls, config)
+
+
+class _Stop(Exception):
+    """Raised by the hook on the first block: the rest of the model need not run."""
+
+
+class BlockExecutor:
+    """Runs ``model`` block by block; with a ``source``, each block's weights live only while it runs.
+
+    ``dtype`` casts floating-point tensors as they are brought in (None keeps the stored dtype).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: WeightSource | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model, self.source, self.device, self.dtype = model, source, torch.device(device), dtype
+        self.prefix, self.blocks = block_list(model, type(model).__name__)
+        names = source.names() if source is not None else []
+        self.block_names = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(len(self.blocks))]
+        inside = {n for group in self.block_names for n in group}
+        self.resident = [n for n in names if n not in inside]
+
+    def load_resident(self) -> None:
+        """Bring in every tensor outside the block list (embeddings, final norm, head)."""
+        if self.source is not None:
+            self._place(self.source.load(self.resident))
+
+    def bring(self, index: int) -> None:
+        """Bring block ``index``'s tensors in from the source."""
+        if self.source is not None:
+            self._place(self.source.load(self.block_names[index]))
+
+    def drop(self, index: int) -> None:
+        """Send block ``index``'s parameters back to the meta device (memory freed)."""
+        if self.source is None:
+            return
+        for name in self.block_names[index]:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.model.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(owner._parameters[leaf].to("meta"), requires_grad=False)
+
+    @contextlib.contextmanager
+    def block(self, index: int):
+        """Block ``index`` with its weights in, for the duration of the ``with``."""
+        self.bring(index)
+        try:
+            yield self.blocks[index]
+        finally:
+            self.drop(index)
+
+    def hook(self) -> None:
+        """Make the model's own forward bring each block in before it runs and drop it after (lazy loading)."""
+        for index, block in enumerate(self.blocks):
+            block.register_forward_pre_hook(lambda module, args, i=index: self.bring(i))
+            block.register_forward_hook(lambda module, args, output, i=index: self.drop(i))
+
+    def first_inputs(self, batches: Iterable, forward: Callable[[nn.Module, object], object]) -> list[tuple]:
+        """``(hidden, args, kwargs)`` entering block 0 for each batch; ``forward(model, batch)`` runs the model."""
+        captured: list[tuple] = []
+
+        def grab(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.append((hidden, args[1:], kwargs))
+            raise _Stop
+
+        handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for batch in batches:
+                with contextlib.suppress(_Stop):
+                    forward(self.model, batch)
+        finally:
+            handle.remove()
+        return captured
+
+    def run_block(self, index: int, inputs: list[tuple]) -> list[tuple]:
+        """Block ``index`` on each of ``inputs`` (as :meth:`first_inputs` gives them): its outputs, same form."""
+        outputs = []
+        with self.block(index) as block:
+            for hidden, args, kwargs in inputs:
+                out = block(hidden, *args, **kwargs)
+                outputs.append((out[0] if isinstance(out, tuple) else out, args, kwargs))
+        return outputs
+
+    def _place(self, tensors: dict[str, torch.Tensor]) -> None:
+        place_tensors(self.model, tensors, self.device, self.dtype)
+
+
+def place_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None = None
+) -> None:
+    """Put ``tensors`` (by qualified name) into ``model`` as frozen parameters or buffers on ``device``.
+
+    ``dtype`` casts floating-point tensors (None keeps theirs).
+    """
+    for name, value in tensors.items():
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value.to(device), requires_grad=False)
+        else:
+            owner._buffers[leaf] = value.to(device)
+
+
+def check_complete(model: nn.Module, where: str, skip: str | None = None) -> None:
+    """Refuse a model with weights still on the meta device (outside the block list ``skip``, loaded lazily)."""
+    missing = sorted(
+        n for n, p in model.named_parameters() if p.device.type == "meta" and not (skip and n.startswith(f"{skip}."))
+    )
+    if missing:
+        raise InputError(
+            f"{where}: {len(missing)} weights are missing, e.g. {', '.join(missing[:5])}",
+            "the weight files do not match config.json; re-create the checkpoint",
+        )
+
+
+def lazy_model(
+    model: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype | None, where: str
+) -> nn.Module:
+    """``model`` (built on the meta device) made to run with one block's weights at a time, read from ``source``."""
+    known = set(model.state_dict(keep_vars=True))
+    unknown = sorted(n for n in source.names() if n not in known)
+    if unknown:
+        raise InputError(
+            f"{where}: {len(unknown)} weights are not the model's, e.g. {', '.join(unknown[:5])}",
+            "the weight files do not match config.json; re-create the checkpoint",
+        )
+    executor = BlockExecutor(model, source, device, dtype)
+    executor.load_resident()
+    executor.hook()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    check_complete(model, where, skip=executor.prefix)
+    return model.eval()
