@@ -13,9 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import streamify
 from streamify.arch import arch_for
-from streamify.model.executor import BlockExecutor
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
+from streamify.model.executor import BlockExecutor
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import Progress
 from streamify.quantize.int4.awq import InputSample, fold_scales, search_scale
