@@ -164,3 +164,9 @@ def test_a_model_of_no_kind_is_refused_by_eval(cli, tmp_path):
     assert facts["kind"] is None and set(facts["applicable_stages"]) == {"convert.dtype", "quantize.entropy"}
     result = cli("eval", tmp_path / "cls")
     assert result.exit_code == 3 and "none of the model kinds streamify handles" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["stream", "--input", "-"], ["eval", "--stream"]])
+def test_the_streaming_runtime_refuses_other_kinds(cli, tiny_kinds, command):
+    result = cli(command[0], tiny_kinds["encoder"], *command[1:])
+    assert result.exit_code == 3 and "runs causal-lm models; this model's kind is encoder" in result.stderr

@@ -187,12 +187,14 @@ def _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, de
     from streamify.errors import UsageError
     from streamify.eval.streaming import check_equivalence, stream_eval
     from streamify.io.load import load_checkpoint
-    from streamify.kinds.causal_lm import DEFAULT_TEXT
+    from streamify.kinds import require_kind
+    from streamify.kinds.causal_lm import CAUSAL_LM, DEFAULT_TEXT
 
     with command(fmt) as out:
         if check not in (None, "equivalence"):
             raise UsageError(f"--check {check}: unknown check", "the one check is: --check equivalence")
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        require_kind(checkpoint, CAUSAL_LM, "the streaming runtime")
         data = data or DEFAULT_TEXT
         result: dict = {"model_spec": model}
         if stream:
@@ -218,10 +220,13 @@ def generate(
     """Generate with the streaming runtime (bounded cache) from a streaming artifact."""
     from streamify.errors import UsageError
     from streamify.io.load import load_checkpoint
+    from streamify.kinds import require_kind
+    from streamify.kinds.causal_lm import CAUSAL_LM
     from streamify.runtime.generate import generate_text
 
     with command(fmt) as out:
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        require_kind(checkpoint, CAUSAL_LM, "the streaming runtime")
         if getattr(checkpoint.model, "streamify_controller", None) is None:
             raise UsageError(f"{model} is not a streaming model", "convert it first: streamify convert streaming")
         text, count, cache_bytes = generate_text(
@@ -253,10 +258,13 @@ def stream(
     """Feed a text stream chunk by chunk; report per-chunk loss, latency and cache bytes."""
     from streamify.cli.render import render_stream
     from streamify.io.load import load_checkpoint
+    from streamify.kinds import require_kind
+    from streamify.kinds.causal_lm import CAUSAL_LM
     from streamify.runtime.stream import open_text, stream_text
 
     with command(fmt) as out:
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        require_kind(checkpoint, CAUSAL_LM, "the streaming runtime")
         with open_text(input_path) as lines:
             result = stream_text(checkpoint.model, checkpoint.tokenizer, lines, chunk, report_every, out, kv_bits)
         out.result(result, render_stream)

@@ -105,6 +105,12 @@ def kind_of(model: Any, where: str) -> Kind:
     return kind
 
 
-def kind_names() -> list[str]:
-    """The names of every kind."""
-    return [kind.name for kind in all_kinds()]
+def require_kind(checkpoint: Any, name: str, what: str) -> None:
+    """Refuse (exit 3) a checkpoint that is not of kind ``name``, for ``what`` (e.g. "the streaming runtime")."""
+    kind = checkpoint.kind
+    if kind.name != name:
+        raise InputError(
+            f"{checkpoint.source.spec}: {what} runs {name} models; this model's kind is {kind.name}",
+            f"streamify inspect {checkpoint.source.spec} lists what applies to it",
+        )
+
