@@ -118,6 +118,23 @@ def test_generate_uses_the_bounded_cache(tmp_path, tiny_llama, cli):
     assert torch.equal(generated, tokens)
 
 
+def test_generate_runs_any_causal_lm_and_says_which_runtime(tiny_llama, cli):
+    """A plain checkpoint generates with transformers' cache (what plain greedy generate gives); --kv-bits,
+    which only the streaming cache has, is refused."""
+    result = cli("generate", tiny_llama, "--prompt", "def f(x):", "--max-new-tokens", "12", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["runtime"].startswith("transformers") and data["cache_bytes"] > 0
+    model, tokenizer = streamify.load(str(tiny_llama))
+    ids = tokenizer("def f(x):", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        plain = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    assert data["new_tokens"] == len(plain) > 0
+    assert data["text"] == tokenizer.decode(plain, skip_special_tokens=True)
+    refused = cli("generate", tiny_llama, "--prompt", "x", "--kv-bits", "4")
+    assert refused.exit_code == 2 and "this model does not stream" in refused.stderr
+
+
 def test_convert_streaming_records_the_spec(tmp_path, tiny_models, cli):
     out = tmp_path / "s"
     args = ["--sinks", "2", "--window", "8", "--full-layers", "every:2", "--format", "json", *["--no-eval"]]

@@ -217,7 +217,11 @@ def generate(
     device: DeviceOpt = "cpu",
     fmt: FormatOpt = Format.human,
 ) -> None:
-    """Generate with the streaming runtime (bounded cache) from a streaming artifact."""
+    """Generate from any causal LM streamify loads (plain, INT4, GGUF, coded); a streaming one streams.
+
+    A streaming artifact generates with its bounded cache (sinks + window); any
+    other with transformers' cache, which grows with the text.
+    """
     from streamify.errors import UsageError
     from streamify.io.load import load_checkpoint
     from streamify.kinds import require_kind
@@ -226,10 +230,10 @@ def generate(
 
     with command(fmt) as out:
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
-        require_kind(checkpoint, CAUSAL_LM, "the streaming runtime")
-        if getattr(checkpoint.model, "streamify_controller", None) is None:
-            raise UsageError(f"{model} is not a streaming model", "convert it first: streamify convert streaming")
-        text, count, cache_bytes = generate_text(
+        require_kind(checkpoint, CAUSAL_LM, "generation")
+        if checkpoint.tokenizer is None:
+            raise UsageError(f"{model}: the checkpoint has no tokenizer", "use a checkpoint with tokenizer files")
+        result = generate_text(
             checkpoint.model,
             checkpoint.tokenizer,
             prompt,
@@ -238,8 +242,9 @@ def generate(
             seed=seed,
             kv_bits=kv_bits,
         )
+        out.log(f"runtime: {result['runtime']}")
         out.result(
-            {"prompt": prompt, "text": text, "new_tokens": count, "cache_bytes": cache_bytes},
+            {"prompt": prompt, **result},
             lambda console, data: console.print(data["prompt"] + data["text"], markup=False, highlight=False),
         )
 

@@ -1,10 +1,11 @@
-"""Generation with the bounded streaming cache."""
+"""Generation: with the bounded streaming cache on a streaming model, with transformers' cache otherwise."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+from transformers import DynamicCache
 
 from streamify.errors import UsageError
 from streamify.runtime.attention import enable_streaming
@@ -42,14 +43,39 @@ def generate_text(
     temperature: float = 0.0,
     seed: int = 0,
     kv_bits: int | None = None,
-):
-    """Generate from ``prompt`` with the streaming cache; returns (text, new token count, cache bytes)."""
+) -> dict:
+    """Generate from ``prompt``: with the bounded streaming cache on a streaming model, else transformers' own.
+
+    Returns ``text``, ``new_tokens``, ``cache_bytes`` (the keys and values held at the end) and ``runtime``.
+    """
+    streaming = getattr(model, "streamify_controller", None) is not None
+    if kv_bits is not None and not streaming:
+        raise UsageError(
+            "--kv-bits quantizes the streaming runtime's cache; this model does not stream",
+            "drop --kv-bits, or convert the model first: streamify convert streaming",
+        )
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    cache = new_cache(model, kv_bits)
+    cache = new_cache(model, kv_bits) if streaming else DynamicCache(config=model.config)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, **sampling)
     new = out[0, ids.shape[1] :]
-    return tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), cache.nbytes()
+    held = cache.nbytes() if streaming else _dynamic_bytes(cache)
+    return {
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "new_tokens": int(new.numel()),
+        "cache_bytes": held,
+        "runtime": "streaming (bounded cache)" if streaming else "transformers (full cache, grows with the text)",
+    }
+
+
+def _dynamic_bytes(cache: DynamicCache) -> int:
+    """Bytes of the keys and values a transformers cache holds."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
