@@ -24,8 +24,22 @@ def test_quantized_kv_round_trip_is_within_half_a_step():
         assert (error <= 0.5 * step * 1.01 + 1e-3).all()
     held.drop_front(4)
     assert held.length == 6 and torch.equal(held.dequantize()[0], got_k[:, :, 4:])
-    # 4-bit codes plus an fp16 scale and minimum per 32 values: 5 bits a value, keys and values
+    # 4-bit codes plus a 16-bit scale and minimum per 32 values: 5 bits a value, keys and values
     assert held.nbytes() == 2 * 3 * 6 * (64 // 2 + 2 * 2 * 64 // 32)
+
+
+@pytest.mark.parametrize("magnitude", [1e5, 1e30])
+def test_keys_beyond_fp16_range_stay_finite(magnitude):
+    """Scales and minimums of an fp32 cache are bf16 (fp32's range): keys past fp16's 65504 do not become inf."""
+    keys = torch.randn(1, 2, 4, 32) * magnitude
+    held = QuantizedKV(32, torch.float32)
+    held.append(keys, keys)
+    got, _ = held.dequantize()
+    step = (keys.amax(-1, keepdim=True) - keys.amin(-1, keepdim=True)) / 15
+    assert torch.isfinite(got).all()
+    # half a step, plus the 16-bit rounding of the minimum and of the scale (2^-8 relative in bf16)
+    bound = 0.5 * step + 2**-8 * (keys.abs().amax(-1, keepdim=True) + 15 * step)
+    assert ((got - keys).abs() <= bound).all()
 
 
 @torch.inference_mode()
