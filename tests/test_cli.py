@@ -85,3 +85,17 @@ def test_run_with_overrides_and_deleted_eval(cli, tiny_llama, tmp_path):
     assert summary["eval"] is None and summary["stages"][0]["params"] == {"dtype": "fp16"}
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert cli("run", recipe, f"output={tmp_path / 'c'}", *QUICK_EVAL).exit_code == 0
+
+
+def test_long_loops_report_progress_lines_when_not_on_a_terminal(cli, tiny_llama, tmp_path):
+    """Calibration (per block) and the eval (per window) write progress lines with an estimate to stderr."""
+    args = ["--method", "gptq", "--samples", "2", "--seq-len", "32", "--format", "json"]
+    result = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "q", *args)
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("streamify: quantizing blocks:")]
+    assert [line.split(":")[2].split(",")[0].strip() for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all("elapsed, about" in line and "left" in line for line in lines)
+    assert "streamify: perplexity: 32/32" in result.stderr
+    json.loads(result.stdout)  # stdout stays pure JSON
+    quiet = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "q2", "--method", "rtn", "--format", "quiet")
+    assert quiet.exit_code == 0 and "streamify:" not in quiet.stderr  # (third-party bars: off in main())

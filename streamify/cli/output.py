@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,14 @@ from streamify.errors import ExitCode, GateError, ResourceError, StreamifyError
 from streamify.progress import Progress
 
 T = TypeVar("T")
+
+
+def _clock(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class Format(enum.StrEnum):
@@ -45,9 +54,13 @@ class Reporter(Progress):
             self.err.print(f"[dim]streamify:[/dim] {message}")
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-        """Iterate with a rich progress bar when stdout is a terminal and the format is human."""
+        """Iterate with a rich progress bar when stdout is a terminal and the format is human.
+
+        Otherwise (a log file, CI) a line on stderr after each item, or after each
+        twentieth of a long loop, with the time so far and an estimate of the rest.
+        """
         if not self.bars:
-            yield from items
+            yield from self._lines(items, description, total)
             return
         columns = (
             TextColumn("{task.description}"),
@@ -58,6 +71,21 @@ class Reporter(Progress):
         )
         with RichBar(*columns, console=self.err, transient=True) as bar:
             yield from bar.track(items, total=total, description=description)
+
+    def _lines(self, items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)
+        if self.format == Format.quiet or not total:
+            yield from items
+            return
+        every = max(1, total // 20)
+        started = time.monotonic()
+        for done, item in enumerate(items, start=1):
+            yield item
+            if done % every == 0 or done == total:
+                elapsed = time.monotonic() - started
+                left = elapsed / done * (total - done)
+                self.log(f"{description}: {done}/{total}, {_clock(elapsed)} elapsed, about {_clock(left)} left")
 
     def result(self, data: dict, render: Callable[[Console, dict], None]) -> None:
         """The command's result: JSON on stdout, a human rendering, or nothing when quiet."""
