@@ -15,6 +15,7 @@ import streamify
 from streamify.arch import arch_for
 from streamify.io.artifact import save_model_files
 from streamify.io.load import load_checkpoint
+from streamify.io.safetensors_file import read_header
 from streamify.model.executor import BlockExecutor
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import Progress
@@ -199,7 +200,21 @@ def test_ignore_patterns_keep_layers_in_float(tiny_llama, tmp_path):
         ["lm_head"] + [f"model.layers.{i}.mlp.{p}_proj" for i in range(4) for p in ("gate", "up", "down")]
     )
     original = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    assert torch.equal(original.model.layers[1].mlp.up_proj.weight, checkpoint.model.model.layers[1].mlp.up_proj.weight)
+    kept = checkpoint.model.model.layers[1].mlp.up_proj.weight  # not rounded to 4 bits, only stored in bf16
+    assert kept.dtype == torch.bfloat16 and torch.equal(original.model.layers[1].mlp.up_proj.weight.bfloat16(), kept)
+
+
+@pytest.mark.parametrize("float_dtype", ["auto", "fp32"])
+def test_what_stays_float_is_stored_in_the_float_dtype(tiny_llama, tmp_path, float_dtype):
+    """auto: an fp32 model's embedding, norms and scales are written in bf16 (half the bytes); fp32 keeps them."""
+    checkpoint = quantized(tiny_llama, method="rtn", group_size=32, float_dtype=float_dtype)
+    save_model_files(checkpoint, tmp_path)
+    header = read_header(tmp_path / "model.safetensors")
+    dtypes = {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+    floats = {dtypes[n] for n in dtypes if n.endswith(("embed_tokens.weight", "norm.weight", "weight_scale"))}
+    assert floats == {"BF16" if float_dtype == "auto" else "F32"}
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(plain), logits(checkpoint.model))
 
 
 @pytest.mark.parametrize(("qtype", "symmetric"), [("Q4_0", True), ("Q4_1", False)])
@@ -209,6 +224,11 @@ def test_gguf_artifact_runs_in_llama_cpp(tiny_llama, tmp_path, qtype, symmetric)
         tiny_llama, method="rtn", group_size=32, symmetric=symmetric, weights_format="gguf", gguf_type=qtype
     )
     save_model_files(checkpoint, tmp_path)
+    # the embedding in Q8_0 as llama.cpp's quantizer stores it; the in-memory model holds exactly those values
+    (table,) = [t for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors if t.name == "token_embd.weight"]
+    assert table.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    stored = gguf.quants.dequantize(table.data, table.tensor_type)
+    assert np.array_equal(stored, checkpoint.model.model.embed_tokens.weight.detach().numpy())
     ours = logits(checkpoint.model).numpy()
     original = logits(AutoModelForCausalLM.from_pretrained(tiny_llama)).numpy()
     llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)

@@ -29,7 +29,7 @@ class EntropyParams(BaseModel):
     "quantize.entropy",
     EntropyParams,
     "lossless entropy coding of BF16/FP16/FP32 weights (about 66% of BF16 size) and packed INT4 codes, bit-exact",
-    bytes_per_param=lambda params, before: before * 0.67,
+    bytes_per_param=lambda params, before, model: before * 0.67,
     kinds="all",
     final=True,
 )

@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.config import is_diffusers
 from streamify.io.placement import DTYPE_NAMES, DTYPES
+from streamify.model.cast import cast_floats
 from streamify.pipeline.registry import StageContext, register
 
 
@@ -20,7 +20,7 @@ class DtypeParams(BaseModel):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="dtype to cast floating-point weights to")
 
 
-def _bytes_per_param(params: DtypeParams, before: float) -> float:
+def _bytes_per_param(params: DtypeParams, before: float, model) -> float:
     return DTYPES[params.dtype].itemsize
 
 
@@ -43,23 +43,7 @@ def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext
     ``kept_fp32`` in the metrics names them.
     """
     model = checkpoint.model
-    target = DTYPES[params.dtype]
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     before = sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
-    kept = []
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.is_floating_point():
-                continue
-            full = f"{module_name}.{name}" if module_name else name
-            if any(part in full.split(".") for part in keep):
-                kept.append(full)
-                continue
-            param.data = param.data.to(target)
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
-                setattr(module, name, buffer.to(target))
-    if not is_diffusers(model.config):  # a diffusers config has no dtype entry: its tensors say it
-        model.config.dtype = target
+    kept = cast_floats(model, DTYPES[params.dtype])
     ctx.metrics.update(dtype_before=before, dtype_after=params.dtype, kept_fp32=kept)
     return checkpoint

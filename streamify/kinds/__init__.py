@@ -113,4 +113,3 @@ def require_kind(checkpoint: Any, name: str, what: str) -> None:
             f"{checkpoint.source.spec}: {what} runs {name} models; this model's kind is {kind.name}",
             f"streamify inspect {checkpoint.source.spec} lists what applies to it",
         )
-

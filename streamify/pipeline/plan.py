@@ -118,7 +118,7 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
             resolved = stage.check(stage_params, model, recipe.model) or {}
             shapes_hold = not stage.reshapes
         in_memory = int(params * per_param)
-        per_param = stage.bytes_per_param(stage_params, per_param)
+        per_param = stage.bytes_per_param(stage_params, per_param, model)
         training = stage.training(stage_params)
         peak = 2 * in_memory
         modules = {}

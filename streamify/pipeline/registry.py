@@ -49,8 +49,8 @@ class Stage:
 
     ``relation`` is the model card's ``base_model_relation`` for an artifact made
     by this stage (None when no Hub relation fits); ``bytes_per_param`` estimates
-    the stored bytes per parameter after the stage, given its params and the
-    bytes before (for the plan's disk estimate); ``training`` returns the
+    the stored bytes per parameter after the stage, given its params, the
+    bytes before and the model (on the meta device), for the plan's disk estimate; ``training`` returns the
     healing the stage will run as ``(HealParams, default seq_len)``, or None
     (for the plan's memory estimate and module patterns); ``applies`` says why
     the stage cannot run on a model (built on the meta device), or None when it can;
@@ -64,7 +64,7 @@ class Stage:
     run: RunFn
     summary: str
     relation: str | None = None
-    bytes_per_param: Callable[[BaseModel, float], float] = lambda params, before: before
+    bytes_per_param: Callable[[BaseModel, float, Any], float] = lambda params, before, model: before
     training: Callable[[BaseModel], tuple[Any, int] | None] = lambda params: None
     kinds: tuple[str, ...] | Literal["all"] = ("causal-lm",)
     applies: Callable[[Any], str | None] = lambda model: None

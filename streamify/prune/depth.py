@@ -17,6 +17,7 @@ from streamify.errors import UsageError
 from streamify.io.checkpoint import Checkpoint
 from streamify.model.blocks import block_list, find_blocks
 from streamify.model.hooks import recording
+from streamify.model.params import count_params
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import Progress
 from streamify.prune.scores import select_blocks
@@ -68,12 +69,23 @@ def _amount(params: DepthParams, count: int) -> int:
     return count - max(1, round(params.keep_ratio * count))
 
 
+def _bytes_per_param(params: DepthParams, before: float, model) -> float:
+    """The stored bytes per (source) parameter once the chosen number of blocks (the replacement kept) is gone."""
+    _, blocks = block_list(model, "prune.depth")
+    removed = len(set(params.blocks)) if params.blocks is not None else _amount(params, len(blocks))
+    removed -= 1 if params.replace else 0
+    per_block = sum(p.numel() for p in blocks[0].parameters())
+    total = count_params(model)
+    return before * (total - removed * per_block) / total
+
+
 @register(
     "prune.depth",
     DepthParams,
     "remove whole blocks chosen by a metric (ShortGPT BI, angular, LLM-Streamline, loss), then heal",
     relation="finetune",
     training=lambda p: (p.heal, 512) if p.heal.steps else None,
+    bytes_per_param=_bytes_per_param,
     applies=lambda model: None if find_blocks(model) else "no list of repeated blocks",
     reshapes=True,
 )

@@ -73,10 +73,47 @@ def check_exportable(model, where: str) -> str:
     return arch.gguf_architecture
 
 
-def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: str, folder: Path) -> None:
+def q8_0(tensor: torch.Tensor) -> np.ndarray:
+    """GGUF Q8_0 blocks of a 2-D tensor (32 weights, an fp16 scale each), by ``gguf``'s own quantizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    return quantize(tensor.detach().float().numpy(), GGMLQuantizationType.Q8_0)
+
+
+@torch.no_grad()
+def round_like_gguf(model, quantized: set[str], embedding: str) -> dict:
+    """Give ``model``'s unquantized weights the values the GGUF file stores, so the eval measures the file.
+
+    The token embedding goes through Q8_0 (``embedding`` "Q8_0") or fp16, other
+    matrices through fp16; vectors (norms, biases) stay fp32, as written.
+    Returns what was rounded how.
+    """
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    table = model.get_input_embeddings().weight
+    rounded: dict[str, str] = {}
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[0] in quantized or param.ndim != 2:
+            continue
+        if param is table and embedding == "Q8_0":
+            values = dequantize(q8_0(param), GGMLQuantizationType.Q8_0)
+            param.copy_(torch.from_numpy(values).to(param.dtype))
+            rounded[name] = "Q8_0"
+        else:
+            param.copy_(param.to(torch.float16).to(param.dtype))
+            rounded[name] = "F16"
+    return rounded
+
+
+def write_gguf(
+    checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: str, folder: Path, embedding: str = "F16"
+) -> None:
     """Write ``folder/model.gguf``: metadata, tokenizer, ``quantized`` linears in ``qtype``, the rest in F16/F32.
 
-    ``qtype`` F16 with nothing quantized writes the float model (to hand to llama.cpp's own quantizer).
+    The token embedding is written in ``embedding`` (Q8_0 or F16). ``qtype`` F16 with nothing quantized
+    writes the float model (to hand to llama.cpp's own quantizer).
     """
     import gguf
 
@@ -105,7 +142,8 @@ def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], blocks)  # gguf's own name map
     raw_type = getattr(gguf.GGMLQuantizationType, qtype) if quantized else None
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-    for name, tensor in model.state_dict().items():
+    table = model.get_input_embeddings().weight
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -116,6 +154,9 @@ def write_gguf(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], qtype: 
         if module in quantized:
             weight = _permuted(quantized[module], rotary) if rotary else quantized[module]
             writer.add_tensor(target, pack_q4(weight, qtype), raw_dtype=raw_type)
+            continue
+        if tensor is table and embedding == "Q8_0":
+            writer.add_tensor(target, q8_0(tensor), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             continue
         data = tensor.detach().float()
         if rotary:

@@ -24,13 +24,16 @@ from streamify.data.sources import load_texts
 from streamify.errors import InputError, UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
+from streamify.io.placement import DTYPE_NAMES, DTYPES
 from streamify.model.blocks import find_blocks
+from streamify.model.cast import cast_floats
 from streamify.model.fingerprint import content_key
+from streamify.model.params import count_params
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.int4.awq import InputSample, fold_scales
 from streamify.quantize.int4.calibrate import quantize_sequentially
-from streamify.quantize.int4.gguf import check_exportable, write_gguf
+from streamify.quantize.int4.gguf import check_exportable, round_like_gguf, write_gguf
 from streamify.quantize.int4.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4.grid import Int4Weight, rtn, valid_group_sizes
 
@@ -66,6 +69,14 @@ class Int4Params(BaseModel):
         "compressed-tensors", description="artifact format: compressed-tensors pack-quantized, or GGUF"
     )
     gguf_type: Literal["Q4_0", "Q4_1"] = Field("Q4_0", description="gguf: Q4_0 (symmetric) or Q4_1 (asymmetric)")
+    gguf_embedding: Literal["Q8_0", "F16"] = Field(
+        "Q8_0", description="gguf: the token embedding in Q8_0 (as llama.cpp's own quantizer stores it) or F16"
+    )
+    float_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="compressed-tensors: dtype of what stays in floating point (embedding, norms, head) and of "
+        "the scales; auto: the model's half type, bf16 for an fp32 model",
+    )
     entropy: bool = Field(
         False,
         description="compressed-tensors: also entropy-code the 4-bit codes and float weights, losslessly "
@@ -89,6 +100,8 @@ class Int4Params(BaseModel):
             )
         if self.weights_format != "gguf":
             return self
+        if self.float_dtype != "auto":
+            raise ValueError("float_dtype applies to compressed-tensors; gguf stores F16/F32 as llama.cpp does")
         if self.entropy:
             raise ValueError("entropy coding applies to compressed-tensors artifacts, not gguf (llama.cpp reads gguf)")
         if self.group_size not in (GGUF_GROUP, "auto"):
@@ -98,9 +111,27 @@ class Int4Params(BaseModel):
         return self
 
 
-def _bits_per_param(params: Int4Params, before: float) -> float:
-    group = GGUF_GROUP if params.group_size == "auto" else params.group_size
-    return (4 + 16 / group + (0 if params.symmetric else 4 / group)) / 8  # codes + fp16 scale (+ zero point)
+def _bytes_per_param(params: Int4Params, before: float, model) -> float:
+    """Stored bytes per parameter: the targets at 4 bits plus their scales, the rest as the format keeps it."""
+    targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
+    modules = dict(model.named_modules())
+    quantized = sum(modules[name].weight.numel() for name in targets)
+    total = count_params(model)
+    if params.weights_format == "gguf":
+        embedding = model.get_input_embeddings().weight.numel()
+        per_block = {"Q4_0": 18, "Q4_1": 20}[params.gguf_type] / GGUF_GROUP  # bytes per weight, scale(s) included
+        embedding_bytes = embedding * (34 / 32 if params.gguf_embedding == "Q8_0" else 2)
+        return (quantized * per_block + embedding_bytes + (total - quantized - embedding) * 2) / total
+    group = resolve_group_size(model, targets, params)
+    floats = DTYPES[float_dtype_name(params, model)].itemsize
+    return (quantized * (0.5 + floats / group) + (total - quantized) * floats) / total
+
+
+def float_dtype_name(params: Int4Params, model) -> str:
+    """``float_dtype`` resolved: the model's half type when it has one, else bf16."""
+    if params.float_dtype != "auto":
+        return params.float_dtype
+    return DTYPE_NAMES.get(model.dtype) if model.dtype in (torch.bfloat16, torch.float16) else "bf16"
 
 
 def _plan_check(params: Int4Params, model, where: str) -> dict:
@@ -155,7 +186,7 @@ def _check_not_quantized(model, where: str) -> None:
     Int4Params,
     "weight-only INT4 (W4A16) by RTN, GPTQ or AWQ; compressed-tensors or GGUF artifact",
     relation="quantized",
-    bytes_per_param=_bits_per_param,
+    bytes_per_param=_bytes_per_param,
     check=_plan_check,
     applies=lambda model: (
         None
@@ -181,7 +212,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     group = resolve_group_size(model, targets, params)
     if params.group_size == "auto":
         ctx.progress.log(f"quantize.int4: group size {group} (auto: the largest of 128/64/32 dividing every target)")
-    scale_dtype = torch.float16 if params.weights_format == "gguf" else model.dtype
+    floats = None if params.weights_format == "gguf" else DTYPES[float_dtype_name(params, model)]
+    scale_dtype = torch.float16 if floats is None else floats
     ids = None
     if params.method != "rtn":
         texts = load_texts(ctx.data, "train")
@@ -228,6 +260,11 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         quantized = quantize_sequentially(
             model, targets, ids, make_stats, solve_block, ctx.progress, compute, checkpoint_dir
         )
+    if floats is not None:  # what the artifact stores: the rest in its float dtype
+        ctx.metrics["kept_fp32"] = cast_floats(model, floats)
+        ctx.metrics["float_dtype"] = DTYPE_NAMES[floats]
+    else:
+        ctx.metrics["gguf_float_rounding"] = round_like_gguf(model, set(quantized), params.gguf_embedding)
     checkpoint.weights_writer = _writer(checkpoint, quantized, params)
     total = sum(w.codes.numel() for w in quantized.values())
     if params.entropy:
@@ -279,7 +316,7 @@ def _effective_bits(coded: CodedCheckpoint, total: int) -> dict:
 
 def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
     if params.weights_format == "gguf":
-        return lambda folder: write_gguf(checkpoint, quantized, params.gguf_type, folder)
+        return lambda folder: write_gguf(checkpoint, quantized, params.gguf_type, folder, params.gguf_embedding)
     from streamify.quantize.int4.compressed import write_compressed_tensors
 
     return lambda folder: write_compressed_tensors(checkpoint, quantized, params.symmetric, folder)

@@ -1,0 +1,31 @@
+"""Cast a model's saved floating-point tensors to one dtype, as transformers and diffusers load them."""
+
+from __future__ import annotations
+
+import torch
+
+from streamify.io.config import is_diffusers
+
+
+def cast_floats(model, target: torch.dtype) -> list[str]:
+    """Cast the saved floating-point tensors of ``model`` to ``target`` (parameters and persistent buffers).
+
+    Returns the names of the tensors its class keeps in fp32 (left as they are).
+    """
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    kept = []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.is_floating_point():
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            if any(part in full.split(".") for part in keep):
+                kept.append(full)
+                continue
+            param.data = param.data.to(target)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buffer.to(target))
+    if not is_diffusers(model.config):  # a diffusers config has no dtype entry: its tensors say it
+        model.config.dtype = target
+    return kept
