@@ -10,6 +10,8 @@ created on first use: torch==2.13.0 first, then llmcompressor 0.14). Every metho
 same token blocks (builtin:pydoc train split, seed 0) and is scored on the same held-out blocks; each
 artifact is reloaded from disk (compressed-tensors) and evaluated in this process.
 
+Every row records the bytes of its weight files.
+
 Part 2, GGUF Q4_0 in llama.cpp: streamify's Q4_0 (RTN and GPTQ, group 32), against llama.cpp's own
 quantizer (``llama_model_quantize``, Q4_0) applied to streamify's F16 GGUF export of the same weights;
 all three scored by llama.cpp on the same held-out tokens.
@@ -34,7 +36,7 @@ from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.eval.perplexity import perplexity
 from streamify.eval.report import EvalSpec, eval_data
-from streamify.io.artifact import save_model_files
+from streamify.io.artifact import save_model_files, weights_size
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.quantize.int4.gguf import write_gguf
@@ -120,7 +122,8 @@ def part_one(args, base, blocks, work: Path) -> list[dict]:
             calibration_dtype=calibration or "auto",
         )
         ppl = reloaded_perplexity(checkpoint, blocks, work / name)
-        rows.append({"method": f"streamify {name}", "perplexity": ppl, "seconds": seconds})
+        size = weights_size(work / name)
+        rows.append({"method": f"streamify {name}", "perplexity": ppl, "seconds": seconds, "bytes": size})
         print(rows[-1], flush=True)
     if not args.skip_llmcompressor:
         calibration = token_blocks(
@@ -146,19 +149,34 @@ def part_two(base, blocks, work: Path) -> list[dict]:
     rows = []
     write_gguf(base, {}, "F16", _fresh(work / "f16"))
     f16 = work / "f16" / "model.gguf"
-    rows.append({"file": "streamify F16 export", "perplexity": llama_cpp_perplexity(f16, blocks), "seconds": None})
-    seconds = llama_cpp_quantize(f16, work / "llamacpp-q4_0.gguf")
-    ppl = llama_cpp_perplexity(work / "llamacpp-q4_0.gguf", blocks)
     rows.append(
-        {"file": "llama.cpp Q4_0 (llama_model_quantize of the F16 export)", "perplexity": ppl, "seconds": seconds}
+        {
+            "file": "streamify F16 export",
+            "perplexity": llama_cpp_perplexity(f16, blocks),
+            "seconds": None,
+            "bytes": f16.stat().st_size,
+        }
+    )
+    theirs = work / "llamacpp-q4_0.gguf"
+    seconds = llama_cpp_quantize(f16, theirs)
+    rows.append(
+        {
+            "file": "llama.cpp Q4_0 (llama_model_quantize of the F16 export)",
+            "perplexity": llama_cpp_perplexity(theirs, blocks),
+            "seconds": seconds,
+            "bytes": theirs.stat().st_size,
+        }
     )
     for method in ("rtn", "gptq"):
         checkpoint, seconds = quantize(
             method=method, group_size=32, weights_format="gguf", gguf_type="Q4_0", samples=32, seq_len=512
         )
         save_model_files(checkpoint, _fresh(work / f"q4_0-{method}"))
-        ppl = llama_cpp_perplexity(work / f"q4_0-{method}" / "model.gguf", blocks)
-        rows.append({"file": f"streamify Q4_0 {method}", "perplexity": ppl, "seconds": seconds})
+        path = work / f"q4_0-{method}" / "model.gguf"
+        ppl = llama_cpp_perplexity(path, blocks)
+        rows.append(
+            {"file": f"streamify Q4_0 {method}", "perplexity": ppl, "seconds": seconds, "bytes": path.stat().st_size}
+        )
     for row in rows:
         print(row, flush=True)
     return rows

@@ -54,6 +54,20 @@ def test_rtn_grid_error_is_at_most_half_a_step(symmetric, scale_dtype):
         assert (q.zero == 0).all()
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_weights_halfway_between_codes_are_not_all_rounded_towards_zero(scale_dtype):
+    """Weights from a 4-bit grid (a dequantized GGUF) sit halfway between codes of the new grid; scales stored
+    in 16 bits must not all be rounded up, or every such weight shrinks (+7% perplexity on SmolLM2)."""
+    generator = torch.Generator().manual_seed(0)
+    steps = torch.rand(512, 1, generator=generator) + 0.5
+    halves = torch.randint(-7, 7, (512, 32), generator=generator) + 0.5
+    halves[:, 0] = 7.5  # the group's largest weight: scale = 7.5 / 7.5 steps
+    weight = halves * steps
+    q = rtn(weight, 32, True, scale_dtype)
+    shrink = ((q.dequantize(torch.float32).abs() - weight.abs()) / steps)[:, 1:]
+    assert abs(shrink.mean().item()) < 0.1  # rounding every scale up gives -0.5
+
+
 def test_gptq_beats_rtn_on_the_layer_output():
     torch.manual_seed(0)
     mixing = torch.randn(64, 64)
