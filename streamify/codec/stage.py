@@ -12,6 +12,13 @@ from streamify.codec.container import code_checkpoint
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
 
+# The plan's estimate of stored / raw bytes. 16-bit: 0.67, measured for bf16 (BENCHMARKS.md, 66.1% on SmolLM2).
+# fp32: sign + about 2.6 coded exponent bits + 23 raw mantissa bits of 32. Floats dequantized from a low-bit
+# format (a GGUF source) have few distinct mantissas and code far smaller: the built-in model's fp32 weights
+# code to 0.43, so for them the estimate is an upper bound.
+CODED_HALF = 0.67
+CODED_FP32 = 0.83
+
 
 class EntropyParams(BaseModel):
     """Params of ``quantize.entropy``."""
@@ -29,7 +36,7 @@ class EntropyParams(BaseModel):
     "quantize.entropy",
     EntropyParams,
     "lossless entropy coding of BF16/FP16/FP32 weights (about 66% of BF16 size) and packed INT4 codes, bit-exact",
-    bytes_per_param=lambda params, before, model: before * 0.67,
+    bytes_per_param=lambda params, before, model: before * (CODED_FP32 if before >= 4 else CODED_HALF),
     kinds="all",
     final=True,
 )

@@ -38,6 +38,10 @@ from streamify.quantize.int4.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4.grid import Int4Weight, rtn, valid_group_sizes
 
 GGUF_GROUP = 32  # Q4_0 and Q4_1 blocks hold 32 weights
+# With entropy: stored / plain bytes of packed 4-bit codes (3.58 bits a code, group 64) and of 16-bit floats
+# (about 0.67), as measured on SmolLM2 (BENCHMARKS.md, "INT4 codes, entropy-coded"): the plan's estimate.
+CODED_CODES = 3.58 / 4
+CODED_FLOATS = 0.67
 
 
 class Int4Params(BaseModel):
@@ -124,7 +128,9 @@ def _bytes_per_param(params: Int4Params, before: float, model) -> float:
         return (quantized * per_block + embedding_bytes + (total - quantized - embedding) * 2) / total
     group = resolve_group_size(model, targets, params)
     floats = DTYPES[float_dtype_name(params, model)].itemsize
-    return (quantized * (0.5 + floats / group) + (total - quantized) * floats) / total
+    codes, coded_floats = (CODED_CODES, CODED_FLOATS) if params.entropy else (1.0, 1.0)
+    stored = quantized * (0.5 * codes + floats / group * coded_floats) + (total - quantized) * floats * coded_floats
+    return stored / total
 
 
 def float_dtype_name(params: Int4Params, model) -> str:
