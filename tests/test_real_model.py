@@ -33,7 +33,7 @@ def test_gguf_cache_is_faithful_to_the_gguf(tmp_path, monkeypatch):
     source = resolve_source(MODEL)
     cached = load_checkpoint(MODEL).model
     entries = list((tmp_path / "cache" / "gguf").iterdir())
-    assert [e.name for e in entries] == [hashlib.sha256(source.path.read_bytes()).hexdigest()]
+    assert [e.name for e in entries] == [f"{hashlib.sha256(source.path.read_bytes()).hexdigest()}.v2"]
     direct = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
     for (name, a), (_, b) in zip(cached.state_dict().items(), direct.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -199,11 +199,17 @@ def _register_pending(tmp: Path) -> Path | None:
 
 
 def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
-    """Write config, weights, tokenizer and feature extractor: as transformers does, or in the format a stage chose."""
+    """Write config, weights, tokenizer and feature extractor: as transformers does, or in the format a stage chose.
+
+    A GGUF file carries its own tokenizer: no tokenizer files are written beside it (transformers would mix
+    them with the GGUF's when loading, and tokenize differently from the source).
+    """
     if checkpoint.weights_writer is not None:
         checkpoint.weights_writer(folder)
     else:
         checkpoint.model.save_pretrained(folder, max_shard_size="2GB")
+    if any(folder.glob("*.gguf")):
+        return
     for files in (checkpoint.tokenizer, checkpoint.processor):
         if files is not None:
             files.save_pretrained(folder)

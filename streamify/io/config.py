@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +141,32 @@ def _diffusers_config(path: Path, raw: dict) -> Mapping:
         raise InputError(f"{path}: diffusers rejects this config ({message})", "restore config.json") from exc
 
 
+GGUF_CACHE_VERSION = 2  # 2: read from the GGUF file alone, never mixed with files beside it
+
+
 def gguf_cache_folder(source: Source) -> Path:
     """Where the dequantized copy of a GGUF source is kept (keyed by the file's sha256)."""
     sha = source.hash_files()[0].sha256
-    return cache_root() / "gguf" / sha
+    return cache_root() / "gguf" / f"{sha}.v{GGUF_CACHE_VERSION}"
+
+
+@contextmanager
+def gguf_alone(source: Source) -> Iterator[Path]:
+    """A temporary folder holding only a link to the GGUF file.
+
+    transformers reads a ``config.json`` or tokenizer files found beside a GGUF
+    file and mixes them with the GGUF's own metadata; read from here, what it
+    builds comes from the GGUF file alone.
+    """
+    with tempfile.TemporaryDirectory(prefix="streamify-gguf-") as tmp:
+        (Path(tmp) / source.gguf_file).symlink_to(source.path.resolve())
+        yield Path(tmp)
 
 
 def gguf_config(source: Source) -> PretrainedConfig:
     """The config transformers reads from a GGUF file's metadata."""
     try:
-        return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+        with gguf_alone(source) as folder:
+            return AutoConfig.from_pretrained(folder, gguf_file=source.gguf_file, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
         raise InputError(f"{source.path}: unreadable or unsupported GGUF file ({exc})", "check the file") from exc

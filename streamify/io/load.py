@@ -20,7 +20,7 @@ from streamify.codec.restore import restore_folder
 from streamify.errors import InputError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.config import folder_config, gguf_cache_folder, gguf_config, is_diffusers, model_class
+from streamify.io.config import folder_config, gguf_alone, gguf_cache_folder, gguf_config, is_diffusers, model_class
 from streamify.io.manifest import read_manifest
 from streamify.io.placement import resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
@@ -230,8 +230,9 @@ def _materialize_gguf(source: Source, progress: Progress) -> Path:
     try:
         kwargs = {"gguf_file": source.gguf_file, "local_files_only": True}
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+            with gguf_alone(source) as alone:
+                model = AutoModelForCausalLM.from_pretrained(alone, dtype=torch.float32, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(alone, **kwargs)
         except (ValueError, KeyError, OSError) as exc:
             raise InputError(f"{source.path}: could not read the GGUF weights ({exc})", "check the file") from exc
         # The GGUF marker says "quantized"; the weights are now dequantized floats, so drop it.
