@@ -40,10 +40,12 @@ def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext
     in-memory model and the reloaded artifact compute the same logits. Tensors
     the model's class keeps in fp32 (``_keep_in_fp32_modules``, e.g. Wan's
     modulation tables) stay fp32, as transformers and diffusers load them;
-    ``kept_fp32`` in the metrics names them.
+    ``kept_fp32`` in the metrics names them (when there are any).
     """
     model = checkpoint.model
     before = sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
     kept = cast_floats(model, DTYPES[params.dtype])
-    ctx.metrics.update(dtype_before=before, dtype_after=params.dtype, kept_fp32=kept)
+    ctx.metrics.update(dtype_before=before, dtype_after=params.dtype)
+    if kept:
+        ctx.metrics["kept_fp32"] = kept
     return checkpoint
