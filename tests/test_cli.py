@@ -99,3 +99,15 @@ def test_long_loops_report_progress_lines_when_not_on_a_terminal(cli, tiny_llama
     json.loads(result.stdout)  # stdout stays pure JSON
     quiet = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "q2", "--method", "rtn", "--format", "quiet")
     assert quiet.exit_code == 0 and "streamify:" not in quiet.stderr  # (third-party bars: off in main())
+
+
+def test_help_in_a_pipe_shows_whole_option_names():
+    """Piped, rich would lay help out in 80 columns and cut names such as --calibration-dtype."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    args = [sys.executable, "-m", "streamify", "quantize", "int4", "--help"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and "--calibration-dtype" in done.stdout and "…" not in done.stdout

@@ -370,4 +370,5 @@ def main() -> None:
     """Console-script entry point."""
     if not sys.stdout.isatty():  # third-party tqdm bars (GGUF dequantization, ...) follow our own: none
         os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported, so set before any import
+        os.environ.setdefault("COLUMNS", "120")  # not rich's 80 in a pipe: --help would cut long option names
     app()
