@@ -1,17 +1,22 @@
 """Model kinds: what a model takes and gives, declared once per kind and found without a hand-kept list.
 
-A :class:`Kind` tells the loader, eval, calibration and the trainer how to feed
-a model of that kind and how to judge it:
+A :class:`Kind` tells the plan, eval and the stages how to feed a model of that
+kind and how to judge it:
 
+- ``check_eval(model, spec, where)``: refuse, before any weight is read, an eval
+  the model cannot run (no audio for a speech model, windows past its positions);
 - ``eval_data(checkpoint, spec)``: the inputs an eval scores (the same for two
   models of one family, so ``--vs`` compares them on the same inputs);
-- ``score(model, checkpoint, data, spec, progress)``: the kind's quality numbers
+- ``score(checkpoint, data, spec, progress)``: the kind's quality numbers
   (perplexity, WER, denoising loss) and the outputs another model is compared on;
 - ``compare(outputs, reference)``: how close two models' outputs are (cosine of
   embeddings, relative error of denoiser predictions), when the kind has such outputs.
 
-Kinds are matched on the model built from the config (on the meta device, so
-matching costs no memory); the first kind whose ``matches`` accepts it wins.
+Stages name the kinds they handle (``kinds`` on :func:`~streamify.pipeline.registry.register`).
+Training batches and losses of the speech and denoiser kinds belong here too, with
+the stages that first train them. Kinds are matched on the model built from the
+config (on the meta device, so matching costs no memory); the lowest ``order``
+whose ``matches`` accepts it wins.
 """
 
 from __future__ import annotations
