@@ -35,7 +35,10 @@ class Gates(BaseModel):
     )
     max_size_bytes: int | None = Field(None, gt=0, description="artifact weight files at most this many bytes")
     min_size_reduction_pct: float | None = Field(
-        None, le=100, description="artifact weight files at least this % smaller than the source's on disk"
+        None,
+        le=100,
+        description="artifact weight files at least this % smaller than the source's weight files as stored "
+        "(a GGUF source: the .gguf file, often 4-bit already)",
     )
     max_stream_perplexity_ratio: float | None = Field(
         None, gt=0, description="artifact stream perplexity at most this times the source's (needs eval.stream_tokens)"
