@@ -60,3 +60,15 @@ def test_lazy_loading_refuses_weights_the_model_does_not_have(tiny_llama, tmp_pa
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(InputError, match=r"1 weights are not the model's, e\.g\. model\.layers\.0\.extra\.weight"):
         streamify.load(str(folder), lazy=True)
+
+
+def test_lazy_loading_refuses_a_tensor_of_the_wrong_shape(tiny_llama, tmp_path):
+    """The shapes in the files are checked against the model, not trusted (the block would fail mid-forward)."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "reshaped")
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.2.mlp.up_proj.weight"
+    tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model, _ = streamify.load(str(folder), lazy=True)
+    with pytest.raises(InputError, match=r"model\.layers\.2\.mlp\.up_proj\.weight: stored as \[63, 32\]"):
+        model(IDS)

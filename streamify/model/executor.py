@@ -171,10 +171,22 @@ def place_tensors(
             value = value.to(dtype)
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name)
+        held = owner._parameters.get(leaf, owner._buffers.get(leaf))
+        if held is not None and held.shape != value.shape:
+            raise InputError(
+                f"{name}: stored as {list(value.shape)}, the model's is {list(held.shape)}",
+                "the weight files do not match config.json; re-create the checkpoint",
+            )
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(value.to(device), requires_grad=False)
         else:
             owner._buffers[leaf] = value.to(device)
+
+
+def tie_shared(model: nn.Module) -> None:
+    """Tie shared weights as the model's library does (transformers); diffusers models share none."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def check_complete(model: nn.Module, where: str, skip: str | None = None) -> None:
@@ -203,7 +215,6 @@ def lazy_model(
     executor = BlockExecutor(model, source, device, dtype)
     executor.load_resident()
     executor.hook()
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    tie_shared(model)
     check_complete(model, where, skip=executor.prefix)
     return model.eval()
