@@ -21,7 +21,7 @@ from streamify.codec.container import decode_tensors, read_index
 from streamify.errors import InputError
 from streamify.io.config import model_class
 from streamify.model.blocks import find_blocks
-from streamify.model.executor import check_complete, empty_model, lazy_model, place_tensors
+from streamify.model.executor import check_complete, empty_model, lazy_model, place_tensors, tie_shared
 
 # compressed-tensors stores a quantized Linear's ``weight`` as these tensors
 _QUANTIZED_PARTS = re.compile(r"\.weight_(packed|scale|zero_point|shape|g_idx)$")
@@ -31,14 +31,8 @@ _MISMATCH = "the container does not match config.json; re-create the artifact"
 def check_matches_config(container: Path, index: dict, config: PretrainedConfig) -> None:
     """:func:`check_matches_model` against the model ``config`` describes (built on the meta device)."""
     model = empty_model(model_class(config, str(container.parent)), config)
-    _tie(model)
+    tie_shared(model)
     check_matches_model(container, index, model, getattr(config, "quantization_config", None) is not None)
-
-
-def _tie(model: nn.Module) -> None:
-    """Tie shared weights as the model's library does (transformers); diffusers models share none."""
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
 
 
 def check_matches_model(container: Path, index: dict, model: nn.Module, quantized: bool) -> None:
@@ -91,13 +85,13 @@ def load_entropy_model(
     threads = threads or os.cpu_count() or 1
     index = read_index(container)
     model = empty_model(cls, config)
-    _tie(model)
+    tie_shared(model)
     check_matches_model(container, index, model, quantized=False)
     target_dtype = None if dtype == "auto" else dtype
     weights = ContainerWeights(container, index, threads)
     if lazy and find_blocks(model):
         return lazy_model(model, weights, device, target_dtype, str(container))
     place_tensors(model, weights.load(weights.names()), device, target_dtype)
-    _tie(model)
+    tie_shared(model)
     check_complete(model, str(container))
     return model.eval()

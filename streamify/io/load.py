@@ -120,8 +120,8 @@ def _lazy_from_safetensors(folder: Path, config, cls: type, dtype: str, target, 
         raise UsageError(
             f"{spec}: --lazy runs a model block by block; {type(model).__name__} has no block list", "drop --lazy"
         )
-    wanted = dtype if dtype == "auto" else torch_dtype(dtype)
-    return lazy_model(model, SafetensorsWeights(folder), target, None if wanted == "auto" else wanted, spec)
+    wanted = None if dtype == "auto" else torch_dtype(dtype)
+    return lazy_model(model, SafetensorsWeights(folder), target, wanted, spec)
 
 
 def _check_loading_info(spec: str, info: dict) -> None:

@@ -11,23 +11,28 @@ CAUSAL_LM = "causal-lm"
 DEFAULT_TEXT = "builtin:pydoc"
 
 
-class CausalLM(Kind):
-    name = CAUSAL_LM
-    summary = "decoder LM: token ids -> next-token logits; perplexity, KL on logits"
+class TextKind(Kind):
+    """A kind evaluated on held-out text cut into token windows (causal LMs, encoders)."""
+
     default_data = DEFAULT_TEXT
     reads_text = True
-    order = 20
-
-    def matches(self, model: Any) -> bool:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-        return in_mapping(MODEL_FOR_CAUSAL_LM_MAPPING, model)
 
     def check_eval(self, model: Any, spec: Any, where: str) -> None:
         check_window(model, spec.seq_len, where)
 
     def eval_data(self, checkpoint: Any, spec: Any) -> Any:
         return text_windows(checkpoint, spec)
+
+
+class CausalLM(TextKind):
+    name = CAUSAL_LM
+    summary = "decoder LM: token ids -> next-token logits; perplexity, KL on logits"
+    order = 20
+
+    def matches(self, model: Any) -> bool:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        return in_mapping(MODEL_FOR_CAUSAL_LM_MAPPING, model)
 
     def score(self, checkpoint: Any, data: Any, spec: Any, progress: Any) -> tuple[dict, Any]:
         from streamify.eval.perplexity import perplexity

@@ -7,15 +7,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from streamify.kinds import Kind, in_mapping
-from streamify.kinds.causal_lm import DEFAULT_TEXT, check_window, text_windows
+from streamify.kinds import in_mapping
+from streamify.kinds.causal_lm import TextKind
 
 
-class Encoder(Kind):
+class Encoder(TextKind):
     name = "encoder"
     summary = "encoder: token ids -> hidden states; mean-pooled embeddings, cosine similarity to the source"
-    default_data = DEFAULT_TEXT
-    reads_text = True
     compares_to_source = True
     order = 50
 
@@ -27,12 +25,6 @@ class Encoder(Kind):
             return False
         bare = in_mapping(MODEL_MAPPING, model) or in_mapping(MODEL_FOR_MASKED_LM_MAPPING, model)
         return bare and not getattr(model.config, "is_decoder", False)
-
-    def check_eval(self, model: Any, spec: Any, where: str) -> None:
-        check_window(model, spec.seq_len, where)
-
-    def eval_data(self, checkpoint: Any, spec: Any) -> Any:
-        return text_windows(checkpoint, spec)
 
     @torch.inference_mode()
     def score(self, checkpoint: Any, data: Any, spec: Any, progress: Any) -> tuple[dict, Any]:

@@ -267,8 +267,10 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
             model, targets, ids, make_stats, solve_block, ctx.progress, compute, checkpoint_dir
         )
     if floats is not None:  # what the artifact stores: the rest in its float dtype
+        ctx.metrics["float_dtype"] = DTYPE_NAMES[floats]
         kept = cast_floats(model, floats)
-        ctx.metrics.update({"float_dtype": DTYPE_NAMES[floats], **({"kept_fp32": kept} if kept else {})})
+        if kept:
+            ctx.metrics["kept_fp32"] = kept
     else:
         ctx.metrics["gguf_float_rounding"] = round_like_gguf(model, set(quantized), params.gguf_embedding)
     checkpoint.weights_writer = _writer(checkpoint, quantized, params)
