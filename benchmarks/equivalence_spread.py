@@ -4,7 +4,8 @@ Usage:  .venv/bin/python benchmarks/equivalence_spread.py [--repeats 3] [--json 
 
 Converts SmolLM2-135M as the suite's real test does (4 sinks, a 64-token window,
 the middle third of the layers full), then runs ``streamify eval --check
-equivalence --tokens 220`` in fresh processes under every combination of 1 or 2
+equivalence --tokens 220`` (the runtime against the independent StreamingLLM
+reference: the stock transformers model, token by token) in fresh processes under every combination of 1 or 2
 threads and ATen's CPU kernels (``ATEN_CPU_CAPABILITY`` default / avx2 /
 avx512: what another machine would run), ``--repeats`` times each. It prints
 every run's ``max_abs_diff`` and ``max_rel_diff`` and the spread, and, as the

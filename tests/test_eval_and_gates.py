@@ -118,3 +118,5 @@ def test_held_gate_exits_0(cli, tiny_llama, tmp_path):
     increase = 100 * (summary["eval"]["perplexity"] / summary["eval_source"]["perplexity"] - 1)
     (gate,) = [g for g in summary["gates"] if g["gate"] == "max_perplexity_increase_pct"]
     assert math.isclose(gate["value"], increase) and gate["passed"]
+    assert summary["eval_source"]["load_seconds"] > 0  # the source was loaded; the artifact never was
+    assert "load_seconds" not in summary["eval"] and None not in summary["eval"].values()

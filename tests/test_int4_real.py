@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamify.data.pydoc import pydoc_texts
 from streamify.eval.perplexity import perplexity
 from streamify.eval.report import EvalSpec, eval_data
 from streamify.io.artifact import save_model_files
@@ -89,6 +90,21 @@ def test_gguf_q4_0_runs_in_llama_cpp_with_our_perplexity(heldout, tmp_path, cli)
     llm.reset()
     text = llm("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"]
     assert text.strip(), text
+
+
+def test_builtin_tokenizer_splits_text_as_llama_cpp_does():
+    """SmolLM2's GGUF names its split ``smollm`` (digits one by one); transformers rebuilds GPT-2's split from it,
+    which joined a run of spaces before a digit differently (2 of the 61 held-out texts differed). streamify
+    adds the digit split, so the HF tokenizer gives llama.cpp's ids on every held-out text."""
+    import llama_cpp
+
+    checkpoint = load_checkpoint(MODEL)
+    llm = llama_cpp.Llama(model_path=str(checkpoint.source.path), vocab_only=True, verbose=False)
+    texts = pydoc_texts("heldout")
+    assert len(texts) > 50
+    for text in texts:
+        ids = checkpoint.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
 
 
 def test_entropy_coded_int4_smollm2_loads_to_the_same_logits(tmp_path):

@@ -151,7 +151,8 @@ def eval_(
     ] = None,
     chunk: Annotated[int, typer.Option("--chunk", help="--stream: tokens fed per step (1: per-token decode)")] = 16,
     check: Annotated[
-        str | None, typer.Option("--check", help="equivalence: chunked cached runtime vs masked full forward")
+        str | None,
+        typer.Option("--check", help="equivalence: chunked cached runtime vs stock model under StreamingLLM's cache"),
     ] = None,
     chunks: Annotated[str, typer.Option("--chunks", help="--check equivalence: chunk sizes to compare")] = "1,7,64",
     kv_bits: KvBitsOpt = None,
@@ -160,8 +161,8 @@ def eval_(
     """The model kind's quality (perplexity, WER, denoising loss...), parameters, size, load time and peak memory.
 
     With --stream, the streaming runtime's perplexity, cache bytes and latency
-    over a long stream; with --check equivalence, the runtime against one
-    forward under the explicit sink + window mask.
+    over a long stream; with --check equivalence, the runtime against the stock
+    transformers model decoding token by token over StreamingLLM's cache.
     """
     from streamify.eval.compare import evaluate_models
     from streamify.eval.report import EvalSpec

@@ -4,7 +4,8 @@ The report's keys are an interface (README.md, "Eval report"): ``kind``; for a
 causal LM ``perplexity``, ``nll``, ``tokens``, ``seq_len``; for the other kinds
 theirs (:mod:`streamify.kinds`: ``wer``, ``denoising_loss``, ``cosine_to_reference_mean``...);
 ``data``, ``params``, ``size_bytes``,
-``bits_per_weight``, ``load_seconds``, ``peak_memory_bytes``; with ``stream_tokens``
+``bits_per_weight``, ``peak_memory_bytes``, ``load_seconds`` (only for a model loaded
+from disk: an artifact evaluated in the run that made it has none); with ``stream_tokens``
 also ``stream.perplexity``, ``stream.cache_bytes_max``, ``stream.latency_ms_first_10pct``,
 ``stream.latency_ms_last_10pct`` (and the rest of :func:`~streamify.eval.streaming.stream_eval`);
 with ``equivalence`` also ``equivalence.max_abs_diff`` (:func:`~streamify.eval.streaming.check_equivalence`).
@@ -49,7 +50,7 @@ class EvalSpec(BaseModel):
     stream_chunk: int = Field(16, gt=0, description="tokens fed per step when streaming")
     stream_kv_bits: Literal[4] | None = Field(None, description="4: stream with the recent keys/values in INT4")
     equivalence: bool = Field(
-        False, description="streaming models: also check the chunked cached runtime against a masked forward"
+        False, description="streaming models: also check the chunked cached runtime against the StreamingLLM reference"
     )
 
     def text_data(self) -> str:
@@ -109,7 +110,8 @@ def evaluate(
             report.update(kind.compare(outputs, reference))
     if spec.stream_tokens or spec.equivalence:
         report.update(_streaming_checks(checkpoint, spec, kind.name, progress))
-    report["load_seconds"] = load_seconds
+    if load_seconds is not None:  # an artifact evaluated where it was made was never loaded
+        report["load_seconds"] = round(load_seconds, 3)
     report["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
     return report, outputs
 

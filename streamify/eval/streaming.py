@@ -1,4 +1,4 @@
-"""Streaming evaluations: quality and cost over a long stream, and cached-vs-masked equivalence."""
+"""Streaming evaluations: quality and cost over a long stream, and the runtime against an independent reference."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import torch
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.errors import UsageError
+from streamify.eval.reference import streamingllm_logits
 from streamify.io.checkpoint import Checkpoint
 from streamify.progress import SILENT, Progress
+from streamify.runtime.attention import disable_streaming, enable_streaming
 from streamify.runtime.cache import new_cache
 from streamify.runtime.stream import stream_report
 
@@ -41,10 +43,13 @@ def stream_eval(
 def check_equivalence(
     checkpoint: Checkpoint, data: str, tokens: int | None, chunks: list[int], progress: Progress = SILENT
 ) -> dict:
-    """Max |logit difference| between the chunked cached runtime and one forward under the sink + window mask.
+    """Max |logit difference| between the chunked cached runtime and an independent StreamingLLM reference.
 
-    The default length, three times sinks + window, makes the window roll at
-    least twice, so eviction and position re-indexing are exercised. Besides
+    The reference (:func:`~streamify.eval.reference.streamingllm_logits`) is the
+    stock transformers model decoding one token at a time over exactly the
+    tokens StreamingLLM's cache holds, at the positions it gives them; none of
+    the runtime's attention code runs in it. The default length, three times
+    sinks + window, makes the window roll at least twice. Besides
     ``max_abs_diff`` it reports the logits' scale (``max_abs_logit``) and their
     ratio (``max_rel_diff``): fp32 sums taken in another order (threads, CPU
     kernels) move the difference by about 1e-6 of the scale, a wrong position or
@@ -57,11 +62,16 @@ def check_equivalence(
             f"{checkpoint.source.spec} is not a streaming model, so there is nothing to check",
             "convert it first: streamify convert streaming MODEL -o OUT",
         )
-    tokens = tokens or 3 * (ctl.spec.sinks + ctl.spec.window)
+    spec = ctl.spec
+    tokens = tokens or 3 * (spec.sinks + spec.window)
     ids = stream_ids(checkpoint.tokenizer, data, tokens)
     device = next(model.parameters()).device
-    progress.log(f"reference: one forward over {tokens} tokens under the sink + window mask")
-    reference = model(ids[None].to(device)).logits[0].float()
+    progress.log(f"reference: stock {type(model).__name__}, token by token, StreamingLLM cache ({tokens} tokens)")
+    disable_streaming(model)
+    try:
+        reference = streamingllm_logits(model, ids, spec, progress)
+    finally:
+        enable_streaming(model, spec)
     scale = reference.abs().max().item()
     per_chunk = {}
     for chunk in chunks:
@@ -74,6 +84,7 @@ def check_equivalence(
         per_chunk[str(chunk)] = (torch.cat(logits) - reference).abs().max().item()
     worst = max(per_chunk.values())
     return {
+        "reference": "stock transformers model, token by token, StreamingLLM cache",
         "tokens": tokens,
         "chunks": chunks,
         "max_abs_diff": worst,

@@ -141,7 +141,7 @@ def _diffusers_config(path: Path, raw: dict) -> Mapping:
         raise InputError(f"{path}: diffusers rejects this config ({message})", "restore config.json") from exc
 
 
-GGUF_CACHE_VERSION = 2  # 2: read from the GGUF file alone, never mixed with files beside it
+GGUF_CACHE_VERSION = 3  # 2: read from the GGUF file alone; 3: the tokenizer splits text as llama.cpp does
 
 
 def gguf_cache_folder(source: Source) -> Path:

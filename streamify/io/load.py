@@ -21,6 +21,7 @@ from streamify.errors import InputError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.config import folder_config, gguf_alone, gguf_cache_folder, gguf_config, is_diffusers, model_class
+from streamify.io.gguf_vocab import gguf_pre, split_like_llama_cpp
 from streamify.io.manifest import read_manifest
 from streamify.io.placement import resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
@@ -233,6 +234,7 @@ def _materialize_gguf(source: Source, progress: Progress) -> Path:
             with gguf_alone(source) as alone:
                 model = AutoModelForCausalLM.from_pretrained(alone, dtype=torch.float32, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(alone, **kwargs)
+            split_like_llama_cpp(tokenizer, gguf_pre(source.path))
         except (ValueError, KeyError, OSError) as exc:
             raise InputError(f"{source.path}: could not read the GGUF weights ({exc})", "check the file") from exc
         # The GGUF marker says "quantized"; the weights are now dequantized floats, so drop it.

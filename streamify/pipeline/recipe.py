@@ -44,7 +44,7 @@ class Gates(BaseModel):
         None, gt=0, description="artifact stream perplexity at most this times the source's (needs eval.stream_tokens)"
     )
     max_equivalence_abs_diff: float | None = Field(
-        None, ge=0, description="streaming runtime vs masked forward, max |logit diff| (needs eval.equivalence)"
+        None, ge=0, description="streaming runtime vs the StreamingLLM reference, max |logit diff| (eval.equivalence)"
     )
 
 

@@ -11,7 +11,9 @@ up to the fp16 rounding of ``m``).
 Llama-architecture decoders only (Llama, SmolLM, Mistral without sliding
 windows): the tensor names follow gguf's name map, query and key rows are
 permuted to llama.cpp's rotary layout, and the tokenizer is copied from a GGUF
-source or built from the HF tokenizer (byte-level BPE).
+source or built from the HF tokenizer (byte-level BPE: its pre-tokenizer named
+as llama.cpp knows it, BOS/EOS added as the HF tokenizer adds them); rope
+scaling is written as llama.cpp reads it (linear; Llama 3's as ``rope_freqs``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from streamify import __version__
 from streamify.arch import require
 from streamify.errors import InputError
 from streamify.io.checkpoint import Checkpoint
+from streamify.io.gguf_vocab import adds_special, llama_cpp_pre
 from streamify.quantize.int4.grid import Int4Weight
 
 GGUF_NAME = "model.gguf"
@@ -70,7 +73,37 @@ def check_exportable(model, where: str) -> str:
             f"this {type(model).__name__} uses one ({model.config.sliding_window} tokens)",
             "use --weights-format compressed-tensors (recipe: weights_format) for this model",
         )
+    rope = _rope_type(model.config)
+    if rope not in ROPE_TYPES:
+        raise InputError(
+            f"{where}: GGUF export writes rope scaling {', '.join(ROPE_TYPES)}; this model's is '{rope}'",
+            "use --weights-format compressed-tensors (recipe: weights_format) for this model",
+        )
     return arch.gguf_architecture
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_type(config) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def _add_rope_scaling(writer, model) -> None:
+    """Rope scaling as llama.cpp reads it: linear by its factor, Llama 3's as per-frequency divisors."""
+    import gguf
+
+    params = model.config.rope_parameters
+    kind = _rope_type(model.config)
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    elif kind == "llama3":  # llama.cpp divides each frequency by rope_freqs; transformers' table is the reference
+        scaled = getattr(model, model.base_model_prefix).rotary_emb.inv_freq.double()
+        dim = 2 * scaled.numel()
+        plain = 1.0 / float(params["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        writer.add_tensor(name, (plain / scaled).numpy().astype(np.float32))
 
 
 def q8_0(tensor: torch.Tensor) -> np.ndarray:
@@ -138,6 +171,7 @@ def write_gguf(
     writer.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}")))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, checkpoint, config.vocab_size)
+    _add_rope_scaling(writer, model)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], blocks)  # gguf's own name map
     raw_type = getattr(gguf.GGMLQuantizationType, qtype) if quantized else None
@@ -169,6 +203,24 @@ def write_gguf(
     writer.close()
 
 
+def check_vocab(checkpoint: Checkpoint) -> None:
+    """Exit 3 unless the checkpoint's tokenizer can be written so that llama.cpp tokenizes as it does."""
+    if checkpoint.source.kind != "gguf":
+        _bpe_model(checkpoint)
+        llama_cpp_pre(checkpoint.tokenizer, checkpoint.source.spec)
+
+
+def _bpe_model(checkpoint: Checkpoint) -> dict:
+    backend = getattr(checkpoint.tokenizer, "backend_tokenizer", None)
+    model_json = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model_json.get("type") != "BPE":
+        raise InputError(
+            f"{checkpoint.source.spec}: GGUF export needs a byte-level BPE tokenizer (tokenizer.json)",
+            "use --weights-format compressed-tensors (recipe: weights_format) for this model",
+        )
+    return model_json
+
+
 def _add_tokenizer(writer, checkpoint: Checkpoint, vocab_size: int) -> None:
     """Copy the tokenizer of a GGUF source; otherwise describe the HF byte-level BPE tokenizer."""
     import gguf
@@ -182,13 +234,7 @@ def _add_tokenizer(writer, checkpoint: Checkpoint, vocab_size: int) -> None:
                 writer.add_key_value(key, field.contents(), value_type, sub_type=sub_type)
         return
     tokenizer = checkpoint.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model_json = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model_json.get("type") != "BPE":
-        raise InputError(
-            f"{checkpoint.source.spec}: GGUF export needs a byte-level BPE tokenizer (tokenizer.json)",
-            "use --weights-format compressed-tensors (recipe: weights_format) for this model",
-        )
+    model_json = _bpe_model(checkpoint)
     special = set(tokenizer.all_special_ids)
     tokens, types = [], []
     for index in range(vocab_size):
@@ -200,7 +246,7 @@ def _add_tokenizer(writer, checkpoint: Checkpoint, vocab_size: int) -> None:
             types.append(gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model_json.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(llama_cpp_pre(tokenizer, checkpoint.source.spec))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -211,6 +257,8 @@ def _add_tokenizer(writer, checkpoint: Checkpoint, vocab_size: int) -> None:
     ):
         if token_id is not None:
             setter(token_id)
-    writer.add_add_bos_token(False)
+    add_bos, add_eos = adds_special(tokenizer)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)

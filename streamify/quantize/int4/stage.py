@@ -33,7 +33,7 @@ from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.int4.awq import InputSample, fold_scales
 from streamify.quantize.int4.calibrate import quantize_sequentially
-from streamify.quantize.int4.gguf import check_exportable, round_like_gguf, write_gguf
+from streamify.quantize.int4.gguf import check_exportable, check_vocab, round_like_gguf, write_gguf
 from streamify.quantize.int4.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4.grid import Int4Weight, rtn, valid_group_sizes
 
@@ -208,6 +208,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     _check_not_quantized(model, where)
     if params.weights_format == "gguf":
         check_exportable(model, where)
+        check_vocab(checkpoint)  # before calibration, not after it
     groups = None
     if params.method == "awq":
         arch = require(model.config.model_type, "awq_groups", "AWQ", where)
