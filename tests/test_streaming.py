@@ -6,13 +6,15 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import streamify
 from streamify.converters.native import to_native
 from streamify.distill.trainer import TrainParams, train
 from streamify.errors import UsageError
+from streamify.eval.perplexity import perplexity
 from streamify.eval.reference import streamingllm_logits
+from streamify.eval.streaming import stream_ids
 from streamify.progress import Progress
 from streamify.runtime import disable_streaming, enable_streaming, make_spec, new_cache
 
@@ -189,19 +191,39 @@ def test_convert_streaming_records_the_spec(tmp_path, tiny_models, cli):
 
 @pytest.mark.parametrize(("arch", "native_class"), [("llama", "MinistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
 @torch.inference_mode()
-def test_native_export_reloads_in_plain_transformers(tmp_path, tiny_models, cli, arch, native_class):
+def test_native_export_runs_the_same_model_in_plain_transformers_and_streamify(
+    tmp_path, tiny_models, cli, arch, native_class
+):
+    """Native runtimes have no sinks, so the export has none: plain transformers and streamify.load() compute
+    the same function over a stream that rolls the window, and the card reports its measured perplexity ratio
+    to full attention (recomputed here with plain transformers)."""
     out = tmp_path / "native"
-    args = ["--window", "64", "--full-layers", "middle-third", "--export-arch", "native", "--no-eval"]
-    result = cli("convert", "streaming", tiny_models[arch], "-o", out, *args)
+    args = ["--window", "16", "--full-layers", "1", "--export-arch", "native", "--native-check-tokens", "96"]
+    result = cli("convert", "streaming", tiny_models[arch], "-o", out, *args, "--no-eval")
     assert result.exit_code == 0, result.stderr
     plain = _load(out)
     assert type(plain).__name__ == native_class
     assert plain.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
-    ids = _ids(48)
-    assert torch.equal(plain(ids).logits, _load(tiny_models[arch])(ids).logits)
-    assert "without attention sinks" in json.loads((out / "streamify.json").read_text())["streaming"]["native_note"]
+    ids = _ids(80)
     streaming, _ = streamify.load(str(out))
-    assert streaming.streamify_controller.spec.sinks == 4
+    assert streaming.streamify_controller.spec.sinks == 0
+    assert (plain(ids).logits - _chunked(streaming, ids, 7)).abs().max().item() <= 1e-5
+    record = json.loads((out / "streamify.json").read_text())["streaming"]
+    assert record["sinks"] == 0 and "no attention sinks" in record["native_note"]
+    check = record["native_check"]
+    held_out = stream_ids(AutoTokenizer.from_pretrained(out), "builtin:pydoc", 96)[None]
+    full = perplexity(_load(tiny_models[arch]), held_out)["perplexity"]
+    assert check["tokens"] == 96 and abs(check["full_attention_perplexity"] - full) < 1e-3
+    assert abs(check["perplexity"] - perplexity(plain, held_out)["perplexity"]) < 1e-3
+    assert check["ratio"] == pytest.approx(check["perplexity"] / full, rel=1e-4)
+    assert f"ratio {check['ratio']:.3f}" in (out / "README.md").read_text()
+
+
+def test_native_export_refuses_sinks_it_cannot_run(tmp_path, tiny_llama, cli):
+    args = ["--sinks", "4", "--window", "16", "--export-arch", "native", "--no-eval"]
+    result = cli("convert", "streaming", tiny_llama, "-o", tmp_path / "n", *args)
+    assert result.exit_code == 2 and "without attention sinks" in result.stderr and "same" in result.stderr
+    assert not (tmp_path / "n").exists()
 
 
 @pytest.mark.parametrize(

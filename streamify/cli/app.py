@@ -156,13 +156,24 @@ def eval_(
     ] = None,
     chunks: Annotated[str, typer.Option("--chunks", help="--check equivalence: chunk sizes to compare")] = "1,7,64",
     kv_bits: KvBitsOpt = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option("--tasks", help="lm-eval tasks to score too, comma-separated (needs streamify[tasks])"),
+    ] = None,
+    tasks_path: Annotated[
+        str | None, typer.Option("--tasks-path", help="a folder of lm-eval task YAML files (local tasks)")
+    ] = None,
+    tasks_limit: Annotated[
+        int | None, typer.Option("--tasks-limit", help="score only the first N documents of each task")
+    ] = None,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """The model kind's quality (perplexity, WER, denoising loss...), parameters, size, load time and peak memory.
 
     With --stream, the streaming runtime's perplexity, cache bytes and latency
     over a long stream; with --check equivalence, the runtime against the stock
-    transformers model decoding token by token over StreamingLLM's cache.
+    transformers model decoding token by token over StreamingLLM's cache; with
+    --tasks, lm-eval task scores (accuracy...) of the loaded model as well.
     """
     from streamify.eval.compare import evaluate_models
     from streamify.eval.report import EvalSpec
@@ -171,7 +182,16 @@ def eval_(
         _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt)
         return
     with command(fmt) as out:
-        spec = EvalSpec(data=data, max_tokens=max_tokens, seq_len=seq_len, max_items=max_items)
+        task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+        spec = EvalSpec(
+            data=data,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            max_items=max_items,
+            tasks=task_names,
+            tasks_path=tasks_path,
+            tasks_limit=tasks_limit,
+        )
         options = {
             "dtype": dtype,
             "device": device,

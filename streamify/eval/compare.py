@@ -53,5 +53,6 @@ def evaluate_models(model: str, vs: str | None, spec: EvalSpec, options: dict, p
     )
     if outputs is not None:
         report.update(kind.compare(outputs, other_outputs))
-    ratio = {k: report[k] / other_report[k] for k in _RATIO_KEYS if report.get(k) and other_report.get(k)}
+    keys = [*_RATIO_KEYS, *(k for k in report if k.startswith("tasks."))]
+    ratio = {k: report[k] / other_report[k] for k in keys if report.get(k) and other_report.get(k)}
     return {**result, "vs_spec": vs, "vs": other_report, "ratio": ratio}

@@ -8,7 +8,8 @@ theirs (:mod:`streamify.kinds`: ``wer``, ``denoising_loss``, ``cosine_to_referen
 from disk: an artifact evaluated in the run that made it has none); with ``stream_tokens``
 also ``stream.perplexity``, ``stream.cache_bytes_max``, ``stream.latency_ms_first_10pct``,
 ``stream.latency_ms_last_10pct`` (and the rest of :func:`~streamify.eval.streaming.stream_eval`);
-with ``equivalence`` also ``equivalence.max_abs_diff`` (:func:`~streamify.eval.streaming.check_equivalence`).
+with ``equivalence`` also ``equivalence.max_abs_diff`` (:func:`~streamify.eval.streaming.check_equivalence`);
+with ``tasks`` lm-eval's metrics as ``tasks.<task>.<metric>`` (:func:`~streamify.eval.tasks.run_tasks`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class EvalSpec(BaseModel):
     equivalence: bool = Field(
         False, description="streaming models: also check the chunked cached runtime against the StreamingLLM reference"
     )
+    tasks: list[str] = Field(
+        default_factory=list, description="causal LMs: also score these lm-eval tasks (needs the tasks extra)"
+    )
+    tasks_path: str | None = Field(None, description="a folder of lm-eval task YAML files to add to lm-eval's own")
+    tasks_limit: int | None = Field(None, gt=0, description="score only the first N documents of each task")
 
     def text_data(self) -> str:
         """The text an eval of a text model reads (``data``, else builtin:pydoc)."""
@@ -110,6 +116,16 @@ def evaluate(
             report.update(kind.compare(outputs, reference))
     if spec.stream_tokens or spec.equivalence:
         report.update(_streaming_checks(checkpoint, spec, kind.name, progress))
+    if spec.tasks:
+        from streamify.eval.tasks import run_tasks
+
+        if kind.name != CAUSAL_LM:
+            raise UsageError(
+                f"{checkpoint.source.spec}: lm-eval tasks score causal LMs; this is a {kind.name}", "leave out tasks"
+            )
+        report.update(
+            run_tasks(checkpoint, spec.tasks, spec.tasks_path, spec.tasks_limit, spec.batch_size, progress=progress)
+        )
     if load_seconds is not None:  # an artifact evaluated where it was made was never loaded
         report["load_seconds"] = round(load_seconds, 3)
     report["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)

@@ -46,6 +46,10 @@ def eval_rows(report: dict, source: dict | None) -> list[tuple[str, str, str, st
             continue
         before = source.get(key) if source else None
         rows.append((key, label, fmt.format(value), fmt.format(before) if before is not None else ""))
+    for key in sorted(k for k in report if k.startswith("tasks.")):  # lm-eval's metrics, by their own names
+        fmt = "{:,}" if isinstance(report[key], int) else "{:.4f}"
+        before = source.get(key) if source else None
+        rows.append((key, key.removeprefix("tasks."), fmt.format(report[key]), fmt.format(before) if before else ""))
     return rows
 
 
@@ -152,6 +156,16 @@ def _streaming_section(streaming: dict) -> list[str]:
     ]
     if streaming.get("native_note"):
         lines.append(f"- note: {streaming['native_note']}")
+        check = streaming.get("native_check")
+        if check:
+            lines.append(
+                f"- measured: plain transformers runs this export at perplexity {check['perplexity']:.3f} over "
+                f"{check['tokens']:,} held-out tokens of `{check['data']}` (one sequence), against "
+                f"{check['full_attention_perplexity']:.3f} for the source with full attention: "
+                f"ratio {check['ratio']:.3f}"
+            )
+        else:
+            lines.append("- measured: not measured (native_check_tokens 0)")
     else:
         lines.append("- plain transformers runs this model with full attention; streamify.load() makes it stream")
     return lines
