@@ -17,6 +17,7 @@ STAGES = {
     "int4": ["quantize", "int4", "--method", "rtn"],
     "int4-fp32": ["quantize", "int4", "--method", "rtn", "--float-dtype", "fp32"],
     "gguf": ["quantize", "int4", "--method", "rtn", "--weights-format", "gguf"],
+    "gguf-q4k": ["quantize", "int4", "--method", "rtn", "--asym", "--weights-format", "gguf", "--gguf-type", "Q4_K"],
     "int4-coded": ["quantize", "int4", "--method", "rtn", "--entropy"],
     "coded": ["quantize", "entropy", "--dtype", "bf16"],
 }

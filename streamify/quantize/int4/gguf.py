@@ -6,7 +6,9 @@ bytes holding codes ``q = code + 8`` in [0, 15] (weight ``j`` in the low nibble
 of byte ``j``, weight ``j + 16`` in the high nibble). Q4_0: ``w = (q - 8)·d``;
 Q4_1: ``w = q·d + m`` with ``m = -(8 + zero)·d``. Our codes are packed as they
 are, so llama.cpp computes with exactly the weights streamify measured (Q4_1:
-up to the fp16 rounding of ``m``).
+up to the fp16 rounding of ``m``). Q4_K packs the codes made on its own grid
+(:mod:`streamify.quantize.int4.kquant`); a layer whose rows do not fill whole
+256-weight super-blocks is written Q4_1.
 
 Llama-architecture decoders only (Llama, SmolLM, Mistral without sliding
 windows): the tensor names follow gguf's name map, query and key rows are
@@ -30,6 +32,7 @@ from streamify.errors import InputError
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.gguf_vocab import adds_special, llama_cpp_pre
 from streamify.quantize.int4.grid import Int4Weight
+from streamify.quantize.int4.kquant import pack_q4_k
 
 GGUF_NAME = "model.gguf"
 
@@ -55,12 +58,22 @@ def _permute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _permuted(weight: Int4Weight, heads: int) -> Int4Weight:
+    extra = [_permute_rows(t, heads) if t is not None else None for t in (weight.super_scales, weight.sub_scales)]
     return Int4Weight(
         _permute_rows(weight.codes, heads),
         _permute_rows(weight.scale, heads),
         _permute_rows(weight.zero, heads),
         weight.group_size,
+        *extra,
     )
+
+
+def _pack(weight: Int4Weight, qtype: str) -> tuple[np.ndarray, str]:
+    """The GGUF bytes of one quantized linear and their type (Q4_K weights in Q4_K, the others in Q4_0/Q4_1)."""
+    if weight.super_scales is not None:
+        return pack_q4_k(weight.codes, weight.super_scales, weight.sub_scales), "Q4_K"
+    block_type = "Q4_1" if qtype == "Q4_K" else qtype
+    return pack_q4(weight, block_type), block_type
 
 
 def check_exportable(model, where: str) -> str:
@@ -168,13 +181,12 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}")))
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{'Q4_K_S' if qtype == 'Q4_K' else qtype}")))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, checkpoint, config.vocab_size)
     _add_rope_scaling(writer, model)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], blocks)  # gguf's own name map
-    raw_type = getattr(gguf.GGMLQuantizationType, qtype) if quantized else None
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     table = model.get_input_embeddings().weight
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -187,7 +199,8 @@ def write_gguf(
         rotary = heads.get(module.rsplit(".", 1)[-1])
         if module in quantized:
             weight = _permuted(quantized[module], rotary) if rotary else quantized[module]
-            writer.add_tensor(target, pack_q4(weight, qtype), raw_dtype=raw_type)
+            data, block_type = _pack(weight, qtype)
+            writer.add_tensor(target, data, raw_dtype=getattr(gguf.GGMLQuantizationType, block_type))
             continue
         if tensor is table and embedding == "Q8_0":
             writer.add_tensor(target, q8_0(tensor), raw_dtype=gguf.GGMLQuantizationType.Q8_0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from streamify.quantize.int4.grid import Int4Weight, group_scale_zero, quantize_columns
+from streamify.quantize.int4.kquant import k_grid, quantize_k_columns, scale_offset
 
 
 class HessianAccumulator:
@@ -57,8 +58,13 @@ def gptq(
     scale_dtype: torch.dtype,
     damp: float = 0.01,
     act_order: bool = False,
+    kquant: bool = False,
 ) -> Int4Weight:
-    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``[in, in]``."""
+    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``[in, in]``.
+
+    ``kquant``: on GGUF's Q4_K grid, fixed up front from the original weights
+    (static groups of 32, 6-bit scales and minimums per 256), ``group_size`` 32.
+    """
     w = weight.detach().float().clone()
     out, columns = w.shape
     h = hessian.clone()
@@ -69,8 +75,12 @@ def gptq(
     scales = torch.empty(out, groups, dtype=scale_dtype, device=w.device)
     zeros = torch.zeros(out, groups, dtype=torch.int8, device=w.device)
     order = torch.arange(columns, device=w.device)
+    super_scales = sub_scales = offsets = None
+    if kquant:
+        super_scales, sub_scales = k_grid(w)
+        scales, offsets = scale_offset(super_scales, sub_scales)
     if act_order:
-        for g in range(groups):
+        for g in range(groups if not kquant else 0):
             block = w[:, g * group_size : (g + 1) * group_size]
             scales[:, g], zeros[:, g] = group_scale_zero(block, symmetric, scale_dtype)
         order = torch.argsort(torch.diag(h), descending=True)
@@ -87,15 +97,18 @@ def gptq(
         for i in range(end - start):
             original = int(order[start + i])
             group = original // group_size
-            if not act_order and original % group_size == 0:
+            if not act_order and not kquant and original % group_size == 0:
                 scales[:, group], zeros[:, group] = group_scale_zero(
                     block[:, i : i + group_size], symmetric, scale_dtype
                 )
             column = block[:, i : i + 1]
-            code, value = quantize_columns(column, scales[:, group], zeros[:, group])
+            if kquant:
+                code, value = quantize_k_columns(column, scales[:, group], offsets[:, group])
+            else:
+                code, value = quantize_columns(column, scales[:, group], zeros[:, group])
             codes[:, original] = code[:, 0]
             error = (column[:, 0] - value[:, 0]) / hblock[i, i]
             block[:, i:] -= error[:, None] @ hblock[i : i + 1, i:]
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return Int4Weight(codes, scales, zeros, group_size)
+    return Int4Weight(codes, scales, zeros, group_size, super_scales, sub_scales)

@@ -23,20 +23,31 @@ from dataclasses import dataclass
 
 import torch
 
+from streamify.quantize.int4.kquant import SUB, dequantize_k, k_grid, quantize_k_columns, scale_offset
+
 QMIN, QMAX = -8, 7
 
 
 @dataclass
 class Int4Weight:
-    """One quantized weight: codes ``[out, in]`` (int8), scale and zero ``[out, in // group_size]``."""
+    """One quantized weight: codes ``[out, in]`` (int8), scale and zero ``[out, in // group_size]``.
+
+    On GGUF's Q4_K grid (:mod:`streamify.quantize.int4.kquant`) ``super_scales``
+    and ``sub_scales`` hold it; ``scale`` is then the fp32 ``d·sc`` per
+    sub-block and ``zero`` unused (0).
+    """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     group_size: int
+    super_scales: torch.Tensor | None = None
+    sub_scales: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the codes stand for, in ``dtype``."""
+        if self.super_scales is not None:
+            return dequantize_k(self.codes, self.super_scales, self.sub_scales).to(dtype)
         return dequantize(self.codes, self.scale, self.zero, self.group_size).to(dtype)
 
 
@@ -95,6 +106,16 @@ def rtn(weight: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: tor
         zeros.append(zero)
         codes.append(code)
     return Int4Weight(torch.cat(codes, 1), torch.stack(scales, 1), torch.stack(zeros, 1), group_size)
+
+
+def rtn_k(weight: torch.Tensor) -> Int4Weight:
+    """Round-to-nearest on GGUF's Q4_K grid (256-weight super-blocks, 6-bit sub-block scales and minimums)."""
+    super_scales, sub_scales = k_grid(weight)
+    scale, offset = scale_offset(super_scales, sub_scales)
+    grouped = weight.float().reshape(weight.shape[0], -1, SUB)
+    codes = [quantize_k_columns(grouped[:, g], scale[:, g], offset[:, g])[0] for g in range(grouped.shape[1])]
+    zero = torch.zeros_like(scale, dtype=torch.int8)
+    return Int4Weight(torch.cat(codes, 1), scale, zero, SUB, super_scales, sub_scales)
 
 
 def valid_group_sizes(columns: int, candidates=(32, 64, 128, 256)) -> list[int]:

@@ -35,7 +35,8 @@ from streamify.quantize.int4.awq import InputSample, fold_scales
 from streamify.quantize.int4.calibrate import quantize_sequentially
 from streamify.quantize.int4.gguf import check_exportable, check_vocab, round_like_gguf, write_gguf
 from streamify.quantize.int4.gptq import HessianAccumulator, gptq
-from streamify.quantize.int4.grid import Int4Weight, rtn, valid_group_sizes
+from streamify.quantize.int4.grid import Int4Weight, rtn, rtn_k, valid_group_sizes
+from streamify.quantize.int4.kquant import SUPER
 
 GGUF_GROUP = 32  # Q4_0 and Q4_1 blocks hold 32 weights
 # With entropy: stored / plain bytes of packed 4-bit codes (3.58 bits a code, group 64) and of 16-bit floats
@@ -72,7 +73,11 @@ class Int4Params(BaseModel):
     weights_format: Literal["compressed-tensors", "gguf"] = Field(
         "compressed-tensors", description="artifact format: compressed-tensors pack-quantized, or GGUF"
     )
-    gguf_type: Literal["Q4_0", "Q4_1"] = Field("Q4_0", description="gguf: Q4_0 (symmetric) or Q4_1 (asymmetric)")
+    gguf_type: Literal["Q4_0", "Q4_1", "Q4_K"] = Field(
+        "Q4_0",
+        description="gguf: Q4_0 (symmetric), Q4_1 (asymmetric) or Q4_K (asymmetric, 256-weight super-blocks with "
+        "6-bit sub-block scales; a layer whose input is not a multiple of 256 is written Q4_1, as reported)",
+    )
     gguf_embedding: Literal["Q8_0", "F16"] = Field(
         "Q8_0", description="gguf: the token embedding in Q8_0 (as llama.cpp's own quantizer stores it) or F16"
     )
@@ -111,7 +116,7 @@ class Int4Params(BaseModel):
         if self.group_size not in (GGUF_GROUP, "auto"):
             raise ValueError(f"weights_format gguf stores blocks of {GGUF_GROUP} weights: use group_size 32 (or auto)")
         if self.symmetric != (self.gguf_type == "Q4_0"):
-            raise ValueError("gguf_type Q4_0 is symmetric and Q4_1 asymmetric: set symmetric to match")
+            raise ValueError("gguf_type Q4_0 is symmetric, Q4_1 and Q4_K asymmetric: set symmetric to match")
         return self
 
 
@@ -123,14 +128,26 @@ def _bytes_per_param(params: Int4Params, before: float, model) -> float:
     total = count_params(model)
     if params.weights_format == "gguf":
         embedding = model.get_input_embeddings().weight.numel()
-        per_block = {"Q4_0": 18, "Q4_1": 20}[params.gguf_type] / GGUF_GROUP  # bytes per weight, scale(s) included
+        target_bytes = sum(modules[name].weight.numel() * _gguf_bytes(params, modules[name]) for name in targets)
         embedding_bytes = embedding * (34 / 32 if params.gguf_embedding == "Q8_0" else 2)
-        return (quantized * per_block + embedding_bytes + (total - quantized - embedding) * 2) / total
+        return (target_bytes + embedding_bytes + (total - quantized - embedding) * 2) / total
     group = resolve_group_size(model, targets, params)
     floats = DTYPES[float_dtype_name(params, model)].itemsize
     codes, coded_floats = (CODED_CODES, CODED_FLOATS) if params.entropy else (1.0, 1.0)
     stored = quantized * (0.5 * codes + floats / group * coded_floats) + (total - quantized) * floats * coded_floats
     return stored / total
+
+
+def uses_k_grid(params: Int4Params, linear: nn.Linear) -> bool:
+    """Whether ``linear`` is written in Q4_K: asked for, and its rows fill whole 256-weight super-blocks."""
+    return params.gguf_type == "Q4_K" and params.weights_format == "gguf" and linear.in_features % SUPER == 0
+
+
+def _gguf_bytes(params: Int4Params, linear: nn.Linear) -> float:
+    """GGUF bytes per weight of a quantized linear, its scales included (Q4_K falls back to Q4_1)."""
+    if uses_k_grid(params, linear):
+        return 144 / SUPER
+    return {"Q4_0": 18, "Q4_1": 20, "Q4_K": 20}[params.gguf_type] / GGUF_GROUP
 
 
 def float_dtype_name(params: Int4Params, model) -> str:
@@ -145,7 +162,11 @@ def _plan_check(params: Int4Params, model, where: str) -> dict:
     if params.method == "awq":
         require(model.config.model_type, "awq_groups", "AWQ", where)
     targets = select_modules(model, params.targets, params.ignore, "quantize.int4 targets/ignore")
-    return {"group_size": resolve_group_size(model, targets, params), "targets": len(targets)}
+    found = {"group_size": resolve_group_size(model, targets, params), "targets": len(targets)}
+    if params.gguf_type == "Q4_K" and params.weights_format == "gguf":
+        modules = dict(model.named_modules())
+        found["q4_k_targets"] = sum(uses_k_grid(params, modules[name]) for name in targets)
+    return found
 
 
 def resolve_group_size(model, targets: list[str], params: Int4Params) -> int:
@@ -288,6 +309,15 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         reasons = sorted({f"{group}: {why}" for skipped in awq_skipped.values() for group, why in skipped.items()})
         if reasons:
             ctx.progress.log(f"AWQ: not scaled in some blocks (see metrics awq_not_scaled): {'; '.join(reasons)}")
+    if params.weights_format == "gguf" and params.gguf_type == "Q4_K":
+        fallback = sorted(name for name, w in quantized.items() if w.super_scales is None)
+        ctx.metrics["gguf_tensor_types"] = {"Q4_K": len(quantized) - len(fallback), "Q4_1": len(fallback)}
+        if fallback:
+            ctx.metrics["q4_1_instead_of_q4_k"] = fallback
+            ctx.progress.log(
+                f"Q4_K: {len(fallback)} of {len(quantized)} targets have inputs that are not a multiple of "
+                f"{SUPER} and are written Q4_1 (as llama.cpp falls back for such rows; see metrics)"
+            )
     if unsupported:
         ctx.metrics["rtn_without_statistics"] = unsupported
         ctx.progress.log(f"GPTQ: {len(unsupported)} targets saw no calibration inputs and were rounded (RTN)")
@@ -307,11 +337,14 @@ def _solve(params: Int4Params, modules, names, stats, group, scale_dtype) -> dic
     results = {}
     for name in names:
         weight = modules[name].weight
+        kquant = uses_k_grid(params, modules[name])
         if params.method == "gptq" and stats[name] is not None:
             hessian = stats[name].hessian
-            results[name] = gptq(weight, hessian, group, params.symmetric, scale_dtype, params.damp, params.act_order)
+            results[name] = gptq(
+                weight, hessian, group, params.symmetric, scale_dtype, params.damp, params.act_order, kquant
+            )
         else:
-            results[name] = rtn(weight, group, params.symmetric, scale_dtype)
+            results[name] = rtn_k(weight) if kquant else rtn(weight, group, params.symmetric, scale_dtype)
     return results
 
 
