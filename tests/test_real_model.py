@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import streamify
+from streamify.io.config import GGUF_CACHE_VERSION
 from streamify.io.load import load_checkpoint
 from streamify.io.source import resolve_source
 
@@ -33,7 +34,9 @@ def test_gguf_cache_is_faithful_to_the_gguf(tmp_path, monkeypatch):
     source = resolve_source(MODEL)
     cached = load_checkpoint(MODEL).model
     entries = list((tmp_path / "cache" / "gguf").iterdir())
-    assert [e.name for e in entries] == [f"{hashlib.sha256(source.path.read_bytes()).hexdigest()}.v2"]
+    assert [e.name for e in entries] == [
+        f"{hashlib.sha256(source.path.read_bytes()).hexdigest()}.v{GGUF_CACHE_VERSION}"
+    ]
     direct = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
     for (name, a), (_, b) in zip(cached.state_dict().items(), direct.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

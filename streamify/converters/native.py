@@ -9,7 +9,6 @@ layers as sliding-window layers: the same window, but no attention sinks.
 from __future__ import annotations
 
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from streamify.arch import arch_for
 from streamify.errors import UsageError
@@ -36,6 +35,8 @@ def native_target(config) -> str:
 
 def to_native(model: nn.Module, spec: StreamingSpec) -> nn.Module:
     """A new model of the native architecture holding ``model``'s weights, windowed per ``spec``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     target = native_target(model.config)
     data = model.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 
 from streamify.arch import require
 from streamify.errors import InputError
@@ -163,7 +162,12 @@ def streaming_attention(module, query, key, value, attention_mask, scaling=None,
     return out, None
 
 
-AttentionInterface.register(IMPLEMENTATION, streaming_attention)
+def _register() -> None:
+    """Make ``streamify_streaming`` an attention implementation transformers knows (imports transformers' models:
+    done when a model is made to stream, so that light commands such as ``recipe validate`` stay fast)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, streaming_attention)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -186,6 +190,7 @@ def enable_streaming(model: nn.Module, spec: StreamingSpec) -> StreamingControll
     """Make ``model`` attend with sinks + window per ``spec`` (in place); returns its controller."""
     if getattr(model, "streamify_controller", None) is not None:
         disable_streaming(model)
+    _register()
     base = _base_model(model)
     rotary = base.rotary_emb
     ctl = StreamingController(spec, rotary, model.config._attn_implementation)
