@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -15,8 +16,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from streamify.errors import InputError, UsageError
+from streamify.io.atomic import publish, temp_sibling
 from streamify.io.cache import cache_root
 from streamify.io.source import Source
+from streamify.progress import SILENT, Progress
 
 
 def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -26,6 +29,8 @@ def read_config(source: Source, trust_remote_code: bool = False) -> PretrainedCo
         if cached.is_dir():
             return folder_config(cached, trust_remote_code)
         return gguf_config(source)
+    if source.kind == "ctranslate2":
+        return folder_config(ct2_folder(source), trust_remote_code)
     return folder_config(source.path, trust_remote_code)
 
 
@@ -148,6 +153,29 @@ def gguf_cache_folder(source: Source) -> Path:
     """Where the dequantized copy of a GGUF source is kept (keyed by the file's sha256)."""
     sha = source.hash_files()[0].sha256
     return cache_root() / "gguf" / f"{sha}.v{GGUF_CACHE_VERSION}"
+
+
+CT2_CACHE_VERSION = 1
+
+
+def ct2_folder(source: Source, progress: Progress = SILENT) -> Path:
+    """The transformers folder a CTranslate2 Whisper source converts to, made once (keyed by model.bin's sha256).
+
+    Converting takes seconds, so the plan and ``inspect`` read the config from it too.
+    """
+    from streamify.converters.ct2_whisper import convert_ct2_whisper
+
+    folder = cache_root() / "ctranslate2" / f"{source.fingerprint()}.v{CT2_CACHE_VERSION}"
+    if folder.is_dir():
+        return folder
+    progress.log(f"converting the CTranslate2 model {source.path} once into {folder}")
+    tmp = temp_sibling(folder)
+    try:
+        convert_ct2_whisper(source.path, tmp)
+        publish(tmp, folder, complete=lambda f: (f / "config.json").is_file())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 @contextmanager

@@ -20,7 +20,15 @@ from streamify.codec.restore import restore_folder
 from streamify.errors import InputError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.config import folder_config, gguf_alone, gguf_cache_folder, gguf_config, is_diffusers, model_class
+from streamify.io.config import (
+    ct2_folder,
+    folder_config,
+    gguf_alone,
+    gguf_cache_folder,
+    gguf_config,
+    is_diffusers,
+    model_class,
+)
 from streamify.io.gguf_vocab import gguf_pre, split_like_llama_cpp
 from streamify.io.manifest import read_manifest
 from streamify.io.placement import resolve_device, torch_dtype
@@ -58,7 +66,7 @@ def load_checkpoint(
     if verify:
         verify_artifact(source.folder)
     target = resolve_device(device)
-    folder = _materialize_gguf(source, progress) if source.kind == "gguf" else source.path
+    folder = _model_folder(source, progress)
     config = folder_config(folder, trust_remote_code)
     cls = model_class(config, spec)
     manifest = read_manifest(folder) or {}
@@ -94,6 +102,15 @@ def load_checkpoint(
     _check_loading_info(spec, info)
     model.to(target).eval()
     return _checkpoint(model, folder, source, manifest, trust_remote_code)
+
+
+def _model_folder(source: Source, progress: Progress) -> Path:
+    """The transformers folder to load: the source's own, or the one a GGUF or CTranslate2 source converts to."""
+    if source.kind == "gguf":
+        return _materialize_gguf(source, progress)
+    if source.kind == "ctranslate2":
+        return ct2_folder(source, progress)
+    return source.path
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

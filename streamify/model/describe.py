@@ -19,13 +19,18 @@ from streamify.pipeline.registry import all_stages, why_not
 
 
 def stored_dtypes(source: Source) -> dict[str, int]:
-    """Stored tensor types and how many tensors have each (safetensors dtypes or GGUF quant types)."""
+    """Stored tensor types and how many tensors have each (safetensors dtypes, GGUF or CTranslate2 types)."""
     counts: Counter[str] = Counter()
     if source.kind == "gguf":
         from gguf import GGUFReader
 
         for tensor in GGUFReader(source.path).tensors:
             counts[tensor.tensor_type.name] += 1
+    elif source.kind == "ctranslate2":
+        from streamify.converters.ct2_whisper import read_model_bin
+
+        variables, kinds = read_model_bin(source.path / "model.bin")
+        counts.update(kind for name, kind in kinds.items() if variables[name].ndim)  # not the scalar settings
     elif (source.path / CONTAINER_NAME).is_file():
         for entry in read_index(source.path / CONTAINER_NAME)["tensors"].values():
             counts[entry.get("dtype", "raw") if entry["storage"] == "coded" else "raw (uncoded)"] += 1

@@ -41,7 +41,7 @@ from streamify.pipeline.recipe import Recipe
 from streamify.progress import SILENT, Progress
 
 ENTRY_RECORD = "stage.json"
-KINDS = ("stages", "train", "calibrate", "gguf")
+KINDS = ("stages", "train", "calibrate", "gguf", "ctranslate2")
 
 
 def _digest(payload: dict) -> str:
