@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from streamify.data.speech import SPEECH, speech_folder
 from streamify.errors import InputError, UsageError
 
 AUDIO_SUFFIXES = (".wav", ".flac")
-AUDIO_LAYOUT = "a folder of .wav or .flac files, each with its transcript in a .txt file of the same name"
+AUDIO_LAYOUT = (
+    "a folder of .wav or .flac files, each with its transcript in a .txt file of the same name, or builtin:speech"
+)
 
 
 @dataclass(frozen=True)
@@ -23,12 +26,15 @@ class Clip:
     text: str
 
 
-def read_clips(data: str | None, rate: int, limit: int | None = None) -> list[Clip]:
-    """The clips of the folder ``data`` (sorted by name, at most ``limit``), checked to be mono-able at ``rate`` Hz."""
+def read_clips(data: str | None, rate: int, limit: int | None = None, split: str = "heldout") -> list[Clip]:
+    """The clips of the folder ``data`` or of ``builtin:speech``'s ``split`` (sorted by name, at most ``limit``),
+    checked to be mono-able at ``rate`` Hz."""
     import soundfile
 
     if not data:
         raise UsageError("speech eval needs audio: no --data given", f"pass --data FOLDER: {AUDIO_LAYOUT}")
+    if data == SPEECH:
+        data = str(speech_folder(split))
     folder = Path(data).expanduser()
     if not folder.is_dir():
         raise UsageError(f"--data {data}: not a folder", f"speech data is {AUDIO_LAYOUT}")
