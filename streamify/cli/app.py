@@ -296,6 +296,67 @@ def stream(
         out.result(result, render_stream)
 
 
+@app.command()
+def transcribe(
+    model: ModelArg,
+    input_path: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT", help="a .wav/.flac file, or - for raw 16-bit mono PCM at 16 kHz on stdin (a live stream)"
+        ),
+    ],
+    chunk_ms: Annotated[int, typer.Option("--chunk-ms", help="audio per chunk, a multiple of 20 ms")] = 300,
+    first_chunk_extra_ms: Annotated[
+        int, typer.Option("--first-chunk-extra-ms", help="extra audio in the first chunk (multiple of 20 ms)")
+    ] = 0,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="also transcribe the whole clip at once, to compare")
+    ] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Transcribe speech chunk by chunk as it arrives: a chunk-causal encoder with a cache, re-decoding per chunk.
+
+    Shows the stable text and, after a |, the tentative rest as each chunk is
+    heard; reports per-chunk latency, real-time factor and flicker (the share of
+    words that changed after they were first shown).
+    """
+    import sys
+
+    from streamify.cli.render import render_transcription
+    from streamify.data.audio import read_audio, stdin_pieces
+    from streamify.io.load import load_checkpoint
+    from streamify.kinds import require_kind
+    from streamify.kinds.speech import SpeechSeq2Seq
+    from streamify.runtime.speech_encoder import FRAME_MS, ChunkSpec
+    from streamify.runtime.transcribe import audio_pieces, transcribe_offline, transcribe_stream
+
+    with command(fmt) as out:
+        spec = ChunkSpec.from_ms(chunk_ms, first_chunk_extra_ms)
+        checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        require_kind(checkpoint, SpeechSeq2Seq.name, "streaming transcription")
+        model_, processor, tokenizer = checkpoint.model, checkpoint.processor, checkpoint.tokenizer
+        rate = processor.sampling_rate
+        if input_path == "-":
+            size = spec.chunk_frames * FRAME_MS * rate // 1000
+            pieces = stdin_pieces(sys.stdin.buffer, size, size + spec.first_extra * FRAME_MS * rate // 1000)
+            audio = None
+        else:
+            audio, note = read_audio(input_path, rate)
+            if note:
+                out.log(note)
+            pieces = audio_pieces(audio, spec, rate)
+
+        def show(step) -> None:
+            out.log(f"[{step.heard_seconds:6.2f} s] {step.stable.strip()} | {step.tentative.strip()}")
+
+        result = transcribe_stream(model_, processor, tokenizer, pieces, spec, on_step=show)
+        if offline and audio is not None:
+            result["offline_text"] = transcribe_offline(model_, processor, tokenizer, audio)
+        out.result(result, render_transcription)
+
+
 @recipe_app.command("list")
 def recipe_list(fmt: FormatOpt = Format.human) -> None:
     """The recipes shipped with streamify."""

@@ -194,3 +194,16 @@ def render_streaming_eval(console: Console, data: dict) -> None:
 def render_stream(console: Console, data: dict) -> None:
     """``streamify stream``: the summary of the whole stream."""
     _rows(console, "stream", data)
+
+
+def render_transcription(console: Console, data: dict) -> None:
+    """``streamify transcribe``: the final text, the offline one if asked, latency, real-time factor, flicker."""
+    console.print(data["text"].strip(), soft_wrap=True)
+    if "offline_text" in data:
+        console.print(f"offline: {data['offline_text'].strip()}", soft_wrap=True)
+    latency = data["latency_ms_per_chunk"]
+    console.print(
+        f"{data['chunks']} chunks of {data['chunk_ms']} ms over {data['audio_seconds']:.2f} s: "
+        f"{latency['median']:.1f} ms a chunk (p95 {latency['p95']:.1f}), real-time factor "
+        f"{data['real_time_factor']:.3f}, flicker {data['flicker']:.3f}"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +58,36 @@ def read_clips(data: str | None, rate: int, limit: int | None = None, split: str
             )
         clips.append(Clip(path, audio.mean(axis=1), rate, transcript.read_text().strip()))
     return clips
+
+
+def read_audio(path: str, rate: int) -> tuple[np.ndarray, str | None]:
+    """A mono float32 clip at ``rate`` Hz from an audio file (resampled with soxr if needed) and a note saying so."""
+    import soundfile
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"{path}: no such file", "give a .wav or .flac file, or - for raw audio on standard input")
+    try:
+        audio, found = soundfile.read(file, dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as exc:
+        raise InputError(f"{path}: not audio soundfile can read ({exc})", "give a .wav or .flac file") from exc
+    if not len(audio):
+        raise InputError(f"{path}: the file holds no samples", "give a clip with sound in it")
+    mono = audio.mean(axis=1)
+    if found == rate:
+        return mono, None
+    import soxr
+
+    return soxr.resample(mono, found, rate).astype(np.float32), f"{path}: resampled from {found} Hz to {rate} Hz"
+
+
+def stdin_pieces(stream, samples: int, first: int) -> Iterator[np.ndarray]:
+    """Raw 16-bit little-endian mono PCM read from ``stream`` (binary) as it arrives: ``first`` samples, then
+    ``samples`` at a time (the last piece may be shorter)."""
+    size = first
+    while True:
+        data = stream.read(2 * size)
+        if not data:
+            return
+        yield np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2").astype(np.float32) / 32768
+        size = samples

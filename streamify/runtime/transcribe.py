@@ -1,0 +1,183 @@
+"""Streaming speech recognition: audio in chunks, a chunk-causal encoder with a cache, re-decoding per chunk.
+
+After each chunk the decoder decodes greedily from the prompt and the tokens
+already committed, over the encoder frames heard so far. A token is committed
+(stable: shown for good) once two consecutive hypotheses agree on it (local
+agreement of two, as in whisper_streaming; CarelessWhisper's probability rule
+is not implemented); the rest of the hypothesis is shown as tentative. At the
+end of the input everything is committed. A hypothesis is cut at 6 tokens
+per second of audio heard (speech runs at 3 to 4), so a model that loops on a
+short prefix (a known failure of chunked Whisper) does not decode hundreds. The log-mel features are computed
+over the audio heard so far, so their floor (8 log10 units under the loudest
+frame) follows the audio so far; offline transcription pads to Whisper's
+30 s as usual.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+from streamify.errors import InputError
+from streamify.kinds.speech import decode_limit, decoder_prompt, greedy_decode
+from streamify.runtime.speech_encoder import FRAME_MS, ChunkSpec, StreamingEncoder
+
+TOKENS_PER_SECOND = 6  # a hypothesis is cut at this many tokens per second heard (speech runs at about 3-4)
+
+
+@dataclass
+class ChunkStep:
+    """What one chunk of audio produced: seconds heard, compute time, stable and tentative text."""
+
+    index: int
+    heard_seconds: float
+    compute_ms: float
+    stable: str
+    tentative: str
+
+
+@dataclass
+class StreamState:
+    """Committed tokens, the last hypothesis, and the first word shown at each position (for flicker)."""
+
+    committed: list[int] = field(default_factory=list)
+    previous: list[int] = field(default_factory=list)
+    first_shown: list[str] = field(default_factory=list)
+    stable_chunk: list[int] = field(default_factory=list)
+
+
+def _agreed(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of ``a`` and ``b``."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+class SpeechStreamer:
+    """Transcribes a 16 kHz mono stream chunk by chunk with ``model`` (a transformers Whisper)."""
+
+    def __init__(self, model, processor, tokenizer, spec: ChunkSpec):
+        self.model, self.processor, self.tokenizer, self.spec = model, processor, tokenizer, spec
+        self.rate = processor.sampling_rate
+        self.encoder = StreamingEncoder(model, spec)
+        self.frames: list[torch.Tensor] = []
+        self.state = StreamState()
+        self.prompt = decoder_prompt(model)
+
+    def _mel(self, audio: np.ndarray) -> torch.Tensor:
+        features = self.processor(audio, sampling_rate=self.rate, padding="longest", return_tensors="pt")
+        return features.input_features.to(next(self.model.parameters()).device, self.model.dtype)
+
+    @torch.inference_mode()
+    def step(self, audio: np.ndarray, index: int, final: bool) -> ChunkStep:
+        """Encode what ``audio`` (all heard so far) completes and re-decode; commit what two hypotheses agree on."""
+        began = time.perf_counter()
+        new = self.encoder.feed(self._mel(audio), final=final)
+        if new.shape[1]:
+            self.frames.append(new)
+        state = self.state
+        hypothesis = list(state.committed)
+        if self.frames:
+            encoded = BaseModelOutput(last_hidden_state=torch.cat(self.frames, dim=1))
+            budget = int(TOKENS_PER_SECOND * len(audio) / self.rate) + 2  # no runaway loops on a short prefix
+            limit = min(decode_limit(self.model), budget) - len(state.committed)
+            eos = self.model.config.eos_token_id
+            hypothesis += greedy_decode(self.model, encoded, self.prompt + state.committed, eos, limit)
+        keep = len(hypothesis) if final else _agreed(hypothesis, state.previous)
+        if keep > len(state.committed):
+            state.stable_chunk += [index] * (keep - len(state.committed))
+            state.committed = hypothesis[:keep]
+        state.previous = hypothesis
+        stable = self.tokenizer.decode(state.committed, skip_special_tokens=True)
+        tentative = self.tokenizer.decode(hypothesis[len(state.committed) :], skip_special_tokens=True)
+        words = (stable + tentative).split()
+        state.first_shown += words[len(state.first_shown) :]
+        seconds = len(audio) / self.rate
+        return ChunkStep(index, seconds, 1000 * (time.perf_counter() - began), stable, tentative)
+
+    def summary(self, steps: list[ChunkStep]) -> dict:
+        """Final text, per-chunk latency, real-time factor and flicker of a finished stream."""
+        text = self.tokenizer.decode(self.state.committed, skip_special_tokens=True)
+        final_words = text.split()
+        shown = self.state.first_shown[: len(final_words)]
+        changed = sum(a != b for a, b in zip(shown, final_words, strict=False))
+        latencies = np.array([s.compute_ms for s in steps])
+        heard = steps[-1].heard_seconds if steps else 0.0
+        return {
+            "text": text,
+            "chunk_ms": self.spec.chunk_frames * FRAME_MS,
+            "chunks": len(steps),
+            "audio_seconds": round(heard, 3),
+            "latency_ms_per_chunk": {
+                "median": round(float(np.median(latencies)), 2) if len(latencies) else 0.0,
+                "p95": round(float(np.percentile(latencies, 95)), 2) if len(latencies) else 0.0,
+            },
+            "real_time_factor": round(float(latencies.sum()) / 1000 / heard, 4) if heard else 0.0,
+            "flicker": round(changed / len(final_words), 4) if final_words else 0.0,
+            "encoder_cache_bytes": self.encoder.cache_bytes(),
+        }
+
+
+def audio_pieces(audio: np.ndarray, spec: ChunkSpec, rate: int) -> Iterator[np.ndarray]:
+    """``audio`` cut as it would arrive: the first chunk (with its extra frames), then chunk after chunk."""
+    size = spec.chunk_frames * FRAME_MS * rate // 1000
+    first = (spec.chunk_frames + spec.first_extra) * FRAME_MS * rate // 1000
+    yield audio[:first]
+    for start in range(first, len(audio), size):
+        yield audio[start : start + size]
+
+
+def transcribe_stream(
+    model,
+    processor,
+    tokenizer,
+    pieces: Iterable[np.ndarray],
+    spec: ChunkSpec,
+    on_step: Callable[[ChunkStep], None] | None = None,
+) -> dict:
+    """Transcribe 16 kHz mono audio arriving in ``pieces``; after the last, a final step commits the rest.
+
+    Returns the summary (:meth:`SpeechStreamer.summary`) with every chunk's step.
+    """
+    rate = processor.sampling_rate
+    longest = model.config.max_source_positions * FRAME_MS / 1000
+    streamer = SpeechStreamer(model, processor, tokenizer, spec)
+    heard = np.zeros(0, dtype=np.float32)
+    steps = []
+    for index, piece in enumerate(pieces):
+        heard = np.concatenate([heard, piece.astype(np.float32)])
+        if len(heard) / rate > longest:
+            raise InputError(
+                f"the audio passed {longest:.0f} s, the most a Whisper window holds (the stream goes on)",
+                "cut the audio into pieces of at most 30 s",
+            )
+        steps.append(streamer.step(heard, index, final=False))
+        if on_step is not None:
+            on_step(steps[-1])
+    if not len(heard):
+        raise InputError("the audio holds no samples", "give a clip with sound in it")
+    steps.append(streamer.step(heard, len(steps), final=True))
+    if on_step is not None:
+        on_step(steps[-1])
+    result = streamer.summary(steps)
+    result["steps"] = [step.__dict__ for step in steps]
+    return result
+
+
+@torch.inference_mode()
+def transcribe_offline(model, processor, tokenizer, audio: np.ndarray) -> str:
+    """The whole clip at once (padded to 30 s), greedy: the offline transcript to compare with."""
+    features = processor(audio, sampling_rate=processor.sampling_rate, return_tensors="pt").input_features
+    features = features.to(next(model.parameters()).device, model.dtype)
+    encoded = model.get_encoder()(input_features=features)
+    prompt = decoder_prompt(model)
+    ids = greedy_decode(model, encoded, prompt, model.config.eos_token_id, decode_limit(model))
+    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,98 @@
+"""Chunk-causal Whisper: the cached chunk-by-chunk encoder against one masked forward, and `streamify transcribe`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from transformers import WhisperForConditionalGeneration
+
+from conftest import write_clips
+from streamify.runtime.speech_encoder import ChunkSpec, StreamingEncoder, enable_chunk_causal
+
+
+@pytest.mark.parametrize(("chunk_frames", "first_extra", "step"), [(15, 0, 37), (7, 3, 30), (2, 0, 61), (15, 0, 3000)])
+@torch.inference_mode()
+def test_cached_chunks_equal_one_forward_under_the_block_causal_mask(tiny_kinds, chunk_frames, first_extra, step):
+    """Mel arriving ``step`` frames at a time; chunks of 7 with 3 extra end in a partial chunk (1497 = 213·7 + 6)."""
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_kinds["speech-seq2seq"]).eval()
+    mel = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))
+    spec = ChunkSpec(chunk_frames, first_extra)
+    bidirectional = model.get_encoder()(input_features=mel).last_hidden_state
+    enable_chunk_causal(model, spec)
+    reference = model.get_encoder()(input_features=mel).last_hidden_state
+    encoder = StreamingEncoder(model, spec)
+    pieces = [encoder.feed(mel[..., : min(end, 3000)], final=end >= 3000) for end in range(step, 3000 + step, step)]
+    streamed = torch.cat(pieces, dim=1)
+    assert streamed.shape == reference.shape
+    assert (streamed - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert (bidirectional - reference).abs().max() > 1e-2  # the mask does change the output
+
+
+def test_chunk_sizes_must_be_whole_encoder_frames():
+    from streamify.errors import UsageError
+
+    assert ChunkSpec.from_ms(300) == ChunkSpec(15, 0)
+    with pytest.raises(UsageError, match="multiple of 20 ms"):
+        ChunkSpec.from_ms(250)
+    assert [b for b in ChunkSpec(4, 2).bounds(15)] == [(0, 6), (6, 10), (10, 14), (14, 15)]
+
+
+def test_transcribe_streams_a_file_and_reports_latency_and_flicker(tiny_kinds, cli, tmp_path):
+    clips = write_clips(tmp_path / "clips", ["one two three"])
+    wav = next(clips.glob("*.wav"))
+    result = cli("transcribe", tiny_kinds["speech-seq2seq"], wav, "--chunk-ms", "200", "--offline", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["chunks"] == len(data["steps"]) == 5 + 1  # 1 s in chunks of 200 ms, then the final step
+    assert [s["heard_seconds"] for s in data["steps"]][:5] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    stable = [s["stable"] for s in data["steps"]]
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(stable))  # never retracted
+    assert data["text"] == stable[-1] and data["steps"][-1]["tentative"] == ""
+    assert 0 <= data["flicker"] <= 1 and data["real_time_factor"] > 0 and "offline_text" in data
+    assert data["latency_ms_per_chunk"]["p95"] >= data["latency_ms_per_chunk"]["median"] > 0
+
+
+def test_transcribe_reads_a_live_stream_from_stdin(tiny_kinds, tmp_path):
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(8000) / 16000) * 32767).astype("<i2").tobytes()
+    args = [sys.executable, "-m", "streamify", "transcribe", str(tiny_kinds["speech-seq2seq"]), "-", "--format", "json"]
+    done = subprocess.run([*args, "--chunk-ms", "100"], input=tone, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    data = json.loads(done.stdout)
+    assert data["audio_seconds"] == 0.5 and data["chunks"] == 5 + 1
+
+
+def test_transcribe_resamples_and_says_so(tiny_kinds, cli, tmp_path):
+    wav = tmp_path / "8k.wav"
+    soundfile.write(wav, np.zeros(8000, dtype=np.float32) + 0.01, 8000)
+    result = cli("transcribe", tiny_kinds["speech-seq2seq"], wav, "--format", "json")
+    assert result.exit_code == 0 and "resampled from 8000 Hz to 16000 Hz" in result.stderr
+    assert json.loads(result.stdout)["audio_seconds"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "code", "message"),
+    [
+        (lambda p: p.write_text("not audio"), [], 3, "not audio"),
+        (lambda p: soundfile.write(p, np.zeros(0, dtype=np.float32), 16000), [], 3, "no samples"),
+        (lambda p: soundfile.write(p, np.zeros(1600, dtype=np.float32), 16000), ["--chunk-ms", "250"], 2, "20 ms"),
+    ],
+)
+def test_bad_transcribe_input(tiny_kinds, cli, tmp_path, make, args, code, message):
+    path = tmp_path / "in.wav"
+    make(path)
+    result = cli("transcribe", tiny_kinds["speech-seq2seq"], path, *args)
+    assert result.exit_code == code and message in result.stderr, result.stderr
+
+
+def test_transcribe_refuses_a_text_model(tiny_llama, cli, tmp_path):
+    path = tmp_path / "in.wav"
+    soundfile.write(path, np.zeros(1600, dtype=np.float32), 16000)
+    result = cli("transcribe", tiny_llama, path)
+    assert result.exit_code == 3 and "speech-seq2seq" in result.stderr
