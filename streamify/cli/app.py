@@ -156,6 +156,10 @@ def eval_(
     ] = None,
     chunks: Annotated[str, typer.Option("--chunks", help="--check equivalence: chunk sizes to compare")] = "1,7,64",
     kv_bits: KvBitsOpt = None,
+    chunk_ms: Annotated[
+        int | None,
+        typer.Option("--chunk-ms", help="--stream of a speech model: audio per chunk (default: the model's, else 300)"),
+    ] = None,
     tasks: Annotated[
         str | None,
         typer.Option("--tasks", help="lm-eval tasks to score too, comma-separated (needs streamify[tasks])"),
@@ -171,7 +175,8 @@ def eval_(
     """The model kind's quality (perplexity, WER, denoising loss...), parameters, size, load time and peak memory.
 
     With --stream, the streaming runtime's perplexity, cache bytes and latency
-    over a long stream; with --check equivalence, the runtime against the stock
+    over a long stream (a speech model: WER, latency per chunk, real-time factor
+    and flicker of chunk-by-chunk transcription); with --check equivalence, the runtime against the stock
     transformers model decoding token by token over StreamingLLM's cache; with
     --tasks, lm-eval task scores (accuracy...) of the loaded model as well.
     """
@@ -179,7 +184,9 @@ def eval_(
     from streamify.eval.report import EvalSpec
 
     if stream or check:
-        _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt)
+        _eval_streaming(
+            model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt, chunk_ms, max_items
+        )
         return
     with command(fmt) as out:
         task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
@@ -203,18 +210,27 @@ def eval_(
         out.result(evaluate_models(model, vs, spec, options, progress=out), render_eval)
 
 
-def _eval_streaming(model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt) -> None:
+def _eval_streaming(
+    model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt, chunk_ms=None, max_items=32
+) -> None:
     from streamify.cli.render import render_streaming_eval
+    from streamify.data.speech import SPEECH
     from streamify.errors import UsageError
+    from streamify.eval.speech_stream import speech_stream_eval
     from streamify.eval.streaming import check_equivalence, stream_eval
     from streamify.io.load import load_checkpoint
     from streamify.kinds import require_kind
     from streamify.kinds.causal_lm import CAUSAL_LM, DEFAULT_TEXT
+    from streamify.kinds.speech import SpeechSeq2Seq
 
     with command(fmt) as out:
         if check not in (None, "equivalence"):
             raise UsageError(f"--check {check}: unknown check", "the one check is: --check equivalence")
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        if stream and not check and checkpoint.kind.name == SpeechSeq2Seq.name:
+            speech = speech_stream_eval(checkpoint, data or SPEECH, chunk_ms, max_items, progress=out)
+            out.result({"model_spec": model, "stream": speech}, render_streaming_eval)
+            return
         require_kind(checkpoint, CAUSAL_LM, "the streaming runtime")
         data = data or DEFAULT_TEXT
         result: dict = {"model_spec": model}
@@ -305,7 +321,10 @@ def transcribe(
             metavar="INPUT", help="a .wav/.flac file, or - for raw 16-bit mono PCM at 16 kHz on stdin (a live stream)"
         ),
     ],
-    chunk_ms: Annotated[int, typer.Option("--chunk-ms", help="audio per chunk, a multiple of 20 ms")] = 300,
+    chunk_ms: Annotated[
+        int | None,
+        typer.Option("--chunk-ms", help="audio per chunk, a multiple of 20 ms (default: the model's, else 300)"),
+    ] = None,
     first_chunk_extra_ms: Annotated[
         int, typer.Option("--first-chunk-extra-ms", help="extra audio in the first chunk (multiple of 20 ms)")
     ] = 0,
@@ -329,13 +348,17 @@ def transcribe(
     from streamify.io.load import load_checkpoint
     from streamify.kinds import require_kind
     from streamify.kinds.speech import SpeechSeq2Seq
+    from streamify.runtime.speech_encoder import CONFIG_KEY as CHUNK_KEY
     from streamify.runtime.speech_encoder import FRAME_MS, ChunkSpec
     from streamify.runtime.transcribe import audio_pieces, transcribe_offline, transcribe_stream
 
     with command(fmt) as out:
-        spec = ChunkSpec.from_ms(chunk_ms, first_chunk_extra_ms)
+        if chunk_ms is not None:
+            ChunkSpec.from_ms(chunk_ms, first_chunk_extra_ms)  # a bad size fails before the model loads
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
         require_kind(checkpoint, SpeechSeq2Seq.name, "streaming transcription")
+        trained = getattr(checkpoint.model.config, CHUNK_KEY, None) or {}
+        spec = ChunkSpec.from_ms(chunk_ms or trained.get("chunk_ms", 300), first_chunk_extra_ms)
         model_, processor, tokenizer = checkpoint.model, checkpoint.processor, checkpoint.tokenizer
         rate = processor.sampling_rate
         if input_path == "-":

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from streamify.data.audio import AUDIO_LAYOUT
+from streamify.data.speech import SPEECH
 from streamify.errors import InputError, UsageError
 from streamify.kinds import Kind, in_mapping
 
@@ -24,7 +24,7 @@ _PUNCTUATION = re.compile(r"[^\w\s']")
 class SpeechSeq2Seq(Kind):
     name = "speech-seq2seq"
     summary = "speech encoder-decoder: audio -> transcript; WER, KL on decoder logits"
-    default_data = None
+    default_data = SPEECH
     order = 10
 
     def matches(self, model: Any) -> bool:
@@ -32,18 +32,8 @@ class SpeechSeq2Seq(Kind):
 
         return in_mapping(MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING, model)
 
-    def check_eval(self, model: Any, spec: Any, where: str) -> None:
-        if not spec.data:
-            raise UsageError(
-                f"{where}: a speech model is evaluated on clips with transcripts, and no eval data was given",
-                f"pass --data FOLDER to streamify eval, or eval.data=FOLDER after a recipe ({AUDIO_LAYOUT}), "
-                "or --no-eval",
-            )
-
     def eval_data(self, checkpoint: Any, spec: Any) -> Any:
         from streamify.data.audio import read_clips
-
-        self.check_eval(checkpoint.model, spec, checkpoint.source.spec)
 
         where = checkpoint.source.spec
         if checkpoint.processor is None or checkpoint.tokenizer is None:
@@ -53,7 +43,7 @@ class SpeechSeq2Seq(Kind):
                 "use a checkpoint folder that ships them",
             )
         rate = checkpoint.processor.sampling_rate
-        clips = read_clips(spec.data, rate, spec.max_items)
+        clips = read_clips(spec.data or SPEECH, rate, spec.max_items)
         features = checkpoint.processor([c.audio for c in clips], sampling_rate=rate, return_tensors="pt")
         prompt = decoder_prompt(checkpoint.model)
         eos = checkpoint.model.config.eos_token_id
