@@ -117,14 +117,15 @@ def test_speech_wer_is_zero_on_the_models_own_transcripts(cli, tiny_kinds, tmp_p
     assert other["wer"] > 0
 
 
-def test_speech_data_problems_are_clear_errors(cli, tiny_kinds, tmp_path):
+def test_speech_data_defaults_resampling_and_problems(cli, tiny_kinds, tmp_path):
     model = tiny_kinds["speech-seq2seq"]
     default = cli("eval", model, "--max-items", "4", "--format", "json")
     assert default.exit_code == 0, default.stderr  # no --data: builtin:speech's held-out clips
     assert _json(default)["model"]["data"] == "builtin:speech" and _json(default)["model"]["clips"] == 4
     slow = write_clips(tmp_path / "8k", ["hello"], rate=8000)
-    result = cli("eval", model, "--data", slow)
-    assert result.exit_code == 3 and "clip00.wav: sampled at 8000 Hz" in result.stderr and "resample" in result.stderr
+    result = cli("eval", model, "--data", slow, "--format", "json")
+    assert result.exit_code == 0, result.stderr  # resampled to 16 kHz with soxr, and the report says so
+    assert _json(result)["model"]["resampled_from_hz"] == [8000]
     (slow / "clip00.txt").unlink()
     result = cli("eval", model, "--data", slow)
     assert result.exit_code == 3 and "clip00.txt is missing" in result.stderr

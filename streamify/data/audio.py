@@ -25,13 +25,12 @@ class Clip:
     audio: np.ndarray
     rate: int
     text: str
+    resampled_from: int | None = None  # the file's own rate when it was resampled to ``rate``
 
 
 def read_clips(data: str | None, rate: int, limit: int | None = None, split: str = "heldout") -> list[Clip]:
     """The clips of the folder ``data`` or of ``builtin:speech``'s ``split`` (sorted by name, at most ``limit``),
-    checked to be mono-able at ``rate`` Hz."""
-    import soundfile
-
+    mono, at ``rate`` Hz (resampled with soxr where a file has another rate: ``Clip.resampled_from``)."""
     if not data:
         raise UsageError("speech eval needs audio: no --data given", f"pass --data FOLDER: {AUDIO_LAYOUT}")
     if data == SPEECH:
@@ -47,38 +46,36 @@ def read_clips(data: str | None, rate: int, limit: int | None = None, split: str
         transcript = path.with_suffix(".txt")
         if not transcript.is_file():
             raise InputError(f"{path}: no transcript ({transcript.name} is missing)", f"speech data is {AUDIO_LAYOUT}")
-        try:
-            audio, found_rate = soundfile.read(path, dtype="float32", always_2d=True)
-        except (RuntimeError, soundfile.LibsndfileError) as exc:
-            raise InputError(f"{path}: unreadable audio ({exc})", "re-encode it as 16-bit PCM WAV or FLAC") from exc
-        if found_rate != rate:
-            raise InputError(
-                f"{path}: sampled at {found_rate} Hz; the model's feature extractor reads {rate} Hz",
-                f"resample it to {rate} Hz (e.g. ffmpeg -i IN -ar {rate} OUT.wav)",
-            )
-        clips.append(Clip(path, audio.mean(axis=1), rate, transcript.read_text().strip()))
+        audio, found = _mono_at(path, rate)
+        clips.append(Clip(path, audio, rate, transcript.read_text().strip(), found if found != rate else None))
     return clips
 
 
-def read_audio(path: str, rate: int) -> tuple[np.ndarray, str | None]:
-    """A mono float32 clip at ``rate`` Hz from an audio file (resampled with soxr if needed) and a note saying so."""
+def _mono_at(path: Path, rate: int) -> tuple[np.ndarray, int]:
+    """``(mono float32 samples at rate Hz, the file's own rate)``; a clear error for what is not audio."""
     import soundfile
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise InputError(f"{path}: no such file", "give a .wav or .flac file, or - for raw audio on standard input")
     try:
-        audio, found = soundfile.read(file, dtype="float32", always_2d=True)
+        audio, found = soundfile.read(path, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as exc:
         raise InputError(f"{path}: not audio soundfile can read ({exc})", "give a .wav or .flac file") from exc
     if not len(audio):
         raise InputError(f"{path}: the file holds no samples", "give a clip with sound in it")
     mono = audio.mean(axis=1)
     if found == rate:
-        return mono, None
+        return mono, found
     import soxr
 
-    return soxr.resample(mono, found, rate).astype(np.float32), f"{path}: resampled from {found} Hz to {rate} Hz"
+    return soxr.resample(mono, found, rate).astype(np.float32), found
+
+
+def read_audio(path: str, rate: int) -> tuple[np.ndarray, str | None]:
+    """A mono float32 clip at ``rate`` Hz from an audio file (resampled with soxr if needed) and a note saying so."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"{path}: no such file", "give a .wav or .flac file, or - for raw audio on standard input")
+    audio, found = _mono_at(file, rate)
+    return audio, (f"{path}: resampled from {found} Hz to {rate} Hz" if found != rate else None)
 
 
 def stdin_pieces(stream, samples: int, first: int) -> Iterator[np.ndarray]:

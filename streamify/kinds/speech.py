@@ -57,7 +57,13 @@ class SpeechSeq2Seq(Kind):
                     "split the clip and its transcript into shorter ones",
                 )
             labels.append(torch.tensor(ids))
-        return {"features": features.input_features, "texts": [c.text for c in clips], "labels": labels}
+        resampled = sorted({c.resampled_from for c in clips if c.resampled_from})
+        return {
+            "features": features.input_features,
+            "texts": [c.text for c in clips],
+            "labels": labels,
+            "resampled_from_hz": resampled,
+        }
 
     @torch.inference_mode()
     def score(self, checkpoint: Any, data: Any, spec: Any, progress: Any) -> tuple[dict, Any]:
@@ -86,6 +92,7 @@ class SpeechSeq2Seq(Kind):
             "clips": len(rows),
             "words": sum(len(r.split()) for r in references),
             "wer_normalization": "lower case, punctuation removed",
+            **({"resampled_from_hz": data["resampled_from_hz"]} if data["resampled_from_hz"] else {}),
             "transcripts": hypotheses[:3],
         }
         return metrics, None
