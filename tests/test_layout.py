@@ -107,7 +107,9 @@ def test_inspect_lists_only_the_stages_that_apply(cli, tiny_models):
     import json
 
     llama = json.loads(cli("inspect", tiny_models["llama"], "--format", "json").stdout)
-    assert set(llama["applicable_stages"]) == set(all_stages()) and llama["other_stages"] == {}
+    speech_only = {"convert.causal"}
+    assert set(llama["applicable_stages"]) == set(all_stages()) - speech_only
+    assert set(llama["other_stages"]) == speech_only and "speech-seq2seq" in llama["other_stages"]["convert.causal"]
     gpt2 = json.loads(cli("inspect", tiny_models["gpt2"], "--format", "json").stdout)
-    assert {"convert.streaming", "quantize.int4"} == set(gpt2["other_stages"])
+    assert {"convert.streaming", "quantize.int4", *speech_only} == set(gpt2["other_stages"])
     assert {"convert.dtype", "prune.depth", "distill.heal", "quantize.entropy"} <= set(gpt2["applicable_stages"])

@@ -30,12 +30,14 @@ def test_every_param_has_an_option(name):
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_cli_defaults_are_the_recipe_defaults(name, cli, tiny_llama, tmp_path):
+def test_cli_defaults_are_the_recipe_defaults(name, cli, tiny_llama, tiny_kinds, tmp_path):
     """With no stage option given (but a required one), the saved recipe holds exactly the stage's own defaults."""
     group, action = name.split(".")
     saved = tmp_path / "r.yaml"
     args, values = REQUIRED.get(name, ([], {}))
-    result = cli(group, action, tiny_llama, "-o", tmp_path / "out", *args, "--dry-run", "--save-recipe", saved)
+    kinds = all_stages()[name].kinds
+    model = tiny_llama if kinds == "all" or "causal-lm" in kinds else tiny_kinds["speech-seq2seq"]
+    result = cli(group, action, model, "-o", tmp_path / "out", *args, "--dry-run", "--save-recipe", saved)
     assert result.exit_code == 0, result.stderr
     (entry,) = yaml.safe_load(saved.read_text())["stages"]
     assert entry == {name: all_stages()[name].params(**values).model_dump(mode="json")}
@@ -64,7 +66,11 @@ def test_options_reach_the_recipe(cli, tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     ("yaml_text", "message", "fix"),
     [
-        ("stages:\n  - quantize.int5: {}\n", "did you mean 'quantize.int4'?", "valid stages: convert.dtype"),
+        (
+            "stages:\n  - quantize.int5: {}\n",
+            "did you mean 'quantize.int4'?",
+            "valid stages: convert.causal, convert.dtype",
+        ),
         ("stages:\n  - quantize.int4: {group_sise: 32}\n", "did you mean 'group_size'?", "valid keys of quantize.int4"),
         ("stages: []\neval: {max_tokes: 64}\n", "did you mean 'max_tokens'?", "valid eval keys: data, max_tokens"),
         ("stages: []\nmodle: x\n", "did you mean 'model'?", "valid top-level keys: model"),
