@@ -135,6 +135,7 @@ def test_llama_cpp_reads_llama3_rope_scaling(llama3_style, tmp_path):
     ("tokenizer", "rope", "message"),
     [
         (lambda: _tokenizer(pre_tokenizers.Whitespace()), LLAMA3_ROPE, "pre-tokenizer"),
+        (lambda: _tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=True)), LLAMA3_ROPE, "pre-tokenizer"),
         (lambda: _tokenizer(_llama3_split()), {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "yarn"),
     ],
 )

@@ -51,7 +51,8 @@ def test_transcribe_streams_a_file_and_reports_latency_and_flicker(tiny_kinds, c
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["chunks"] == len(data["steps"]) == 5 + 1  # 1 s in chunks of 200 ms, then the final step
-    assert [s["heard_seconds"] for s in data["steps"]][:5] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    # each piece: a chunk plus the 12.5 ms look-ahead that completes the mel frame read past it
+    assert [s["heard_seconds"] for s in data["steps"]][:5] == [0.2125, 0.4125, 0.6125, 0.8125, 1.0]
     stable = [s["stable"] for s in data["steps"]]
     assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(stable))  # never retracted
     assert data["text"] == stable[-1] and data["steps"][-1]["tentative"] == ""
@@ -81,6 +82,7 @@ def test_transcribe_resamples_and_says_so(tiny_kinds, cli, tmp_path):
     [
         (lambda p: p.write_text("not audio"), [], 3, "not audio"),
         (lambda p: soundfile.write(p, np.zeros(0, dtype=np.float32), 16000), [], 3, "no samples"),
+        (lambda p: soundfile.write(p, np.zeros(100, dtype=np.float32), 16000), [], 3, "analysis window"),
         (lambda p: soundfile.write(p, np.zeros(1600, dtype=np.float32), 16000), ["--chunk-ms", "250"], 2, "20 ms"),
     ],
 )

@@ -217,6 +217,9 @@ def test_native_export_runs_the_same_model_in_plain_transformers_and_streamify(
     assert abs(check["perplexity"] - perplexity(plain, held_out)["perplexity"]) < 1e-3
     assert check["ratio"] == pytest.approx(check["perplexity"] / full, rel=1e-4)
     assert f"ratio {check['ratio']:.3f}" in (out / "README.md").read_text()
+    checked = cli("eval", out, "--check", "equivalence", "--tokens", "60", "--format", "json")  # sliding layers
+    assert checked.exit_code == 0, checked.stderr
+    assert json.loads(checked.stdout)["equivalence"]["max_rel_diff"] <= 2e-6
 
 
 def test_native_export_refuses_sinks_it_cannot_run(tmp_path, tiny_llama, cli):

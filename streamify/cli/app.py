@@ -326,8 +326,11 @@ def transcribe(
         typer.Option("--chunk-ms", help="audio per chunk, a multiple of 20 ms (default: the model's, else 300)"),
     ] = None,
     first_chunk_extra_ms: Annotated[
-        int, typer.Option("--first-chunk-extra-ms", help="extra audio in the first chunk (multiple of 20 ms)")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--first-chunk-extra-ms", help="extra audio in the first chunk, 20 ms steps (default: the model's)"
+        ),
+    ] = None,
     offline: Annotated[
         bool, typer.Option("--offline", help="also transcribe the whole clip at once, to compare")
     ] = False,
@@ -345,31 +348,29 @@ def transcribe(
 
     from streamify.cli.render import render_transcription
     from streamify.data.audio import read_audio, stdin_pieces
+    from streamify.eval.speech_stream import chunk_spec
     from streamify.io.load import load_checkpoint
     from streamify.kinds import require_kind
     from streamify.kinds.speech import SpeechSeq2Seq
-    from streamify.runtime.speech_encoder import CONFIG_KEY as CHUNK_KEY
     from streamify.runtime.speech_encoder import FRAME_MS, ChunkSpec
-    from streamify.runtime.transcribe import audio_pieces, transcribe_offline, transcribe_stream
+    from streamify.runtime.transcribe import audio_pieces, first_piece, transcribe_offline, transcribe_stream
 
     with command(fmt) as out:
-        if chunk_ms is not None:
-            ChunkSpec.from_ms(chunk_ms, first_chunk_extra_ms)  # a bad size fails before the model loads
+        ChunkSpec.from_ms(chunk_ms or 300, first_chunk_extra_ms or 0)  # a bad size fails before the model loads
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
         require_kind(checkpoint, SpeechSeq2Seq.name, "streaming transcription")
-        trained = getattr(checkpoint.model.config, CHUNK_KEY, None) or {}
-        spec = ChunkSpec.from_ms(chunk_ms or trained.get("chunk_ms", 300), first_chunk_extra_ms)
+        spec = chunk_spec(checkpoint, chunk_ms, first_chunk_extra_ms)
         model_, processor, tokenizer = checkpoint.model, checkpoint.processor, checkpoint.tokenizer
-        rate = processor.sampling_rate
+        rate, lookahead = processor.sampling_rate, processor.n_fft // 2
         if input_path == "-":
             size = spec.chunk_frames * FRAME_MS * rate // 1000
-            pieces = stdin_pieces(sys.stdin.buffer, size, size + spec.first_extra * FRAME_MS * rate // 1000)
+            pieces = stdin_pieces(sys.stdin.buffer, size, first_piece(spec, rate, lookahead))
             audio = None
         else:
             audio, note = read_audio(input_path, rate)
             if note:
                 out.log(note)
-            pieces = audio_pieces(audio, spec, rate)
+            pieces = audio_pieces(audio, spec, rate, lookahead)
 
         def show(step) -> None:
             out.log(f"[{step.heard_seconds:6.2f} s] {step.stable.strip()} | {step.tentative.strip()}")

@@ -82,15 +82,20 @@ def read_model_bin(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         kind = reader.number("B")
         raw = reader.take(reader.number("I"))
         dtypes[name] = DTYPE_NAMES.get(kind, f"id {kind}")
-        if kind == _BFLOAT16:
-            halves = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
-            variables[name] = halves.view(np.float32).reshape(shape)
-        elif kind in _DTYPES:
-            variables[name] = np.frombuffer(raw, dtype=_DTYPES[kind]).reshape(shape)
-        else:
+        if kind not in _DTYPES and kind != _BFLOAT16:
             raise InputError(f"{path}: variable {name} has an unknown CTranslate2 dtype id {kind}", FIX)
+        try:
+            if kind == _BFLOAT16:
+                halves = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+                variables[name] = halves.view(np.float32).reshape(shape)
+            else:
+                variables[name] = np.frombuffer(raw, dtype=_DTYPES[kind]).reshape(shape)
+        except ValueError as exc:
+            raise InputError(f"{path}: variable {name} holds {len(raw)} bytes, not a {shape} array", FIX) from exc
     for _ in range(reader.number("I")):
         alias, target = reader.text(), reader.text()
+        if target not in variables:
+            raise InputError(f"{path}: alias {alias} names a missing variable {target}", FIX)
         variables[alias] = variables[target]
     return variables, dtypes
 
@@ -104,16 +109,17 @@ def _float_dtype(dtypes: dict[str, str]) -> torch.dtype:
 
 
 def _weight(variables: dict, prefix: str) -> torch.Tensor:
-    """A linear's fp32 weight, int8 ones dequantized by their per-row scale."""
-    weight = torch.from_numpy(variables[f"{prefix}/weight"].astype(np.float32))
-    scale = variables.get(f"{prefix}/weight_scale")
-    if scale is not None:
-        weight = weight / torch.from_numpy(scale.astype(np.float32)).reshape(-1, 1)
-    return weight
+    """A weight in fp32; int8 ones (linears, convolutions, embeddings) dequantized by their per-row scale."""
+    return _tensor(variables, f"{prefix}/weight")
 
 
 def _tensor(variables: dict, name: str) -> torch.Tensor:
-    return torch.from_numpy(variables[name].astype(np.float32))
+    """A variable in fp32; a ``…/weight`` stored in int8 is divided by its ``…/weight_scale`` (one per row)."""
+    tensor = torch.from_numpy(variables[name].astype(np.float32))
+    scale = variables.get(name.removesuffix("weight") + "weight_scale") if name.endswith("/weight") else None
+    if scale is not None:
+        tensor = tensor / torch.from_numpy(scale.astype(np.float32)).reshape(-1, *([1] * (tensor.ndim - 1)))
+    return tensor
 
 
 def _linear(state: dict, variables: dict, source: str, target: str) -> None:
@@ -177,6 +183,17 @@ def _layer_count(variables: dict, side: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _options(folder: Path) -> dict:
+    """CTranslate2's config.json (language ids, suppressed tokens, alignment heads); empty when absent."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})", FIX) from exc
+
+
 def _vocabulary(folder: Path) -> list[str]:
     path = folder / "vocabulary.txt"
     if path.is_file():
@@ -202,7 +219,7 @@ def convert_ct2_whisper(folder: Path, out: Path) -> None:
     if spec_name(folder) != SPEC_NAME:
         raise InputError(f"{where}: not a CTranslate2 Whisper model (spec {spec_name(folder)!r})", FIX)
     variables, dtypes = read_model_bin(where)
-    options = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    options = _options(folder)
     vocabulary = _vocabulary(folder)
     ids = {token: index for index, token in enumerate(vocabulary)}
     layers = (_layer_count(variables, "encoder"), _layer_count(variables, "decoder"))

@@ -134,7 +134,13 @@ def speech_folder(split: str) -> Path:
     engine = Espeak()
     tmp = temp_sibling(folder)
     try:
-        for index, text in enumerate(sentences(split, CLIPS[split])):
+        texts = sentences(split, CLIPS[split])
+        if not texts:
+            raise InputError(
+                f"{SPEECH}: builtin:pydoc's {split} split holds no plain sentence to speak",
+                "use a folder of clips with transcripts as --data",
+            )
+        for index, text in enumerate(texts):
             voice, words_per_minute, pitch = VOICES[index % len(VOICES)]
             samples, starts = engine.speak(text, voice, words_per_minute, pitch)
             audio = soxr.resample(samples.astype(np.float32) / 32768, engine.rate, RATE)

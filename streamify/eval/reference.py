@@ -54,18 +54,26 @@ def _shift(keys: torch.Tensor, steps: int, rotary, apply) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _unmasked(model: torch.nn.Module) -> Iterator[None]:
-    """SDPA attention and no native sliding window while the reference runs; restored after."""
-    implementation = model.config._attn_implementation
-    window = getattr(model.config, "sliding_window", None)
+    """SDPA attention and no native sliding window while the reference runs; restored after.
+
+    A config with per-layer ``layer_types`` (a native export) gets every layer
+    as full attention; an older one loses its ``sliding_window``.
+    """
+    config = model.config
+    implementation = config._attn_implementation
+    saved = {key: getattr(config, key, None) for key in ("layer_types", "sliding_window")}
     model.set_attn_implementation("sdpa")
-    if window is not None:
-        model.config.sliding_window = None
+    if saved["layer_types"] is not None:
+        config.layer_types = ["full_attention"] * len(saved["layer_types"])
+    elif saved["sliding_window"] is not None:
+        config.sliding_window = None
     try:
         yield
     finally:
         model.set_attn_implementation(implementation)
-        if window is not None:
-            model.config.sliding_window = window
+        for key, value in saved.items():
+            if value is not None:
+                setattr(config, key, value)
 
 
 @torch.inference_mode()

@@ -12,10 +12,11 @@ from streamify.runtime.speech_encoder import CONFIG_KEY, ChunkSpec
 from streamify.runtime.transcribe import audio_pieces, transcribe_stream
 
 
-def chunk_spec(checkpoint: Checkpoint, chunk_ms: int | None) -> ChunkSpec:
-    """``chunk_ms`` if given, else the chunk the model was made chunk-causal for, else 300 ms."""
+def chunk_spec(checkpoint: Checkpoint, chunk_ms: int | None, first_extra_ms: int | None = None) -> ChunkSpec:
+    """The chunking asked for; what is not given is the model's own (``convert.causal``), else 300 ms and 0."""
     trained = getattr(checkpoint.model.config, CONFIG_KEY, None) or {}
-    return ChunkSpec.from_ms(chunk_ms or trained.get("chunk_ms", 300), trained.get("first_extra_ms", 0))
+    extra = first_extra_ms if first_extra_ms is not None else trained.get("first_extra_ms", 0)
+    return ChunkSpec.from_ms(chunk_ms or trained.get("chunk_ms", 300), extra)
 
 
 def speech_stream_eval(
@@ -34,7 +35,8 @@ def speech_stream_eval(
     clips = read_clips(data, processor.sampling_rate, max_items)
     texts, latencies, flicker, compute, heard = [], [], [], 0.0, 0.0
     for clip in progress.track(clips, f"streaming {spec.chunk_frames * 20} ms chunks", total=len(clips)):
-        result = transcribe_stream(model, processor, tokenizer, audio_pieces(clip.audio, spec, clip.rate), spec)
+        pieces = audio_pieces(clip.audio, spec, clip.rate, processor.n_fft // 2)
+        result = transcribe_stream(model, processor, tokenizer, pieces, spec)
         texts.append(result["text"])
         steps = [step["compute_ms"] for step in result["steps"]]
         latencies += steps

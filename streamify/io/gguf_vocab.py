@@ -31,7 +31,12 @@ def _splits_by_regex() -> dict[str, str]:
 
 
 def _byte_level(step: dict, regex: bool) -> bool:
-    return step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == regex
+    """GPT-2's byte-level step, with or without its own split, adding no prefix space (llama.cpp adds none)."""
+    return (
+        step.get("type") == "ByteLevel"
+        and bool(step.get("use_regex", True)) == regex
+        and not step.get("add_prefix_space", False)
+    )
 
 
 def llama_cpp_pre(tokenizer, where: str) -> str:
@@ -41,6 +46,8 @@ def llama_cpp_pre(tokenizer, where: str) -> str:
     """
     config = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     steps = config.get("pretokenizers", [config]) if config.get("type") == "Sequence" else [config]
+    if not steps:
+        steps = [{}]
     if len(steps) == 1 and _byte_level(steps[0], regex=True):
         return GPT2
     digits = steps[0].get("type") == "Digits" and steps[0].get("individual_digits")

@@ -13,11 +13,15 @@ chunk has been heard and can be computed as audio arrives:
   only, caching every layer's keys and values, and gives the same frames.
 
 The convolution front end (kernel 3, then kernel 3 stride 2, over 10 ms mel
-frames) reads one mel frame past a chunk's last encoder frame, so a chunk's
-frames are computed once the next 10 ms of mel exist (the look-ahead; at the
-end of the input the front end's zero padding stands in, as in the offline
-forward). Frame ``t`` keeps its absolute position embedding, so a stream is
-at most 30 s (1,500 frames), Whisper's window.
+frames) reads one mel frame past a chunk's last encoder frame, centred on the
+next chunk's first sample; its STFT window reaches 12.5 ms further, so a
+chunk is computed once 12.5 ms of the next one have been heard (the
+look-ahead; at the end of the input the front end's zero padding stands in,
+as in the offline forward). Given the same mel frames, the cached encoder's
+output equals the masked forward's; the runtime's mel differs from a
+whole-clip mel only by its log floor, taken over the audio heard so far.
+Frame ``t`` keeps its absolute position embedding, so a stream is at most
+30 s (1,500 frames), Whisper's window.
 """
 
 from __future__ import annotations
@@ -89,9 +93,11 @@ def _chunk_causal_attention(module, query, key, value, attention_mask, scaling=N
 
 def enable_chunk_causal(model: nn.Module, spec: ChunkSpec) -> None:
     """Give ``model``'s Whisper encoder the block-causal mask of ``spec`` (in place; the decoder is unchanged)."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(IMPLEMENTATION, _chunk_causal_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # the decoder's own masks, built as for SDPA
     for layer in model.get_encoder().layers:
         layer.self_attn.streamify_chunks = spec
     model.set_attn_implementation(IMPLEMENTATION)

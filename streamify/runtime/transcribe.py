@@ -78,9 +78,25 @@ class SpeechStreamer:
 
     @torch.inference_mode()
     def step(self, audio: np.ndarray, index: int, final: bool) -> ChunkStep:
-        """Encode what ``audio`` (all heard so far) completes and re-decode; commit what two hypotheses agree on."""
+        """Encode what ``audio`` (all heard so far) completes and re-decode; commit what two hypotheses agree on.
+
+        Before the end, only mel frames whose whole STFT window has been heard
+        are used, so no frame is built from padding that later audio replaces.
+        """
         began = time.perf_counter()
-        new = self.encoder.feed(self._mel(audio), final=final)
+        half = self.processor.n_fft // 2
+        if len(audio) > half:
+            mel = self._mel(audio)
+            if not final:
+                mel = mel[..., : max(0, (len(audio) - half) // self.processor.hop_length + 1)]
+            new = self.encoder.feed(mel, final=final)
+        elif final:
+            raise InputError(
+                f"the audio is {len(audio)} samples, shorter than one {self.processor.n_fft}-sample analysis window",
+                "give a clip of at least a few hundred milliseconds",
+            )
+        else:
+            new = torch.zeros(1, 0, 1)
         if new.shape[1]:
             self.frames.append(new)
         state = self.state
@@ -126,10 +142,17 @@ class SpeechStreamer:
         }
 
 
-def audio_pieces(audio: np.ndarray, spec: ChunkSpec, rate: int) -> Iterator[np.ndarray]:
-    """``audio`` cut as it would arrive: the first chunk (with its extra frames), then chunk after chunk."""
+def first_piece(spec: ChunkSpec, rate: int, lookahead: int) -> int:
+    """Samples of the first piece: the first chunk with its extra frames, plus the ``lookahead`` samples that
+    complete the mel frame the front end reads past it (half an STFT window: 12.5 ms for Whisper)."""
+    return (spec.chunk_frames + spec.first_extra) * FRAME_MS * rate // 1000 + lookahead
+
+
+def audio_pieces(audio: np.ndarray, spec: ChunkSpec, rate: int, lookahead: int) -> Iterator[np.ndarray]:
+    """``audio`` cut as it would arrive: the first piece (:func:`first_piece`), then a chunk at a time; each
+    piece completes one chunk of encoder frames."""
     size = spec.chunk_frames * FRAME_MS * rate // 1000
-    first = (spec.chunk_frames + spec.first_extra) * FRAME_MS * rate // 1000
+    first = first_piece(spec, rate, lookahead)
     yield audio[:first]
     for start in range(first, len(audio), size):
         yield audio[start : start + size]

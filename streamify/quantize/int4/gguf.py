@@ -40,12 +40,12 @@ GGUF_NAME = "model.gguf"
 def pack_q4(weight: Int4Weight, qtype: str) -> np.ndarray:
     """GGUF Q4_0 / Q4_1 blocks of ``weight`` (group 32) as bytes ``[out, in / 32 * block bytes]``."""
     rows, columns = weight.codes.shape
-    q = (weight.codes.to(torch.int16) + 8).to(torch.uint8).reshape(rows, columns // 32, 32).numpy()
+    q = (weight.codes.cpu().to(torch.int16) + 8).to(torch.uint8).reshape(rows, columns // 32, 32).numpy()
     nibbles = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-    scale = weight.scale.to(torch.float16)
+    scale = weight.scale.cpu().to(torch.float16)
     parts = [scale.numpy()[..., None].view(np.uint8)]
     if qtype == "Q4_1":
-        minimum = (-(8 + weight.zero.to(torch.float32)) * scale.float()).to(torch.float16)
+        minimum = (-(8 + weight.zero.cpu().to(torch.float32)) * scale.float()).to(torch.float16)
         parts.append(minimum.numpy()[..., None].view(np.uint8))
     blocks = np.concatenate([*parts, nibbles], axis=-1)
     return np.ascontiguousarray(blocks.reshape(rows, -1))
@@ -116,7 +116,7 @@ def _add_rope_scaling(writer, model) -> None:
         dim = 2 * scaled.numel()
         plain = 1.0 / float(params["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        writer.add_tensor(name, (plain / scaled).numpy().astype(np.float32))
+        writer.add_tensor(name, (plain / scaled.cpu()).numpy().astype(np.float32))
 
 
 def q8_0(tensor: torch.Tensor) -> np.ndarray:

@@ -74,12 +74,12 @@ def pack_q4_k(codes: torch.Tensor, super_scales: torch.Tensor, sub_scales: torch
     """GGUF Q4_K blocks as bytes ``[out, n / 256 * 144]``: d, dmin, the 12 packed scale bytes, the nibbles."""
     out, columns = codes.shape
     blocks = columns // SUPER
-    q = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(out, blocks, 8, SUB).numpy()
+    q = (codes.cpu().to(torch.int16) + 8).to(torch.uint8).reshape(out, blocks, 8, SUB).numpy()
     nibbles = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(out, blocks, 128)  # sub-blocks 2j, 2j+1 share a byte
-    sc, m = (sub_scales[..., i].reshape(out, blocks, 8).numpy() for i in (0, 1))
+    sc, m = (sub_scales[..., i].cpu().reshape(out, blocks, 8).numpy() for i in (0, 1))
     packed = np.empty((out, blocks, 12), dtype=np.uint8)
     packed[..., 0:4] = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
     packed[..., 4:8] = (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6)
     packed[..., 8:12] = (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)
-    halves = super_scales.contiguous().numpy().view(np.uint8).reshape(out, blocks, 4)  # d then dmin, fp16 each
+    halves = super_scales.cpu().contiguous().numpy().view(np.uint8).reshape(out, blocks, 4)  # d then dmin, fp16 each
     return np.ascontiguousarray(np.concatenate([halves, packed, nibbles], axis=-1).reshape(out, -1))
