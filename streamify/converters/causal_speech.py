@@ -21,7 +21,6 @@ The adapters are merged into plain weights; the chunk spec goes into
 from __future__ import annotations
 
 import copy
-import json
 import random
 
 import torch
@@ -85,11 +84,6 @@ class CausalParams(TrainParams):
         return [ChunkSpec.from_ms(ms, self.first_chunk_extra_ms) for ms in sizes]
 
 
-def _word_times(path) -> list[list] | None:
-    record = path.with_suffix(".json")
-    return json.loads(record.read_text()).get("words") if record.is_file() else None
-
-
 class _Items:
     """Training items: features, teacher transcript ids, word times and the prefix cut of each (clip, spec)."""
 
@@ -103,7 +97,7 @@ class _Items:
         per_frame = processor.sampling_rate * FRAME_MS // 1000
         limit = model.config.max_source_positions
         self.frames = [min(limit, -(-len(c.audio) // per_frame)) for c in clips]  # frames the audio fills
-        self.words = [_word_times(c.path) for c in clips]
+        self.words = [c.words for c in clips]
         self.texts = [c.text for c in clips]
         self.tokenizer = tokenizer
         eos = model.config.eos_token_id

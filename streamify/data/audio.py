@@ -1,7 +1,8 @@
-"""Speech clips with transcripts: a folder of ``.wav``/``.flac`` files, each with a same-name ``.txt``."""
+"""Speech clips with transcripts: a folder of audio files with same-name transcripts, or a JSON-lines manifest."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,8 @@ from streamify.errors import InputError, UsageError
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 AUDIO_LAYOUT = (
-    "a folder of .wav or .flac files, each with its transcript in a .txt file of the same name, or builtin:speech"
+    "a folder of .wav or .flac files, each with its transcript in a .txt file of the same name (and word end "
+    "times in a same-name .json), a .jsonl manifest with audio, text (and words) per line, or builtin:speech"
 )
 
 
@@ -26,29 +28,75 @@ class Clip:
     rate: int
     text: str
     resampled_from: int | None = None  # the file's own rate when it was resampled to ``rate``
+    words: list | None = None  # [[word, end seconds], ...] when known (for the prefix loss of convert.causal)
 
 
 def read_clips(data: str | None, rate: int, limit: int | None = None, split: str = "heldout") -> list[Clip]:
-    """The clips of the folder ``data`` or of ``builtin:speech``'s ``split`` (sorted by name, at most ``limit``),
-    mono, at ``rate`` Hz (resampled with soxr where a file has another rate: ``Clip.resampled_from``)."""
+    """The clips of ``data`` (a folder, a ``.jsonl`` manifest, or ``builtin:speech``'s ``split``; at most
+    ``limit``), mono, at ``rate`` Hz (resampled with soxr where a file has another rate: ``Clip.resampled_from``).
+
+    A folder's clips are sorted by name, each ``.wav``/``.flac`` with a same-name ``.txt`` transcript and,
+    optionally, a ``.json`` holding ``{"words": [[word, end_seconds], ...]}``. A manifest's lines are
+    ``{"audio": PATH, "text": ..., "words": [...]}`` (``words`` optional; paths relative to the manifest).
+    """
     if not data:
         raise UsageError("speech eval needs audio: no --data given", f"pass --data FOLDER: {AUDIO_LAYOUT}")
     if data == SPEECH:
         data = str(speech_folder(split))
-    folder = Path(data).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"--data {data}: not a folder", f"speech data is {AUDIO_LAYOUT}")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
-    if not paths:
-        raise UsageError(f"--data {data}: holds no .wav or .flac files", f"speech data is {AUDIO_LAYOUT}")
+    source = Path(data).expanduser()
+    if source.is_file() and source.suffix == ".jsonl":
+        entries = _manifest(source)
+    elif source.is_dir():
+        entries = _folder(source)
+    else:
+        raise UsageError(f"--data {data}: not a folder or a .jsonl manifest", f"speech data is {AUDIO_LAYOUT}")
+    if not entries:
+        raise UsageError(f"--data {data}: holds no clips", f"speech data is {AUDIO_LAYOUT}")
     clips = []
-    for path in paths[:limit]:
+    for path, text, words in entries[:limit]:
+        audio, found = _mono_at(path, rate)
+        clips.append(Clip(path, audio, rate, text, found if found != rate else None, words))
+    return clips
+
+
+def _folder(folder: Path) -> list[tuple[Path, str, list | None]]:
+    """``(audio path, transcript, word times or None)`` of a folder's clips, sorted by name."""
+    entries = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
         transcript = path.with_suffix(".txt")
         if not transcript.is_file():
             raise InputError(f"{path}: no transcript ({transcript.name} is missing)", f"speech data is {AUDIO_LAYOUT}")
-        audio, found = _mono_at(path, rate)
-        clips.append(Clip(path, audio, rate, transcript.read_text().strip(), found if found != rate else None))
-    return clips
+        record = path.with_suffix(".json")
+        words = _json(record).get("words") if record.is_file() else None
+        entries.append((path, transcript.read_text().strip(), words))
+    return entries
+
+
+def _manifest(path: Path) -> list[tuple[Path, str, list | None]]:
+    """``(audio path, transcript, word times or None)`` per line of a JSON-lines manifest."""
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            audio, text = path.parent / item["audio"], str(item["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"{path}:{number}: not a manifest line ({exc})",
+                'write one JSON object a line: {"audio": "clip.wav", "text": "what is said", "words": [...]}',
+            ) from exc
+        if not audio.is_file():
+            raise InputError(f"{path}:{number}: {audio} does not exist", "paths are relative to the manifest")
+        entries.append((audio, text.strip(), item.get("words")))
+    return entries
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})", "rewrite it, or remove it") from exc
 
 
 def _mono_at(path: Path, rate: int) -> tuple[np.ndarray, int]:
