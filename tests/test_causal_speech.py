@@ -20,6 +20,18 @@ def test_prefix_words_take_the_end_of_the_next_timed_word():
     assert ended_words("that a planned feature.", timed, 9.0) == "that a planned feature."
 
 
+def test_top_k_distillation_is_the_full_kl_at_full_k_and_a_lower_bound_below():
+    from streamify.distill.losses import kl_to_teacher, kl_to_top_k, top_k_log_probs
+
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 50, generator=generator) * 3
+    full = kl_to_teacher(student, teacher, temperature=2.0)
+    assert torch.allclose(kl_to_top_k(student, *top_k_log_probs(teacher, 50, 2.0), 2.0), full, rtol=1e-5)
+    partial = kl_to_top_k(student, *top_k_log_probs(teacher, 8, 2.0), 2.0)
+    assert 0.3 * full < partial < full
+    assert kl_to_top_k(teacher, *top_k_log_probs(teacher, 8)) < 1e-5  # zero when the student is the teacher
+
+
 @torch.inference_mode()
 def _encoder_outputs(model, mel):
     return model.get_encoder()(input_features=mel).last_hidden_state
@@ -54,9 +66,9 @@ def test_trained_artifact_reloads_chunk_causal_with_only_attention_changed(tiny_
 
 
 def test_full_fine_tuning_lowers_the_objective_on_its_clips(tiny_kinds, cli, tmp_path):
-    """All weights (rank 0, a frozen copy as teacher), 20 steps on two clips at lr 1e-2: measured 5.93 -> 3.30.
+    """All weights (rank 0), 20 steps on two clips at lr 1e-2: measured 5.93 -> 3.17.
 
-    (LoRA on the attention alone barely moves this tiny random model's near-uniform outputs: 5.93 -> 5.80;
+    (LoRA on the attention alone barely moves this tiny random model's near-uniform outputs: 5.93 -> 5.76;
     the real model's test measures what it does for Whisper.)"""
     args = ["--steps", "20", "--max-clips", "2", "--lr", "1e-2", "--grad-accum", "1", "--warmup-steps", "0"]
     args += ["--lora-rank", "0"]

@@ -14,7 +14,7 @@ import torch
 from transformers import WhisperForConditionalGeneration
 
 from conftest import write_clips
-from streamify.runtime.speech_encoder import ChunkSpec, StreamingEncoder, enable_chunk_causal
+from streamify.runtime.speech_encoder import ChunkSpec, StreamingEncoder, enable_chunk_causal, encode_heard
 
 
 @pytest.mark.parametrize(("chunk_frames", "first_extra", "step"), [(15, 0, 37), (7, 3, 30), (2, 0, 61), (15, 0, 3000)])
@@ -33,6 +33,23 @@ def test_cached_chunks_equal_one_forward_under_the_block_causal_mask(tiny_kinds,
     assert streamed.shape == reference.shape
     assert (streamed - reference).abs().max() <= 1e-5 * reference.abs().max()
     assert (bidirectional - reference).abs().max() > 1e-2  # the mask does change the output
+
+
+@pytest.mark.parametrize("frames", [45, 52])
+@torch.inference_mode()
+def test_training_encoder_on_the_heard_frames_equals_the_stream_at_its_end(tiny_kinds, frames):
+    """What convert.causal trains on (the stock modules over the heard frames) is what the runtime encodes."""
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_kinds["speech-seq2seq"]).eval()
+    mel = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(1))
+    spec = ChunkSpec(15)
+    enable_chunk_causal(model, spec)
+    trained_on = encode_heard(model, mel, frames)
+    encoder = StreamingEncoder(model, spec)
+    streamed = torch.cat([encoder.feed(mel[..., :31]), encoder.feed(mel[..., : 2 * frames], final=True)], dim=1)
+    assert trained_on.shape == streamed.shape == (1, frames, model.config.d_model)
+    assert (trained_on - streamed).abs().max() <= 1e-5 * streamed.abs().max()
+    whole = model.get_encoder()(input_features=mel).last_hidden_state[:, :frames]
+    assert (whole - trained_on).abs().max() > 1e-3  # the last chunk's frames read no audio after the end
 
 
 def test_chunk_sizes_must_be_whole_encoder_frames():

@@ -8,19 +8,23 @@ training, so one model serves several latencies) with two losses:
 
 - distillation on the whole utterance: the decoder, reading only the frames
   of the audio (as the streaming runtime does), fed the teacher's own greedy
-  transcript, matches the bidirectional original's logits (KL; no labels);
+  transcript, matches the bidirectional original's logits (KL over the
+  teacher's top ``teacher_top_k`` tokens and one bin for the rest; no labels).
+  The teacher's logits are computed once, before training, from the model
+  itself, so no teacher copy is kept;
 - where the clip has word end times (``builtin:speech`` does), prefix
   cross-entropy: cut at a random chunk boundary, the decoder reads the frames
   heard so far and learns the words that ended before it, then end of text.
 
-The adapters are merged into plain weights; the chunk spec goes into
+The masked encoder runs only on the frames the clip's audio fills
+(:func:`~streamify.runtime.speech_encoder.encode_heard`), as the runtime does,
+not on Whisper's whole 30-second window. The adapters are merged into plain weights; the chunk spec goes into
 ``config.json`` (``streamify_chunk_causal``), the manifest and the card, and
 :func:`streamify.load` gives the model back with the mask on.
 """
 
 from __future__ import annotations
 
-import copy
 import random
 
 import torch
@@ -31,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from streamify.data.audio import read_clips
 from streamify.data.speech import SPEECH
 from streamify.distill.lora import add_lora, merge_lora
-from streamify.distill.losses import kl_to_teacher
+from streamify.distill.losses import kl_to_top_k, top_k_log_probs
 from streamify.distill.trainer import TrainParams, train
 from streamify.errors import UsageError
 from streamify.io.cache import cache_root
@@ -39,7 +43,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.kinds.speech import decode_limit, decoder_prompt, greedy_decode
 from streamify.model.fingerprint import content_key
 from streamify.pipeline.registry import StageContext, register
-from streamify.runtime.speech_encoder import CONFIG_KEY, FRAME_MS, ChunkSpec, enable_chunk_causal
+from streamify.runtime.speech_encoder import CONFIG_KEY, FRAME_MS, ChunkSpec, enable_chunk_causal, encode_heard
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # Whisper's encoder, decoder and cross attention
 
@@ -60,6 +64,9 @@ class CausalParams(TrainParams):
     max_clips: int = Field(256, ge=1, description="training clips read")
     kl_weight: float = Field(1.0, ge=0, description="weight of the distillation KL to the bidirectional original")
     temperature: float = Field(1.0, gt=0, description="distillation temperature")
+    teacher_top_k: int = Field(
+        64, ge=1, description="teacher tokens kept per position for the KL (the rest of the vocabulary is one bin)"
+    )
     prefix_weight: float = Field(1.0, ge=0, description="weight of the prefix cross-entropy (clips with word times)")
     lora_rank: int = Field(16, ge=0, description="LoRA rank on the attention projections (0: train all weights)")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (CarelessWhisper: alpha = rank)")
@@ -102,12 +109,15 @@ class _Items:
         self.tokenizer = tokenizer
         eos = model.config.eos_token_id
         progress.log(f"convert.causal: the teacher transcribes {len(clips)} training clips (its own targets)")
-        transcripts = []
+        self.targets, self.teacher = [], []
         with torch.no_grad():  # not inference mode: the targets are the decoder's inputs in training
             for row in progress.track(range(len(clips)), "teacher transcripts", total=len(clips)):
                 encoded = model.get_encoder()(input_features=self.features[row : row + 1])
-                transcripts.append(greedy_decode(model, encoded, self.prompt, eos, decode_limit(model)))
-        self.targets = [torch.tensor([*self.prompt, *ids, eos]) for ids in transcripts]
+                ids = greedy_decode(model, encoded, self.prompt, eos, decode_limit(model))
+                target = torch.tensor([*self.prompt, *ids, eos], device=self.features.device)
+                logits = _decoder_logits(model, encoded.last_hidden_state, target)
+                self.targets.append(target)
+                self.teacher.append(top_k_log_probs(logits, params.teacher_top_k, params.temperature))
         chooser = random.Random(seed)
         self.rows = [(clip, spec, chooser.random()) for clip in range(len(clips)) for spec in range(len(self.specs))]
         self.clips = len(clips)
@@ -183,44 +193,25 @@ def convert_causal(checkpoint: Checkpoint, params: CausalParams, ctx: StageConte
 
 
 def _train(checkpoint: Checkpoint, params: CausalParams, ctx: StageContext):
-    """LoRA (or all weights) trained under the mask; the teacher is the same model, adapters off, mask off."""
+    """LoRA (or all weights) trained under the mask to match the bidirectional model's logits, computed first."""
     model = checkpoint.model
-    items = _Items(checkpoint, params, ctx.seed, ctx.progress)
+    items = _Items(checkpoint, params, ctx.seed, ctx.progress)  # the teacher's logits, before any change
     layers = model.get_encoder().layers
-    teacher = None if params.lora_rank else copy.deepcopy(model).eval()
     trainee = add_lora(model, params.lora_rank, params.lora_alpha, ATTENTION)
     enable_chunk_causal(model, items.specs[0])
     eos = model.config.eos_token_id
-
-    def teacher_logits(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if teacher is not None:
-            return _decoder_logits(teacher, teacher.get_encoder()(input_features=features).last_hidden_state, labels)
-        masks = [layer.self_attn.streamify_chunks for layer in layers]
-        try:
-            for layer in layers:
-                layer.self_attn.streamify_chunks = None  # bidirectional, as the original
-            with trainee.disable_adapter():
-                return _decoder_logits(
-                    trainee, trainee.get_encoder()(input_features=features).last_hidden_state, labels
-                )
-        finally:
-            for layer, mask in zip(layers, masks, strict=True):
-                layer.self_attn.streamify_chunks = mask
 
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), device=items.features.device)
         for row in batch[:, 0].tolist():
             clip, spec_index, draw = items.rows[row]
             spec = items.specs[spec_index]
-            features, labels = items.features[clip : clip + 1], items.targets[clip].to(items.features.device)
-            with torch.no_grad():
-                target = teacher_logits(features, labels)
             for layer in layers:
                 layer.self_attn.streamify_chunks = spec
-            encoded = trainee.get_encoder()(input_features=features).last_hidden_state
             heard = items.frames[clip]
-            logits = _decoder_logits(trainee, encoded[:, :heard], labels)  # the frames the audio fills
-            loss = params.kl_weight * kl_to_teacher(logits[None], target[None], params.temperature)
+            encoded = encode_heard(trainee, items.features[clip : clip + 1], heard)  # the frames the audio fills
+            logits = _decoder_logits(trainee, encoded, items.targets[clip])
+            loss = params.kl_weight * kl_to_top_k(logits, *items.teacher[clip], params.temperature)
             if params.prefix_weight and items.words[clip]:
                 bounds = [stop for _, stop in spec.bounds(heard)]
                 cut = bounds[min(len(bounds) - 1, int(draw * len(bounds)))]

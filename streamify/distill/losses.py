@@ -14,6 +14,31 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
+def top_k_log_probs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely tokens of each position (indices) and their log-probabilities at ``temperature``."""
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    values, indices = log_probs.topk(min(k, logits.shape[-1]), dim=-1)
+    return values, indices
+
+
+def kl_to_top_k(
+    student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over the teacher's top k tokens plus one bin for the rest.
+
+    ``top_values``/``top_indices`` come from :func:`top_k_log_probs` on the
+    teacher. The KL of the k + 1 bins equals the full KL when the teacher puts
+    no mass outside its top k and is a lower bound of it otherwise (scaled by
+    T² as :func:`kl_to_teacher`).
+    """
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    picked = student.gather(-1, top_indices)
+    teacher_rest = torch.log1p(-top_values.exp().sum(-1).clamp(max=1 - 1e-6))
+    student_rest = torch.log1p(-picked.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (top_values.exp() * (top_values - picked)).sum(-1) + teacher_rest.exp() * (teacher_rest - student_rest)
+    return kl.mean() * temperature**2
+
+
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))

@@ -103,6 +103,23 @@ def enable_chunk_causal(model: nn.Module, spec: ChunkSpec) -> None:
     model.set_attn_implementation(IMPLEMENTATION)
 
 
+def encode_heard(model: nn.Module, features: torch.Tensor, frames: int) -> torch.Tensor:
+    """The encoder's output for its first ``frames`` frames from their own mel alone (``[batch, frames, d_model]``).
+
+    Runs the stock modules (adapters included; differentiable) on
+    ``features[..., :2·frames]``, the input's end zero-padded by the
+    convolutions as at the end of a stream. Under the chunk-causal mask these
+    are the frames :class:`StreamingEncoder` gives once the audio has ended;
+    training runs only the frames the audio fills instead of Whisper's 1,500.
+    """
+    encoder = model.get_encoder()
+    hidden = F.gelu(encoder.conv2(F.gelu(encoder.conv1(features[..., : 2 * frames]))))
+    hidden = hidden.transpose(1, 2) + encoder.embed_positions.weight[:frames]
+    for layer in encoder.layers:
+        hidden = layer(hidden, None)
+    return encoder.layer_norm(hidden)
+
+
 def _conv_window(conv: nn.Conv1d, x: torch.Tensor, offset: int, total: int, start: int, stop: int) -> torch.Tensor:
     """Outputs ``[start, stop)`` of ``conv`` (kernel 3, padding 1) over a sequence of ``total`` steps, of which
     ``x`` holds the steps from ``offset`` on; steps outside ``[0, total)`` are the convolution's zero padding."""
