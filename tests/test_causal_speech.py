@@ -10,7 +10,7 @@ from transformers import WhisperForConditionalGeneration
 
 import streamify
 from streamify.converters.causal_speech import ended_words
-from streamify.runtime.speech_encoder import ChunkSpec, enable_chunk_causal
+from streamify.runtime.chunk_causal import ChunkSpec, enable_chunk_causal
 
 
 def test_prefix_words_take_the_end_of_the_next_timed_word():
@@ -82,7 +82,7 @@ def test_full_fine_tuning_lowers_the_objective_on_its_clips(tiny_kinds, cli, tmp
 @pytest.mark.parametrize(
     ("model", "args", "code", "message"),
     [
-        ("llama", [], 3, "applies to speech-seq2seq models"),
+        ("llama", [], 3, "applies to speech-seq2seq and encoder models"),
         ("whisper", ["--chunk-ms", "250"], 2, "20 ms"),
         ("whisper", ["--chunk-ms-list", "100,130"], 2, "130 ms"),
     ],

@@ -14,16 +14,21 @@ import torch
 from transformers import WhisperForConditionalGeneration
 
 from conftest import write_clips
-from streamify.runtime.speech_encoder import ChunkSpec, StreamingEncoder, enable_chunk_causal, encode_heard
+from streamify.runtime.chunk_causal import ChunkSpec, enable_chunk_causal
+from streamify.runtime.speech_encoder import StreamingEncoder, encode_heard, whisper_chunks
 
 
-@pytest.mark.parametrize(("chunk_frames", "first_extra", "step"), [(15, 0, 37), (7, 3, 30), (2, 0, 61), (15, 0, 3000)])
+@pytest.mark.parametrize(
+    ("chunk_frames", "first_extra", "left", "step"),
+    [(15, 0, 0, 37), (7, 3, 0, 30), (2, 0, 0, 61), (15, 0, 0, 3000), (5, 2, 3, 44)],
+)
 @torch.inference_mode()
-def test_cached_chunks_equal_one_forward_under_the_block_causal_mask(tiny_kinds, chunk_frames, first_extra, step):
-    """Mel arriving ``step`` frames at a time; chunks of 7 with 3 extra end in a partial chunk (1497 = 213·7 + 6)."""
+def test_cached_chunks_equal_one_forward_under_the_block_causal_mask(tiny_kinds, chunk_frames, first_extra, left, step):
+    """Mel arriving ``step`` frames at a time; chunks of 7 with 3 extra end in a partial chunk (1497 = 213·7 + 6);
+    with 3 chunks of left context the cache keeps only what later frames can see."""
     model = WhisperForConditionalGeneration.from_pretrained(tiny_kinds["speech-seq2seq"]).eval()
     mel = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))
-    spec = ChunkSpec(chunk_frames, first_extra)
+    spec = ChunkSpec(chunk_frames, first_extra, left)
     bidirectional = model.get_encoder()(input_features=mel).last_hidden_state
     enable_chunk_causal(model, spec)
     reference = model.get_encoder()(input_features=mel).last_hidden_state
@@ -33,6 +38,8 @@ def test_cached_chunks_equal_one_forward_under_the_block_causal_mask(tiny_kinds,
     assert streamed.shape == reference.shape
     assert (streamed - reference).abs().max() <= 1e-5 * reference.abs().max()
     assert (bidirectional - reference).abs().max() > 1e-2  # the mask does change the output
+    if left:
+        assert encoder.keys[0].shape[2] <= (left + 1) * chunk_frames
 
 
 @pytest.mark.parametrize("frames", [45, 52])
@@ -55,9 +62,9 @@ def test_training_encoder_on_the_heard_frames_equals_the_stream_at_its_end(tiny_
 def test_chunk_sizes_must_be_whole_encoder_frames():
     from streamify.errors import UsageError
 
-    assert ChunkSpec.from_ms(300) == ChunkSpec(15, 0)
+    assert whisper_chunks(300) == ChunkSpec(15, 0)
     with pytest.raises(UsageError, match="multiple of 20 ms"):
-        ChunkSpec.from_ms(250)
+        whisper_chunks(250)
     assert [b for b in ChunkSpec(4, 2).bounds(15)] == [(0, 6), (6, 10), (10, 14), (14, 15)]
 
 

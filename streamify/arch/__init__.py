@@ -14,6 +14,9 @@ Every stage asks :func:`arch_for` / :func:`require` instead of checking a
 - ``layer_index_keys`` / ``layer_count_keys``: config keys that hold layer
   *indices* or a *number of layers* (sliced when blocks are removed); lists with
   one entry per layer are sliced for every architecture.
+- ``encoder_attention``: where an encoder's self-attention lives
+  (:class:`EncoderAttention`), for the chunk-causal mask and causal LoRA of
+  ``convert.causal``.
 - ``denoiser_inputs(config, count, generator)``: for a diffusion denoiser, ``count``
   clean latents and conditions of the shapes it reads (its eval and training data).
 
@@ -42,6 +45,16 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class EncoderAttention:
+    """An encoder's self-attention: the block list (a dotted path from the base model), the module in each block
+    that calls transformers' attention function, and its linear layers (the causal LoRA targets)."""
+
+    layers: str
+    attention: str
+    projections: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Arch:
     """What the stages need to know about one architecture family (see the module docstring)."""
 
@@ -54,6 +67,7 @@ class Arch:
     gguf_architecture: str | None = None
     layer_index_keys: tuple[str, ...] = ()
     layer_count_keys: tuple[str, ...] = ()
+    encoder_attention: EncoderAttention | None = None
     denoiser_inputs: Callable[[Any, int, Any], list[dict]] | None = None
 
 

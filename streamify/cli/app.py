@@ -352,11 +352,11 @@ def transcribe(
     from streamify.io.load import load_checkpoint
     from streamify.kinds import require_kind
     from streamify.kinds.speech import SpeechSeq2Seq
-    from streamify.runtime.speech_encoder import FRAME_MS, ChunkSpec
+    from streamify.runtime.speech_encoder import FRAME_MS, whisper_chunks
     from streamify.runtime.transcribe import audio_pieces, first_piece, transcribe_offline, transcribe_stream
 
     with command(fmt) as out:
-        ChunkSpec.from_ms(chunk_ms or 300, first_chunk_extra_ms or 0)  # a bad size fails before the model loads
+        whisper_chunks(chunk_ms or 300, first_chunk_extra_ms or 0)  # a bad size fails before the model loads
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
         require_kind(checkpoint, SpeechSeq2Seq.name, "streaming transcription")
         spec = chunk_spec(checkpoint, chunk_ms, first_chunk_extra_ms)

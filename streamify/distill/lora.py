@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -24,3 +25,34 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+def train_and_merge(model: nn.Module, trainee: nn.Module, rows: torch.Tensor, loss_fn, params, ctx) -> tuple:
+    """Train ``trainee`` (``model`` with adapters) on ``rows`` with :func:`~streamify.distill.trainer.train`,
+    resumable from the cache when ``ctx.use_cache``; the merged model and the training metrics.
+
+    The model's dropout is off while it trains: the loss compares it with the
+    original's deterministic outputs, which dropout noise would swamp."""
+    from streamify.distill.trainer import train
+    from streamify.io.cache import cache_root
+    from streamify.model.fingerprint import content_key
+
+    settings = {"params": params.model_dump(), "seed": ctx.seed, "data": ctx.data}
+    checkpoint_dir = cache_root() / "train" / content_key(model, settings) if ctx.use_cache else None
+    dropouts = [module for module in model.modules() if isinstance(module, nn.Dropout)]
+    rates = [module.p for module in dropouts]
+    for module in dropouts:
+        module.p = 0.0
+    try:
+        result = train(
+            trainee, rows, loss_fn, params, seed=ctx.seed, checkpoint_dir=checkpoint_dir, progress=ctx.progress
+        )
+    finally:
+        for module, rate in zip(dropouts, rates, strict=True):
+            module.p = rate
+    return merge_lora(trainee), {
+        "train_steps": result.steps,
+        "train_resumed_from_step": result.resumed_from,
+        "train_loss_first": result.losses[0] if result.losses else None,
+        "train_loss_last": result.losses[-1] if result.losses else None,
+    }

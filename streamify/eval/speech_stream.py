@@ -8,7 +8,8 @@ from streamify.data.audio import read_clips
 from streamify.io.checkpoint import Checkpoint
 from streamify.kinds.speech import normalize
 from streamify.progress import SILENT, Progress
-from streamify.runtime.speech_encoder import CONFIG_KEY, ChunkSpec
+from streamify.runtime.chunk_causal import CONFIG_KEY, ChunkSpec
+from streamify.runtime.speech_encoder import whisper_chunks
 from streamify.runtime.transcribe import audio_pieces, transcribe_stream
 
 
@@ -16,7 +17,7 @@ def chunk_spec(checkpoint: Checkpoint, chunk_ms: int | None, first_extra_ms: int
     """The chunking asked for; what is not given is the model's own (``convert.causal``), else 300 ms and 0."""
     trained = getattr(checkpoint.model.config, CONFIG_KEY, None) or {}
     extra = first_extra_ms if first_extra_ms is not None else trained.get("first_extra_ms", 0)
-    return ChunkSpec.from_ms(chunk_ms or trained.get("chunk_ms", 300), extra)
+    return whisper_chunks(chunk_ms or trained.get("chunk_ms", 300), extra, trained.get("left_chunks", 0))
 
 
 def speech_stream_eval(

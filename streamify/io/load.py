@@ -39,10 +39,10 @@ from streamify.model.blocks import find_blocks
 from streamify.model.executor import SafetensorsWeights, empty_model, lazy_model
 from streamify.progress import SILENT, Progress
 from streamify.runtime.attention import check_streamable
+from streamify.runtime.chunk_causal import CONFIG_KEY as CHUNK_KEY
+from streamify.runtime.chunk_causal import ChunkSpec, enable_chunk_causal
 from streamify.runtime.generate import make_streaming
 from streamify.runtime.spec import read_spec
-from streamify.runtime.speech_encoder import CONFIG_KEY as CHUNK_KEY
-from streamify.runtime.speech_encoder import ChunkSpec, enable_chunk_causal
 
 
 def load_checkpoint(
@@ -188,8 +188,8 @@ def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remot
         check_streamable(model, source.spec)
         make_streaming(model, spec)
     chunks = getattr(model.config, CHUNK_KEY, None)
-    if chunks:  # a chunk-causal Whisper (convert.causal)
-        enable_chunk_causal(model, ChunkSpec(int(chunks["chunk_frames"]), int(chunks.get("first_extra", 0))))
+    if chunks:  # a chunk-causal encoder (convert.causal)
+        enable_chunk_causal(model, ChunkSpec.from_json(chunks))
     return Checkpoint(
         model=model,
         tokenizer=_load_tokenizer(folder, trust_remote_code),

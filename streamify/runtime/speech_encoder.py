@@ -5,10 +5,10 @@ Whisper's encoder sees its whole 30-second input at once. Made chunk-causal
 chunks before it, so the encoder output of a chunk never changes once the
 chunk has been heard and can be computed as audio arrives:
 
-- :func:`enable_chunk_causal` gives the stock transformers encoder that mask
-  (an attention function registered with transformers, used by the encoder's
-  self-attention layers only; the decoder keeps its own): one forward under
-  the mask is the reference, and the form training uses.
+- :func:`~streamify.runtime.chunk_causal.enable_chunk_causal` gives the stock
+  transformers encoder that mask (the decoder keeps its own): one forward
+  under the mask is the reference, and :func:`encode_heard` the form
+  training uses.
 - :class:`StreamingEncoder` runs the encoder's own modules on each new chunk
   only, caching every layer's keys and values, and gives the same frames.
 
@@ -26,81 +26,30 @@ Frame ``t`` keeps its absolute position embedding, so a stream is at most
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from streamify.errors import UsageError
+from streamify.runtime.chunk_causal import ChunkSpec
 
 FRAME_MS = 20  # one encoder frame: two 10 ms mel frames
-IMPLEMENTATION = "streamify_chunk_causal"
-CONFIG_KEY = "streamify_chunk_causal"
 
 
-@dataclass(frozen=True)
-class ChunkSpec:
-    """Chunks of ``chunk_frames`` encoder frames (20 ms each); the first has ``first_extra`` more frames."""
-
-    chunk_frames: int
-    first_extra: int = 0
-
-    @classmethod
-    def from_ms(cls, chunk_ms: int, first_extra_ms: int = 0) -> ChunkSpec:
-        """A spec from milliseconds, which must be whole encoder frames (multiples of 20 ms)."""
-        for name, value in (("--chunk-ms", chunk_ms), ("--first-chunk-extra-ms", first_extra_ms)):
-            if value % FRAME_MS or value < (FRAME_MS if name == "--chunk-ms" else 0):
-                raise UsageError(
-                    f"{name} {value}: Whisper's encoder frames are {FRAME_MS} ms, so a chunk is a whole number of them",
-                    f"use a multiple of {FRAME_MS} ms, e.g. 300",
-                )
-        return cls(chunk_frames=chunk_ms // FRAME_MS, first_extra=first_extra_ms // FRAME_MS)
-
-    def chunk_of(self, frames: torch.Tensor) -> torch.Tensor:
-        """The chunk index of each frame index."""
-        shifted = (frames - self.first_extra).clamp(min=0)
-        return torch.div(shifted, self.chunk_frames, rounding_mode="floor")
-
-    def bounds(self, total: int) -> list[tuple[int, int]]:
-        """``[(start, stop)]`` of the chunks covering ``total`` frames (the last may be partial)."""
-        edges, start = [], 0
-        stop = min(total, self.first_extra + self.chunk_frames)
-        while start < total:
-            edges.append((start, stop))
-            start, stop = stop, min(total, stop + self.chunk_frames)
-        return edges
-
-    def to_json(self) -> dict:
-        """The spec as stored in the manifest and config (frames and milliseconds)."""
-        return {**asdict(self), "chunk_ms": self.chunk_frames * FRAME_MS, "first_extra_ms": self.first_extra * FRAME_MS}
+def whisper_chunks(chunk_ms: int, first_extra_ms: int = 0, left_chunks: int = 0) -> ChunkSpec:
+    """A spec from milliseconds, which must be whole encoder frames (multiples of 20 ms)."""
+    for name, value in (("--chunk-ms", chunk_ms), ("--first-chunk-extra-ms", first_extra_ms)):
+        if value % FRAME_MS or value < (FRAME_MS if name == "--chunk-ms" else 0):
+            raise UsageError(
+                f"{name} {value}: Whisper's encoder frames are {FRAME_MS} ms, so a chunk is a whole number of them",
+                f"use a multiple of {FRAME_MS} ms, e.g. 300",
+            )
+    return ChunkSpec(chunk_ms // FRAME_MS, first_extra_ms // FRAME_MS, left_chunks)
 
 
-def _chunk_causal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The ``streamify_chunk_causal`` attention function: block-causal for modules that carry a spec."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    spec = getattr(module, "streamify_chunks", None)
-    if spec is not None and query.shape[-2] == key.shape[-2]:
-        frames = torch.arange(query.shape[-2], device=query.device)
-        chunks = spec.chunk_of(frames)
-        allowed = chunks[None, :] <= chunks[:, None]
-        attention_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~allowed, torch.finfo(query.dtype).min
-        )[None, None]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-
-def enable_chunk_causal(model: nn.Module, spec: ChunkSpec) -> None:
-    """Give ``model``'s Whisper encoder the block-causal mask of ``spec`` (in place; the decoder is unchanged)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, _chunk_causal_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # the decoder's own masks, built as for SDPA
-    for layer in model.get_encoder().layers:
-        layer.self_attn.streamify_chunks = spec
-    model.set_attn_implementation(IMPLEMENTATION)
+def chunk_json(spec: ChunkSpec) -> dict:
+    """A Whisper spec as stored in the manifest and config: frames and milliseconds."""
+    return {**spec.to_json(), "chunk_ms": spec.chunk_frames * FRAME_MS, "first_extra_ms": spec.first_extra * FRAME_MS}
 
 
 def encode_heard(model: nn.Module, features: torch.Tensor, frames: int) -> torch.Tensor:
@@ -144,6 +93,7 @@ class StreamingEncoder:
         self.keys: list[torch.Tensor | None] = [None] * len(self.encoder.layers)
         self.values: list[torch.Tensor | None] = [None] * len(self.encoder.layers)
         self.done = 0  # encoder frames encoded so far
+        self.kept_from = 0  # the frame of the oldest cached key (later than 0 with a limited left context)
 
     def ready(self, mel_frames: int, final: bool) -> int:
         """How many encoder frames can be encoded from ``mel_frames`` mel frames (whole chunks unless ``final``)."""
@@ -171,7 +121,19 @@ class StreamingEncoder:
         for index, layer in enumerate(encoder.layers):
             hidden = self._layer(index, layer, hidden, start)
         self.done = stop
+        if self.spec.left_chunks:
+            self._forget(stop)
         return encoder.layer_norm(hidden)
+
+    def _forget(self, stop: int) -> None:
+        """Drop the cached frames that no frame from ``stop`` on may attend to (left context exhausted)."""
+        cached = torch.arange(self.kept_from, stop)
+        oldest_seen = self.spec.chunk_of(torch.tensor(stop)) - self.spec.left_chunks
+        drop = int((self.spec.chunk_of(cached) < oldest_seen).sum())
+        if drop:
+            self.keys = [key[:, :, drop:] for key in self.keys]
+            self.values = [value[:, :, drop:] for value in self.values]
+            self.kept_from += drop
 
     def _layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, start: int) -> torch.Tensor:
         attn = layer.self_attn
@@ -185,8 +147,8 @@ class StreamingEncoder:
             key = torch.cat([self.keys[index], key], dim=2)
             value = torch.cat([self.values[index], value], dim=2)
         self.keys[index], self.values[index] = key, value
-        chunks = self.spec.chunk_of(torch.arange(key.shape[2], device=hidden.device))
-        allowed = chunks[None, :] <= chunks[start : start + new, None]
+        positions = torch.arange(self.kept_from, start + new, device=hidden.device)
+        allowed = self.spec.allowed(positions[start - self.kept_from :], positions)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=1.0)
         hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, new, -1))
         mlp = layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))

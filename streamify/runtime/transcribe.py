@@ -25,7 +25,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from streamify.errors import InputError
 from streamify.kinds.speech import decode_limit, decoder_prompt, greedy_decode
-from streamify.runtime.speech_encoder import FRAME_MS, ChunkSpec, StreamingEncoder
+from streamify.runtime.chunk_causal import ChunkSpec
+from streamify.runtime.speech_encoder import FRAME_MS, StreamingEncoder
 
 TOKENS_PER_SECOND = 6  # a hypothesis is cut at this many tokens per second heard (speech runs at about 3-4)
 
