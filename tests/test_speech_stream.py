@@ -84,6 +84,46 @@ def test_transcribe_streams_a_file_and_reports_latency_and_flicker(tiny_kinds, c
     assert data["latency_ms_per_chunk"]["p95"] >= data["latency_ms_per_chunk"]["median"] > 0
 
 
+def test_probability_rule_cuts_at_the_first_recent_token_that_lost_ground(monkeypatch):
+    """CarelessWhisper's rule on a scripted decoder: of the last two tokens, the first whose probability fell and
+    that is no longer the argmax is dropped with what follows; older tokens are committed, never re-scored."""
+    from streamify.runtime import transcribe
+
+    streamer = object.__new__(transcribe.SpeechStreamer)
+    streamer.prompt, streamer.state = [1], transcribe.StreamState()
+    streamer.model = type("Model", (), {"config": type("Config", (), {"eos_token_id": 0})})()
+    streamer.state.committed, streamer.state.previous = [5], [5, 6, 7, 8]
+    streamer.state.probabilities = [0.9, 0.8, 0.7, 0.6]
+    scored = {"now": [0.9, 0.1, 0.5, 0.7], "best": [5, 9, 9, 8]}  # 6 fell too, but it is older than two tokens
+    monkeypatch.setattr(streamer, "_score", lambda encoded, tokens: (scored["now"], scored["best"]), raising=False)
+
+    def decode(model, encoded, prompt, eos, limit, probabilities):
+        assert prompt == [1, 5, 6]  # decoding goes on from the cut
+        probabilities += [0.95, 0.85]
+        return [10, 11]
+
+    monkeypatch.setattr(transcribe, "greedy_decode", decode)
+    streamer.state.previous = streamer._probability(object(), limit=20)  # as step() keeps it
+    assert streamer.state.previous == [5, 6, 10, 11]
+    assert streamer.state.probabilities == [0.9, 0.1, 0.95, 0.85]
+    scored.update(now=[0.9, 0.1, 0.99, 0.5], best=[5, 9, 10, 11])  # 11 fell but is still the argmax: kept
+    monkeypatch.setattr(transcribe, "greedy_decode", lambda *args: [])
+    assert streamer._probability(object(), limit=20) == [5, 6, 10, 11]
+
+
+def test_transcribe_with_the_probability_rule_never_retracts_stable_text(tiny_kinds, cli, tmp_path):
+    wav = next(write_clips(tmp_path / "clips", ["one two three"]).glob("*.wav"))
+    args = ["--chunk-ms", "100", "--commit", "probability", "--format", "json"]
+    result = cli("transcribe", tiny_kinds["speech-seq2seq"], wav, *args)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    stable = [s["stable"] for s in data["steps"]]
+    assert data["commit"] == "probability" and data["text"] == stable[-1]
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(stable))
+    bad = cli("transcribe", tiny_kinds["speech-seq2seq"], wav, "--commit", "vote")
+    assert bad.exit_code == 2 and "agreement, probability" in bad.stderr
+
+
 def test_transcribe_reads_a_live_stream_from_stdin(tiny_kinds, tmp_path):
     tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(8000) / 16000) * 32767).astype("<i2").tobytes()
     args = [sys.executable, "-m", "streamify", "transcribe", str(tiny_kinds["speech-seq2seq"]), "-", "--format", "json"]

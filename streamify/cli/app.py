@@ -42,6 +42,14 @@ app = typer.Typer(
     help="Turn offline model checkpoints into streaming, compressed, deployable ones.",
 )
 recipe_app = typer.Typer(no_args_is_help=True, help="List, show, validate shipped and local recipes.")
+CommitOpt = Annotated[
+    str,
+    typer.Option(
+        "--commit",
+        help="speech streaming: when text becomes stable, agreement (two hypotheses agree) or probability "
+        "(CarelessWhisper: the last 2 tokens re-scored each chunk)",
+    ),
+]
 convert_app = stage_group("Conversions: dtype, streaming (sinks + window attention).")
 prune_app = stage_group("Depth pruning: score blocks, remove them, heal.")
 distill_app = stage_group("Distillation: heal a modified model towards its teacher.")
@@ -160,6 +168,7 @@ def eval_(
         int | None,
         typer.Option("--chunk-ms", help="--stream of a speech model: audio per chunk (default: the model's, else 300)"),
     ] = None,
+    commit: CommitOpt = "agreement",
     tasks: Annotated[
         str | None,
         typer.Option("--tasks", help="lm-eval tasks to score too, comma-separated (needs streamify[tasks])"),
@@ -185,7 +194,7 @@ def eval_(
 
     if stream or check:
         _eval_streaming(
-            model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt, chunk_ms, max_items
+            model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt, chunk_ms, max_items, commit
         )
         return
     with command(fmt) as out:
@@ -211,7 +220,7 @@ def eval_(
 
 
 def _eval_streaming(
-    model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt, chunk_ms=None, max_items=32
+    model, data, stream, tokens, chunk, check, chunks, dtype, device, kv_bits, fmt, chunk_ms, max_items, commit
 ) -> None:
     from streamify.cli.render import render_streaming_eval
     from streamify.data.speech import SPEECH
@@ -222,13 +231,15 @@ def _eval_streaming(
     from streamify.kinds import require_kind
     from streamify.kinds.causal_lm import CAUSAL_LM, DEFAULT_TEXT
     from streamify.kinds.speech import SpeechSeq2Seq
+    from streamify.runtime.transcribe import check_commit
 
     with command(fmt) as out:
         if check not in (None, "equivalence"):
             raise UsageError(f"--check {check}: unknown check", "the one check is: --check equivalence")
+        check_commit(commit)
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
         if stream and not check and checkpoint.kind.name == SpeechSeq2Seq.name:
-            speech = speech_stream_eval(checkpoint, data or SPEECH, chunk_ms, max_items, progress=out)
+            speech = speech_stream_eval(checkpoint, data or SPEECH, chunk_ms, max_items, commit, progress=out)
             out.result({"model_spec": model, "stream": speech}, render_streaming_eval)
             return
         require_kind(checkpoint, CAUSAL_LM, "the streaming runtime")
@@ -331,6 +342,7 @@ def transcribe(
             "--first-chunk-extra-ms", help="extra audio in the first chunk, 20 ms steps (default: the model's)"
         ),
     ] = None,
+    commit: CommitOpt = "agreement",
     offline: Annotated[
         bool, typer.Option("--offline", help="also transcribe the whole clip at once, to compare")
     ] = False,
@@ -353,10 +365,17 @@ def transcribe(
     from streamify.kinds import require_kind
     from streamify.kinds.speech import SpeechSeq2Seq
     from streamify.runtime.speech_encoder import FRAME_MS, whisper_chunks
-    from streamify.runtime.transcribe import audio_pieces, first_piece, transcribe_offline, transcribe_stream
+    from streamify.runtime.transcribe import (
+        audio_pieces,
+        check_commit,
+        first_piece,
+        transcribe_offline,
+        transcribe_stream,
+    )
 
     with command(fmt) as out:
         whisper_chunks(chunk_ms or 300, first_chunk_extra_ms or 0)  # a bad size fails before the model loads
+        check_commit(commit)
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
         require_kind(checkpoint, SpeechSeq2Seq.name, "streaming transcription")
         spec = chunk_spec(checkpoint, chunk_ms, first_chunk_extra_ms)
@@ -375,7 +394,7 @@ def transcribe(
         def show(step) -> None:
             out.log(f"[{step.heard_seconds:6.2f} s] {step.stable.strip()} | {step.tentative.strip()}")
 
-        result = transcribe_stream(model_, processor, tokenizer, pieces, spec, on_step=show)
+        result = transcribe_stream(model_, processor, tokenizer, pieces, spec, on_step=show, commit=commit)
         if offline and audio is not None:
             result["offline_text"] = transcribe_offline(model_, processor, tokenizer, audio)
         out.result(result, render_transcription)

@@ -21,7 +21,12 @@ def chunk_spec(checkpoint: Checkpoint, chunk_ms: int | None, first_extra_ms: int
 
 
 def speech_stream_eval(
-    checkpoint: Checkpoint, data: str, chunk_ms: int | None, max_items: int, progress: Progress = SILENT
+    checkpoint: Checkpoint,
+    data: str,
+    chunk_ms: int | None,
+    max_items: int,
+    commit: str = "agreement",
+    progress: Progress = SILENT,
 ) -> dict:
     """Stream ``max_items`` clips of ``data``: WER of the committed text, per-chunk latency, real-time factor, flicker.
 
@@ -37,7 +42,7 @@ def speech_stream_eval(
     texts, latencies, flicker, compute, heard = [], [], [], 0.0, 0.0
     for clip in progress.track(clips, f"streaming {spec.chunk_frames * 20} ms chunks", total=len(clips)):
         pieces = audio_pieces(clip.audio, spec, clip.rate, processor.n_fft // 2)
-        result = transcribe_stream(model, processor, tokenizer, pieces, spec)
+        result = transcribe_stream(model, processor, tokenizer, pieces, spec, commit=commit)
         texts.append(result["text"])
         steps = [step["compute_ms"] for step in result["steps"]]
         latencies += steps
@@ -48,6 +53,7 @@ def speech_stream_eval(
     shown_words = sum(words for _, words in flicker)
     return {
         "chunk_ms": spec.chunk_frames * 20,
+        "commit": commit,
         "clips": len(clips),
         "wer": jiwer.wer(references, [normalize(t) for t in texts]),
         "latency_ms_per_chunk": {

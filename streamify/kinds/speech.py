@@ -125,8 +125,12 @@ def decode_limit(model: Any) -> int:
 
 
 @torch.inference_mode()
-def greedy_decode(model: Any, encoded: Any, prompt: list[int], eos: int, limit: int) -> list[int]:
-    """Greedy decoding with the decoder's KV cache; the new tokens (without the prompt or end of text)."""
+def greedy_decode(
+    model: Any, encoded: Any, prompt: list[int], eos: int, limit: int, probabilities: list[float] | None = None
+) -> list[int]:
+    """Greedy decoding with the decoder's KV cache; the new tokens (without the prompt or end of text).
+
+    With ``probabilities``, each new token's probability is appended to it."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
     out = model(encoder_outputs=encoded, decoder_input_ids=ids, use_cache=True)
@@ -136,6 +140,8 @@ def greedy_decode(model: Any, encoded: Any, prompt: list[int], eos: int, limit: 
         if token == eos:
             break
         new.append(token)
+        if probabilities is not None:
+            probabilities.append(float(out.logits[0, -1].float().softmax(-1)[token]))
         step = torch.tensor([[token]], device=device)
         cache = out.past_key_values
         out = model(encoder_outputs=encoded, decoder_input_ids=step, past_key_values=cache, use_cache=True)
