@@ -63,3 +63,54 @@ def test_bad_manifests_are_clear_errors(tmp_path, cli, tiny_kinds):
     manifest.write_text('{"text": "no audio"}\n')
     result = cli("eval", tiny_kinds["speech-seq2seq"], "--data", manifest)
     assert result.exit_code == 3 and "m.jsonl:1: not a manifest line" in result.stderr
+
+
+def _audio_parquet(folder, clips, text_column="sentence"):
+    """A data set folder as the hub stores one: parquet, an Audio feature declared in the schema metadata, the
+    audio as encoded bytes (FLAC at the clips' own rate)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    encoded = []
+    for clip in clips:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, clip.audio, clip.rate, format="FLAC")
+        encoded.append({"bytes": buffer.getvalue(), "path": clip.path.name})
+    audio = pa.array(encoded, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({"audio": audio, text_column: [clip.text for clip in clips]})
+    features = {"audio": {"_type": "Audio"}, text_column: {"dtype": "string", "_type": "Value"}}
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(table, folder / "data" / "test-00000-of-00001.parquet")
+    return folder
+
+
+def test_a_hugging_face_audio_data_set_reads_like_the_folder(tmp_path, monkeypatch):
+    """hf:NAME[:CONFIG[:SPLIT]] streams the first clips of an audio data set (here a local one, as the hub
+    lays it out), decodes the audio bytes and finds the transcript column; resampled when its rate differs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder needs no hub
+    folder = read_clips("builtin:speech", RATE, 3)
+    data = _audio_parquet(tmp_path / "set", folder)
+    clips = read_clips(f"hf:{data}::test", RATE, 2)
+    assert [c.text for c in clips] == [c.text for c in folder[:2]]
+    assert all(np.allclose(a.audio, b.audio, atol=1e-4) for a, b in zip(clips, folder, strict=False))
+    assert clips[0].resampled_from is None and str(clips[0].path).endswith("#0")
+    assert read_clips(f"hf:{data}::test", 8000, 1)[0].resampled_from == RATE
+
+
+def test_bad_hugging_face_audio_data_sets_are_clear_errors(tmp_path, monkeypatch):
+    import pytest
+
+    from streamify.errors import InputError, UsageError
+
+    folder = read_clips("builtin:speech", RATE, 1)
+    data = _audio_parquet(tmp_path / "set", folder, text_column="label")
+    with pytest.raises(InputError, match="needs an 'audio' column and a transcript column"):
+        read_clips(f"hf:{data}::test", RATE)
+    with pytest.raises(UsageError, match="malformed"):
+        read_clips("hf:a:b:c:d", RATE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE"):
+        read_clips("hf:someone/speech", RATE)

@@ -47,3 +47,39 @@ def test_whisper_tiny_en_word_error_rate_on_builtin_speech(cli):
     assert report["clips"] == 16 and report["words"] == 177
     assert 0.1 < report["wer"] < 0.3, report
     assert np.isfinite(report["nll"])
+
+
+def _stream_wer(cli, folder, items: int) -> float:
+    result = cli("eval", folder, "--stream", "--chunk-ms", "300", "--max-items", str(items), "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["stream"]["wer"]
+
+
+def test_causal_lora_lowers_the_streaming_word_error_rate(cli, tmp_path):
+    """Whisper tiny.en at 300 ms chunks on 12 held-out clips: the naive mask (no training) against 40 steps of
+    causal LoRA on 64 training clips (lr 1e-3). Measured 2026-12-01: WER 1.0000 -> 0.3571; the trained weights
+    with the mask off (bidirectional, whole clip) 0.1607, the source's 0.2321: offline recognition is kept."""
+    import jiwer
+
+    from streamify.kinds.speech import normalize
+    from streamify.runtime.chunk_causal import set_chunks
+    from streamify.runtime.transcribe import transcribe_offline
+
+    common = ["--chunk-ms", "300", "--dtype", "fp32", "--no-eval"]
+    naive = cli("convert", "causal", MODEL, "-o", tmp_path / "naive", "--steps", "0", *common)
+    assert naive.exit_code == 0, naive.stderr
+    args = ["--steps", "40", "--lr", "1e-3", "--max-clips", "64", "--warmup-steps", "4"]
+    trained = cli("convert", "causal", MODEL, "-o", tmp_path / "lora", *args, *common)
+    assert trained.exit_code == 0, trained.stderr
+    before, after = _stream_wer(cli, tmp_path / "naive", 12), _stream_wer(cli, tmp_path / "lora", 12)
+    assert after < 0.6 * before, (before, after)
+
+    offline = {}
+    for name, spec in (("source", MODEL), ("lora", str(tmp_path / "lora"))):
+        checkpoint = load_checkpoint(spec, dtype="fp32")
+        set_chunks(checkpoint.model, None)
+        clips = read_clips("builtin:speech", checkpoint.processor.sampling_rate, 12)
+        model, processor, tokenizer = checkpoint.model, checkpoint.processor, checkpoint.tokenizer
+        guesses = [normalize(transcribe_offline(model, processor, tokenizer, c.audio)) for c in clips]
+        offline[name] = jiwer.wer([normalize(c.text) for c in clips], guesses)
+    assert offline["lora"] <= offline["source"] + 0.05, offline

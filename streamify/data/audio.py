@@ -1,7 +1,9 @@
-"""Speech clips with transcripts: a folder of audio files with same-name transcripts, or a JSON-lines manifest."""
+"""Speech clips with transcripts: a folder of audio files with same-name transcripts, a JSON-lines manifest, or a
+Hugging Face audio data set (``hf:NAME[:CONFIG[:SPLIT]]``)."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +17,10 @@ from streamify.errors import InputError, UsageError
 AUDIO_SUFFIXES = (".wav", ".flac")
 AUDIO_LAYOUT = (
     "a folder of .wav or .flac files, each with its transcript in a .txt file of the same name (and word end "
-    "times in a same-name .json), a .jsonl manifest with audio, text (and words) per line, or builtin:speech"
+    "times in a same-name .json), a .jsonl manifest with audio, text (and words) per line, "
+    "hf:NAME[:CONFIG[:SPLIT]] (an audio column and a text column), or builtin:speech"
 )
+TEXT_COLUMNS = ("text", "sentence", "transcription", "normalized_text")  # what audio data sets call the transcript
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ def read_clips(data: str | None, rate: int, limit: int | None = None, split: str
         raise UsageError("speech eval needs audio: no --data given", f"pass --data FOLDER: {AUDIO_LAYOUT}")
     if data == SPEECH:
         data = str(speech_folder(split))
+    if data.startswith("hf:"):
+        return _hub_clips(data, rate, limit)
     source = Path(data).expanduser()
     if source.is_file() and source.suffix == ".jsonl":
         entries = _manifest(source)
@@ -99,16 +105,56 @@ def _json(path: Path) -> dict:
         raise InputError(f"{path}: not readable JSON ({exc})", "rewrite it, or remove it") from exc
 
 
-def _mono_at(path: Path, rate: int) -> tuple[np.ndarray, int]:
-    """``(mono float32 samples at rate Hz, the file's own rate)``; a clear error for what is not audio."""
+def _hub_clips(spec: str, rate: int, limit: int | None) -> list[Clip]:
+    """The first ``limit`` clips of a Hugging Face audio data set, streamed (nothing else is downloaded); the
+    audio column's encoded bytes are decoded with soundfile, the transcript read from a known text column."""
+    import datasets
+
+    from streamify.io.source import hub_offline
+
+    parts = spec.removeprefix("hf:").split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UsageError(f"--data {spec}: malformed data set name", "use hf:NAME[:CONFIG[:SPLIT]]")
+    name, config, split = [*parts, None, None][:3]
+    if hub_offline() and not Path(name).expanduser().exists():
+        raise InputError(f"--data {spec}: HF_HUB_OFFLINE is set, so the hub data set cannot be fetched", AUDIO_LAYOUT)
+    failed = f"--data {spec}: could not load the data set"
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as exc:  # network, missing config or split: all reported the same way
+        raise InputError(f"{failed} ({exc})", "check the name, config and split") from exc
+    columns = list(rows.features or {})
+    text = next((c for c in TEXT_COLUMNS if c in columns), None)
+    if "audio" not in columns or text is None:
+        raise InputError(
+            f"--data {spec}: needs an 'audio' column and a transcript column (columns: {', '.join(columns)})",
+            f"use a data set with 'audio' and one of {', '.join(TEXT_COLUMNS)}",
+        )
+    rows = rows.cast_column("audio", datasets.Audio(decode=False))  # bytes: decoded here, without torchcodec
+    try:
+        items = [(row["audio"], row[text]) for _, row in zip(range(limit or 10**9), rows, strict=False)]
+    except Exception as exc:  # the stream broke while reading
+        raise InputError(f"{failed} ({exc})", "check the connection and the data set's files") from exc
+    clips = []
+    for number, (audio, transcript) in enumerate(items):
+        where = Path(f"{spec}#{number}")
+        samples, found = _mono_at(io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"], rate, where)
+        clips.append(Clip(where, samples, rate, str(transcript).strip(), found if found != rate else None))
+    return clips
+
+
+def _mono_at(path, rate: int, where: Path | None = None) -> tuple[np.ndarray, int]:
+    """``(mono float32 samples at rate Hz, the file's own rate)`` of a file (or file-like object, named
+    ``where``); a clear error for what is not audio."""
     import soundfile
 
+    path_name = where or path
     try:
         audio, found = soundfile.read(path, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as exc:
-        raise InputError(f"{path}: not audio soundfile can read ({exc})", "give a .wav or .flac file") from exc
+        raise InputError(f"{path_name}: not audio soundfile can read ({exc})", "give a .wav or .flac file") from exc
     if not len(audio):
-        raise InputError(f"{path}: the file holds no samples", "give a clip with sound in it")
+        raise InputError(f"{path_name}: the file holds no samples", "give a clip with sound in it")
     mono = audio.mean(axis=1)
     if found == rate:
         return mono, found
