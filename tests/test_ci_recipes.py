@@ -167,6 +167,52 @@ def test_batch_continues_past_a_broken_model(cli, tiny_models, tmp_path):
     assert (root / "logs" / "broken.log").read_text()
 
 
+def _comparable(report: dict) -> dict:
+    """A batch report without what differs between runs (times, folders, logs)."""
+    rows = [{k: row[k] for k in ("model", "status", "exit_code")} for row in report["models"]]
+    return {"models": rows, **{k: report[k] for k in ("recipe", "overrides", "ok", "failed", "exit_code")}}
+
+
+def test_sharded_batches_merge_into_the_unsharded_report(cli, tiny_models, tmp_path):
+    """Three models (the middle one broken) in two shards, each to its own folder as on two machines, merged:
+    the same models, statuses and exit code as one batch over all three."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["llama"], broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text("model: placeholder\nstages:\n  - convert.dtype: {dtype: bf16}\neval: null\n")
+    models = ["--models", str(tiny_models["llama"]), "--models", str(broken), "--models", str(tiny_models["qwen2"])]
+    whole = cli("batch", recipe, *models, "--out-root", tmp_path / "whole", "--format", "json")
+    shards = [tmp_path / "machine1", tmp_path / "machine2"]
+    first = cli("batch", recipe, *models, "--out-root", shards[0], "--shard", "1/2", "--format", "json")
+    second = cli("batch", recipe, *models, "--out-root", shards[1], "--shard", "2/2", "--format", "json")
+    assert (first.exit_code, second.exit_code) == (3, 0), first.stderr + second.stderr
+    assert [m["model"] for m in json.loads(first.stdout)["models"]] == [str(tiny_models["llama"]), str(broken)]
+    assert (shards[1] / "batch-shard-2-of-2.json").is_file() and not (shards[1] / "batch.json").exists()
+    merged = cli("batch", "merge", *shards, "--out-root", tmp_path / "merged", "--format", "json")
+    assert merged.exit_code == whole.exit_code == 3, merged.stderr
+    assert _comparable(json.loads(merged.stdout)) == _comparable(json.loads(whole.stdout))
+    assert json.loads((tmp_path / "merged" / "batch.json").read_text())["merged_from"]
+
+    missing = cli("batch", "merge", shards[0], "--out-root", tmp_path / "m2")
+    assert missing.exit_code == 2 and "missing [2]" in missing.stderr
+    twice = cli("batch", "merge", shards[0], shards[0], shards[1], "--out-root", tmp_path / "m3")
+    assert twice.exit_code == 2 and "given twice [1]" in twice.stderr
+    assert cli("batch", recipe, *models, "--shard", "3/2").exit_code == 2
+    empty = cli("batch", recipe, "--models", str(tiny_models["llama"]), "--shard", "2/2", "--out-root", tmp_path / "e")
+    assert empty.exit_code == 2 and "no models fall in this shard" in empty.stderr
+
+
+def test_shard_slices_cover_the_list_once_in_order():
+    from streamify.pipeline.batch import shard_slice
+
+    models = [f"m{i}" for i in range(7)]
+    for count in range(1, 9):
+        slices = [shard_slice(models, (index, count)) for index in range(1, count + 1)]
+        assert [m for part in slices for m in part] == models
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
 def test_batch_refuses_two_models_with_one_output_name(cli, tiny_llama, tmp_path):
     twin = tmp_path / "elsewhere" / tiny_llama.name
     shutil.copytree(tiny_llama, twin)

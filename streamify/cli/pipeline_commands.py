@@ -16,7 +16,7 @@ cache_app = typer.Typer(no_args_is_help=True, help="The stage cache: list entrie
 
 
 def batch(
-    recipe: Annotated[str, typer.Argument(help="recipe YAML file or shipped recipe name")],
+    recipe: Annotated[str, typer.Argument(help="recipe YAML file or shipped recipe name; merge: join shard reports")],
     extra: Annotated[
         list[str] | None,
         typer.Argument(
@@ -31,6 +31,10 @@ def batch(
         "artifacts"
     ),
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="models run at the same time")] = 1,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="I/N: run only the I-th of N slices of the model list (one per machine)"),
+    ] = None,
     overwrite: OverwriteOpt = False,
     no_cache: NoCacheOpt = False,
     fmt: FormatOpt = Format.human,
@@ -38,11 +42,22 @@ def batch(
     """Apply RECIPE to many models, continue past failures, write OUT_ROOT/batch.json; exit non-zero if any failed.
 
     Models: --models M1 M2 ... (or --models M1 --models M2) and/or --models-file F.
+    Across machines: each runs `batch RECIPE ... --shard I/N` (writing
+    OUT_ROOT/batch-shard-I-of-N.json); `batch merge DIR...` then joins the shard
+    reports into OUT_ROOT/batch.json, with the exit code one batch would give.
     """
-    from streamify.pipeline.batch import read_models_file, run_batch
+    from streamify.pipeline.batch import merge_reports, parse_shard, read_models_file, run_batch
 
+    if recipe == "merge":
+        with command(fmt) as out:
+            report = merge_reports([Path(word) for word in extra or []], out_root)
+            out.result(report, render_batch)
+        if report["exit_code"]:
+            raise typer.Exit(report["exit_code"])
+        return
     overrides = [w for w in extra or [] if "=" in w or w.startswith("~")]
     with command(fmt) as out:
+        slice_ = parse_shard(shard) if shard else None
         names = list(models or []) + [w for w in extra or [] if w not in overrides]
         names += read_models_file(models_file) if models_file else []
         report = run_batch(
@@ -53,6 +68,7 @@ def batch(
             jobs=jobs,
             overwrite=overwrite,
             use_cache=not no_cache,
+            shard=slice_,
             progress=out,
         )
         out.result(report, render_batch)
@@ -62,7 +78,8 @@ def batch(
 
 def render_batch(console: Console, data: dict) -> None:
     """One row per model: status, exit code, perplexity, gates, artifact or error."""
-    table = Table(title=f"batch {data['recipe']}: {data['ok']} ok, {data['failed']} failed")
+    part = f" (shard {data['shard']['index']}/{data['shard']['count']})" if "shard" in data else ""
+    table = Table(title=f"batch {data['recipe']}{part}: {data['ok']} ok, {data['failed']} failed")
     for column in ("model", "status", "exit", "perplexity", "gates", "artifact / error"):
         table.add_column(column)
     for row in data["models"]:
@@ -78,7 +95,10 @@ def render_batch(console: Console, data: dict) -> None:
             row["output"] if row["status"] == "ok" else row.get("error", ""),
         )
     console.print(table)
-    console.print(f"report: {Path(data['out_root']) / 'batch.json'}")
+    from streamify.pipeline.batch import report_name
+
+    shard = (data["shard"]["index"], data["shard"]["count"]) if "shard" in data else None
+    console.print(f"report: {Path(data['out_root']) / report_name(shard)}")
 
 
 @cache_app.command("list")

@@ -4,6 +4,11 @@ Each model runs as ``python -m streamify run RECIPE ... model=M output=OUT_ROOT/
 so a crash, an out-of-memory kill or a bad checkpoint stops only that model.
 Its log goes to ``OUT_ROOT/logs/NAME.log``; the aggregate (per model: status,
 exit code, eval, gates, artifact path) to ``OUT_ROOT/batch.json``.
+
+Across machines, ``shard=(I, N)`` runs the I-th of N contiguous slices of the
+model list (a CI matrix or a scheduler array job gives each machine one) and
+writes ``OUT_ROOT/batch-shard-I-of-N.json``; :func:`merge_reports` joins the N
+shard reports into the report one unsharded batch would have written.
 """
 
 from __future__ import annotations
@@ -23,6 +28,28 @@ from streamify.pipeline.recipe import load_recipe
 from streamify.progress import SILENT, Progress
 
 REPORT_NAME = "batch.json"
+SHARD_PATTERN = "batch-shard-*-of-*.json"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1 <= I <= N) as ``(I, N)``; a :class:`UsageError` otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise UsageError(f"--shard {text}: not I/N with 1 <= I <= N", "e.g. --shard 1/4 for the first of four")
+    return int(match[1]), int(match[2])
+
+
+def shard_slice(models: list[str], shard: tuple[int, int]) -> list[str]:
+    """The ``I``-th of ``N`` contiguous, near-equal slices of ``models`` (the first ones one longer)."""
+    index, count = shard
+    size, extra = divmod(len(models), count)
+    start = (index - 1) * size + min(index - 1, extra)
+    return models[start : start + size + (index <= extra)]
+
+
+def report_name(shard: tuple[int, int] | None) -> str:
+    """The report file of a batch, or of one shard of it."""
+    return REPORT_NAME if shard is None else f"batch-shard-{shard[0]}-of-{shard[1]}.json"
 
 
 def output_name(model: str) -> str:
@@ -109,15 +136,26 @@ def run_batch(
     jobs: int = 1,
     overwrite: bool = False,
     use_cache: bool = True,
+    shard: tuple[int, int] | None = None,
     progress: Progress = SILENT,
 ) -> dict:
-    """Apply ``recipe`` to every model; returns the aggregate report (also written to ``out_root/batch.json``).
+    """Apply ``recipe`` to every model (or to ``shard``'s slice of them); returns the aggregate report (also
+    written to ``out_root/batch.json``, or ``out_root/batch-shard-I-of-N.json``).
 
     The recipe and overrides are validated once before any model runs. The
     report's ``exit_code`` is 0 when every model succeeded, else the exit code
     of the first model that failed (1 if a signal killed it).
     """
     overrides = list(overrides or [])
+    plan_outputs(models, out_root.expanduser().resolve())  # names clash across the whole list, not per shard
+    everything = len(models)
+    if shard is not None:
+        models = shard_slice(models, shard)
+        if not models:
+            raise UsageError(
+                f"--shard {shard[0]}/{shard[1]}: no models fall in this shard ({everything} models in all)",
+                "use at most as many shards as models",
+            )
     outputs = plan_outputs(models, out_root.expanduser().resolve())
     load_recipe(recipe, [*overrides, f"model={models[0]}", f"output={next(iter(outputs.values()))}"])
     logs = out_root / "logs"
@@ -133,8 +171,16 @@ def run_batch(
             results.append(future.result())
             last = results[-1]
             progress.log(f"{last['model']}: {last['status']} (exit {last['exit_code']}, {last['seconds']:.1f} s)")
+    report = _aggregate(recipe, overrides, out_root, results, round(time.perf_counter() - started, 3))
+    if shard is not None:
+        report["shard"] = {"index": shard[0], "count": shard[1], "models_in_all": everything}
+    _write(out_root / report_name(shard), report)
+    return report
+
+
+def _aggregate(recipe: str, overrides: list[str], out_root: Path, results: list[dict], seconds: float) -> dict:
     failed = [r for r in results if r["status"] != "ok"]
-    report = {
+    return {
         "recipe": recipe,
         "overrides": overrides,
         "out_root": str(out_root),
@@ -144,9 +190,58 @@ def run_batch(
         "exit_code": (failed[0]["exit_code"] if failed[0]["exit_code"] > 0 else int(ExitCode.INTERNAL))
         if failed
         else int(ExitCode.OK),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": seconds,
     }
-    tmp = out_root / f".{REPORT_NAME}.tmp"
+
+
+def _write(path: Path, report: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    tmp.replace(out_root / REPORT_NAME)
-    return report
+    tmp.replace(path)
+
+
+def merge_reports(sources: list[Path], out_root: Path) -> dict:
+    """Join the shard reports found in ``sources`` (folders holding ``batch-shard-I-of-N.json``, or the files
+    themselves) into one report, written to ``out_root/batch.json``: the models in the order of the
+    unsharded list, one exit code. Every shard 1..N must be there once, all of one recipe and overrides."""
+    files: list[Path] = []
+    for source in sources:
+        found = sorted(source.glob(SHARD_PATTERN)) if source.is_dir() else [source]
+        if not found or not all(f.is_file() for f in found):
+            raise UsageError(f"batch merge: {source} holds no {SHARD_PATTERN} report", "pass shard output folders")
+        files += found
+    reports = []
+    for file in files:
+        try:
+            report = json.loads(file.read_text())
+            shard = (int(report["shard"]["index"]), int(report["shard"]["count"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(
+                f"batch merge: {file} is not a shard report ({exc})", "pass batch --shard outputs"
+            ) from exc
+        report["shard"]["index"], report["shard"]["count"] = shard
+        reports.append(report)
+    counts = {r["shard"]["count"] for r in reports}
+    kinds = {(r["recipe"], tuple(r["overrides"])) for r in reports}
+    if len(counts) != 1 or len(kinds) != 1:
+        raise UsageError(
+            "batch merge: the reports come from different batches (recipe, overrides or shard count differ)",
+            "merge the shards of one batch",
+        )
+    indices = sorted(r["shard"]["index"] for r in reports)
+    (count,) = counts
+    if indices != list(range(1, count + 1)):
+        missing = sorted(set(range(1, count + 1)) - set(indices))
+        twice = sorted({i for i in indices if indices.count(i) > 1})
+        raise UsageError(
+            f"batch merge: shards of {count}: missing {missing or 'none'}, given twice {twice or 'none'}",
+            "pass each shard's report exactly once",
+        )
+    reports.sort(key=lambda r: r["shard"]["index"])
+    results = [row for report in reports for row in report["models"]]
+    recipe, overrides = next(iter(kinds))
+    merged = _aggregate(recipe, list(overrides), out_root, results, max(r["seconds"] for r in reports))
+    merged["merged_from"] = [str(f) for f in files]
+    out_root.mkdir(parents=True, exist_ok=True)
+    _write(out_root / REPORT_NAME, merged)
+    return merged
