@@ -199,6 +199,7 @@ def test_sharded_batches_merge_into_the_unsharded_report(cli, tiny_models, tmp_p
     twice = cli("batch", "merge", shards[0], shards[0], shards[1], "--out-root", tmp_path / "m3")
     assert twice.exit_code == 2 and "given twice [1]" in twice.stderr
     assert cli("batch", recipe, *models, "--shard", "3/2").exit_code == 2
+    assert "no shard reports given" in cli("batch", "merge").stderr
     empty = cli("batch", recipe, "--models", str(tiny_models["llama"]), "--shard", "2/2", "--out-root", tmp_path / "e")
     assert empty.exit_code == 2 and "no models fall in this shard" in empty.stderr
 

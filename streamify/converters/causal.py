@@ -47,7 +47,12 @@ class CausalParams(TrainParams):
         description="speech: multi-latency training, chunk sizes to sample from (ms; default: chunk_ms)",
     )
     first_chunk_extra_ms: int = Field(0, ge=0, description="speech: extra audio in the first chunk (multiple of 20 ms)")
-    left_chunks: int = Field(0, ge=0, description="chunks of left context a position sees (0: all before it)")
+    left_chunks: int = Field(
+        0,
+        ge=0,
+        description="chunks of left context a position sees (0: all before it), counted in chunks of the "
+        "size in use (each size of chunk_ms_list, or the one streamed)",
+    )
     chunk_tokens: int = Field(16, ge=1, description="text encoders: tokens per chunk")
     seq_len: int = Field(128, ge=2, description="text encoders: training sequence length (tokens of --data)")
     clips: str = Field(
@@ -100,12 +105,20 @@ def _plan_check(params: CausalParams, model, where: str) -> dict:
             f"{where}: convert.causal trains encoder-decoders the Whisper way; this is a '{model_type}'",
             "use a Whisper checkpoint (a transformers folder or a CTranslate2 one)",
         )
-    foreign = sorted(set(TEXT_ONLY if speech else SPEECH_ONLY) & params.model_fields_set)
+    fields = CausalParams.model_fields
+    other = TEXT_ONLY if speech else SPEECH_ONLY
+    foreign = [name for name in other if getattr(params, name) != fields[name].get_default(call_default_factory=True)]
     if foreign:
         family = "a speech model" if speech else "a text encoder"
         raise UsageError(
             f"{where}: {', '.join(foreign)} do not apply to {family} ('{model_type}')",
             f"leave them out; {family} takes: {', '.join(SPEECH_ONLY if speech else TEXT_ONLY)}",
+        )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not speech and isinstance(positions, int) and params.seq_len > positions:
+        raise UsageError(
+            f"{where}: --seq-len {params.seq_len} is longer than the model's {positions} positions (config.json)",
+            f"use --seq-len {positions} or less",
         )
     specs = params.specs(speech)
     if speech:

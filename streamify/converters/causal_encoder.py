@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 
 def _states(model, ids: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states (``model.base_model``: the bare encoder of a masked-LM checkpoint too;
+    peft's adapters sit inside it, so this runs them)."""
     return model.base_model(input_ids=ids).last_hidden_state
 
 
@@ -43,15 +45,16 @@ def train_text_encoder(
     blocks = token_blocks(
         checkpoint.tokenizer, load_texts(ctx.data, "train"), params.seq_len, wanted, ctx.seed, f"--data {ctx.data}"
     ).to(device)
-    with torch.no_grad():
-        teacher = torch.cat([_states(model, batch) for batch in blocks.split(max(1, params.batch_size))])
+    with torch.no_grad():  # kept on the CPU: tokens x hidden floats
+        teacher = torch.cat([_states(model, batch).cpu() for batch in blocks.split(max(1, params.batch_size))])
     trainee = add_lora(model, params.lora_rank, params.lora_alpha, list(projections))
     enable_chunk_causal(model, spec)
 
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
         rows = batch[:, 0]
-        student = _states(trainee, blocks[rows])
-        return (1 - F.cosine_similarity(student.float(), teacher[rows].float(), dim=-1)).mean()
+        student = _states(model, blocks[rows])
+        target = teacher[rows.cpu()].to(device)
+        return (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).mean()
 
     rows = torch.arange(blocks.shape[0], device=device)[:, None]
     merged, metrics = train_and_merge(model, trainee, rows, loss_fn, params, ctx)

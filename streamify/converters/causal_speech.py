@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 
 class _Items:
-    """Training items: features, teacher transcript ids, word times and the prefix cut of each (clip, spec)."""
+    """Training items: each clip's mel as the runtime computes it at the end of the stream, the teacher's
+    transcript and top-k log-probabilities, word times, and the prefix cut of each (clip, spec)."""
 
     def __init__(
         self, checkpoint: Checkpoint, params: CausalParams, specs: list[ChunkSpec], seed: int, progress
@@ -53,11 +54,15 @@ class _Items:
         clips = read_clips(params.clips, processor.sampling_rate, params.max_clips, split="train")
         self.specs = specs
         self.prompt = decoder_prompt(model)
-        features = processor([c.audio for c in clips], sampling_rate=processor.sampling_rate, return_tensors="pt")
-        self.features = features.input_features.to(next(model.parameters()).device, model.dtype)
-        per_frame = processor.sampling_rate * FRAME_MS // 1000
-        limit = model.config.max_source_positions
-        self.frames = [min(limit, -(-len(c.audio) // per_frame)) for c in clips]  # frames the audio fills
+        self.device = next(model.parameters()).device
+        rate, limit = processor.sampling_rate, model.config.max_source_positions
+        self.heard = [  # the mel of the audio alone (not padded to 30 s), as the streaming runtime has it
+            processor(c.audio, sampling_rate=rate, padding="longest", return_tensors="pt").input_features.to(
+                self.device, model.dtype
+            )
+            for c in clips
+        ]
+        self.frames = [min(limit, (mel.shape[-1] + 1) // 2) for mel in self.heard]  # the runtime's last frame
         self.words = [c.words for c in clips]
         self.texts = [c.text for c in clips]
         self.tokenizer = tokenizer
@@ -65,10 +70,11 @@ class _Items:
         progress.log(f"convert.causal: the teacher transcribes {len(clips)} training clips (its own targets)")
         self.targets, self.teacher = [], []
         with torch.no_grad():  # not inference mode: the targets are the decoder's inputs in training
-            for row in progress.track(range(len(clips)), "teacher transcripts", total=len(clips)):
-                encoded = model.get_encoder()(input_features=self.features[row : row + 1])
+            for clip in progress.track(clips, "teacher transcripts", total=len(clips)):
+                whole = processor(clip.audio, sampling_rate=rate, return_tensors="pt").input_features  # 30 s
+                encoded = model.get_encoder()(input_features=whole.to(self.device, model.dtype))
                 ids = greedy_decode(model, encoded, self.prompt, eos, decode_limit(model))
-                target = torch.tensor([*self.prompt, *ids, eos], device=self.features.device)
+                target = torch.tensor([*self.prompt, *ids, eos], device=self.device)
                 logits = _decoder_logits(model, encoded.last_hidden_state, target)
                 self.targets.append(target)
                 self.teacher.append(top_k_log_probs(logits, params.teacher_top_k, params.temperature))
@@ -127,13 +133,13 @@ def train_speech(
     eos = model.config.eos_token_id
 
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), device=items.features.device)
+        total = torch.zeros((), device=items.device)
         for row in batch[:, 0].tolist():
             clip, spec_index, draw = items.rows[row]
             spec = items.specs[spec_index]
             set_chunks(model, spec)
             heard = items.frames[clip]
-            encoded = encode_heard(trainee, items.features[clip : clip + 1], heard)  # the frames the audio fills
+            encoded = encode_heard(trainee, items.heard[clip], heard)  # the frames the runtime has at the end
             logits = _decoder_logits(trainee, encoded, items.targets[clip])
             loss = params.kl_weight * kl_to_top_k(logits, *items.teacher[clip], params.temperature)
             if params.prefix_weight and items.words[clip]:

@@ -123,7 +123,7 @@ def _hub_clips(spec: str, rate: int, limit: int | None) -> list[Clip]:
         rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as exc:  # network, missing config or split: all reported the same way
         raise InputError(f"{failed} ({exc})", "check the name, config and split") from exc
-    columns = list(rows.features or {})
+    columns = list(rows.features or {}) or list(rows.column_names or [])
     text = next((c for c in TEXT_COLUMNS if c in columns), None)
     if "audio" not in columns or text is None:
         raise InputError(
@@ -135,9 +135,13 @@ def _hub_clips(spec: str, rate: int, limit: int | None) -> list[Clip]:
         items = [(row["audio"], row[text]) for _, row in zip(range(limit or 10**9), rows, strict=False)]
     except Exception as exc:  # the stream broke while reading
         raise InputError(f"{failed} ({exc})", "check the connection and the data set's files") from exc
+    if not items:
+        raise InputError(f"--data {spec}: the split holds no clips", "check the split (hf:NAME:CONFIG:SPLIT)")
     clips = []
     for number, (audio, transcript) in enumerate(items):
         where = Path(f"{spec}#{number}")
+        if not isinstance(audio, dict) or not (audio.get("bytes") or audio.get("path")):
+            raise InputError(f"{where}: the audio column holds neither bytes nor a path", "check the data set")
         samples, found = _mono_at(io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"], rate, where)
         clips.append(Clip(where, samples, rate, str(transcript).strip(), found if found != rate else None))
     return clips

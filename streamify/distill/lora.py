@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+DROPOUT_ATTRIBUTES = ("dropout", "activation_dropout", "attention_dropout", "layerdrop")
+
 
 def add_lora(model: nn.Module, rank: int, alpha: int, targets: list[str]) -> nn.Module:
     """``model`` wrapped with LoRA on the linear layers named ``targets``; rank 0 trains all weights."""
@@ -31,7 +33,9 @@ def train_and_merge(model: nn.Module, trainee: nn.Module, rows: torch.Tensor, lo
     """Train ``trainee`` (``model`` with adapters) on ``rows`` with :func:`~streamify.distill.trainer.train`,
     resumable from the cache when ``ctx.use_cache``; the merged model and the training metrics.
 
-    The model's dropout is off while it trains: the loss compares it with the
+    The model's dropout is off while it trains (``nn.Dropout`` modules and the
+    float ``dropout``/``activation_dropout``/``attention_dropout``/``layerdrop``
+    attributes modules such as Whisper's read): the loss compares it with the
     original's deterministic outputs, which dropout noise would swamp."""
     from streamify.distill.trainer import train
     from streamify.io.cache import cache_root
@@ -39,17 +43,21 @@ def train_and_merge(model: nn.Module, trainee: nn.Module, rows: torch.Tensor, lo
 
     settings = {"params": params.model_dump(), "seed": ctx.seed, "data": ctx.data}
     checkpoint_dir = cache_root() / "train" / content_key(model, settings) if ctx.use_cache else None
-    dropouts = [module for module in model.modules() if isinstance(module, nn.Dropout)]
-    rates = [module.p for module in dropouts]
-    for module in dropouts:
-        module.p = 0.0
+    rates = [
+        (module, name, getattr(module, name))
+        for module in model.modules()
+        for name in (("p",) if isinstance(module, nn.Dropout) else DROPOUT_ATTRIBUTES)
+        if isinstance(getattr(module, name, None), float) and getattr(module, name)
+    ]
+    for module, name, _ in rates:
+        setattr(module, name, 0.0)
     try:
         result = train(
             trainee, rows, loss_fn, params, seed=ctx.seed, checkpoint_dir=checkpoint_dir, progress=ctx.progress
         )
     finally:
-        for module, rate in zip(dropouts, rates, strict=True):
-            module.p = rate
+        for module, name, rate in rates:
+            setattr(module, name, rate)
     return merge_lora(trainee), {
         "train_steps": result.steps,
         "train_resumed_from_step": result.resumed_from,

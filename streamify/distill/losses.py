@@ -15,7 +15,7 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 
 def top_k_log_probs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` most likely tokens of each position (indices) and their log-probabilities at ``temperature``."""
+    """``(log-probabilities, indices)`` of the ``k`` most likely tokens of each position at ``temperature``."""
     log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
     values, indices = log_probs.topk(min(k, logits.shape[-1]), dim=-1)
     return values, indices

@@ -204,6 +204,8 @@ def merge_reports(sources: list[Path], out_root: Path) -> dict:
     """Join the shard reports found in ``sources`` (folders holding ``batch-shard-I-of-N.json``, or the files
     themselves) into one report, written to ``out_root/batch.json``: the models in the order of the
     unsharded list, one exit code. Every shard 1..N must be there once, all of one recipe and overrides."""
+    if not sources:
+        raise UsageError("batch merge: no shard reports given", "pass the folders the shards wrote: batch merge DIR...")
     files: list[Path] = []
     for source in sources:
         found = sorted(source.glob(SHARD_PATTERN)) if source.is_dir() else [source]
@@ -239,6 +241,12 @@ def merge_reports(sources: list[Path], out_root: Path) -> dict:
         )
     reports.sort(key=lambda r: r["shard"]["index"])
     results = [row for report in reports for row in report["models"]]
+    listed = {r["shard"].get("models_in_all") for r in reports}
+    if len(listed) != 1 or listed != {len(results)}:
+        raise UsageError(
+            f"batch merge: the shards hold {len(results)} models but were cut from lists of {sorted(listed, key=str)}",
+            "merge the shards of one batch, run over one model list",
+        )
     recipe, overrides = next(iter(kinds))
     merged = _aggregate(recipe, list(overrides), out_root, results, max(r["seconds"] for r in reports))
     merged["merged_from"] = [str(f) for f in files]

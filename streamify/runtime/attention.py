@@ -42,10 +42,10 @@ class StreamingController:
         self.cache = None
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of ``positions`` (1-D), as the model's own rotary embedding computes them."""
+    def cos_sin(self, positions: torch.Tensor, like: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions`` (1-D, all below ``needed``, a bound the caller knows on the host, so no
+        device value is read back), as the model's own rotary embedding computes them."""
         key = (like.device, like.dtype)
-        needed = int(positions.max()) + 1 if positions.numel() else 1
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < needed:
             size = max(needed, 2 * table[0].shape[0] if table is not None else 256)
@@ -102,8 +102,9 @@ def attend(
     q_abs = torch.arange(q_start, q_start + chunk, device=device)
     recent_k, recent_v = recent
     k_local = torch.arange(recent_k.shape[-2], device=device)
-    cos_k, sin_k = ctl.cos_sin(k_local, query)
-    cos_q, sin_q = ctl.cos_sin(q_abs - recent_start, query)
+    cos_k, sin_k = ctl.cos_sin(k_local, query, recent_k.shape[-2])
+    # queries before the recent block (the sinks' own) see none of it: position 0 stands in, masked below
+    cos_q, sin_q = ctl.cos_sin((q_abs - recent_start).clamp(min=0), query, max(1, q_start + chunk - recent_start))
     groups = query.shape[1] // recent_k.shape[1]
     scores = [_rotate(query, cos_q, sin_q) @ _repeat_heads(_rotate(recent_k, cos_k, sin_k), groups).transpose(-1, -2)]
     k_abs = recent_start + k_local
@@ -114,8 +115,8 @@ def attend(
     if sink is not None and sink[0].shape[-2] > 0:
         sink_k, sink_v = sink
         slots = torch.arange(sink_k.shape[-2], device=device)
-        cos_s, sin_s = ctl.cos_sin(slots, query)
-        cos_qs, sin_qs = ctl.cos_sin(q_abs.clamp(max=spec.capacity), query)
+        cos_s, sin_s = ctl.cos_sin(slots, query, sink_k.shape[-2])
+        cos_qs, sin_qs = ctl.cos_sin(q_abs.clamp(max=spec.capacity), query, min(q_start + chunk, spec.capacity + 1))
         sink_scores = _rotate(query, cos_qs, sin_qs) @ _repeat_heads(_rotate(sink_k, cos_s, sin_s), groups).transpose(
             -1, -2
         )

@@ -57,9 +57,10 @@ def encode_heard(model: nn.Module, features: torch.Tensor, frames: int) -> torch
 
     Runs the stock modules (adapters included; differentiable) on
     ``features[..., :2·frames]``, the input's end zero-padded by the
-    convolutions as at the end of a stream. Under the chunk-causal mask these
+    convolutions as at the end of a stream. Under the chunk-causal mask, given
+    the mel of the audio alone and ``frames`` = (mel frames + 1) // 2, these
     are the frames :class:`StreamingEncoder` gives once the audio has ended;
-    training runs only the frames the audio fills instead of Whisper's 1,500.
+    training runs only those instead of Whisper's 1,500.
     """
     encoder = model.get_encoder()
     hidden = F.gelu(encoder.conv2(F.gelu(encoder.conv1(features[..., : 2 * frames]))))
@@ -130,9 +131,9 @@ class StreamingEncoder:
         cached = torch.arange(self.kept_from, stop)
         oldest_seen = self.spec.chunk_of(torch.tensor(stop)) - self.spec.left_chunks
         drop = int((self.spec.chunk_of(cached) < oldest_seen).sum())
-        if drop:
-            self.keys = [key[:, :, drop:] for key in self.keys]
-            self.values = [value[:, :, drop:] for value in self.values]
+        if drop:  # copies, so the dropped frames' memory is freed
+            self.keys = [key[:, :, drop:].clone() for key in self.keys]
+            self.values = [value[:, :, drop:].clone() for value in self.values]
             self.kept_from += drop
 
     def _layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, start: int) -> torch.Tensor:
