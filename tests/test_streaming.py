@@ -385,3 +385,24 @@ def test_two_streams_share_one_model(tiny_llama):
             outs[k].append(model(ids[:, start : start + 4], past_key_values=caches[k], use_cache=True).logits)
     for k in range(2):
         assert torch.equal(torch.cat(outs[k], dim=1), alone[k])
+
+
+def test_healing_learns_from_the_model_itself_not_a_copy(tiny_llama):
+    """With LoRA, the teacher is the student with its adapters off and full attention: the original's logits,
+    although the adapters change the student's, and the student streams again after each teacher call."""
+    from streamify.distill.heal import _teacher_logits
+    from streamify.distill.lora import add_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ids = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        enable_streaming(model, make_spec(2, 8, "none", model.config.num_hidden_layers))
+        trainee = add_lora(model, 4, 8, ["q_proj", "v_proj"])
+        for name, param in trainee.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)  # adapters that change the output
+        assert not torch.allclose(trainee(ids).logits, reference, atol=1e-3)
+        teacher = _teacher_logits(None, model, trainee)(ids)
+    assert torch.allclose(teacher, reference, atol=1e-5)
+    assert model.streamify_controller is not None and model.config._attn_implementation == "streamify_streaming"

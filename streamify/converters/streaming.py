@@ -90,7 +90,7 @@ def _plan_check(params: StreamingParams, model, where: str) -> dict:
     StreamingParams,
     "bounded-memory attention: sinks + sliding window, optional full layers (LongGen hybrid) and healing",
     relation="finetune",
-    training=lambda p: (p.heal, 2 * (p.sinks + p.window)) if p.heal.steps else None,
+    training=lambda p: (p.heal, 2 * (p.sinks + p.window), not p.heal.lora_rank) if p.heal.steps else None,
     check=_plan_check,
     applies=lambda model: (
         None
@@ -115,7 +115,7 @@ def convert_streaming(checkpoint: Checkpoint, params: StreamingParams, ctx: Stag
         ctx.progress.log(f"full attention: perplexity over {ids.numel()} held-out tokens (the native export's anchor)")
         check = {"tokens": ids.numel(), "data": ctx.data, "full_attention_perplexity": _perplexity(model, ids)}
     if params.heal.steps:
-        teacher = copy.deepcopy(model)
+        teacher = copy.deepcopy(model) if not params.heal.lora_rank else None  # LoRA: the model itself, no copy
         enable_streaming(model, spec)
         model, metrics = heal(
             model,

@@ -9,7 +9,8 @@ measured before and after, on text the training never saw.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from pydantic import Field
@@ -52,9 +53,21 @@ class HealParams(TrainParams):
     eval_blocks: int = Field(4, ge=1, description="held-out sequences for the KL measured before and after")
 
 
+@contextmanager
+def _as_original(model: torch.nn.Module, trainee: torch.nn.Module) -> Iterator[None]:
+    """A streaming student as it was before healing: LoRA adapters off (when added), full attention."""
+    spec = model.streamify_controller.spec
+    disable_streaming(model)
+    try:
+        with trainee.disable_adapter() if trainee is not model else nullcontext():
+            yield
+    finally:
+        enable_streaming(model, spec)
+
+
 def heal(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     tokenizer,
     params: HealParams,
     *,
@@ -67,8 +80,12 @@ def heal(
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``student`` towards ``teacher`` on ``data``; returns the healed plain model and its metrics.
 
-    ``block_map[j]`` is the teacher block whose output student block ``j``
-    imitates when ``hidden_weight`` > 0 (relative MSE, mean over blocks).
+    ``teacher`` None: a streaming student learns from itself with full
+    attention and its LoRA adapters off (peft's ``disable_adapter``), so no
+    copy of the model is held; it needs ``lora_rank`` > 0, since training all
+    weights changes the teacher too. ``block_map[j]`` is the teacher block
+    whose output student block ``j`` imitates when ``hidden_weight`` > 0
+    (relative MSE, mean over blocks; needs a separate teacher).
 
     With ``resumable``, a run killed mid-way resumes from its checkpoint in
     streamify's cache (keyed by the student's weights, the params, data and seed).
@@ -87,17 +104,27 @@ def heal(
         )
     if eval_ids.numel() < eval_tokens:
         progress.log(f"healing: held-out KL on {eval_ids.numel():,} tokens, not the {eval_tokens:,} asked")
-    teacher.eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
+    if teacher is None and (not params.lora_rank or getattr(student, "streamify_controller", None) is None):
+        raise UsageError(
+            "healing without a separate teacher needs a streaming student trained through LoRA (lora_rank > 0)",
+            "set lora_rank > 0, or give the teacher",
+        )
+    if teacher is not None:
+        teacher.eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+    device = next(student.parameters()).device
     progress.log("measuring held-out KL to the teacher before healing")
-    kl_before = heldout_kl(student, teacher, eval_ids)
+    kl_before = heldout_kl(
+        lambda ids: student(ids).logits, _teacher_logits(teacher, student, student), eval_ids, device
+    )
     settings = {"params": params.model_dump(), "seq_len": seq_len, "data": data, "seed": seed}
     checkpoint_dir = cache_root() / "train" / content_key(student, settings) if resumable else None
     targets = select_modules(student, params.lora_targets, params.lora_ignore, "heal: lora_targets/lora_ignore")
     trainee = add_lora(student, params.lora_rank, params.lora_alpha, targets)
+    teacher_logits = _teacher_logits(teacher, student, trainee)
 
-    layerwise = bool(params.hidden_weight and block_map)
+    layerwise = bool(params.hidden_weight and block_map and teacher is not None)
     teacher_blocks = block_list(teacher, "teacher")[1] if layerwise else None
     student_blocks = block_list(trainee, "student")[1] if layerwise else None
 
@@ -105,7 +132,7 @@ def heal(
         teacher_states: list[torch.Tensor] = []
         student_states: list[torch.Tensor] = []
         with torch.no_grad(), recording(teacher_blocks, teacher_states) if layerwise else nullcontext():
-            target = teacher(batch).logits
+            target = teacher_logits(batch)
         with recording(student_blocks, student_states, detach=False) if layerwise else nullcontext():
             logits = trainee(batch).logits
         loss = params.kl_weight * kl_to_teacher(logits, target, params.temperature)
@@ -116,8 +143,8 @@ def heal(
         return loss
 
     result = train(trainee, train_blocks, loss_fn, params, seed=seed, checkpoint_dir=checkpoint_dir, progress=progress)
+    kl_after = heldout_kl(lambda ids: trainee(ids).logits, teacher_logits, eval_ids, device)  # before the merge
     healed = merge_lora(trainee)
-    kl_after = heldout_kl(healed, teacher, eval_ids)
     metrics = {
         "heal_steps": result.steps,
         "heal_tokens": result.tokens,
@@ -134,6 +161,18 @@ def heal(
     return healed, metrics
 
 
+def _teacher_logits(teacher, student, trainee):
+    """ids -> the teacher's logits: a separate teacher's, or the student's own as it was (:func:`_as_original`)."""
+    if teacher is not None:
+        return lambda ids: teacher(ids).logits
+
+    def original(ids: torch.Tensor) -> torch.Tensor:
+        with _as_original(student, trainee):
+            return trainee(ids).logits
+
+    return original
+
+
 class DistillHealParams(HealParams):
     """Params of ``distill.heal``."""
 
@@ -148,7 +187,7 @@ class DistillHealParams(HealParams):
     DistillHealParams,
     "heal a modified model by distillation from a teacher (LoRA, merged)",
     relation="finetune",
-    training=lambda p: (p, 512),
+    training=lambda p: (p, 512, p.teacher is not None or not p.lora_rank),
 )
 def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageContext) -> Checkpoint:
     """Heal ``checkpoint`` towards ``params.teacher`` (or its own full-attention self when it streams)."""
@@ -156,8 +195,10 @@ def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageCo
     spec = read_spec(model.config)
     if params.teacher is not None:
         teacher = load_checkpoint(params.teacher, device=str(ctx.device), progress=ctx.progress).model
+    elif spec is not None and params.lora_rank:
+        teacher = None  # the model itself, full attention, adapters off: no copy
     elif spec is not None:
-        teacher = copy.deepcopy(model)
+        teacher = copy.deepcopy(model)  # all weights train: the original must be kept apart
         disable_streaming(teacher)
     else:
         raise UsageError(

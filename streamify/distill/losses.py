@@ -54,11 +54,11 @@ def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], block_m
 
 
 @torch.no_grad()
-def heldout_kl(student, teacher, blocks: torch.Tensor) -> float:
-    """Mean per-token KL(teacher || student) over ``blocks``, one block at a time."""
-    device = next(student.parameters()).device
+def heldout_kl(student, teacher, blocks: torch.Tensor, device: torch.device) -> float:
+    """Mean per-token KL(teacher || student) over ``blocks``, one block at a time; ``student`` and ``teacher``
+    map token ids ``[1, seq_len]`` to logits."""
     total = 0.0
     for block in blocks:
         ids = block[None].to(device)
-        total += kl_to_teacher(student(ids).logits, teacher(ids).logits).item()
+        total += kl_to_teacher(student(ids), teacher(ids)).item()
     return total / len(blocks)

@@ -53,8 +53,9 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int) -> int:
-    """Rough peak memory of a healing run: student and teacher, optimizer state, one micro-batch's activations.
+def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int, teacher_copy: bool) -> int:
+    """Rough peak memory of a healing run: the student, a teacher copy when one is kept (not when the teacher
+    is the student itself with its LoRA adapters off), optimizer state, one micro-batch's activations.
 
     Activations per token and layer: about 10 hidden + 4 intermediate values
     plus two rows of attention scores, in fp32; logits take six vocab-sized
@@ -69,7 +70,7 @@ def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int) ->
     per_token = layers * (10 * hidden + 4 * inter + 2 * heads * seq_len) + 6 * vocab
     activations = 4 * heal.batch_size * seq_len * per_token
     optimizer = 12 * params if heal.lora_rank == 0 else 0  # fp32 grad + two Adam moments
-    return int(2 * model_bytes + optimizer + activations)
+    return int((2 if teacher_copy else 1) * model_bytes + optimizer + activations)
 
 
 def _lora_modules(model, heal, where: str) -> dict:
@@ -123,8 +124,8 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
         peak = 2 * in_memory
         modules = {}
         if training is not None:
-            heal, seq_len = training
-            peak = training_bytes(config, in_memory, params, heal, seq_len)
+            heal, seq_len, teacher_copy = training
+            peak = training_bytes(config, in_memory, params, heal, seq_len, teacher_copy)
             modules = _lora_modules(model, heal, f"{where}.heal")
         if stage.final:
             cache = "not cached (writes the final format)"

@@ -51,7 +51,7 @@ class Stage:
     by this stage (None when no Hub relation fits); ``bytes_per_param`` estimates
     the stored bytes per parameter after the stage, given its params, the
     bytes before and the model (on the meta device), for the plan's disk estimate; ``training`` returns the
-    healing the stage will run as ``(HealParams, default seq_len)``, or None
+    healing the stage will run as ``(HealParams, default seq_len, keeps a teacher copy)``, or None
     (for the plan's memory estimate and module patterns); ``applies`` says why
     the stage cannot run on a model (built on the meta device), or None when it can;
     ``check(params, model, where)`` checks the params against that model before any
@@ -65,7 +65,7 @@ class Stage:
     summary: str
     relation: str | None = None
     bytes_per_param: Callable[[BaseModel, float, Any], float] = lambda params, before, model: before
-    training: Callable[[BaseModel], tuple[Any, int] | None] = lambda params: None
+    training: Callable[[BaseModel], tuple[Any, int, bool] | None] = lambda params: None
     kinds: tuple[str, ...] | Literal["all"] = ("causal-lm",)
     applies: Callable[[Any], str | None] = lambda model: None
     check: Callable[[BaseModel, Any, str], dict | None] = lambda params, model, where: None

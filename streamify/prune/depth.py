@@ -84,7 +84,7 @@ def _bytes_per_param(params: DepthParams, before: float, model) -> float:
     DepthParams,
     "remove whole blocks chosen by a metric (ShortGPT BI, angular, LLM-Streamline, loss), then heal",
     relation="finetune",
-    training=lambda p: (p.heal, 512) if p.heal.steps else None,
+    training=lambda p: (p.heal, 512, True) if p.heal.steps else None,
     bytes_per_param=_bytes_per_param,
     applies=lambda model: None if find_blocks(model) else "no list of repeated blocks",
     reshapes=True,
