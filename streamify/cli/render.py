@@ -141,7 +141,7 @@ def render_plan(console: Console, plan: dict) -> None:
         est = stage["estimate"]
         console.print(
             f"     cache: {stage['cache']}; peak memory ~{_size(est['peak_memory_bytes'])}, "
-            f"output ~{_size(est['disk_bytes'])}"
+            f"output ~{_size(est['disk_bytes'])}" + (f"; teacher: {stage['teacher']}" if "teacher" in stage else "")
         )
         for key, matches in stage["modules"].items():
             if key == "lora_modules":

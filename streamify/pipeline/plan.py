@@ -123,9 +123,11 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
         training = stage.training(stage_params)
         peak = 2 * in_memory
         modules = {}
+        teacher = None
         if training is not None:
             heal, seq_len, teacher_copy = training
             peak = training_bytes(config, in_memory, params, heal, seq_len, teacher_copy)
+            teacher = "a copy of the model" if teacher_copy else "the model itself, LoRA adapters off"
             modules = _lora_modules(model, heal, f"{where}.heal")
         if stage.final:
             cache = "not cached (writes the final format)"
@@ -142,6 +144,7 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
                 "resolved": resolved,
                 "cache": cache,
                 "estimate": {"peak_memory_bytes": peak, "disk_bytes": int(params * per_param)},
+                **({"teacher": teacher} if teacher else {}),
             }
         )
     logits = 0
