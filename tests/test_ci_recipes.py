@@ -182,9 +182,9 @@ def test_sharded_batches_merge_into_the_unsharded_report(cli, tiny_models, tmp_p
     recipe = tmp_path / "bf16.yaml"
     recipe.write_text("model: placeholder\nstages:\n  - convert.dtype: {dtype: bf16}\neval: null\n")
     models = ["--models", str(tiny_models["llama"]), "--models", str(broken), "--models", str(tiny_models["qwen2"])]
-    whole = cli("batch", recipe, *models, "--out-root", tmp_path / "whole", "--format", "json")
+    whole = cli("batch", recipe, *models, "--out-root", tmp_path / "whole", "--jobs", "3", "--format", "json")
     shards = [tmp_path / "machine1", tmp_path / "machine2"]
-    first = cli("batch", recipe, *models, "--out-root", shards[0], "--shard", "1/2", "--format", "json")
+    first = cli("batch", recipe, *models, "--out-root", shards[0], "--shard", "1/2", "--jobs", "2", "--format", "json")
     second = cli("batch", recipe, *models, "--out-root", shards[1], "--shard", "2/2", "--format", "json")
     assert (first.exit_code, second.exit_code) == (3, 0), first.stderr + second.stderr
     assert [m["model"] for m in json.loads(first.stdout)["models"]] == [str(tiny_models["llama"]), str(broken)]

@@ -25,7 +25,7 @@ from streamify.pipeline.registry import StageContext
 from streamify.runtime.chunk_causal import ChunkSpec, enable_chunk_causal
 
 if TYPE_CHECKING:
-    from streamify.converters.causal import CausalParams
+    from streamify.converters.causal_params import CausalParams
 
 
 def _states(model, ids: torch.Tensor) -> torch.Tensor:

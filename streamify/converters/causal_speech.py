@@ -40,7 +40,7 @@ from streamify.runtime.chunk_causal import ChunkSpec, enable_chunk_causal, set_c
 from streamify.runtime.speech_encoder import FRAME_MS, encode_heard
 
 if TYPE_CHECKING:
-    from streamify.converters.causal import CausalParams
+    from streamify.converters.causal_params import CausalParams
 
 
 class _Items:
