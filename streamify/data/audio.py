@@ -110,12 +110,10 @@ def _hub_clips(spec: str, rate: int, limit: int | None) -> list[Clip]:
     audio column's encoded bytes are decoded with soundfile, the transcript read from a known text column."""
     import datasets
 
+    from streamify.data.sources import hf_parts
     from streamify.io.source import hub_offline
 
-    parts = spec.removeprefix("hf:").split(":")
-    if not parts[0] or len(parts) > 3:
-        raise UsageError(f"--data {spec}: malformed data set name", "use hf:NAME[:CONFIG[:SPLIT]]")
-    name, config, split = [*parts, None, None][:3]
+    name, config, split = hf_parts(spec)
     if hub_offline() and not Path(name).expanduser().exists():
         raise InputError(f"--data {spec}: HF_HUB_OFFLINE is set, so the hub data set cannot be fetched", AUDIO_LAYOUT)
     failed = f"--data {spec}: could not load the data set"

@@ -102,11 +102,18 @@ def _parquet_texts(path: Path) -> list[str]:
     return _text_column(table, str(path))
 
 
-def _hf_texts(spec: str) -> list[str]:
+def hf_parts(spec: str) -> tuple[str, str | None, str | None]:
+    """``(name, config, split)`` of ``hf:NAME[:CONFIG[:SPLIT]]`` (empty parts None); a :class:`UsageError` when
+    malformed."""
     parts = spec.removeprefix("hf:").split(":")
     if not parts[0] or len(parts) > 3:
         raise UsageError(f"--data {spec}: malformed data set name", "use hf:NAME[:CONFIG[:SPLIT]]")
     name, config, split = [*parts, None, None][:3]
+    return name, config or None, split or None
+
+
+def _hf_texts(spec: str) -> list[str]:
+    name, config, split = hf_parts(spec)
     if hub_offline():
         raise InputError(f"--data {spec}: HF_HUB_OFFLINE is set, so the hub data set cannot be fetched", DATA_HELP)
     import datasets
