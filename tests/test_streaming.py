@@ -406,3 +406,47 @@ def test_healing_learns_from_the_model_itself_not_a_copy(tiny_llama):
         teacher = _teacher_logits(None, model, trainee)(ids)
     assert torch.allclose(teacher, reference, atol=1e-5)
     assert model.streamify_controller is not None and model.config._attn_implementation == "streamify_streaming"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@torch.inference_mode()
+def test_whole_sequence_by_query_blocks_equals_the_reference(tiny_models, arch, monkeypatch):
+    """The training forward attends in blocks of queries over the keys each block can see (here blocks of 16,
+    with 3 sinks, a window of 8 and two full-attention layers): the independent reference's logits."""
+    from streamify.runtime import attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    model = _load(tiny_models[arch])
+    spec = make_spec(sinks=3, window=8, full_layers="1,2", num_layers=4)
+    ids = _ids(3 + 8 * 12)[0]
+    reference = streamingllm_logits(model, ids, spec)
+    enable_streaming(model, spec)
+    scale = reference.abs().max().item()
+    assert (model(ids[None]).logits[0] - reference).abs().max().item() <= 2e-6 * scale
+
+
+def _saved_bytes(model, length: int) -> int:
+    """Bytes autograd keeps for the backward of one training forward of ``length`` tokens (each storage once)."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(_ids(length)).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    return sum(storages.values())
+
+
+def test_training_memory_grows_linearly_at_window_2048(tiny_llama):
+    """Healing under 4 sinks + a window of 2,048: what the backward keeps grows by the same amount from 4,096 to
+    6,144 tokens as from 6,144 to 8,192 (measured: 122.37 MB each), where attention scores over the whole sequence
+    would grow by 1.4x more each time, and by 1 GiB a layer at 8,192 tokens alone (4 heads, fp32)."""
+    model = _load(tiny_llama)
+    enable_streaming(model, make_spec(sinks=4, window=2048, full_layers="none", num_layers=4))
+    kept = [_saved_bytes(model, length) for length in (4096, 6144, 8192)]
+    first, second = kept[1] - kept[0], kept[2] - kept[1]
+    assert abs(second / first - 1) < 0.05, kept
+    assert kept[2] < 2**30, kept

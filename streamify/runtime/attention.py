@@ -22,6 +22,7 @@ the equivalence reference).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from streamify.arch import require
@@ -30,6 +31,7 @@ from streamify.model.blocks import find_blocks
 from streamify.runtime.spec import FULL, StreamingSpec
 
 IMPLEMENTATION = "streamify_streaming"
+QUERY_BLOCK = 512  # queries per block when a whole sequence is attended at once
 
 
 class StreamingController:
@@ -87,7 +89,6 @@ def attend(
     q_start: int,
     recent_start: int,
     scaling: float,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of a chunk of queries (absolute positions from ``q_start``) over sink and recent keys.
 
@@ -105,38 +106,72 @@ def attend(
     cos_k, sin_k = ctl.cos_sin(k_local, query, recent_k.shape[-2])
     # queries before the recent block (the sinks' own) see none of it: position 0 stands in, masked below
     cos_q, sin_q = ctl.cos_sin((q_abs - recent_start).clamp(min=0), query, max(1, q_start + chunk - recent_start))
-    groups = query.shape[1] // recent_k.shape[1]
-    scores = [_rotate(query, cos_q, sin_q) @ _repeat_heads(_rotate(recent_k, cos_k, sin_k), groups).transpose(-1, -2)]
     k_abs = recent_start + k_local
-    allowed = [k_abs[None] <= q_abs[:, None]]
+    allowed = k_abs[None] <= q_abs[:, None]
     if kind != FULL:
-        allowed[0] &= k_abs[None] > q_abs[:, None] - spec.window
-    values = [recent_v]
+        allowed &= k_abs[None] > q_abs[:, None] - spec.window
+    parts = [(_rotate(query, cos_q, sin_q), _rotate(recent_k, cos_k, sin_k), recent_v, allowed)]
     if sink is not None and sink[0].shape[-2] > 0:
         sink_k, sink_v = sink
         slots = torch.arange(sink_k.shape[-2], device=device)
         cos_s, sin_s = ctl.cos_sin(slots, query, sink_k.shape[-2])
         cos_qs, sin_qs = ctl.cos_sin(q_abs.clamp(max=spec.capacity), query, min(q_start + chunk, spec.capacity + 1))
-        sink_scores = _rotate(query, cos_qs, sin_qs) @ _repeat_heads(_rotate(sink_k, cos_s, sin_s), groups).transpose(
-            -1, -2
-        )
-        scores.insert(0, sink_scores)
-        allowed.insert(0, slots[None] <= q_abs[:, None])
-        values.insert(0, sink_v)
-    logits = torch.cat(scores, dim=-1) * scaling
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.masked_fill(~torch.cat(allowed, dim=-1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
-    out = probs @ _repeat_heads(torch.cat(values, dim=-2), groups)
-    return out.transpose(1, 2).contiguous()
+        sink_allowed = slots[None] <= q_abs[:, None]
+        parts.insert(0, (_rotate(query, cos_qs, sin_qs), _rotate(sink_k, cos_s, sin_s), sink_v, sink_allowed))
+    return _fused(parts, scaling).transpose(1, 2).contiguous()
+
+
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # rotated query, rotated keys, values, allowed
+
+
+def _fused(parts: list[Part], scaling: float) -> torch.Tensor:
+    """One softmax over the parts' scores in one ``scaled_dot_product_attention`` call (flash kernels: the
+    scores are never held, so training memory grows with the keys, not with queries × keys).
+
+    Each part's query and keys get their own slice of a widened head dim
+    (zeros elsewhere), so a key of part ``i`` scores ``q_i · k_i`` only; the
+    values are zero-padded to the same width, as the fused kernels want.
+    """
+    head_dim = parts[0][0].shape[-1]
+    width = head_dim * len(parts)
+    query = torch.cat([q for q, *_ in parts], dim=-1)
+    keys = torch.cat(
+        [F.pad(k, (i * head_dim, width - (i + 1) * head_dim)) for i, (_, k, _, _) in enumerate(parts)], dim=-2
+    )
+    values = torch.cat([v for _, _, v, _ in parts], dim=-2)
+    values = F.pad(values, (0, width - head_dim))
+    allowed = torch.cat([allowed for *_, allowed in parts], dim=-1)
+    groups = query.shape[1] // keys.shape[1]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1)
+    return out[..., :head_dim]
+
+
+def _whole_sequence(ctl, kind, query, key, value, scaling) -> torch.Tensor:
+    """The whole sequence under the layer's mask (training, the equivalence reference), by blocks of
+    :data:`QUERY_BLOCK` queries over the keys they can see: compute and memory grow with
+    length × (sinks + window + block), not length²."""
+    spec = ctl.spec
+    sinks = 0 if kind == FULL else spec.sinks
+    sink = (key[:, :, :sinks], value[:, :, :sinks]) if sinks else None
+    length = query.shape[-2]
+    outs = []
+    for start in range(0, length, QUERY_BLOCK):
+        stop = min(length, start + QUERY_BLOCK)
+        first = sinks if kind == FULL else max(sinks, start - spec.window + 1)
+        recent = (key[:, :, first:stop], value[:, :, first:stop])
+        outs.append(attend(ctl, kind, query[:, :, start:stop], sink, recent, start, first, scaling))
+    return torch.cat(outs, dim=1)
 
 
 def streaming_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function registered as ``streamify_streaming`` (transformers' interface)."""
     ctl, kind = module.streamify_layer
     scaling = module.scaling if scaling is None else scaling
-    softcap = kwargs.get("softcap")
+    if kwargs.get("softcap"):
+        raise InputError(
+            "streaming attention does not soft-cap attention logits, which this model's attention does",
+            "convert a model without attention logit soft-capping",
+        )
     layer = ctl.cache.layers[module.layer_idx] if ctl.cache is not None else None
     if layer is not None and layer.pending:
         out = attend(
@@ -148,7 +183,6 @@ def streaming_attention(module, query, key, value, attention_mask, scaling=None,
             layer.seen - query.shape[-2],
             layer.recent_start,
             scaling,
-            softcap,
         )
         layer.trim()
         return out, None
@@ -157,10 +191,7 @@ def streaming_attention(module, query, key, value, attention_mask, scaling=None,
             "a streaming model was called with a cache that is not streamify's",
             "use streamify.runtime.new_cache(model), or call it without past_key_values",
         )
-    sinks = 0 if kind == FULL else ctl.spec.sinks
-    sink = (key[:, :, :sinks], value[:, :, :sinks]) if sinks else None
-    out = attend(ctl, kind, query, sink, (key[:, :, sinks:], value[:, :, sinks:]), 0, sinks, scaling, softcap)
-    return out, None
+    return _whole_sequence(ctl, kind, query, key, value, scaling), None
 
 
 def _register() -> None:

@@ -62,7 +62,9 @@ def search_scale(
     linears: list[nn.Linear], inputs: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, float]:
     """The input-channel scale (and its α) minimising the group's output error after RTN."""
-    reference = [inputs @ linear.weight.float().T for linear in linears]
+    # the mean squared output error of a weight change D is tr(D G Dᵀ) / outputs, with G = XᵀX / rows:
+    # a product with the Gram matrix instead of with every input row
+    gram = inputs.T @ inputs / inputs.shape[0]
     magnitude = inputs.abs().mean(dim=0).clamp(min=1e-8)
     best, best_alpha, best_error = torch.ones_like(magnitude), 0.0, float("inf")
     for step in range(GRID):
@@ -70,9 +72,10 @@ def search_scale(
         scale = magnitude.pow(alpha)
         scale = scale / (scale.max() * scale.min()).sqrt()
         error = 0.0
-        for linear, target in zip(linears, reference, strict=True):
+        for linear in linears:
             q = rtn(linear.weight.float() * scale, group_size, symmetric, scale_dtype)
-            error += (inputs @ (q.dequantize(torch.float32) / scale).T - target).pow(2).mean().item()
+            change = q.dequantize(torch.float32) / scale - linear.weight.float()
+            error += ((change @ gram) * change).sum().item() / change.shape[0]
         if error < best_error:
             best, best_alpha, best_error = scale, alpha, error
     return best, best_alpha
