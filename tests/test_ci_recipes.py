@@ -68,7 +68,7 @@ def test_killed_run_resumes_mid_stage_to_the_same_artifact(tmp_path, tiny_llama)
     out = tmp_path / "resumed"
     killed = _streamify(["run", recipe, f"output={out}"], cache)
     deadline = time.monotonic() + 300
-    while not list(cache.glob("train/*/train_state.pt")):
+    while not list(cache.glob("train/*/step-*/streamify_train.json")):
         assert killed.poll() is None, "the run ended before its first training checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.01)

@@ -296,16 +296,16 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     assert result.resumed_from == 4
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert not (tmp_path / "train_state.pt").exists()
+    assert not tmp_path.exists()
 
 
 def test_checkpoint_for_other_parameters_is_reported_not_silently_dropped(tmp_path):
     """A checkpoint whose parameter names differ is not resumed, and the result and log say so."""
     blocks = torch.randint(0, 50, (12, 8), generator=torch.Generator().manual_seed(0))
     params = TrainParams(steps=4, lr=1e-2, grad_accum=1, warmup_steps=1, checkpoint_every=2)
-    torch.save(
-        {"step": 2, "losses": [1.0, 1.0], "weights": {"other.weight": torch.zeros(1)}}, tmp_path / "train_state.pt"
-    )
+    (tmp_path / "step-000002").mkdir()
+    record = {"step": 2, "losses": [1.0, 1.0], "names": ["other.weight"], "processes": 1}
+    (tmp_path / "step-000002" / "streamify_train.json").write_text(json.dumps(record))
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
     logged = []
 

@@ -123,6 +123,8 @@ def command(fmt: Format) -> Iterator[Reporter]:
 
     # our runtime passes past_key_values, the name every transformers 5 release accepts; 5.24 warns about it
     warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated", category=FutureWarning)
+    # accelerate's prepare_model reads is_gradient_checkpointing, which transformers 5.24 deprecates
+    warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     reporter = Reporter(fmt)

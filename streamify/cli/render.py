@@ -83,6 +83,12 @@ def render_run(console: Console, data: dict) -> None:
     if data.get("dry_run"):
         render_plan(console, data["plan"])
         return
+    if "process" in data:  # a process other than the main one under a launcher
+        console.print(
+            f"process {data['process']} of {data['processes']}: ran {', '.join(data['stages_run']) or 'no stages'} "
+            "for its share of the training; the main process writes the artifact"
+        )
+        return
     for stage in data["stages"]:
         console.print(f"stage {stage['name']}: {stage['seconds']:.1f} s {_scalars(stage['metrics'])}")
         if stage["metrics"].get("scores"):
@@ -114,14 +120,15 @@ def render_scores(console: Console, scores: dict, removed: list[int], width: int
 
 
 def _scalars(metrics: dict) -> str:
-    """The plain-valued metrics as ``key=value`` (nested tables stay in the JSON output and manifest)."""
+    """The plain-valued metrics as ``key=value`` (nested tables and long lists stay in the JSON output and
+    manifest)."""
     shown = []
     for key, value in metrics.items():
         if isinstance(value, float):
             shown.append(f"{key}={value:.4g}")
         elif isinstance(value, int | str):
             shown.append(f"{key}={value}")
-        elif isinstance(value, list):
+        elif isinstance(value, list) and len(value) <= 16:  # longer ones (loss curves) stay in the JSON
             shown.append(f"{key}={','.join(map(str, value))}")
     return " ".join(shown)
 
@@ -162,6 +169,8 @@ def render_plan(console: Console, plan: dict) -> None:
         console.print(f"  eval: {ev['data']}, {ev['max_tokens']} tokens in windows of {ev['seq_len']}{stream}")
     if plan["gates"]:
         console.print(f"  gates: {plan['gates']}")
+    if plan["processes"]["count"] > 1:
+        console.print(f"  processes: {plan['processes']['training']}")
     est = plan["estimate"]
     console.print(
         f"  estimate: peak memory ~{_size(est['peak_memory_bytes'])} "

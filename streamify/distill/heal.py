@@ -155,6 +155,7 @@ def heal(
         "heal_discarded_checkpoint": result.discarded_checkpoint,
         "heal_loss_first": result.losses[0] if result.losses else None,
         "heal_loss_last": result.losses[-1] if result.losses else None,
+        "heal_losses": result.losses,  # the loss of every step (the JSON output and the manifest)
         "heldout_kl_before": round(kl_before, 6),
         "heldout_kl_after": round(kl_after, 6),
     }

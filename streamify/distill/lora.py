@@ -63,4 +63,5 @@ def train_and_merge(model: nn.Module, trainee: nn.Module, rows: torch.Tensor, lo
         "train_resumed_from_step": result.resumed_from,
         "train_loss_first": result.losses[0] if result.losses else None,
         "train_loss_last": result.losses[-1] if result.losses else None,
+        "train_losses": result.losses,
     }

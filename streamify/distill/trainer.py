@@ -1,17 +1,22 @@
-"""The project's one training loop: seeded, gradient accumulation, lr schedule, checkpoint/resume.
+"""The project's one training loop, on accelerate: seeded, data-parallel, gradient accumulation, checkpoint/resume.
 
 Every training stage (healing after streaming conversion or depth pruning,
-and later distillation stages) calls :func:`train` with a loss function of one
-batch; the loop owns the optimizer, the schedule, the batches' order and the
-checkpoints, so a killed run resumes where it stopped and ends with the same
-weights as an uninterrupted one (the batch of step ``i`` depends only on the
-seed and ``i``).
+causal LoRA, and later distillation stages) calls :func:`train` with a loss
+function of one batch; the loop owns the optimizer, the schedule, the batches'
+order and the checkpoints. It runs through an ``accelerate.Accelerator``: one
+process as a plain loop, several (``accelerate launch`` or ``torchrun``) as
+DDP, each process taking its share of every step's micro-batches, so the
+global batch, the batch order and the result do not depend on the number of
+processes. A killed run resumes where it stopped, with any number of
+processes, and ends with the same weights as an uninterrupted one (the batch
+of step ``i`` depends only on the seed and ``i``).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
+import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,11 +25,13 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file
+from torch import nn
 
 from streamify.errors import UsageError
 from streamify.progress import SILENT, Progress
 
-CHECKPOINT_NAME = "train_state.pt"
+STATE_NAME = "streamify_train.json"  # written last into a checkpoint folder: the folder is complete
 
 
 class TrainParams(BaseModel):
@@ -82,6 +89,18 @@ def batch_indices(step: int, micro: int, params: TrainParams, num_blocks: int, s
     return torch.stack(out)
 
 
+class _Objective(nn.Module):
+    """The model and its loss as one module, so that DDP's forward runs the loss (the teacher calls included)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(batch)
+
+
 def train(
     model: torch.nn.Module,
     blocks: torch.Tensor,
@@ -95,12 +114,67 @@ def train(
     """Train ``model``'s parameters that require grad on ``blocks`` (token ids ``[n, seq_len]``).
 
     ``loss_fn(batch)`` returns the scalar loss of one micro-batch (ids on the
-    model's device). With ``checkpoint_dir``, the trainable weights, optimizer
-    and step are saved every ``checkpoint_every`` steps and a later call with
-    the same directory resumes from them; the directory is removed at the end.
+    model's device). Under several processes, process ``r`` of ``n`` runs the
+    micro-batches ``r, r + n, ...`` of each step (``grad_accum`` must be a
+    multiple of ``n``) and DDP sums their gradients. With ``checkpoint_dir``,
+    the trainable weights, optimizer, schedule and random states are saved
+    (``Accelerator.save_state``) every ``checkpoint_every`` steps and a later
+    call with the same directory resumes from them; the directory is removed
+    at the end. Only the main process logs.
     """
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
+    _refuse_half_weights(trainable)
+    accelerator = _accelerator(params, device)
+    world = accelerator.num_processes
+    if params.grad_accum % world:
+        raise UsageError(
+            f"training on {world} processes needs grad_accum (now {params.grad_accum}) to be a multiple of {world}, "
+            "so that every process takes the same share of a step's micro-batches",
+            f"set grad_accum (--heal-grad-accum) to a multiple of {world}",
+        )
+    if not accelerator.is_main_process:
+        progress = SILENT
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, params))
+    objective = accelerator.prepare_model(_Objective(model, loss_fn), device_placement=False)
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    scheduler = accelerator.prepare_scheduler(scheduler)
+    checkpoints = _Checkpoints(checkpoint_dir, accelerator, model, names)
+    start, losses, discarded = checkpoints.resume()
+    if discarded:
+        progress.log(
+            f"training: the checkpoint in {checkpoint_dir} holds other parameters than this model trains, "
+            "so it is not resumed: training starts at step 0"
+        )
+    if start:
+        progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir}")
+    model.train()
+    mine = list(range(accelerator.process_index, params.grad_accum, world))
+    for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device)
+        for micro in mine:
+            batch = blocks[batch_indices(step, micro, params, blocks.shape[0], seed)].to(device)
+            with accelerator.no_sync(objective) if micro != mine[-1] else nullcontext():
+                loss = objective(batch) / params.grad_accum
+                accelerator.backward(loss * world)  # DDP averages over the processes: the sum is wanted
+            step_loss += loss.detach().float()
+        accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(round(accelerator.reduce(step_loss, "sum").item(), 6))
+        if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
+            checkpoints.save(step + 1, losses)
+    model.eval()
+    checkpoints.clear()
+    tokens = params.steps * params.batch_size * params.grad_accum * blocks.shape[1]
+    return TrainResult(params.steps, start, losses, tokens, discarded)
+
+
+def _refuse_half_weights(trainable: list[torch.Tensor]) -> None:
+    """Refuse to train bf16/fp16 weights in place (no fp32 master copy)."""
     half_types = (torch.bfloat16, torch.float16)
     half = sorted({str(p.dtype).removeprefix("torch.") for p in trainable if p.dtype in half_types})
     if half:
@@ -110,68 +184,82 @@ def train(
             "load the model in fp32 (--dtype fp32) and train with --heal-autocast bf16 (recipe: autocast) for "
             "bf16 speed, or train LoRA adapters (lora_rank > 0), which stay fp32",
         )
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, params))
-    start, losses, discarded = _resume(checkpoint_dir, model, names, optimizer, scheduler)
-    if discarded:
-        progress.log(
-            f"training: the checkpoint {checkpoint_dir / CHECKPOINT_NAME} holds other parameters than this "
-            "model trains, so it is not resumed: training starts at step 0"
+
+
+def _accelerator(params: TrainParams, device: torch.device):
+    """An ``Accelerator`` at this run's mixed precision, on the process group that ``accelerate launch`` or
+    ``torchrun`` set up (none: one process).
+
+    accelerate keeps one state per process; a run whose stages train at different precisions (or a test
+    session) resets the precision part of it, never the process group."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = "bf16" if params.autocast == "bf16" else "no"
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision, step_scheduler_with_optimizer=False)
+    strategy = accelerator.distributed_type.value
+    if strategy in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UsageError(
+            f"the launcher asked for {strategy}; streamify's training runs as DDP (every process holds the whole "
+            "model) and does not shard it yet",
+            "launch without --use_fsdp/--use_deepspeed (accelerate launch --multi_gpu, or torchrun)",
         )
-    if start:
-        progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir / CHECKPOINT_NAME}")
-    model.train()
-    mixed = torch.autocast(device.type, dtype=torch.bfloat16) if params.autocast == "bf16" else nullcontext()
-    for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(params.grad_accum):
-            batch = blocks[batch_indices(step, micro, params, blocks.shape[0], seed)].to(device)
-            with mixed:
-                loss = loss_fn(batch) / params.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(round(step_loss, 6))
-        if checkpoint_dir is not None and (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
-            _save(checkpoint_dir, model, names, optimizer, scheduler, step + 1, losses)
-    model.eval()
-    if checkpoint_dir is not None:
-        (checkpoint_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    tokens = params.steps * params.batch_size * params.grad_accum * blocks.shape[1]
-    return TrainResult(params.steps, start, losses, tokens, discarded)
+    return accelerator
 
 
-def _save(folder: Path, model, names, optimizer, scheduler, step: int, losses: list[float]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    state = dict(model.named_parameters())
-    payload = {
-        "step": step,
-        "losses": losses,
-        "weights": {name: state[name].detach().cpu() for name in names},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-    }
-    tmp = folder / f"{CHECKPOINT_NAME}.tmp-{os.getpid()}"  # two runs of one job never share a half-written file
-    torch.save(payload, tmp)
-    os.replace(tmp, folder / CHECKPOINT_NAME)
+class _Checkpoints:
+    """Resumable training states in ``folder``: ``step-NNNNNN/``, each an ``Accelerator.save_state`` folder whose
+    model file holds the trainable weights only, plus :data:`STATE_NAME` (step, losses, parameter names)."""
 
+    def __init__(self, folder: Path | None, accelerator, model: nn.Module, names: list[str]) -> None:
+        self.folder, self.accelerator, self.model, self.names = folder, accelerator, model, names
+        accelerator.register_save_state_pre_hook(self._keep_trainable)
+        accelerator.register_load_state_pre_hook(self._load_trainable)
 
-def _resume(folder: Path | None, model, names, optimizer, scheduler) -> tuple[int, list[float], bool]:
-    """``(step, losses, discarded)`` from a checkpoint in ``folder``; one for other parameters is discarded."""
-    path = None if folder is None else folder / CHECKPOINT_NAME
-    if path is None or not path.is_file():
-        return 0, [], False
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if sorted(payload["weights"]) != sorted(names):
-        return 0, [], True
-    state = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in names:
-            state[name].copy_(payload["weights"][name])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    return int(payload["step"]), list(payload["losses"]), False
+    def _keep_trainable(self, models, weights, output_dir) -> None:
+        state = dict(self.model.named_parameters())
+        weights[:] = [{name: state[name].detach() for name in self.names}]
+
+    def _load_trainable(self, models, input_dir) -> None:
+        models.clear()  # loaded here: the file holds the trainable weights only, under the model's own names
+        stored = load_file(Path(input_dir) / "model.safetensors")
+        state = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name in self.names:
+                state[name].copy_(stored[name])
+
+    def resume(self) -> tuple[int, list[float], bool]:
+        """``(step, losses, discarded)`` from the newest complete state; one for other parameters is discarded."""
+        found = sorted(self.folder.glob(f"step-*/{STATE_NAME}")) if self.folder is not None else []
+        if not found:
+            return 0, [], False
+        record = json.loads(found[-1].read_text())
+        if sorted(record["names"]) != sorted(self.names):
+            return 0, [], True
+        self.accelerator.load_state(str(found[-1].parent))
+        return int(record["step"]), list(record["losses"]), False
+
+    def save(self, step: int, losses: list[float]) -> None:
+        """Save the state after ``step`` steps (every process takes part); older states go once it is complete."""
+        if self.folder is None:
+            return
+        target = self.folder / f"step-{step:06d}"
+        self.accelerator.save_state(str(target))
+        self.accelerator.wait_for_everyone()  # every process's random states are in
+        if self.accelerator.is_main_process:
+            record = {"step": step, "losses": losses, "names": self.names, "processes": self.accelerator.num_processes}
+            tmp = target / f"{STATE_NAME}.tmp"
+            tmp.write_text(json.dumps(record))
+            tmp.replace(target / STATE_NAME)
+            for older in self.folder.glob("step-*"):
+                if older != target:
+                    shutil.rmtree(older, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def clear(self) -> None:
+        """Remove the folder at the end of training (the main process, once every process is done)."""
+        self.accelerator.wait_for_everyone()
+        if self.folder is not None and self.accelerator.is_main_process:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -58,16 +58,17 @@ def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int, te
     is the student itself with its LoRA adapters off), optimizer state, one micro-batch's activations.
 
     Activations per token and layer: about 10 hidden + 4 intermediate values
-    plus two rows of attention scores, in fp32; logits take six vocab-sized
-    copies per token (teacher, student, their log-softmaxes, the gradient).
+    in fp32, and the attention mask's row (a byte per key; fused attention
+    keeps no scores); logits take six vocab-sized copies per token (teacher,
+    student, their log-softmaxes, the gradient). Under DDP every process
+    holds all of this: the estimate is per process.
     """
     seq_len = heal.seq_len or seq_len
     hidden = getattr(config, "hidden_size", 0) or 0
     inter = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
-    heads = getattr(config, "num_attention_heads", 1) or 1
     layers = getattr(config, "num_hidden_layers", 0) or 0
     vocab = getattr(config, "vocab_size", 0) or 0
-    per_token = layers * (10 * hidden + 4 * inter + 2 * heads * seq_len) + 6 * vocab
+    per_token = layers * (10 * hidden + 4 * inter + seq_len / 4) + 6 * vocab
     activations = 4 * heal.batch_size * seq_len * per_token
     optimizer = 12 * params if heal.lora_rank == 0 else 0  # fp32 grad + two Adam moments
     return int((2 if teacher_copy else 1) * model_bytes + optimizer + activations)
@@ -87,11 +88,14 @@ def _lora_modules(model, heal, where: str) -> dict:
     return shown
 
 
-def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bool] | None = None) -> dict:
+def build_plan(
+    recipe: Recipe, source: Source, output: Path, cache_hits: list[bool] | None = None, processes: int = 1
+) -> dict:
     """Resolved stages, model facts, per-stage cache state, module patterns and memory/disk estimates.
 
     ``cache_hits[i]`` says whether stage ``i``'s output is in the stage cache
-    (None: the cache is off).
+    (None: the cache is off); ``processes`` the processes a launcher started
+    (memory estimates are per process).
     """
     config = read_config(source, recipe.trust_remote_code)
     model = meta_model(config, recipe.trust_remote_code)
@@ -159,6 +163,7 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
         "blocks": n_blocks,
         "attention": summarize_layout(attention_layout(config, n_blocks)) if n_blocks else None,
         "output": str(output),
+        "processes": {"count": processes, "training": _strategy(processes)},
         "stages": stages,
         "kind": kind.name if kind else None,
         "eval": recipe.eval.model_dump() if recipe.eval else None,
@@ -171,6 +176,15 @@ def build_plan(recipe: Recipe, source: Source, output: Path, cache_hits: list[bo
             "available_memory_bytes": available_memory_bytes(),
         },
     }
+
+
+def _strategy(processes: int) -> str:
+    if processes == 1:
+        return "one process"
+    return (
+        f"DDP over {processes} processes: each holds the whole model and runs its share of every step's "
+        "micro-batches; memory estimates are per process"
+    )
 
 
 def check_fits(plan: dict, output: Path, progress: Progress = SILENT) -> None:

@@ -25,6 +25,7 @@ from streamify.io.verify import verify_artifact
 from streamify.pipeline.cache import StageCache, stage_keys
 from streamify.pipeline.gates import check_gates, raise_on_failure
 from streamify.pipeline.plan import build_plan, check_fits
+from streamify.pipeline.processes import launched_processes, process_device, process_state
 from streamify.pipeline.recipe import Recipe
 from streamify.pipeline.registry import StageContext
 from streamify.progress import SILENT, Progress
@@ -48,11 +49,18 @@ def run_recipe(
     when a gate fails.
     """
     source = resolve_source(recipe.model)
+    processes = launched_processes()
+    device = process_device(resolve_device(recipe.device))
+    if processes > 1 and not dry_run and not process_state(device).is_main_process:
+        return _run_share(recipe, device, use_cache, process_state(device).process_index)
     out = check_output(recipe.output, source.folder, overwrite)
-    device = resolve_device(recipe.device)
-    cache = StageCache() if use_cache else None
+    # several processes must all run the stages before training: none reuses the stage cache (training resumes
+    # from its own checkpoints)
+    cache = StageCache() if use_cache and processes == 1 else None
     keys = stage_keys(recipe, source, device) if cache else None
-    plan = build_plan(recipe, source, out, cache_hits=[cache.has(k) for k in keys] if cache else None)
+    plan = build_plan(
+        recipe, source, out, cache_hits=[cache.has(k) for k in keys] if cache else None, processes=processes
+    )
     if dry_run:
         return {"dry_run": True, "plan": plan}
     check_fits(plan, out, progress)
@@ -80,7 +88,7 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, vs_sour
     data, source_eval, source_outputs = None, None, None
     if resumed < 0 or vs_source:
         progress.log(f"loading {recipe.model}")
-        source_checkpoint = _load_source(recipe, progress)
+        source_checkpoint = _load_source(recipe, device, progress)
         load_seconds = time.perf_counter() - started
         if vs_source:
             data = eval_data(source_checkpoint, recipe.eval)
@@ -156,11 +164,26 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, vs_sour
     return summary
 
 
-def _load_source(recipe: Recipe, progress: Progress) -> Checkpoint:
+def _run_share(recipe: Recipe, device, use_cache: bool, rank: int) -> dict:
+    """A process other than the main one: the stages up to the last training stage, for its share of the
+    training; the main process runs the rest, writes the artifact and reports."""
+    stages = recipe.resolved_stages()
+    last = max((i for i, (stage, params) in enumerate(stages) if stage.training(params) is not None), default=-1)
+    checkpoint = _load_source(recipe, device, SILENT) if last >= 0 else None
+    names = []
+    for stage, params in stages[: last + 1]:
+        transformers.set_seed(recipe.seed)
+        ctx = StageContext(device=device, seed=recipe.seed, data=recipe.data, use_cache=use_cache)
+        checkpoint = stage.run(checkpoint, params, ctx)
+        names.append(stage.name)
+    return {"process": rank, "processes": launched_processes(), "stages_run": names}
+
+
+def _load_source(recipe: Recipe, device, progress: Progress) -> Checkpoint:
     return load_checkpoint(
         recipe.model,
         dtype=recipe.dtype,
-        device=recipe.device,
+        device=str(device),
         trust_remote_code=recipe.trust_remote_code,
         allow_pickle=recipe.allow_pickle,
         progress=progress,
