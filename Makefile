@@ -11,7 +11,7 @@ TEST_STAMP := $(VENV)/.streamify-test-installed
 LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test demo test lint clean
+.PHONY: install install-test demo test lint clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ demo: install
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The wheels benchmarks/gpu_check.py needs on a GPU machine without network (Python 3.12, x86-64 Linux).
+gpu-wheels: $(BIN)/python
+	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any -d gpu_wheels -r benchmarks/gpu_requirements.txt
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache

@@ -7,7 +7,8 @@ Usage:  .venv/bin/python benchmarks/healing_memory.py --baseline-tree /tmp/old [
 Each measurement runs in a fresh process (PYTHONPATH set to the tree measured) under an address-space
 limit of ``--limit-gib``: one training step of healing as ``convert streaming --heal-steps`` runs it (LoRA
 rank 16 on every linear layer but the head, KL to the model itself with its adapters off and full
-attention, batch 1) at the default healing length 2 x (sinks + window), 4 sinks. Reported: the process's
+attention, batch 1) at the default healing length 2 x (sinks + window), 4 sinks, without and with
+transformers' gradient checkpointing (``gradient_checkpointing: true`` of healing). Reported: the process's
 peak RSS (``ru_maxrss``) and the step's wall time, or "out of memory" when an allocation failed under the
 limit. The full-attention teacher pass runs under no_grad in both trees.
 """
@@ -37,6 +38,9 @@ window = int(sys.argv[1])
 model = load_checkpoint("builtin:smollm2-135m", dtype="fp32").model
 enable_streaming(model, make_spec(4, window, "none", model.config.num_hidden_layers))
 trainee = add_lora(model, 16, 32, select_modules(model, None, [], "bench"))
+if sys.argv[3] == "1":
+    trainee.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+trainee.train()
 teacher = _teacher_logits(None, model, trainee)
 ids = torch.randint(0, model.config.vocab_size, (1, 2 * (4 + window)), generator=torch.Generator().manual_seed(0))
 start = time.perf_counter()
@@ -53,11 +57,10 @@ print(json.dumps(result))
 """
 
 
-def measure(tree: Path, window: int, limit_gib: float) -> dict:
+def measure(tree: Path, window: int, limit_gib: float, checkpointing: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        [sys.executable, "-c", STEP, str(window), str(limit_gib)], capture_output=True, text=True, env=env, cwd=tree
-    )
+    command = [sys.executable, "-c", STEP, str(window), str(limit_gib), str(int(checkpointing))]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tree)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
@@ -74,10 +77,12 @@ def main() -> None:
     here = Path(__file__).resolve().parent.parent
     rows = []
     for window in [int(w) for w in args.windows.split(",")]:
-        for name, tree in (("baseline", args.baseline_tree.resolve()), ("this tree", here)):
-            row = {"window": window, "seq_len": 2 * (4 + window), "tree": name, **measure(tree, window, args.limit_gib)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for checkpointing in (False, True):
+            for name, tree in (("baseline", args.baseline_tree.resolve()), ("this tree", here)):
+                row = {"window": window, "seq_len": 2 * (4 + window), "tree": name}
+                row |= {"gradient_checkpointing": checkpointing, **measure(tree, window, args.limit_gib, checkpointing)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -80,16 +80,12 @@ def _assert_same(result: dict, weights: dict, losses: list[float]) -> None:
 
 
 def test_two_processes_train_and_resume_across_process_counts_as_one(tmp_path):
-    """Same global batch on 1 and 2 processes: the same loss curve and weights; a 2-process run killed after its
-    step-4 checkpoint resumes on 1 process, and a 1-process one on 2, to that same result."""
+    """A 2-process run killed after its step-4 checkpoint resumes on 1 process, and a 1-process one on 2, to the
+    uninterrupted 1-process run's loss curve and weights (same global batch)."""
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     weights, losses = _reference()
     params = json.dumps(PARAMS)
-
-    two = _torchrun(2, script, tmp_path / "two.pt", tmp_path / "ckpt-two", 0, params)
-    assert two.returncode == 0, two.stderr[-3000:]
-    _assert_same(torch.load(tmp_path / "two.pt"), weights, losses)
 
     for first, then, name in ((2, 1, "a"), (1, 2, "b")):
         checkpoints = tmp_path / f"ckpt-{name}"
@@ -139,3 +135,40 @@ def test_recipe_runs_unchanged_under_accelerate_launch(tmp_path, tiny_llama, cli
     assert ours.keys() == theirs.keys()
     for name, value in ours.items():
         assert torch.allclose(theirs[name], value, atol=1e-6), name
+
+
+def test_every_stage_that_trains_is_counted():
+    """Under a launcher the other processes run up to the last stage that trains; a training stage not counted
+    would leave the main process waiting for them in DDP's setup. Every stage whose params train (a ``steps``
+    or a ``heal`` field) is here, and counts exactly when it has steps."""
+    from streamify.pipeline.registry import all_stages, trains
+
+    training = {
+        "convert.streaming": ({"heal": {"steps": 2}}, {}),
+        "prune.depth": ({"remove": 1, "heal": {"steps": 2}}, {"remove": 1}),
+        "convert.causal": ({"steps": 2}, {"steps": 0}),
+        "distill.heal": ({"steps": 2}, None),  # always trains (steps >= 1)
+    }
+    stages = all_stages()
+    assert {n for n, s in stages.items() if {"steps", "heal"} & set(s.params.model_fields)} == set(training)
+    for name, (with_steps, without) in training.items():
+        stage = stages[name]
+        assert trains(stage, stage.params(**with_steps)), name
+        if without is not None:
+            assert not trains(stage, stage.params(**without)), name
+
+
+def test_dry_run_under_a_launcher_names_the_strategy_and_refuses_an_unshareable_batch(
+    tmp_path, tiny_llama, cli, monkeypatch
+):
+    """The plan under 2 processes says DDP and that its estimates are per process; grad_accum 3 cannot be
+    shared by 2 processes: refused at plan time (exit 2), before any weight is read."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text(HEAL_RECIPE.format(model=tiny_llama))
+    planned = cli("run", recipe, f"output={tmp_path / 'out'}", "--dry-run", "--format", "json")
+    assert planned.exit_code == 0, planned.stderr
+    assert "DDP over 2 processes" in json.loads(planned.stdout)["plan"]["processes"]["training"]
+    recipe.write_text(HEAL_RECIPE.format(model=tiny_llama).replace("grad_accum: 2", "grad_accum: 3"))
+    refused = cli("run", recipe, f"output={tmp_path / 'out'}", "--dry-run")
+    assert refused.exit_code == 2 and "multiple of 2" in refused.stderr

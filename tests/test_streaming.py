@@ -450,3 +450,28 @@ def test_training_memory_grows_linearly_at_window_2048(tiny_llama):
     first, second = kept[1] - kept[0], kept[2] - kept[1]
     assert abs(second / first - 1) < 0.05, kept
     assert kept[2] < 2**30, kept
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_llama):
+    """Recomputing activations in the backward changes memory, not the result; it is off again afterwards."""
+    blocks = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(0))
+    results, seen = [], []
+    for checkpointing in (False, True):
+        model = _load(tiny_llama)
+        enable_streaming(model, make_spec(sinks=2, window=8, full_layers="none", num_layers=4))
+
+        def loss_fn(batch, model=model):
+            seen.append(_checkpointing(model))
+            return torch.nn.functional.cross_entropy(model(batch).logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+        params = TrainParams(steps=3, lr=1e-2, grad_accum=1, warmup_steps=0, gradient_checkpointing=checkpointing)
+        train(model, blocks, loss_fn, params, seed=0)
+        assert not _checkpointing(model)
+        results.append(model.state_dict())
+    assert seen == [False] * 3 + [True] * 3
+    for name, value in results[0].items():
+        assert torch.allclose(results[1][name], value, atol=1e-6), name

@@ -107,7 +107,7 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple
 
 def _crc32(tensor: torch.Tensor) -> int:
     """CRC-32 of a tensor's bytes as safetensors stores them."""
-    return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 @dataclass

@@ -66,6 +66,7 @@ def _plan_check(params: CausalParams, model, where: str) -> dict:
     relation="finetune",
     kinds=("speech-seq2seq", "encoder"),
     check=_plan_check,
+    trains=lambda p: p.steps > 0,
 )
 def convert_causal(checkpoint: Checkpoint, params: CausalParams, ctx: StageContext) -> Checkpoint:
     """Mask the encoder chunk-causally; with ``steps`` > 0, train LoRA adapters to work under the mask."""

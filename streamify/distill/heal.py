@@ -19,7 +19,7 @@ from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.distill.lora import add_lora, merge_lora
 from streamify.distill.losses import heldout_kl, hidden_mse, kl_to_teacher, next_token_ce
-from streamify.distill.trainer import TrainParams, train
+from streamify.distill.trainer import TrainParams, result_params, train
 from streamify.errors import UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
@@ -118,7 +118,7 @@ def heal(
     kl_before = heldout_kl(
         lambda ids: student(ids).logits, _teacher_logits(teacher, student, student), eval_ids, device
     )
-    settings = {"params": params.model_dump(), "seq_len": seq_len, "data": data, "seed": seed}
+    settings = {"params": result_params(params), "seq_len": seq_len, "data": data, "seed": seed}
     checkpoint_dir = cache_root() / "train" / content_key(student, settings) if resumable else None
     targets = select_modules(student, params.lora_targets, params.lora_ignore, "heal: lora_targets/lora_ignore")
     trainee = add_lora(student, params.lora_rank, params.lora_alpha, targets)

@@ -37,11 +37,11 @@ def train_and_merge(model: nn.Module, trainee: nn.Module, rows: torch.Tensor, lo
     float ``dropout``/``activation_dropout``/``attention_dropout``/``layerdrop``
     attributes modules such as Whisper's read): the loss compares it with the
     original's deterministic outputs, which dropout noise would swamp."""
-    from streamify.distill.trainer import train
+    from streamify.distill.trainer import result_params, train
     from streamify.io.cache import cache_root
     from streamify.model.fingerprint import content_key
 
-    settings = {"params": params.model_dump(), "seed": ctx.seed, "data": ctx.data}
+    settings = {"params": result_params(params), "seed": ctx.seed, "data": ctx.data}
     checkpoint_dir = cache_root() / "train" / content_key(model, settings) if ctx.use_cache else None
     rates = [
         (module, name, getattr(module, name))

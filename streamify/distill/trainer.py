@@ -48,6 +48,11 @@ class TrainParams(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     checkpoint_every: int = Field(25, ge=1, description="save a resumable checkpoint every N steps")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in the backward pass instead of keeping them "
+        "(transformers' gradient checkpointing): far less memory at long sequences, for about a third more time",
+    )
     autocast: Literal["off", "bf16"] = Field(
         "off",
         description="bf16: forward passes under torch.autocast in bf16 (weights, gradients and optimizer stay "
@@ -64,6 +69,22 @@ class TrainResult:
     losses: list[float]
     tokens: int
     discarded_checkpoint: bool = False  # a checkpoint for other parameters was found and not used
+
+
+def check_share(grad_accum: int, processes: int, where: str) -> None:
+    """Refuse a ``grad_accum`` that ``processes`` cannot share equally (each takes every n-th micro-batch)."""
+    if grad_accum % processes:
+        raise UsageError(
+            f"{where}: training on {processes} processes needs grad_accum (now {grad_accum}) to be a multiple of "
+            f"{processes}, so that every process takes the same share of a step's micro-batches",
+            f"set grad_accum (--heal-grad-accum, --grad-accum) to a multiple of {processes}",
+        )
+
+
+def result_params(params: TrainParams) -> dict:
+    """The params that decide a training's result (part of its checkpoint's key): all but how memory and
+    checkpoints are handled, so turning gradient checkpointing on still resumes a run."""
+    return params.model_dump(exclude={"gradient_checkpointing", "checkpoint_every"})
 
 
 def lr_factor(step: int, params: TrainParams) -> float:
@@ -127,12 +148,7 @@ def train(
     _refuse_half_weights(trainable)
     accelerator = _accelerator(params, device)
     world = accelerator.num_processes
-    if params.grad_accum % world:
-        raise UsageError(
-            f"training on {world} processes needs grad_accum (now {params.grad_accum}) to be a multiple of {world}, "
-            "so that every process takes the same share of a step's micro-batches",
-            f"set grad_accum (--heal-grad-accum) to a multiple of {world}",
-        )
+    check_share(params.grad_accum, world, "training")
     if not accelerator.is_main_process:
         progress = SILENT
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -150,27 +166,47 @@ def train(
         )
     if start:
         progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir}")
-    model.train()
     mine = list(range(accelerator.process_index, params.grad_accum, world))
-    for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        for micro in mine:
-            batch = blocks[batch_indices(step, micro, params, blocks.shape[0], seed)].to(device)
-            with accelerator.no_sync(objective) if micro != mine[-1] else nullcontext():
-                loss = objective(batch) / params.grad_accum
-                accelerator.backward(loss * world)  # DDP averages over the processes: the sum is wanted
-            step_loss += loss.detach().float()
-        accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(round(accelerator.reduce(step_loss, "sum").item(), 6))
-        if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
-            checkpoints.save(step + 1, losses)
-    model.eval()
+    if params.gradient_checkpointing:
+        _checkpoint_activations(model, True)
+    model.train()
+    try:
+        for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            for micro in mine:
+                batch = blocks[batch_indices(step, micro, params, blocks.shape[0], seed)].to(device)
+                with accelerator.no_sync(objective) if micro != mine[-1] else nullcontext():
+                    loss = objective(batch) / params.grad_accum
+                    (loss * world).backward()  # DDP averages over the processes: the sum is wanted
+                step_loss += loss.detach().float()
+            accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(round(accelerator.reduce(step_loss, "sum").item(), 6))
+            if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
+                checkpoints.save(step + 1, losses)
+    finally:
+        model.eval()
+        if params.gradient_checkpointing:
+            _checkpoint_activations(model, False)
     checkpoints.clear()
+    accelerator.free_memory()  # the optimizer's state and DDP's buffers go now, not at a later collection
     tokens = params.steps * params.batch_size * params.grad_accum * blocks.shape[1]
     return TrainResult(params.steps, start, losses, tokens, discarded)
+
+
+def _checkpoint_activations(model: nn.Module, on: bool) -> None:
+    """Turn transformers' gradient checkpointing on (non-reentrant: frozen inputs are fine) or off."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise UsageError(
+            f"gradient_checkpointing: {type(model).__name__} is not a transformers model that offers it",
+            "set gradient_checkpointing to false",
+        )
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _refuse_half_weights(trainable: list[torch.Tensor]) -> None:
@@ -231,15 +267,27 @@ class _Checkpoints:
                 state[name].copy_(stored[name])
 
     def resume(self) -> tuple[int, list[float], bool]:
-        """``(step, losses, discarded)`` from the newest complete state; one for other parameters is discarded."""
-        found = sorted(self.folder.glob(f"step-*/{STATE_NAME}")) if self.folder is not None else []
-        if not found:
+        """``(step, losses, discarded)`` from the newest complete state; one for other parameters is discarded.
+
+        The main process decides, from its folder, and every process follows (on several machines the
+        folder must be shared); a process that cannot read the state the main one chose fails loudly.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        chosen = [self._newest() if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(chosen)
+        folder, record = chosen[0] or (None, None)
+        if record is None:
             return 0, [], False
-        record = json.loads(found[-1].read_text())
         if sorted(record["names"]) != sorted(self.names):
             return 0, [], True
-        self.accelerator.load_state(str(found[-1].parent))
+        self.accelerator.load_state(folder)
         return int(record["step"]), list(record["losses"]), False
+
+    def _newest(self) -> tuple[str, dict] | None:
+        found = sorted(self.folder.glob(f"step-*/{STATE_NAME}")) if self.folder is not None else []
+        return (str(found[-1].parent), json.loads(found[-1].read_text())) if found else None
 
     def save(self, step: int, losses: list[float]) -> None:
         """Save the state after ``step`` steps (every process takes part); older states go once it is complete."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from streamify.distill.trainer import check_share
 from streamify.errors import InputError, ResourceError
 from streamify.io.config import instantiate, model_class, read_config
 from streamify.io.placement import DTYPES
@@ -17,7 +19,7 @@ from streamify.model.blocks import find_blocks
 from streamify.model.params import count_params
 from streamify.model.patterns import match_patterns, select_modules
 from streamify.pipeline.recipe import Recipe
-from streamify.pipeline.registry import why_not
+from streamify.pipeline.registry import trains, why_not
 from streamify.progress import SILENT, Progress
 
 _LOGIT_BYTES = 4 * 3  # fp32 logits, their log-softmax and the gradient-free copy cross_entropy makes
@@ -60,7 +62,8 @@ def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int, te
     Activations per token and layer: about 10 hidden + 4 intermediate values
     in fp32, and the attention mask's row (a byte per key; fused attention
     keeps no scores); logits take six vocab-sized copies per token (teacher,
-    student, their log-softmaxes, the gradient). Under DDP every process
+    student, their log-softmaxes, the gradient); with gradient checkpointing
+    only each block's input and one block's activations are kept. Under DDP every process
     holds all of this: the estimate is per process.
     """
     seq_len = heal.seq_len or seq_len
@@ -68,7 +71,9 @@ def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int, te
     inter = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
     layers = getattr(config, "num_hidden_layers", 0) or 0
     vocab = getattr(config, "vocab_size", 0) or 0
-    per_token = layers * (10 * hidden + 4 * inter + seq_len / 4) + 6 * vocab
+    layer = 10 * hidden + 4 * inter + seq_len / 4
+    # gradient checkpointing keeps each block's input and one block's activations at a time
+    per_token = (layers * hidden + layer if heal.gradient_checkpointing else layers * layer) + 6 * vocab
     activations = 4 * heal.batch_size * seq_len * per_token
     optimizer = 12 * params if heal.lora_rank == 0 else 0  # fp32 grad + two Adam moments
     return int((2 if teacher_copy else 1) * model_bytes + optimizer + activations)
@@ -125,6 +130,8 @@ def build_plan(
         in_memory = int(params * per_param)
         per_param = stage.bytes_per_param(stage_params, per_param, model)
         training = stage.training(stage_params)
+        if processes > 1 and trains(stage, stage_params):
+            check_share((training[0] if training else stage_params).grad_accum, processes, where)
         peak = 2 * in_memory
         modules = {}
         teacher = None
@@ -163,7 +170,11 @@ def build_plan(
         "blocks": n_blocks,
         "attention": summarize_layout(attention_layout(config, n_blocks)) if n_blocks else None,
         "output": str(output),
-        "processes": {"count": processes, "training": _strategy(processes)},
+        "processes": {
+            "count": processes,
+            "on_this_machine": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            "training": _strategy(processes),
+        },
         "stages": stages,
         "kind": kind.name if kind else None,
         "eval": recipe.eval.model_dump() if recipe.eval else None,
@@ -195,9 +206,12 @@ def check_fits(plan: dict, output: Path, progress: Progress = SILENT) -> None:
     """
     estimate = plan["estimate"]
     available = estimate["available_memory_bytes"]
-    if available is not None and estimate["peak_memory_bytes"] > available:
+    local = plan["processes"]["on_this_machine"]  # each loads the whole model here
+    needed = estimate["peak_memory_bytes"] * local
+    if available is not None and needed > available:
+        processes = f" ({local} processes on this machine)" if local > 1 else ""
         raise ResourceError(
-            f"{plan['model']}: the run needs about {estimate['peak_memory_bytes'] / 2**30:.1f} GiB of memory, "
+            f"{plan['model']}: the run needs about {needed / 2**30:.1f} GiB of memory{processes}, "
             f"{available / 2**30:.1f} GiB is available",
             "free memory, use --dtype bf16, or run on a bigger machine",
         )

@@ -9,8 +9,13 @@ the stages after it, writes the artifact, evaluates and logs.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
+
+# How long a process waits in a collective: the others wait while the main process alone verifies the source
+# or evaluates it before training, which can take hours on a large model (NCCL's default is 10 minutes).
+WAIT = timedelta(hours=6)
 
 
 def launched_processes() -> int:
@@ -19,10 +24,11 @@ def launched_processes() -> int:
 
 
 def process_state(requested: torch.device):
-    """accelerate's ``PartialState`` for this process (sets up the process group: NCCL on GPUs, gloo on CPUs)."""
+    """accelerate's ``PartialState`` for this process (sets up the process group: NCCL on GPUs, gloo on CPUs,
+    with a :data:`WAIT` timeout)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=requested.type == "cpu" or not torch.cuda.is_available())
+    return PartialState(cpu=requested.type == "cpu" or not torch.cuda.is_available(), timeout=WAIT)
 
 
 def process_device(requested: torch.device) -> torch.device:

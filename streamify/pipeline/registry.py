@@ -56,7 +56,8 @@ class Stage:
     the stage cannot run on a model (built on the meta device), or None when it can;
     ``check(params, model, where)`` checks the params against that model before any
     weight is read (raising a clear error) and returns what it resolved for the plan;
-    ``reshapes`` marks a stage after which the source's shapes no longer hold.
+    ``reshapes`` marks a stage after which the source's shapes no longer hold; ``trains`` marks params
+    with which a stage trains outside ``training`` (see :func:`trains`).
     """
 
     name: str
@@ -71,6 +72,13 @@ class Stage:
     check: Callable[[BaseModel, Any, str], dict | None] = lambda params, model, where: None
     reshapes: bool = False
     final: bool = False
+    trains: Callable[[BaseModel], bool] = lambda params: False
+
+
+def trains(stage: Stage, params: BaseModel) -> bool:
+    """Whether ``stage`` runs the training loop with ``params`` (under a launcher every process takes part):
+    it heals (``training``) or says so (``trains``)."""
+    return stage.training(params) is not None or stage.trains(params)
 
 
 _REGISTRY: dict[str, Stage] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 import transformers
 
 from streamify.eval.report import eval_data, evaluate
@@ -27,7 +28,7 @@ from streamify.pipeline.gates import check_gates, raise_on_failure
 from streamify.pipeline.plan import build_plan, check_fits
 from streamify.pipeline.processes import launched_processes, process_device, process_state
 from streamify.pipeline.recipe import Recipe
-from streamify.pipeline.registry import StageContext
+from streamify.pipeline.registry import StageContext, trains
 from streamify.progress import SILENT, Progress
 
 
@@ -50,9 +51,13 @@ def run_recipe(
     """
     source = resolve_source(recipe.model)
     processes = launched_processes()
-    device = process_device(resolve_device(recipe.device))
-    if processes > 1 and not dry_run and not process_state(device).is_main_process:
-        return _run_share(recipe, device, use_cache, process_state(device).process_index)
+    device = resolve_device(recipe.device)
+    if processes > 1 and not dry_run:  # a dry run plans without joining the process group
+        device = process_device(device)
+        if not process_state(device).is_main_process:
+            return _run_share(recipe, device, use_cache, process_state(device).process_index)
+    if processes > 1 and device.type == "cpu" and torch.cuda.is_available():
+        progress.log(f"warning: {processes} processes train on the CPU although this machine has GPUs: set device=cuda")
     out = check_output(recipe.output, source.folder, overwrite)
     # several processes must all run the stages before training: none reuses the stage cache (training resumes
     # from its own checkpoints)
@@ -168,7 +173,7 @@ def _run_share(recipe: Recipe, device, use_cache: bool, rank: int) -> dict:
     """A process other than the main one: the stages up to the last training stage, for its share of the
     training; the main process runs the rest, writes the artifact and reports."""
     stages = recipe.resolved_stages()
-    last = max((i for i, (stage, params) in enumerate(stages) if stage.training(params) is not None), default=-1)
+    last = max((i for i, (stage, params) in enumerate(stages) if trains(stage, params)), default=-1)
     checkpoint = _load_source(recipe, device, SILENT) if last >= 0 else None
     names = []
     for stage, params in stages[: last + 1]:

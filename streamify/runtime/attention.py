@@ -142,6 +142,8 @@ def _fused(parts: list[Part], scaling: float) -> torch.Tensor:
     values = F.pad(values, (0, width - head_dim))
     allowed = torch.cat([allowed for *_, allowed in parts], dim=-1)
     groups = query.shape[1] // keys.shape[1]
+    if groups > 1 and query.device.type != "cpu":  # CUDA's fused kernels take a mask only without enable_gqa
+        keys, values, groups = _repeat_heads(keys, groups), _repeat_heads(values, groups), 1
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1)
     return out[..., :head_dim]
 

@@ -124,7 +124,7 @@ def q8_0(tensor: torch.Tensor) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    return quantize(tensor.detach().float().numpy(), GGMLQuantizationType.Q8_0)
+    return quantize(tensor.detach().float().cpu().numpy(), GGMLQuantizationType.Q8_0)
 
 
 @torch.no_grad()
@@ -205,7 +205,7 @@ def write_gguf(
         if tensor is table and embedding == "Q8_0":
             writer.add_tensor(target, q8_0(tensor), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             continue
-        data = tensor.detach().float()
+        data = tensor.detach().float().cpu()  # the model may be on a GPU
         if rotary:
             data = _permute_rows(data, rotary)
         kind = np.float32 if data.ndim == 1 else np.float16
