@@ -1,7 +1,7 @@
 """Peak memory and time of one healing step on SmolLM2-135M under sinks + window, this tree against another.
 
 Usage:  .venv/bin/python benchmarks/healing_memory.py --baseline-tree /tmp/old [--windows 512,2048,4096]
-                                                      [--limit-gib 20] [--json out.json]
+                                                      [--limit-gib 20] [--skip-baseline] [--json out.json]
         (/tmp/old: a checkout of an earlier streamify, e.g. ``git worktree add /tmp/old 6ae7f14``)
 
 Each measurement runs in a fresh process (PYTHONPATH set to the tree measured) under an address-space
@@ -69,16 +69,22 @@ def measure(tree: Path, window: int, limit_gib: float, checkpointing: bool) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline-tree", type=Path, required=True, help="checkout of the streamify to compare")
+    parser.add_argument("--baseline-tree", type=Path, help="checkout of the streamify to compare")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure this tree only")
     parser.add_argument("--windows", default="512,2048,4096")
     parser.add_argument("--limit-gib", type=float, default=20.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.baseline_tree is None and not args.skip_baseline:
+        parser.error("give --baseline-tree (or --skip-baseline)")
     here = Path(__file__).resolve().parent.parent
     rows = []
     for window in [int(w) for w in args.windows.split(",")]:
         for checkpointing in (False, True):
-            for name, tree in (("baseline", args.baseline_tree.resolve()), ("this tree", here)):
+            trees = [("this tree", here)]
+            if not args.skip_baseline:
+                trees.insert(0, ("baseline", args.baseline_tree.resolve()))
+            for name, tree in trees:
                 row = {"window": window, "seq_len": 2 * (4 + window), "tree": name}
                 row |= {"gradient_checkpointing": checkpointing, **measure(tree, window, args.limit_gib, checkpointing)}
                 rows.append(row)

@@ -475,3 +475,20 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_llama):
     assert seen == [False] * 3 + [True] * 3
     for name, value in results[0].items():
         assert torch.allclose(results[1][name], value, atol=1e-6), name
+
+
+def test_kl_to_the_teacher_in_pieces_equals_the_whole_sequence_formula():
+    """KL(teacher || student) over 3,000 positions (three pieces of 1,024, the last short), value and gradient,
+    equals torch's kl_div of the whole log-softmaxes (batchmean, T²)."""
+    from streamify.distill.losses import kl_to_teacher
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 1500, 64, generator=generator, requires_grad=True)
+    teacher = torch.randn(2, 1500, 64, generator=generator)
+    ours = kl_to_teacher(student, teacher, temperature=2.0)
+    (ours_grad,) = torch.autograd.grad(ours, student)
+    logs = [torch.nn.functional.log_softmax(x.reshape(-1, 64) / 2.0, dim=-1) for x in (student, teacher)]
+    whole = torch.nn.functional.kl_div(*logs, log_target=True, reduction="batchmean") * 4.0
+    (whole_grad,) = torch.autograd.grad(whole, student)
+    assert torch.allclose(ours, whole, rtol=1e-5)
+    assert torch.allclose(ours_grad, whole_grad, atol=1e-8)

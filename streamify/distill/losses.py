@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+KL_CHUNK = 1024  # positions per piece of :func:`kl_to_teacher`
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) at ``temperature`` (scaled by T² as in Hinton et al.)."""
+    """Mean per-token KL(teacher || student) at ``temperature`` (scaled by T² as in Hinton et al.).
+
+    Computed over pieces of :data:`KL_CHUNK` positions, each recomputed in the
+    backward pass (``torch.utils.checkpoint``): the log-softmaxes of only one
+    piece exist at a time, not of the whole sequence (at 8k tokens and a 49k
+    vocabulary each full copy is 1.6 GB).
+    """
     vocab = student_logits.shape[-1]
-    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.reshape(-1, vocab)
+    total = sum(
+        checkpoint(_kl_sum, student[i : i + KL_CHUNK], teacher[i : i + KL_CHUNK], temperature, use_reentrant=False)
+        for i in range(0, student.shape[0], KL_CHUNK)
+    )
+    return total / student.shape[0] * temperature**2
+
+
+def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum")
 
 
 def top_k_log_probs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
