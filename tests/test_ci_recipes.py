@@ -59,7 +59,7 @@ def _streamify(args: list[str], cache: Path, **kwargs) -> subprocess.Popen:
 
 def test_killed_run_resumes_mid_stage_to_the_same_artifact(tmp_path, tiny_llama):
     recipe = tmp_path / "heal.yaml"
-    recipe.write_text(HEAL_RECIPE.format(model=tiny_llama, steps=100))
+    recipe.write_text(HEAL_RECIPE.format(model=tiny_llama, steps=40))
     whole = _streamify(["run", recipe, f"output={tmp_path / 'whole'}", "--format", "json"], tmp_path / "cache-a")
     _, err = whole.communicate(timeout=600)
     assert whole.returncode == 0, err

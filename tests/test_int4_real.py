@@ -58,7 +58,9 @@ def test_rtn_rise_on_smollm2(fp32_perplexity, rtn_perplexity):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_calibrated_methods_beat_rtn_on_smollm2(heldout, fp32_perplexity, rtn_perplexity, method):
     """Same group size (64, divides 576), same held-out text: each calibrated method within its measured bounds."""
-    calibrated = quantize(method=method, group_size=64, samples=32, seq_len=256)
+    # AWQ keeps 4,096 input rows per linear: 16 x 256 tokens give it what 32 x 256 do (22.238 both, measured)
+    samples = 16 if method == "awq" else 32
+    calibrated = quantize(method=method, group_size=64, samples=samples, seq_len=256)
     ours = perplexity(calibrated.model, heldout, 1)["perplexity"]
     vs_fp32, vs_rtn = BOUNDS[method]
     assert ours < vs_fp32 * fp32_perplexity and ours < vs_rtn * rtn_perplexity, (method, ours, rtn_perplexity)

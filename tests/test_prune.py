@@ -203,13 +203,12 @@ def test_bad_pruning_requests(tmp_path, tiny_llama, cli, args, message):
 
 
 @pytest.mark.real
-def test_pruned_smollm2_heals_towards_the_teacher(tmp_path, cli, monkeypatch):
-    """SmolLM2 30 -> 26 blocks (angular span), then 20 LoRA steps of KL to the unpruned model.
+def test_pruned_smollm2_heals_towards_the_teacher(tmp_path, cli):
+    """SmolLM2 30 -> 26 blocks (angular span), then 12 LoRA steps of KL to the unpruned model.
 
-    Measured on this machine: held-out KL to the teacher 0.595 before healing, 0.449 after.
+    Measured on this machine with 20 steps: held-out KL to the teacher 0.595 before healing, 0.449 after.
     """
-    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
-    args = ["--remove", "4", "--samples", "2", "--seq-len", "128", "--heal-steps", "20", "--heal-lr", "5e-4"]
+    args = ["--remove", "4", "--samples", "2", "--seq-len", "128", "--heal-steps", "12", "--heal-lr", "5e-4"]
     result = cli(
         "prune",
         "depth",
