@@ -54,8 +54,9 @@ def run_recipe(
     device = resolve_device(recipe.device)
     if processes > 1 and not dry_run:  # a dry run plans without joining the process group
         device = process_device(device)
-        if not process_state(device).is_main_process:
-            return _run_share(recipe, device, use_cache, process_state(device).process_index)
+        state = process_state(device)
+        if not state.is_main_process:
+            return _run_share(recipe, device, use_cache, state.process_index)
     if processes > 1 and device.type == "cpu" and torch.cuda.is_available():
         progress.log(f"warning: {processes} processes train on the CPU although this machine has GPUs: set device=cuda")
     out = check_output(recipe.output, source.folder, overwrite)
