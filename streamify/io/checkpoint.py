@@ -11,6 +11,7 @@ from streamify.io.source import Source
 
 if TYPE_CHECKING:
     from streamify.kinds import Kind
+    from streamify.model.executor import BlockExecutor
 
 
 @dataclass
@@ -21,6 +22,8 @@ class Checkpoint:
     input's manifest); ``streaming`` is the streaming spec, if any stage set one.
     ``weights_writer``, when a stage sets it, writes the artifact's config and
     weight files in that stage's format instead of transformers' safetensors.
+    ``blocks`` is set when the model was loaded block-wise (larger than memory):
+    its blocks stay on the meta device and this executor brings them in one at a time.
     """
 
     model: Any
@@ -30,6 +33,7 @@ class Checkpoint:
     history: list[dict] = field(default_factory=list)
     streaming: dict | None = None
     weights_writer: Callable[[Path], None] | None = None
+    blocks: BlockExecutor | None = None
 
     @property
     def config(self) -> Any:

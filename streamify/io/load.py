@@ -36,7 +36,7 @@ from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.io.verify import verify_artifact
 from streamify.model.blocks import find_blocks
-from streamify.model.executor import SafetensorsWeights, empty_model, lazy_model
+from streamify.model.executor import BlockExecutor, SafetensorsWeights, deferred_blocks, empty_model
 from streamify.progress import SILENT, Progress
 from streamify.runtime.attention import check_streamable
 from streamify.runtime.chunk_causal import CONFIG_KEY as CHUNK_KEY
@@ -53,6 +53,7 @@ def load_checkpoint(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     lazy: bool = False,
+    blockwise: bool = False,
     verify: bool = False,
     progress: Progress = SILENT,
 ) -> Checkpoint:
@@ -60,7 +61,8 @@ def load_checkpoint(
 
     ``lazy`` runs the model block by block (:mod:`streamify.model.executor`):
     each block's weights are read from the safetensors files, or decoded from an
-    entropy-coded container, right before it runs and dropped after. ``verify`` first checks a streamify
+    entropy-coded container, right before it runs and dropped after. ``blockwise`` leaves the blocks on the
+    meta device for a stage to bring in one at a time (``Checkpoint.blocks``). ``verify`` first checks a streamify
     artifact's files against the sha256 in its manifest
     (:func:`~streamify.io.verify.verify_artifact`).
     """
@@ -76,9 +78,13 @@ def load_checkpoint(
     if container.is_file() and getattr(config, "quantization_config", None) is None:
         model = load_entropy_model(container, config, cls, torch_dtype(dtype), target, lazy=lazy)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
-    if lazy and not container.is_file():
-        model = _lazy_from_safetensors(folder, config, cls, dtype, target, allow_pickle, spec)
-        return _checkpoint(model, folder, source, manifest, trust_remote_code)
+    if (lazy or blockwise) and not container.is_file():
+        executor = _deferred_from_safetensors(folder, config, cls, dtype, target, allow_pickle, spec)
+        if lazy:
+            executor.hook()
+        checkpoint = _checkpoint(executor.model, folder, source, manifest, trust_remote_code)
+        checkpoint.blocks = None if lazy else executor
+        return checkpoint
     with _weights_folder(folder, container, config, lazy) as weights:
         use_safetensors = _check_weight_files(weights, allow_pickle)
         options = {"local_files_only": True, "use_safetensors": use_safetensors, "output_loading_info": True}
@@ -129,19 +135,23 @@ def _stored_float_dtype(folder: Path) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _lazy_from_safetensors(folder: Path, config, cls: type, dtype: str, target, allow_pickle: bool, spec: str):
-    """The model on the meta device, each block read from the safetensors files as it runs (the block-wise executor)."""
+def _deferred_from_safetensors(
+    folder: Path, config, cls: type, dtype: str, target, allow_pickle: bool, spec: str
+) -> BlockExecutor:
+    """The block-wise executor of the model on the meta device, reading each block from the safetensors files."""
     if not _check_weight_files(folder, allow_pickle):
         raise UsageError(
-            f"{spec}: --lazy reads safetensors files block by block; these weights are pickled", "drop --lazy"
+            f"{spec}: block by block (--lazy, --blockwise) reads safetensors files; these weights are pickled",
+            "convert the weights to safetensors, or load the model whole",
         )
     model = empty_model(cls, config)
     if find_blocks(model) is None:
         raise UsageError(
-            f"{spec}: --lazy runs a model block by block; {type(model).__name__} has no block list", "drop --lazy"
+            f"{spec}: block by block (--lazy, --blockwise) needs a block list; {type(model).__name__} has none",
+            "load the model whole",
         )
     wanted = None if dtype == "auto" else torch_dtype(dtype)
-    return lazy_model(model, SafetensorsWeights(folder), target, wanted, spec)
+    return deferred_blocks(model, SafetensorsWeights(folder), target, wanted, spec)
 
 
 def _check_loading_info(spec: str, info: dict) -> None:

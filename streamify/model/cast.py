@@ -7,19 +7,24 @@ import torch
 from streamify.io.config import is_diffusers
 
 
+def keeps_fp32(model, name: str) -> bool:
+    """Whether ``model``'s class keeps the tensor ``name`` in fp32 (transformers' ``_keep_in_fp32_modules``)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(part in name.split(".") for part in keep)
+
+
 def cast_floats(model, target: torch.dtype) -> list[str]:
     """Cast the saved floating-point tensors of ``model`` to ``target`` (parameters and persistent buffers).
 
     Returns the names of the tensors its class keeps in fp32 (left as they are).
     """
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     kept = []
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.is_floating_point():
                 continue
             full = f"{module_name}.{name}" if module_name else name
-            if any(part in full.split(".") for part in keep):
+            if keeps_fp32(model, full):
                 kept.append(full)
                 continue
             param.data = param.data.to(target)

@@ -91,6 +91,7 @@ class BlockExecutor:
         self.block_names = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(len(self.blocks))]
         inside = {n for group in self.block_names for n in group}
         self.resident = [n for n in names if n not in inside]
+        self.held: set[int] = set()  # blocks inside a ``with block(i)``: running them neither brings nor drops
 
     def load_resident(self) -> None:
         """Bring in every tensor outside the block list (embeddings, final norm, head)."""
@@ -114,11 +115,16 @@ class BlockExecutor:
 
     @contextlib.contextmanager
     def block(self, index: int):
-        """Block ``index`` with its weights in, for the duration of the ``with``."""
+        """Block ``index`` with its weights in, for the duration of the ``with`` (the outermost one, if nested)."""
+        if index in self.held:
+            yield self.blocks[index]
+            return
         self.bring(index)
+        self.held.add(index)
         try:
             yield self.blocks[index]
         finally:
+            self.held.discard(index)
             self.drop(index)
 
     def hook(self) -> None:
@@ -205,6 +211,15 @@ def lazy_model(
     model: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype | None, where: str
 ) -> nn.Module:
     """``model`` (built on the meta device) made to run with one block's weights at a time, read from ``source``."""
+    deferred_blocks(model, source, device, dtype, where).hook()
+    return model
+
+
+def deferred_blocks(
+    model: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype | None, where: str
+) -> BlockExecutor:
+    """The executor of ``model`` (built on the meta device) with the tensors outside its blocks read from
+    ``source``; each block stays on the meta device until the executor brings it in."""
     known = set(model.state_dict(keep_vars=True))
     unknown = sorted(n for n in source.names() if n not in known)
     if unknown:
@@ -214,7 +229,7 @@ def lazy_model(
         )
     executor = BlockExecutor(model, source, device, dtype)
     executor.load_resident()
-    executor.hook()
     tie_shared(model)
     check_complete(model, where, skip=executor.prefix)
-    return model.eval()
+    model.eval()
+    return executor

@@ -29,7 +29,8 @@ _STAGE_NAME = re.compile(r'@register\(\s*"([a-z0-9_]+\.[a-z0-9_]+)"')
 class StageContext:
     """What a stage gets besides its checkpoint and params; it records its metrics in ``metrics``.
 
-    ``use_cache`` False (``--no-cache``) also turns off checkpoints inside the stage.
+    ``use_cache`` False (``--no-cache``) also turns off checkpoints inside the stage. ``artifact_dir`` is
+    the artifact folder being written, for a stage that writes its files as it goes (block-wise).
     """
 
     device: torch.device
@@ -38,6 +39,7 @@ class StageContext:
     use_cache: bool = True
     progress: Progress = SILENT
     metrics: dict = field(default_factory=dict)
+    artifact_dir: Path | None = None
 
 
 RunFn = Callable[[Checkpoint, BaseModel, StageContext], Checkpoint]
@@ -57,7 +59,9 @@ class Stage:
     ``check(params, model, where)`` checks the params against that model before any
     weight is read (raising a clear error) and returns what it resolved for the plan;
     ``reshapes`` marks a stage after which the source's shapes no longer hold; ``trains`` marks params
-    with which a stage trains outside ``training`` (see :func:`trains`).
+    with which a stage trains outside ``training`` (see :func:`trains`); ``blockwise``, for a stage that can
+    run on a model read block by block from disk (``Checkpoint.blocks``), gives for its params the mode asked
+    for (auto, on, off) and what in them rules it out (None when nothing does).
     """
 
     name: str
@@ -73,6 +77,7 @@ class Stage:
     reshapes: bool = False
     final: bool = False
     trains: Callable[[BaseModel], bool] = lambda params: False
+    blockwise: Callable[[BaseModel], tuple[str, str | None]] | None = None
 
 
 def trains(stage: Stage, params: BaseModel) -> bool:

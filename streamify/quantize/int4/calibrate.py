@@ -89,6 +89,8 @@ def quantize_sequentially(
     progress: Progress = SILENT,
     compute_dtype: torch.dtype | None = None,
     checkpoint_dir: Path | None = None,
+    executor: BlockExecutor | None = None,
+    finish_block: Callable[[int, dict[str, Int4Weight]], None] | None = None,
 ) -> dict[str, Int4Weight]:
     """Quantize the linears named in ``targets`` block by block with ``solve_block``; their INT4 weights.
 
@@ -98,42 +100,56 @@ def quantize_sequentially(
     solved last, without statistics. ``compute_dtype`` (e.g. bf16) runs the
     calibration forward passes under autocast; statistics are kept in fp32.
     With ``checkpoint_dir`` a killed run resumes after its last saved block.
+    With an ``executor`` that reads blocks from disk, each block's weights are in
+    memory only while it is calibrated; ``finish_block(index, its INT4 weights)``
+    is called while they are (to write them), and those results are not kept.
     """
     modules = dict(model.named_modules())
     prefix, blocks = block_list(model, type(model).__name__)
+    executor = executor or BlockExecutor(model)  # a model in memory: blocks are run, not brought in
     calibrated = ids is not None and make_stats is not None
     checkpoints = _Checkpoints(checkpoint_dir if calibrated else None, blocks, CHECKPOINT_EVERY)
     start, inputs, results = checkpoints.resume()
     if start:
         progress.log(f"calibration: resumed after block {start}/{len(blocks)} from {checkpoint_dir}")
-    place = next(model.parameters()).device
+    place = next(p.device for p in model.parameters() if p.device.type != "meta")
     autocast = torch.autocast(place.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None)
-    executor = BlockExecutor(model)  # the model is in memory: blocks are run, not brought in
     if calibrated and inputs is None:
         with autocast:
             inputs = executor.first_inputs(ids, lambda m, row: m(row[None].to(place), use_cache=False))
     for index in progress.track(range(start, len(blocks)), "quantizing blocks", total=len(blocks) - start):
-        inside = f"{prefix}.{index}."
-        names = [n for n in targets if n.startswith(inside)]
-        stats: dict[str, object] = dict.fromkeys(names)
-        if inputs is not None:
-            handles = []
-            for name in names:
-                stats[name] = make_stats(modules[name])
-                handles.append(modules[name].register_forward_hook(lambda m, a, o, acc=stats[name]: acc.add(a[0])))
-            try:
+        with executor.block(index):
+            found = _quantize_block(executor, index, targets, modules, inputs, make_stats, solve_block, autocast)
+            if inputs is not None and index + 1 < len(blocks):
                 with autocast:
-                    executor.run_block(index, inputs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-        results.update(solve_block(f"{prefix}.{index}", names, stats))
-        if inputs is not None and index + 1 < len(blocks):
-            with autocast:
-                inputs = executor.run_block(index, inputs)
-            checkpoints.save(index + 1, inputs, results)
-    rest = [name for name in targets if name not in results]
+                    inputs = executor.run_block(index, inputs)
+            if finish_block is not None:
+                finish_block(index, found)
+            else:
+                results.update(found)
+                if index + 1 < len(blocks):
+                    checkpoints.save(index + 1, inputs, results)
+    rest = [name for name in targets if not name.startswith(f"{prefix}.")]  # outside the block list
     if rest:
         results.update(solve_block(None, rest, dict.fromkeys(rest)))
     checkpoints.clear()
     return results
+
+
+def _quantize_block(executor, index, targets, modules, inputs, make_stats, solve_block, autocast):
+    """Gather the input statistics of block ``index``'s targets on ``inputs`` (when calibrating) and solve them."""
+    block = f"{executor.prefix}.{index}"
+    names = [n for n in targets if n.startswith(f"{block}.")]
+    stats: dict[str, object] = dict.fromkeys(names)
+    if inputs is not None:
+        handles = []
+        for name in names:
+            stats[name] = make_stats(modules[name])
+            handles.append(modules[name].register_forward_hook(lambda m, a, o, acc=stats[name]: acc.add(a[0])))
+        try:
+            with autocast:
+                executor.run_block(index, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return solve_block(block, names, stats)

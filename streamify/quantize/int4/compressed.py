@@ -1,25 +1,32 @@
-"""Write an INT4 artifact in compressed-tensors' ``pack-quantized`` format, through that library.
+"""Write an INT4 artifact in compressed-tensors' ``pack-quantized`` format, one block at a time.
 
-The quantization config is attached to a copy of the model, each target's
-``weight_scale`` / ``weight_zero_point`` is set to our solver's, and the
-library packs the codes (eight 4-bit values per int32) and writes the
-``quantization_config`` that transformers and vLLM read. The copy is saved
-right after compressing: a forward pass on a compressed model silently
-decompresses it.
+Each target linear's dequantized weight, scale (and zero point) go through the
+library's own per-module compressor (codes packed eight to an int32,
+``weight_shape`` recorded), the rest is cast to the artifact's float dtype, and
+the tensors are written shard by shard as transformers writes them
+(``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
+``model.safetensors.index.json``); ``config.json`` gets the
+``quantization_config`` that transformers and vLLM read. The same writer serves
+a model held in memory and one calibrated block by block from disk (a block is
+written while it is in memory, then dropped), so both paths give the same files.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from streamify.io.checkpoint import Checkpoint
+from streamify.model.blocks import block_list
+from streamify.model.cast import keeps_fp32
 from streamify.quantize.int4.grid import Int4Weight
 
 FORMAT = "pack-quantized"
+SHARD_BYTES = 1 << 30  # a shard is closed before it would pass 1 GiB (a block larger than that gets its own)
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def quantization_config(group_size: int, symmetric: bool, ignore: list[str]):
@@ -33,32 +40,117 @@ def quantization_config(group_size: int, symmetric: bool, ignore: list[str]):
 
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
     return QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights, format=FORMAT)},
         ignore=ignore,
         format=FORMAT,
-        quantization_status=QuantizationStatus.FROZEN,
+        quantization_status=QuantizationStatus.COMPRESSED,
     )
 
 
-@torch.no_grad()
-def write_compressed_tensors(
-    checkpoint: Checkpoint, quantized: dict[str, Int4Weight], symmetric: bool, folder: Path
-) -> None:
-    """Save ``checkpoint``'s model with the ``quantized`` linears packed, plus its config, into ``folder``."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
+class PackedShards:
+    """The weight files of a compressed-tensors artifact, written module by module into ``folder``.
 
-    model = copy.deepcopy(checkpoint.model)
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    ``targets`` names every quantized linear of the model (the others are listed
+    as ignored in the config); ``float_dtype`` is what the unquantized tensors are stored in (but those the
+    model's class keeps in fp32).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        model: nn.Module,
+        targets: list[str],
+        group_size: int,
+        symmetric: bool,
+        float_dtype: torch.dtype,
+        shard_bytes: int = SHARD_BYTES,
+    ) -> None:
+        from compressed_tensors.compressors.base import BaseCompressor
+
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        self.config = quantization_config(group_size, symmetric, [n for n in linears if n not in set(targets)])
+        self.scheme = self.config.config_groups["group_0"]
+        self.compressor = BaseCompressor.get_value_from_registry(FORMAT)
+        self.folder, self.float_dtype, self.shard_bytes = folder, float_dtype, shard_bytes
+        self.keeps_fp32 = lambda name: keeps_fp32(model, name)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.written: list[tuple[Path, list[str]]] = []  # shard file, its tensor names
+        self.total = 0
+
+    @torch.no_grad()
+    def add(self, tensors: dict[str, torch.Tensor], quantized: dict[str, Int4Weight]) -> None:
+        """Write the saved ``tensors`` (by qualified name) of part of the model; the weight of a linear named in
+        ``quantized`` is written packed. A tensor met twice (tied weights) is written once, under its first name."""
+        found: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in tensors.items():
+            if name.removesuffix(".weight") in quantized or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            value = tensor.detach()
+            cast = value.is_floating_point() and not self.keeps_fp32(name)
+            found[name] = (value.to(self.float_dtype) if cast else value).cpu()
+        for name in {n.removesuffix(".weight") for n in tensors} & set(quantized):
+            weight = quantized[name]
+            local = {
+                "weight": weight.dequantize(self.float_dtype).cpu(),
+                "weight_scale": weight.scale.to(self.float_dtype).cpu(),
+                "weight_zero_point": weight.zero.to(torch.int8).cpu(),
+            }
+            packed = self.compressor.compress(local, self.scheme)
+            found.update({f"{name}.{key}": value.contiguous() for key, value in packed.items()})
+        size = sum(t.numel() * t.element_size() for t in found.values())
+        held = sum(t.numel() * t.element_size() for t in self.pending.values())
+        if self.pending and held + size > self.shard_bytes:
+            self._flush()
+        self.pending.update(found)
+        self.total += size
+
+    def finish(self, model: nn.Module) -> None:
+        """Write the last shard, name the shards, write the index (several shards) and ``model``'s config."""
+        from compressed_tensors.compressors import ModelCompressor
+
+        self._flush()
+        count = len(self.written)
+        weight_map = {}
+        for number, (path, names) in enumerate(self.written, start=1):
+            final = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.replace(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        model.config.dtype = self.float_dtype
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(self.folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(self.folder)
+        ModelCompressor(quantization_config=self.config).update_config(str(self.folder))
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.written):05d}.safetensors.part"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending = {}
+
+
+def block_tensors(model: nn.Module, prefix: str, index: int | None) -> dict[str, torch.Tensor]:
+    """The saved tensors of block ``index`` of the block list at ``prefix``, or (None) of everything outside it."""
+    if index is not None:
+        return model.get_submodule(f"{prefix}.{index}").state_dict(prefix=f"{prefix}.{index}.", keep_vars=True)
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(f"{prefix}.")}
+
+
+def write_compressed_tensors(
+    model: nn.Module, quantized: dict[str, Int4Weight], symmetric: bool, float_dtype: torch.dtype, folder: Path
+) -> None:
+    """Save an in-memory ``model`` with the ``quantized`` linears packed, plus its config, into ``folder``."""
+    prefix, blocks = block_list(model, type(model).__name__)
     group_size = next(iter(quantized.values())).group_size
-    config = quantization_config(group_size, symmetric, [n for n in linears if n not in quantized])
-    apply_quantization_config(model, config, show_progress=False)
-    modules = dict(model.named_modules())
-    for name, weight in quantized.items():
-        module = modules[name]
-        module.weight_scale.copy_(weight.scale.to(module.weight_scale.dtype))
-        module.weight_zero_point.copy_(weight.zero.to(module.weight_zero_point.dtype))
-    compressor = ModelCompressor.from_pretrained_model(model, FORMAT)
-    compressor.compress_model(model)
-    model.save_pretrained(folder)
-    compressor.update_config(str(folder))
+    shards = PackedShards(folder, model, list(quantized), group_size, symmetric, float_dtype)
+    for index in range(len(blocks)):
+        shards.add(block_tensors(model, prefix, index), quantized)
+    shards.add(block_tensors(model, prefix, None), quantized)
+    shards.finish(model)

@@ -10,6 +10,7 @@ entropy-coded (:mod:`streamify.codec.container`), the packed 4-bit codes include
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,6 +34,7 @@ from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.int4.awq import InputSample, fold_scales
 from streamify.quantize.int4.calibrate import quantize_sequentially
+from streamify.quantize.int4.compressed import PackedShards, block_tensors, write_compressed_tensors
 from streamify.quantize.int4.gguf import check_exportable, check_vocab, round_like_gguf, write_gguf
 from streamify.quantize.int4.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4.grid import Int4Weight, rtn, rtn_k, valid_group_sizes
@@ -86,6 +88,12 @@ class Int4Params(BaseModel):
         description="compressed-tensors: dtype of what stays in floating point (embedding, norms, head) and of "
         "the scales; auto: the model's half type, bf16 for an fp32 model",
     )
+    blockwise: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="read, calibrate and write the model one block at a time from its safetensors files (for "
+        "models larger than memory; compressed-tensors without entropy, no eval); auto: when the in-memory run "
+        "would not fit in the memory available",
+    )
     entropy: bool = Field(
         False,
         description="compressed-tensors: also entropy-code the 4-bit codes and float weights, losslessly "
@@ -99,8 +107,18 @@ class Int4Params(BaseModel):
             raise ValueError(f"only 4-bit weights are supported (W4A16), not {bits}-bit")
         return bits
 
+    def blockwise_obstacle(self) -> str | None:
+        """What in these params rules out a block-wise run, or None."""
+        if self.weights_format == "gguf":
+            return "GGUF artifacts are written from the model in memory"
+        if self.entropy:
+            return "entropy coding works on the whole artifact in memory"
+        return None
+
     @model_validator(mode="after")
     def _format_grid(self) -> Int4Params:
+        if self.blockwise == "on" and self.blockwise_obstacle():
+            raise ValueError(f"blockwise on: {self.blockwise_obstacle()}; use blockwise off or auto")
         if self.weights_format == "compressed-tensors" and not self.symmetric:
             raise ValueError(
                 "asymmetric compressed-tensors artifacts do not reload in transformers 5 with compressed-tensors "
@@ -221,6 +239,7 @@ def _check_not_quantized(model, where: str) -> None:
         else "no linear layers in the model's blocks"
     ),
     final=True,
+    blockwise=lambda params: (params.blockwise, params.blockwise_obstacle()),
 )
 def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext) -> Checkpoint:
     """Quantize the target linears, leave dequantized weights in memory, and set the artifact writer."""
@@ -258,7 +277,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     awq_skipped: dict[str, dict[str, str]] = {}
     unsupported: list[str] = []  # GPTQ targets without statistics (outside the blocks): RTN, reported
     settings = {"params": params.model_dump(mode="json"), "data": ctx.data, "seed": ctx.seed}
-    resumable = ctx.use_cache and ids is not None  # hashing the weights is only worth it when calibrating
+    # hashing the weights is only worth it when calibrating; a block-wise run writes as it goes (no resume)
+    resumable = ctx.use_cache and ids is not None and checkpoint.blocks is None
     checkpoint_dir = cache_root() / "calibrate" / content_key(model, settings) if resumable else None
 
     def solve_block(block, names, stats):
@@ -283,20 +303,24 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         "gptq": lambda linear: HessianAccumulator(linear.in_features, linear.weight.device),
         "awq": lambda linear: InputSample(),
     }.get(params.method)
-    with torch.no_grad():
-        compute = torch.bfloat16 if params.calibration_dtype == "bf16" else None
-        quantized = quantize_sequentially(
-            model, targets, ids, make_stats, solve_block, ctx.progress, compute, checkpoint_dir
-        )
-    if floats is not None:  # what the artifact stores: the rest in its float dtype
-        ctx.metrics["float_dtype"] = DTYPE_NAMES[floats]
-        kept = cast_floats(model, floats)
-        if kept:
-            ctx.metrics["kept_fp32"] = kept
+    compute = torch.bfloat16 if params.calibration_dtype == "bf16" else None
+    if checkpoint.blocks is not None:
+        solver = (make_stats, solve_block, compute)
+        total = _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver, ctx)
     else:
-        ctx.metrics["gguf_float_rounding"] = round_like_gguf(model, set(quantized), params.gguf_embedding)
-    checkpoint.weights_writer = _writer(checkpoint, quantized, params)
-    total = sum(w.codes.numel() for w in quantized.values())
+        with torch.no_grad():
+            quantized = quantize_sequentially(
+                model, targets, ids, make_stats, solve_block, ctx.progress, compute, checkpoint_dir
+            )
+        total = sum(w.codes.numel() for w in quantized.values())
+        if floats is not None:  # what the artifact stores: the rest in its float dtype
+            ctx.metrics["float_dtype"] = DTYPE_NAMES[floats]
+            kept = cast_floats(model, floats)
+            if kept:
+                ctx.metrics["kept_fp32"] = kept
+        else:
+            ctx.metrics["gguf_float_rounding"] = round_like_gguf(model, set(quantized), params.gguf_embedding)
+        checkpoint.weights_writer = _writer(checkpoint, quantized, params, floats)
     if params.entropy:
         threads = os.cpu_count() or 1
         coded = code_checkpoint(checkpoint.weights_writer, DEFAULT_LEVEL, DEFAULT_CHUNK_ELEMS, threads, ctx.progress)
@@ -309,7 +333,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         reasons = sorted({f"{group}: {why}" for skipped in awq_skipped.values() for group, why in skipped.items()})
         if reasons:
             ctx.progress.log(f"AWQ: not scaled in some blocks (see metrics awq_not_scaled): {'; '.join(reasons)}")
-    if params.weights_format == "gguf" and params.gguf_type == "Q4_K":
+    if params.weights_format == "gguf" and params.gguf_type == "Q4_K":  # gguf: always in memory
         fallback = sorted(name for name, w in quantized.items() if w.super_scales is None)
         ctx.metrics["gguf_tensor_types"] = {"Q4_K": len(quantized) - len(fallback), "Q4_1": len(fallback)}
         if fallback:
@@ -326,7 +350,7 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
         group_size=group,
         symmetric=params.symmetric,
         weights_format=params.weights_format,
-        quantized_modules=len(quantized),
+        quantized_modules=len(targets),
         quantized_weights=total,
     )
     return checkpoint
@@ -356,9 +380,47 @@ def _effective_bits(coded: CodedCheckpoint, total: int) -> dict:
     return {"code_bits_per_weight": 8 * codes / total, "bits_per_weight": 8 * (codes + side) / total}
 
 
-def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params):
+def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: Int4Params, floats):
     if params.weights_format == "gguf":
         return lambda folder: write_gguf(checkpoint, quantized, params.gguf_type, folder, params.gguf_embedding)
-    from streamify.quantize.int4.compressed import write_compressed_tensors
+    return lambda folder: write_compressed_tensors(checkpoint.model, quantized, params.symmetric, floats, folder)
 
-    return lambda folder: write_compressed_tensors(checkpoint, quantized, params.symmetric, folder)
+
+def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver, ctx) -> int:
+    """Quantize a model loaded block-wise: each block is read, calibrated, quantized and written into the
+    artifact folder before the next is read; returns the number of quantized weights."""
+    model, executor = checkpoint.model, checkpoint.blocks
+    folder = ctx.artifact_dir
+    if folder is None:
+        raise RuntimeError("quantize.int4 on a block-wise model needs the artifact folder (StageContext.artifact_dir)")
+    shards = PackedShards(folder, model, targets, group, params.symmetric, floats)
+    counted = []
+
+    def write_block(index: int, found: dict[str, Int4Weight]) -> None:
+        shards.add(block_tensors(model, executor.prefix, index), found)
+        counted.extend(w.codes.numel() for w in found.values())
+
+    make_stats, solve_block, compute = solver
+    with torch.no_grad():
+        outside = quantize_sequentially(
+            model,
+            targets,
+            ids,
+            make_stats,
+            solve_block,
+            ctx.progress,
+            compute,
+            executor=executor,
+            finish_block=write_block,
+        )
+        shards.add(block_tensors(model, executor.prefix, None), outside)
+    ctx.progress.log(f"quantize.int4: read, quantized and wrote {len(executor.blocks)} blocks one at a time")
+    ctx.metrics.update(path="block-wise", float_dtype=DTYPE_NAMES[floats])
+
+    def finish(written: Path) -> None:
+        if written != folder:
+            raise RuntimeError(f"block-wise shards are in {folder}, not {written}")
+        shards.finish(model)
+
+    checkpoint.weights_writer = finish
+    return sum(counted) + sum(w.codes.numel() for w in outside.values())
