@@ -171,6 +171,7 @@ def render_plan(console: Console, plan: dict) -> None:
         console.print(f"  gates: {plan['gates']}")
     if plan["processes"]["count"] > 1:
         console.print(f"  processes: {plan['processes']['training']}")
+    console.print(f"  weights: {plan['path']['why']}", markup=False)
     est = plan["estimate"]
     console.print(
         f"  estimate: peak memory ~{_size(est['peak_memory_bytes'])} "

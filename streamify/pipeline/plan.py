@@ -18,6 +18,7 @@ from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
 from streamify.model.params import count_params
 from streamify.model.patterns import match_patterns, select_modules
+from streamify.pipeline.path import choose_path
 from streamify.pipeline.recipe import Recipe
 from streamify.pipeline.registry import trains, why_not
 from streamify.progress import SILENT, Progress
@@ -162,6 +163,10 @@ def build_plan(
     if recipe.eval is not None:
         logits = recipe.eval.batch_size * recipe.eval.seq_len * getattr(config, "vocab_size", 0) * _LOGIT_BYTES
     peak = max([2 * loaded + logits] + [s["estimate"]["peak_memory_bytes"] for s in stages])
+    available = available_memory_bytes()
+    path = choose_path(recipe, source, model, loaded_per_param, int(peak), available, processes)
+    if path["blockwise"]:
+        peak = stages[-1]["estimate"]["peak_memory_bytes"] = path.pop("peak_memory_bytes")
     return {
         "model": recipe.model,
         "source": {"kind": source.kind, "path": str(source.path)},
@@ -170,6 +175,7 @@ def build_plan(
         "blocks": n_blocks,
         "attention": summarize_layout(attention_layout(config, n_blocks)) if n_blocks else None,
         "output": str(output),
+        "path": path,
         "processes": {
             "count": processes,
             "on_this_machine": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
@@ -184,7 +190,7 @@ def build_plan(
         "estimate": {
             "peak_memory_bytes": int(peak),
             "disk_bytes": int(params * per_param),
-            "available_memory_bytes": available_memory_bytes(),
+            "available_memory_bytes": available,
         },
     }
 
@@ -213,7 +219,8 @@ def check_fits(plan: dict, output: Path, progress: Progress = SILENT) -> None:
         raise ResourceError(
             f"{plan['model']}: the run needs about {needed / 2**30:.1f} GiB of memory{processes}, "
             f"{available / 2**30:.1f} GiB is available",
-            "free memory, use --dtype bf16, or run on a bigger machine",
+            "free memory, use --dtype bf16, or run on a bigger machine"
+            + ("" if "ruled out" not in plan["path"]["why"] else f" ({plan['path']['why']})"),
         )
     parent = output
     while not parent.exists():

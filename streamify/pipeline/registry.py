@@ -60,8 +60,9 @@ class Stage:
     weight is read (raising a clear error) and returns what it resolved for the plan;
     ``reshapes`` marks a stage after which the source's shapes no longer hold; ``trains`` marks params
     with which a stage trains outside ``training`` (see :func:`trains`); ``blockwise``, for a stage that can
-    run on a model read block by block from disk (``Checkpoint.blocks``), gives for its params the mode asked
-    for (auto, on, off) and what in them rules it out (None when nothing does).
+    run on a model read block by block from disk (``Checkpoint.blocks``), gives for its params and the model
+    the mode asked for (auto, on, off), what in them rules it out (None when nothing does) and the working
+    memory of one block (activations, statistics) in bytes.
     """
 
     name: str
@@ -77,7 +78,7 @@ class Stage:
     reshapes: bool = False
     final: bool = False
     trains: Callable[[BaseModel], bool] = lambda params: False
-    blockwise: Callable[[BaseModel], tuple[str, str | None]] | None = None
+    blockwise: Callable[[BaseModel, Any], tuple[str, str | None, int]] | None = None
 
 
 def trains(stage: Stage, params: BaseModel) -> bool:

@@ -74,11 +74,13 @@ def run_recipe(
         checked = verify_artifact(source.folder)
         progress.log(f"verified {checked['files']} files of {source.folder} against its manifest")
     with output_lock(out):
-        return _run(recipe, source, out, device, cache, keys, overwrite, use_cache, plan["eval_vs_source"], progress)
+        return _run(recipe, source, out, device, cache, keys, overwrite, use_cache, plan, progress)
 
 
-def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, vs_source, progress) -> dict:
-    """The run itself, under the output's lock (see :func:`run_recipe`); ``vs_source``: evaluate the source too."""
+def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, plan, progress) -> dict:
+    """The run itself, under the output's lock (see :func:`run_recipe`), as ``plan`` says: evaluating the
+    source too or not, holding the model in memory or reading it block by block."""
+    vs_source, blockwise = plan["eval_vs_source"], plan["path"]["blockwise"]
     stages = recipe.resolved_stages()
     started = time.perf_counter()
     cacheable = [not stage.final for stage, _ in stages]
@@ -93,8 +95,8 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, vs_sour
     load_seconds = None
     data, source_eval, source_outputs = None, None, None
     if resumed < 0 or vs_source:
-        progress.log(f"loading {recipe.model}")
-        source_checkpoint = _load_source(recipe, device, progress)
+        progress.log(f"loading {recipe.model}" + (" (blocks are read one at a time)" if blockwise else ""))
+        source_checkpoint = _load_source(recipe, device, progress, blockwise)
         load_seconds = time.perf_counter() - started
         if vs_source:
             data = eval_data(source_checkpoint, recipe.eval)
@@ -111,27 +113,34 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, vs_sour
             checkpoint = source_checkpoint
         del source_checkpoint
 
-    for index in range(resumed + 1, len(stages)):
-        stage, params = stages[index]
-        progress.log(f"stage {index + 1}/{len(stages)}: {stage.name}")
-        transformers.set_seed(recipe.seed)  # per stage: a resumed run draws what an uninterrupted one does
-        ctx = StageContext(device=device, seed=recipe.seed, data=recipe.data, use_cache=use_cache, progress=progress)
-        stage_start = time.perf_counter()
-        checkpoint = stage.run(checkpoint, params, ctx)
-        store = cache is not None and cacheable[index] and checkpoint.weights_writer is None
-        records.append(
-            {
-                "name": stage.name,
-                "params": params.model_dump(mode="json"),
-                "seconds": round(time.perf_counter() - stage_start, 3),
-                "metrics": ctx.metrics,
-                "cache": "stored" if store else "off",
-            }
-        )
-        if store:
-            cache.store(keys[index], checkpoint, records, progress)
-
     with staged_folder(out, overwrite) as tmp:
+        for index in range(resumed + 1, len(stages)):
+            stage, params = stages[index]
+            progress.log(f"stage {index + 1}/{len(stages)}: {stage.name}")
+            transformers.set_seed(recipe.seed)  # per stage: a resumed run draws what an uninterrupted one does
+            ctx = StageContext(
+                device=device,
+                seed=recipe.seed,
+                data=recipe.data,
+                use_cache=use_cache,
+                progress=progress,
+                artifact_dir=tmp,  # a block-wise stage writes its files as it goes
+            )
+            stage_start = time.perf_counter()
+            checkpoint = stage.run(checkpoint, params, ctx)
+            store = cache is not None and cacheable[index] and checkpoint.weights_writer is None
+            records.append(
+                {
+                    "name": stage.name,
+                    "params": params.model_dump(mode="json"),
+                    "seconds": round(time.perf_counter() - stage_start, 3),
+                    "metrics": ctx.metrics,
+                    "cache": "stored" if store else "off",
+                }
+            )
+            if store:
+                cache.store(keys[index], checkpoint, records, progress)
+
         progress.log(f"writing {out}")
         save_model_files(checkpoint, tmp)
         report = None
@@ -185,12 +194,13 @@ def _run_share(recipe: Recipe, device, use_cache: bool, rank: int) -> dict:
     return {"process": rank, "processes": launched_processes(), "stages_run": names}
 
 
-def _load_source(recipe: Recipe, device, progress: Progress) -> Checkpoint:
+def _load_source(recipe: Recipe, device, progress: Progress, blockwise: bool = False) -> Checkpoint:
     return load_checkpoint(
         recipe.model,
         dtype=recipe.dtype,
         device=str(device),
         trust_remote_code=recipe.trust_remote_code,
         allow_pickle=recipe.allow_pickle,
+        blockwise=blockwise,
         progress=progress,
     )

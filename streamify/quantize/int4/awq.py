@@ -22,13 +22,14 @@ from streamify.errors import InputError
 from streamify.quantize.int4.grid import rtn
 
 GRID = 20
+SAMPLE_ROWS = 4096  # input rows of a linear kept for the scale search
 GQA_SKIP = "grouped-query attention: v's outputs are repeated before o, no 1:1 channel to fold"
 
 
 class InputSample:
     """Up to ``limit`` input rows of a linear layer (forward hook target)."""
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, limit: int = SAMPLE_ROWS) -> None:
         self.rows: list[torch.Tensor] = []
         self.limit = limit
         self.count = 0

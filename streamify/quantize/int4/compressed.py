@@ -63,7 +63,7 @@ class PackedShards:
         group_size: int,
         symmetric: bool,
         float_dtype: torch.dtype,
-        shard_bytes: int = SHARD_BYTES,
+        shard_bytes: int | None = None,
     ) -> None:
         from compressed_tensors.compressors.base import BaseCompressor
 
@@ -71,7 +71,7 @@ class PackedShards:
         self.config = quantization_config(group_size, symmetric, [n for n in linears if n not in set(targets)])
         self.scheme = self.config.config_groups["group_0"]
         self.compressor = BaseCompressor.get_value_from_registry(FORMAT)
-        self.folder, self.float_dtype, self.shard_bytes = folder, float_dtype, shard_bytes
+        self.folder, self.float_dtype, self.shard_bytes = folder, float_dtype, shard_bytes or SHARD_BYTES
         self.keeps_fp32 = lambda name: keeps_fp32(model, name)
         self.pending: dict[str, torch.Tensor] = {}
         self.written: list[tuple[Path, list[str]]] = []  # shard file, its tensor names

@@ -32,7 +32,7 @@ from streamify.model.fingerprint import content_key
 from streamify.model.params import count_params
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
-from streamify.quantize.int4.awq import InputSample, fold_scales
+from streamify.quantize.int4.awq import SAMPLE_ROWS, InputSample, fold_scales
 from streamify.quantize.int4.calibrate import quantize_sequentially
 from streamify.quantize.int4.compressed import PackedShards, block_tensors, write_compressed_tensors
 from streamify.quantize.int4.gguf import check_exportable, check_vocab, round_like_gguf, write_gguf
@@ -156,6 +156,19 @@ def _bytes_per_param(params: Int4Params, before: float, model) -> float:
     return stored / total
 
 
+def _block_working_bytes(params: Int4Params, model) -> int:
+    """Memory of calibrating one block: its inputs and outputs for the calibration set (fp32) and the
+    statistics of its targets (GPTQ: a Hessian and the solver's copy per linear; AWQ: its input sample)."""
+    if params.method == "rtn":
+        return 0
+    _, blocks = find_blocks(model)
+    linears = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
+    activations = 2 * params.samples * params.seq_len * model.config.hidden_size * 4
+    if params.method == "gptq":
+        return activations + sum(2 * 4 * m.in_features**2 for m in linears)
+    return activations + sum(4 * SAMPLE_ROWS * m.in_features for m in linears)
+
+
 def uses_k_grid(params: Int4Params, linear: nn.Linear) -> bool:
     """Whether ``linear`` is written in Q4_K: asked for, and its rows fill whole 256-weight super-blocks."""
     return params.gguf_type == "Q4_K" and params.weights_format == "gguf" and linear.in_features % SUPER == 0
@@ -239,7 +252,11 @@ def _check_not_quantized(model, where: str) -> None:
         else "no linear layers in the model's blocks"
     ),
     final=True,
-    blockwise=lambda params: (params.blockwise, params.blockwise_obstacle()),
+    blockwise=lambda params, model: (
+        params.blockwise,
+        params.blockwise_obstacle(),
+        _block_working_bytes(params, model),
+    ),
 )
 def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext) -> Checkpoint:
     """Quantize the target linears, leave dequantized weights in memory, and set the artifact writer."""
