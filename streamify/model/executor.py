@@ -12,6 +12,9 @@ code runs both ways.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -112,6 +115,7 @@ class BlockExecutor:
             owner = self.model.get_submodule(owner_name)
             if leaf in owner._parameters:
                 owner._parameters[leaf] = nn.Parameter(owner._parameters[leaf].to("meta"), requires_grad=False)
+        return_freed_memory()
 
     @contextlib.contextmanager
     def block(self, index: int):
@@ -213,6 +217,30 @@ def lazy_model(
     """``model`` (built on the meta device) made to run with one block's weights at a time, read from ``source``."""
     deferred_blocks(model, source, device, dtype, where).hook()
     return model
+
+
+def return_freed_memory() -> None:
+    """Give the pages of freed tensors back to the system (Linux with glibc; nothing elsewhere).
+
+    glibc keeps freed heap memory counted in the process: a block's tensors
+    freed in the middle of the heap stay resident, and the heap grows block
+    after block (measured: +25 MB of RSS a block on a 400 MB model read block by
+    block, against +6.5 MB of output actually kept). ``malloc_trim`` returns
+    every whole free page.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # another C library (musl): it has its own policy
+        return None
 
 
 def deferred_blocks(
