@@ -6,16 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamify.io.model_card import eval_rows
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
+from streamify.units import human_bytes
 
 
 def render_inspect(console: Console, data: dict) -> None:
@@ -31,7 +22,7 @@ def render_inspect(console: Console, data: dict) -> None:
         ("blocks", f"{data['blocks']} at {data['block_path']}"),
         ("attention", data["attention_summary"] or "-"),
         ("stored dtypes", dtypes),
-        ("size", f"{_size(data['size_bytes'])} ({data['bits_per_weight']:.2f} bits/weight)"),
+        ("size", f"{human_bytes(data['size_bytes'])} ({data['bits_per_weight']:.2f} bits/weight)"),
         (
             "streamify artifact",
             ", ".join(data["stages_applied"]) or "yes" if data["streamify_artifact"] else "no",
@@ -57,7 +48,9 @@ def render_entropy(console: Console, summary: dict) -> None:
     for column in ("tensor group", "raw", "stored", "ratio"):
         table.add_column(column, justify="left" if column == "tensor group" else "right")
     for group, sizes in summary["groups"].items():
-        table.add_row(group, _size(sizes["raw_bytes"]), _size(sizes["stored_bytes"]), f"{sizes['ratio']:.2%}")
+        table.add_row(
+            group, human_bytes(sizes["raw_bytes"]), human_bytes(sizes["stored_bytes"]), f"{sizes['ratio']:.2%}"
+        )
     console.print(table)
 
 
@@ -147,8 +140,9 @@ def render_plan(console: Console, plan: dict) -> None:
             console.print(f"     resolved for this model: {resolved}", markup=False)
         est = stage["estimate"]
         console.print(
-            f"     cache: {stage['cache']}; peak memory ~{_size(est['peak_memory_bytes'])}, "
-            f"output ~{_size(est['disk_bytes'])}" + (f"; teacher: {stage['teacher']}" if "teacher" in stage else "")
+            f"     cache: {stage['cache']}; peak memory ~{human_bytes(est['peak_memory_bytes'])}, "
+            f"output ~{human_bytes(est['disk_bytes'])}"
+            + (f"; teacher: {stage['teacher']}" if "teacher" in stage else "")
         )
         for key, matches in stage["modules"].items():
             if key == "lora_modules":
@@ -174,8 +168,8 @@ def render_plan(console: Console, plan: dict) -> None:
     console.print(f"  weights: {plan['path']['why']}", markup=False)
     est = plan["estimate"]
     console.print(
-        f"  estimate: peak memory ~{_size(est['peak_memory_bytes'])} "
-        f"(available {_size(est['available_memory_bytes'])}), disk ~{_size(est['disk_bytes'])}"
+        f"  estimate: peak memory ~{human_bytes(est['peak_memory_bytes'])} "
+        f"(available {human_bytes(est['available_memory_bytes'])}), disk ~{human_bytes(est['disk_bytes'])}"
     )
 
 

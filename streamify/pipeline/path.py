@@ -13,10 +13,7 @@ from streamify.io.source import Source
 from streamify.model.blocks import find_blocks
 from streamify.model.params import count_params
 from streamify.pipeline.recipe import Recipe
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+from streamify.units import human_bytes
 
 
 def blockwise_bytes(model, bytes_per_param: float, working: int) -> int:
@@ -64,18 +61,16 @@ def choose_path(
     if mode == "on":
         peak = blockwise_bytes(model, bytes_per_param, working)
         return {"blockwise": True, "why": "block by block, as asked (blockwise: on)", "peak_memory_bytes": peak}
+    needs, free = human_bytes(in_memory), human_bytes(available)
     if available is None or in_memory <= available:
-        fits = f"about {_gib(in_memory)} of {_gib(available)} available" if available else "free memory unknown"
+        fits = f"about {needs} of {free} available" if available else "free memory unknown"
         return {"blockwise": False, "why": f"in memory: the run fits ({fits})"}
     if ruled_out:
         return {
             "blockwise": False,
-            "why": f"in memory, although it needs about {_gib(in_memory)} of {_gib(available)} available: "
-            f"block by block is ruled out ({'; '.join(ruled_out)})",
+            "why": f"in memory, although it needs about {needs} of {free} available: block by block is ruled "
+            f"out ({'; '.join(ruled_out)})",
         }
     peak = blockwise_bytes(model, bytes_per_param, working)
-    return {
-        "blockwise": True,
-        "why": f"block by block: in memory the run needs about {_gib(in_memory)}, {_gib(available)} is available",
-        "peak_memory_bytes": peak,
-    }
+    why = f"block by block: in memory the run needs about {needs}, {free} is available"
+    return {"blockwise": True, "why": why, "peak_memory_bytes": peak}

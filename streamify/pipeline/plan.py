@@ -133,7 +133,7 @@ def build_plan(
         training = stage.training(stage_params)
         if processes > 1 and trains(stage, stage_params):
             check_share((training[0] if training else stage_params).grad_accum, processes, where)
-        peak = 2 * in_memory
+        peak = 2 * in_memory + (stage.blockwise(stage_params, model)[2] if stage.blockwise else 0)
         modules = {}
         teacher = None
         if training is not None:
