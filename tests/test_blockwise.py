@@ -1,0 +1,99 @@
+"""INT4 block by block from the safetensors files: the same artifact as in memory, the plan's choice, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import streamify.pipeline.plan as plan_module
+import streamify.quantize.int4.compressed as compressed
+
+CALIBRATION = ("--samples", "4", "--seq-len", "64")
+
+
+def quantize(cli, model: Path, out: Path, *options: str) -> dict:
+    result = cli("quantize", "int4", model, "-o", out, *CALIBRATION, "--format", "json", *options)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def planned(cli, model: Path, out: Path, *options: str) -> dict:
+    return quantize(cli, model, out, "--dry-run", *options)["plan"]
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(path))
+    return found
+
+
+@pytest.mark.parametrize(("arch", "method"), [("llama", "gptq"), ("llama", "awq"), ("gemma", "rtn")])
+def test_block_by_block_writes_the_in_memory_artifact(cli, tiny_models, tmp_path, monkeypatch, arch, method):
+    """Read, calibrated and written one block at a time, a model gives the in-memory path's files exactly (names,
+    dtypes, values, config), here split into shards by a 16 KiB limit, which transformers loads through the index.
+    Gemma ties its head to the embedding: written once, as transformers writes it."""
+    monkeypatch.setattr(compressed, "SHARD_BYTES", 16 * 1024)
+    model = tiny_models[arch]
+    memory = quantize(cli, model, tmp_path / "memory", "--method", method, "--blockwise", "off", "--no-eval")
+    disk = quantize(cli, model, tmp_path / "disk", "--method", method, "--blockwise", "on", "--no-eval")
+    assert "path" not in memory["stages"][0]["metrics"] and disk["stages"][0]["metrics"]["path"] == "block-wise"
+    assert len(list((tmp_path / "disk").glob("model-*-of-*.safetensors"))) > 2
+    index = json.loads((tmp_path / "disk" / compressed.INDEX_NAME).read_text())
+    ours, theirs = tensors(tmp_path / "disk"), tensors(tmp_path / "memory")
+    assert sorted(index["weight_map"]) == sorted(ours) == sorted(theirs)
+    assert all(ours[n].dtype == theirs[n].dtype and torch.equal(ours[n], theirs[n]) for n in ours)
+    assert ("lm_head.weight" in ours) != (arch == "gemma")
+    config = json.loads((tmp_path / "disk" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "memory" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    ids = torch.arange(5, 37)[None]
+    with torch.no_grad():
+        sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()(ids).logits
+        whole = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").eval()(ids).logits
+    assert torch.isfinite(sharded).all() and torch.equal(sharded, whole)
+
+
+def test_plan_goes_block_by_block_when_the_model_does_not_fit(cli, tiny_llama, tmp_path, monkeypatch):
+    """auto: in memory while the run fits; block by block when it does not and nothing rules it out (the
+    run then takes that path); in memory with the reason when the eval rules it out, and the run is refused."""
+    fits = planned(cli, tiny_llama, tmp_path / "a", "--no-eval")
+    assert not fits["path"]["blockwise"] and fits["path"]["why"].startswith("in memory: the run fits")
+    in_memory = fits["estimate"]["peak_memory_bytes"]
+    asked = planned(cli, tiny_llama, tmp_path / "a", "--no-eval", "--blockwise", "on")
+    assert asked["path"]["blockwise"] and asked["path"]["why"] == "block by block, as asked (blockwise: on)"
+    block_wise = asked["estimate"]["peak_memory_bytes"]
+    assert block_wise < in_memory
+    monkeypatch.setattr(plan_module, "available_memory_bytes", lambda: (block_wise + in_memory) // 2)
+    tight = planned(cli, tiny_llama, tmp_path / "a", "--no-eval")
+    assert tight["path"]["blockwise"] and "in memory the run needs about" in tight["path"]["why"]
+    assert tight["estimate"]["peak_memory_bytes"] == block_wise
+    done = quantize(cli, tiny_llama, tmp_path / "a", "--no-eval", "--method", "rtn")
+    assert done["stages"][0]["metrics"]["path"] == "block-wise"
+    ruled_out = planned(cli, tiny_llama, tmp_path / "b")
+    assert not ruled_out["path"]["blockwise"] and "the eval needs the whole model" in ruled_out["path"]["why"]
+    refused = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "b", *CALIBRATION)
+    assert refused.exit_code == 4 and "block by block is ruled out" in refused.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_block_by_block_refusals(cli, tiny_llama, tmp_path):
+    """blockwise on where it cannot run: a clear message (exit 2), nothing written."""
+    with_eval = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "o", "--blockwise", "on")
+    assert with_eval.exit_code == 2 and "the eval needs the whole model in memory" in with_eval.output
+    gguf = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "o", "--blockwise", "on", "--weights-format", "gguf")
+    assert gguf.exit_code == 2 and "GGUF artifacts are written from the model in memory" in gguf.output
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    options = ("--blockwise", "on", "--no-eval", "--allow-pickle")
+    refused = cli("quantize", "int4", pickled, "-o", tmp_path / "o", *options)
+    assert refused.exit_code == 2 and "the weights are not in safetensors files" in refused.output
+    assert not (tmp_path / "o").exists()
