@@ -165,7 +165,8 @@ def render_plan(console: Console, plan: dict) -> None:
         console.print(f"  gates: {plan['gates']}")
     if plan["processes"]["count"] > 1:
         console.print(f"  processes: {plan['processes']['training']}")
-    console.print(f"  weights: {plan['path']['why']}", markup=False)
+    if plan["path"]["why"]:
+        console.print(f"  weights: {plan['path']['why']}", markup=False)
     est = plan["estimate"]
     console.print(
         f"  estimate: peak memory ~{human_bytes(est['peak_memory_bytes'])} "

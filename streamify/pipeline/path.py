@@ -28,13 +28,14 @@ def blockwise_bytes(model, bytes_per_param: float, working: int) -> int:
 def choose_path(
     recipe: Recipe, source: Source, model, bytes_per_param: float, in_memory: int, available: int | None, processes: int
 ) -> dict:
-    """``{"blockwise": bool, "why": str}`` (and ``peak_memory_bytes`` when block-wise) for the plan.
+    """``{"blockwise": bool, "why": str | None}`` (and ``peak_memory_bytes`` when block-wise) for the plan;
+    ``why`` is None when no stage of the recipe can run block by block.
 
     Raises :class:`UsageError` when block by block is asked for (``blockwise: on``) but ruled out.
     """
     stages = recipe.resolved_stages()
     if not stages or stages[-1][0].blockwise is None:
-        return {"blockwise": False, "why": "in memory (no stage of this recipe runs block by block)"}
+        return {"blockwise": False, "why": None}
     stage, params = stages[-1]
     mode, obstacle, working = stage.blockwise(params, model)
     if mode == "off":

@@ -220,7 +220,7 @@ def check_fits(plan: dict, output: Path, progress: Progress = SILENT) -> None:
             f"{plan['model']}: the run needs about {needed / 2**30:.1f} GiB of memory{processes}, "
             f"{available / 2**30:.1f} GiB is available",
             "free memory, use --dtype bf16, or run on a bigger machine"
-            + ("" if "ruled out" not in plan["path"]["why"] else f" ({plan['path']['why']})"),
+            + ("" if "ruled out" not in (plan["path"]["why"] or "") else f" ({plan['path']['why']})"),
         )
     parent = output
     while not parent.exists():
