@@ -32,6 +32,7 @@ from streamify.runtime.spec import FULL, StreamingSpec
 
 IMPLEMENTATION = "streamify_streaming"
 QUERY_BLOCK = 512  # queries per block when a whole sequence is attended at once
+SMALL_CHUNK = 64  # up to this many queries (decode, streaming chunks) the scores are computed as they are
 
 
 class StreamingController:
@@ -118,7 +119,8 @@ def attend(
         cos_qs, sin_qs = ctl.cos_sin(q_abs.clamp(max=spec.capacity), query, min(q_start + chunk, spec.capacity + 1))
         sink_allowed = slots[None] <= q_abs[:, None]
         parts.insert(0, (_rotate(query, cos_qs, sin_qs), _rotate(sink_k, cos_s, sin_s), sink_v, sink_allowed))
-    return _fused(parts, scaling).transpose(1, 2).contiguous()
+    small = chunk <= SMALL_CHUNK and not (torch.is_grad_enabled() and query.requires_grad)
+    return (_explicit(parts, scaling) if small else _fused(parts, scaling)).transpose(1, 2).contiguous()
 
 
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # rotated query, rotated keys, values, allowed
@@ -146,6 +148,25 @@ def _fused(parts: list[Part], scaling: float) -> torch.Tensor:
         keys, values, groups = _repeat_heads(keys, groups), _repeat_heads(values, groups), 1
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1)
     return out[..., :head_dim]
+
+
+def _explicit(parts: list[Part], scaling: float) -> torch.Tensor:
+    """The same softmax for a few queries without gradients (decode): each part's scores ``q_i · k_i`` side by
+    side, one softmax in fp32, one product with the values; grouped query heads share their key heads
+    (no repeat). The scores are chunk × keys: small here, and no widened head dim is built each step."""
+    query = parts[0][0]
+    batch, heads, chunk, head_dim = query.shape
+    kv_heads = parts[0][1].shape[1]
+    groups = heads // kv_heads
+
+    def grouped(q: torch.Tensor) -> torch.Tensor:  # [b, h, c, d] -> [b, kv, groups * c, d]
+        return q.reshape(batch, kv_heads, groups * chunk, head_dim)
+
+    scores = torch.cat([grouped(q) @ k.transpose(-1, -2) for q, k, _, _ in parts], dim=-1).float() * scaling
+    allowed = torch.cat([allowed for *_, allowed in parts], dim=-1).repeat(groups, 1)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(query.dtype)
+    values = torch.cat([v for _, _, v, _ in parts], dim=-2)
+    return (weights @ values).reshape(batch, heads, chunk, head_dim)
 
 
 def _whole_sequence(ctl, kind, query, key, value, scaling) -> torch.Tensor:
