@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,9 @@ from streamify.pipeline.registry import StageContext, get_stage
 from streamify.quantize.int4.stage import Int4Params
 
 pytestmark = pytest.mark.real
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from blockwise_quant import RUN as PEAK_RSS_RUN  # noqa: E402  (the benchmark's measuring wrapper)
+
 MODEL = "builtin:smollm2-135m"
 
 
@@ -69,26 +73,6 @@ def test_awq_beats_rtn_on_smollm2(heldout, fp32_perplexity, rtn_perplexity):
     assert ours < vs_fp32 * fp32_perplexity and ours < vs_rtn * rtn_perplexity, (ours, rtn_perplexity)
 
 
-PEAK = r"""
-import re, sys
-from pathlib import Path
-
-def peak():
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-import compressed_tensors, torch, transformers  # the run's heavy imports, before the baseline
-import streamify.quantize.int4.stage
-from streamify.cli.app import main
-
-base = peak()
-sys.argv = ["streamify", *sys.argv[1:]]
-try:
-    main()
-finally:
-    print(f"PEAK {base} {peak()}", file=sys.stderr)
-"""
-
-
 def test_gptq_block_by_block_beats_rtn_in_less_memory_than_the_model(
     heldout, fp32_perplexity, rtn_perplexity, tmp_path
 ):
@@ -99,7 +83,7 @@ def test_gptq_block_by_block_beats_rtn_in_less_memory_than_the_model(
     folder = gguf_cache_folder(resolve_source(MODEL))  # the fp32 safetensors streamify made of the GGUF
     model_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     out = tmp_path / "int4"
-    command = [sys.executable, "-c", PEAK, "quantize", "int4", str(folder), "-o", str(out), "--method", "gptq"]
+    command = [sys.executable, "-c", PEAK_RSS_RUN, "quantize", "int4", str(folder), "-o", str(out), "--method", "gptq"]
     command += ["--group-size", "64", "--samples", "32", "--seq-len", "256", "--blockwise", "on", "--no-eval"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
