@@ -35,22 +35,34 @@ def test_lazy_loading_from_safetensors_holds_one_block_and_matches_the_plain_mod
     assert seen == [1] * len(blocks) and _materialized(blocks) == 0
 
 
-def test_running_block_by_block_gives_the_plain_models_hidden_states(tiny_llama):
-    plain = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_running_block_by_block_gives_the_plain_models_hidden_states(tiny_models, arch):
+    """The blocks run with the embeddings and head sent away (both meta), which come back equal to the
+    plain model's, tied again where the model ties them (Gemma)."""
+    folder = tiny_models[arch]
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         expected = plain(IDS, output_hidden_states=True).hidden_states
-    config = folder_config(tiny_llama)
+    config = folder_config(folder)
     model = empty_model(model_class(config, "test"), config)
-    executor = BlockExecutor(model, SafetensorsWeights(tiny_llama))
+    executor = BlockExecutor(model, SafetensorsWeights(folder))
     executor.load_resident()
+    model.tie_weights()
+    heads = (model.get_input_embeddings, model.get_output_embeddings)
     with torch.no_grad():
         inputs = executor.first_inputs([IDS], lambda m, batch: m(batch, use_cache=False))
         assert torch.equal(inputs[0][0], expected[0])
-        for index in range(len(executor.blocks)):
-            inputs = executor.run_block(index, inputs)
-            assert _materialized(executor.blocks) == 0
-            if index + 1 < len(executor.blocks):  # the last entry of hidden_states is after the final norm
-                assert torch.equal(inputs[0][0], expected[index + 1]), index
+        with executor.embeddings_away():
+            assert all(head().weight.device.type == "meta" for head in heads)
+            for index in range(len(executor.blocks)):
+                inputs = executor.run_block(index, inputs)
+                assert _materialized(executor.blocks) == 0
+                if index + 1 < len(executor.blocks):  # the last entry of hidden_states is after the final norm
+                    assert torch.equal(inputs[0][0], expected[index + 1]), index
+    plain_heads = (plain.get_input_embeddings, plain.get_output_embeddings)
+    assert all(torch.equal(ours().weight, theirs().weight) for ours, theirs in zip(heads, plain_heads, strict=True))
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert tied == (arch == "gemma")
 
 
 def test_lazy_loading_refuses_weights_the_model_does_not_have(tiny_llama, tmp_path):

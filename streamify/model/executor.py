@@ -41,7 +41,7 @@ class WeightSource(Protocol):
 
 
 class SafetensorsWeights:
-    """The tensors of a folder's ``*.safetensors`` files, read one by one (memory-mapped, never all at once)."""
+    """The tensors of a folder's ``*.safetensors`` files, read a few at a time (never all at once)."""
 
     def __init__(self, folder: Path) -> None:
         self.where: dict[str, Path] = {}
@@ -59,7 +59,8 @@ class SafetensorsWeights:
         found = {}
         for path, group in by_file.items():
             with safe_open(path, framework="pt") as handle:
-                found.update({name: handle.get_tensor(name) for name in group})
+                # copies: a view would keep the whole file mapped, and every page it touched counted as resident
+                found.update({name: handle.get_tensor(name).clone() for name in group})
         return found
 
 
@@ -130,6 +131,31 @@ class BlockExecutor:
         finally:
             self.held.discard(index)
             self.drop(index)
+
+    def release_embeddings(self) -> list[str]:
+        """Send the input embeddings and output head to the meta device (blocks never use them, and on a
+        large vocabulary they can outweigh several blocks); the stored names to read them back by, none
+        without a source (a model in memory keeps them)."""
+        if self.source is None:
+            return []
+        heads = [self.model.get_input_embeddings(), self.model.get_output_embeddings()]
+        owners = {id(m): m for m in heads if m is not None and m.weight.device.type != "meta"}
+        names = [n for n, m in self.model.named_modules() if id(m) in owners]
+        for module in owners.values():
+            module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
+        return_freed_memory()
+        return [n for n in self.resident if n.rpartition(".")[0] in names]
+
+    @contextlib.contextmanager
+    def embeddings_away(self):
+        """The input embeddings and output head released for the ``with``, read back (and re-tied) after."""
+        stored = self.release_embeddings()
+        try:
+            yield
+        finally:
+            if stored:
+                self._place(self.source.load(stored))
+                tie_shared(self.model)
 
     def hook(self) -> None:
         """Make the model's own forward bring each block in before it runs and drop it after (lazy loading)."""

@@ -117,18 +117,19 @@ def quantize_sequentially(
     if calibrated and inputs is None:
         with autocast:
             inputs = executor.first_inputs(ids, lambda m, row: m(row[None].to(place), use_cache=False))
-    for index in progress.track(range(start, len(blocks)), "quantizing blocks", total=len(blocks) - start):
-        with executor.block(index):
-            found = _quantize_block(executor, index, targets, modules, inputs, make_stats, solve_block, autocast)
-            if inputs is not None and index + 1 < len(blocks):
-                with autocast:
-                    inputs = executor.run_block(index, inputs)
-            if finish_block is not None:
-                finish_block(index, found)
-            else:
-                results.update(found)
-                if index + 1 < len(blocks):
-                    checkpoints.save(index + 1, inputs, results)
+    with executor.embeddings_away():
+        for index in progress.track(range(start, len(blocks)), "quantizing blocks", total=len(blocks) - start):
+            with executor.block(index):
+                found = _quantize_block(executor, index, targets, modules, inputs, make_stats, solve_block, autocast)
+                if inputs is not None and index + 1 < len(blocks):
+                    with autocast:
+                        inputs = executor.run_block(index, inputs)
+                if finish_block is not None:
+                    finish_block(index, found)
+                else:
+                    results.update(found)
+                    if index + 1 < len(blocks):
+                        checkpoints.save(index + 1, inputs, results)
     rest = [name for name in targets if not name.startswith(f"{prefix}.")]  # outside the block list
     if rest:
         results.update(solve_block(None, rest, dict.fromkeys(rest)))

@@ -431,6 +431,7 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
             finish_block=write_block,
         )
         shards.add(block_tensors(model, executor.prefix, None), outside)
+        executor.release_embeddings()  # packed into the last shard: not needed again
     ctx.progress.log(f"quantize.int4: read, quantized and wrote {len(executor.blocks)} blocks one at a time")
     ctx.metrics.update(path="block-wise", float_dtype=DTYPE_NAMES[floats])
 
