@@ -39,7 +39,7 @@ demo: install
 
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The wheels benchmarks/gpu_check.py needs on a GPU machine without network (Python 3.12, x86-64 Linux).
 gpu-wheels: $(BIN)/python

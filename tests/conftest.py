@@ -10,6 +10,9 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # the processes the tests start, too
+    torch.set_num_threads(1)
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast

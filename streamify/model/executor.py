@@ -41,7 +41,10 @@ class WeightSource(Protocol):
 
 
 class SafetensorsWeights:
-    """The tensors of a folder's ``*.safetensors`` files, read a few at a time (never all at once)."""
+    """The tensors of a folder's ``*.safetensors`` files, read a few at a time (never all at once).
+
+    They are views of the file's memory map: while one lives, the pages it touched count as the process's.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.where: dict[str, Path] = {}
@@ -59,8 +62,7 @@ class SafetensorsWeights:
         found = {}
         for path, group in by_file.items():
             with safe_open(path, framework="pt") as handle:
-                # copies: a view would keep the whole file mapped, and every page it touched counted as resident
-                found.update({name: handle.get_tensor(name).clone() for name in group})
+                found.update({name: handle.get_tensor(name) for name in group})
         return found
 
 
@@ -99,8 +101,8 @@ class BlockExecutor:
 
     def load_resident(self) -> None:
         """Bring in every tensor outside the block list (embeddings, final norm, head)."""
-        if self.source is not None:
-            self._place(self.source.load(self.resident))
+        if self.source is not None:  # copies: they live all run, and a view would keep the whole file mapped
+            self._place({name: value.clone() for name, value in self.source.load(self.resident).items()})
 
     def bring(self, index: int) -> None:
         """Bring block ``index``'s tensors in from the source."""
