@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import streamify.pipeline.plan as plan_module
 import streamify.quantize.int4.compressed as compressed
@@ -40,10 +40,14 @@ def test_block_by_block_writes_the_in_memory_artifact(cli, tiny_models, tmp_path
     dtypes, values, config), here split into shards by a 16 KiB limit, which transformers loads through the index.
     Gemma ties its head to the embedding: written once, as transformers writes it."""
     monkeypatch.setattr(compressed, "SHARD_BYTES", 16 * 1024)
+    if arch == "llama":  # a class that keeps a module in fp32 (as Wan's does): kept and named on both paths
+        monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules", ["norm"])
     model = tiny_models[arch]
     memory = quantize(cli, model, tmp_path / "memory", "--method", method, "--blockwise", "off", "--no-eval")
     disk = quantize(cli, model, tmp_path / "disk", "--method", method, "--blockwise", "on", "--no-eval")
     assert "path" not in memory["stages"][0]["metrics"] and disk["stages"][0]["metrics"]["path"] == "block-wise"
+    kept = [sorted(run["stages"][0]["metrics"].get("kept_fp32", [])) for run in (disk, memory)]
+    assert kept[0] == kept[1] == ["model.norm.weight"] * (arch == "llama"), kept
     assert len(list((tmp_path / "disk").glob("model-*-of-*.safetensors"))) > 2
     index = json.loads((tmp_path / "disk" / compressed.INDEX_NAME).read_text())
     ours, theirs = tensors(tmp_path / "disk"), tensors(tmp_path / "memory")

@@ -75,6 +75,7 @@ class PackedShards:
         self.keeps_fp32 = lambda name: keeps_fp32(model, name)
         self.pending: dict[str, torch.Tensor] = {}
         self.written: list[tuple[Path, list[str]]] = []  # shard file, its tensor names
+        self.kept: list[str] = []  # floating-point tensors left in fp32 because the model's class keeps them so
         self.total = 0
 
     @torch.no_grad()
@@ -88,7 +89,10 @@ class PackedShards:
                 continue
             seen.add(id(tensor))
             value = tensor.detach()
-            cast = value.is_floating_point() and not self.keeps_fp32(name)
+            kept = value.is_floating_point() and self.keeps_fp32(name)
+            if kept:
+                self.kept.append(name)
+            cast = value.is_floating_point() and not kept
             found[name] = (value.to(self.float_dtype) if cast else value).cpu()
         for name in {n.removesuffix(".weight") for n in tensors} & set(quantized):
             weight = quantized[name]

@@ -434,6 +434,8 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
         executor.release_embeddings()  # packed into the last shard: not needed again
     ctx.progress.log(f"quantize.int4: read, quantized and wrote {len(executor.blocks)} blocks one at a time")
     ctx.metrics.update(path="block-wise", float_dtype=DTYPE_NAMES[floats])
+    if shards.kept:
+        ctx.metrics["kept_fp32"] = shards.kept
 
     def finish(written: Path) -> None:
         if written != folder:
