@@ -1,7 +1,8 @@
 """The block-wise executor: run a model one block at a time, with one block's weights in memory.
 
 The model is built on the meta device (no memory). The tensors outside its
-block list (embeddings, final norm, head) are brought in once; a block's
+block list (embeddings, final norm, head) are brought in once (calibration
+sends the embeddings and head away while it runs the blocks); a block's
 tensors are brought in from a :class:`WeightSource` right before it runs and
 dropped (back to the meta device) after. Lazy loading (from safetensors files
 or an entropy-coded container) and calibration go through it; with no source
@@ -140,13 +141,12 @@ class BlockExecutor:
         without a source (a model in memory keeps them)."""
         if self.source is None:
             return []
-        heads = [self.model.get_input_embeddings(), self.model.get_output_embeddings()]
-        owners = {id(m): m for m in heads if m is not None and m.weight.device.type != "meta"}
-        names = [n for n, m in self.model.named_modules() if id(m) in owners]
-        for module in owners.values():
+        heads = {self.model.get_input_embeddings(), self.model.get_output_embeddings()} - {None}
+        owned = {n: m for n, m in self.model.named_modules() if m in heads and m.weight.device.type != "meta"}
+        for module in owned.values():
             module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
         return_freed_memory()
-        return [n for n in self.resident if n.rpartition(".")[0] in names]
+        return [n for n in self.resident if n.rpartition(".")[0] in owned]
 
     @contextlib.contextmanager
     def embeddings_away(self):
