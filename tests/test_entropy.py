@@ -288,3 +288,52 @@ def test_int4_codes_are_entropy_coded_and_restore_the_compressed_tensors_files(c
         streamify.load(str(coded), lazy=True)
     refused = cli(*command, "-o", tmp_path / "g", "--entropy", "--weights-format", "gguf", "--sym")
     assert refused.exit_code == 2 and "entropy" in refused.stderr and not (tmp_path / "g").exists()
+
+
+def _as_version_2(folder) -> None:
+    """Rewrite a container as streamify wrote it before xxh3 (format 2, codec 1: CRC-32 checksums)."""
+    import zlib
+
+    from streamify.codec import container as module
+
+    path = folder / CONTAINER_NAME
+    meta = read_index(path)
+    with safe_open(path, "pt") as fh:
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (not a mapping)
+    for name, entry in meta["tensors"].items():
+        data = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        if entry["storage"] == "raw":
+            entry["crc32"] = zlib.crc32(data)
+            del entry["xxh3_64"]
+            continue
+        entry["codec_version"] = 1
+        for chunk in entry["chunks"]:
+            chunk["crc32"] = zlib.crc32(data[chunk["offset"] : chunk["offset"] + chunk["length"]])
+            del chunk["xxh3_64"]
+    saved = module.FORMAT_VERSION
+    module.FORMAT_VERSION = 2
+    try:
+        write_container(path, tensors, meta["tensors"], meta["files"])
+    finally:
+        module.FORMAT_VERSION = saved
+
+
+def test_containers_of_format_2_with_crc32_still_decode_and_detect_corruption(cli, small_llama, tmp_path):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval", "--chunk-elems", "4096").exit_code == 0
+    expected = decode_tensors(coded / CONTAINER_NAME)
+    _as_version_2(coded)
+    index = read_index(coded / CONTAINER_NAME)
+    assert index["format_version"] == 2 and "crc32" in index["tensors"]["model.norm.weight"]
+    got = decode_tensors(coded / CONTAINER_NAME, threads=2)
+    assert all(torch.equal(_bits(got[n]), _bits(t)) if t.is_floating_point() else torch.equal(got[n], t)
+               for n, t in expected.items())  # fmt: skip
+    name = "model.layers.1.mlp.up_proj.weight"
+    header = read_header(coded / CONTAINER_NAME)
+    data = bytearray((coded / CONTAINER_NAME).read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little") + header[name]["data_offsets"][0]
+    chunk = index["tensors"][name]["chunks"][1]
+    data[start + chunk["offset"] + 3] ^= 0x10
+    (coded / CONTAINER_NAME).write_bytes(bytes(data))
+    with pytest.raises(CorruptWeightsError, match=f"tensor {name}, chunk 1.*checksum"):
+        decode_tensors(coded / CONTAINER_NAME, [name])

@@ -1,6 +1,6 @@
 """The container of entropy-coded weights: ``model.entropy.safetensors``.
 
-Format (version 2), so that another implementation can read it:
+Format (version 3), so that another implementation can read it:
 
 - A safetensors file. Every tensor of the checkpoint is stored under its own
   name, either *coded* (a 1-D ``U8`` tensor: the concatenated chunks written by
@@ -9,21 +9,24 @@ Format (version 2), so that another implementation can read it:
   INT4 codes packed in INT32 ``*weight_packed`` tensors).
 - ``__metadata__["streamify_entropy"]`` is a JSON string (the index)::
 
-    {"format": "streamify.entropy", "format_version": 2,
+    {"format": "streamify.entropy", "format_version": 3,
      "files": {"model.safetensors": {"metadata": {...}}},   # the original files and their __metadata__
      "tensors": {NAME: {"file": "model.safetensors", "storage": "coded" | "raw",
                         "dtype": "BF16" | ..., "shape": [...],   # of the original tensor
                         # raw only:
-                        "crc32": CRC-32 (zlib) of the stored bytes,
+                        "xxh3_64": xxh3-64 of the stored bytes, 16 hex digits,
                         # coded only:
-                        "codec": "pcodec-rotl1" | "zstd-bytes", "codec_version": 1,
+                        "codec": "pcodec-rotl1" | "zstd-bytes", "codec_version": 2,
                         "chunks": [{"start": first value, "count": values,
                                     "offset": byte offset in the U8 tensor, "length": bytes,
-                                    "crc32": CRC-32 (zlib) of those bytes}, ...]}}}
+                                    "xxh3_64": xxh3-64 of those bytes, 16 hex digits}, ...]}}}
 
   and ``__metadata__["streamify_entropy_sha256"]`` the hex sha256 of that string,
   so every stored byte is covered by a checksum: the index by its sha256, each
-  coded chunk and each raw tensor by its CRC-32.
+  coded chunk and each raw tensor by its xxh3-64 (XXH3_64bits, seed 0).
+  Version 2 (still read) had ``crc32`` (zlib's CRC-32, an integer) in place of
+  ``xxh3_64`` on raw tensors, and coded tensors of ``codec_version`` 1 have it on
+  their chunks.
 - File names in ``files`` are plain names of ``.safetensors`` files (no folders);
   every tensor of the container has an index entry and every entry a tensor
   whose dtype and shape agree with it. A reader refuses anything else before it
@@ -31,7 +34,7 @@ Format (version 2), so that another implementation can read it:
 - Values: ``pcodec-rotl1`` codes one value per element (unsigned integers of the
   dtype's width); ``zstd-bytes`` codes the tensor's little-endian bytes, each
   chunk one zstd frame; ``start`` and ``count`` are then in bytes.
-- Decoding a chunk: check its CRC-32; for ``pcodec-rotl1`` pcodec-decompress it
+- Decoding a chunk: check its checksum; for ``pcodec-rotl1`` pcodec-decompress it
   (``simple_decompress``) into ``count`` unsigned integers, rotate each right by
   one bit and reinterpret the bits as the dtype; for ``zstd-bytes``
   zstd-decompress it into ``count`` bytes of the tensor. Restoring a file writes
@@ -42,10 +45,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import struct
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +61,11 @@ from safetensors.torch import save_file
 from streamify.codec.codec import (
     TENSOR_DTYPES,
     CorruptWeightsError,
+    FileSpan,
     check_chunks,
+    checksum,
+    checksum_key,
+    checksum_matches,
     codec_for,
     decode_many,
     encode_many,
@@ -68,13 +76,15 @@ from streamify.progress import Progress
 
 CONTAINER_NAME = "model.entropy.safetensors"
 FORMAT = "streamify.entropy"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+_RAW_CHECKSUM_KEY = {2: "crc32", 3: "xxh3_64"}  # the checksum of raw tensors by format version
 _META_KEY = "streamify_entropy"
 _DIGEST_KEY = "streamify_entropy_sha256"
 _RECREATE = "the container is damaged or was altered: re-create or re-download the artifact"
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                        torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
                        torch.int64: "I64", torch.bool: "BOOL"}  # fmt: skip
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple[dict, dict, dict]:
@@ -100,14 +110,14 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple
                 "storage": "raw",
                 "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
                 "shape": list(tensor.shape),
-                "crc32": _crc32(tensor),
+                "xxh3_64": checksum(_stored_bytes(tensor)),
             }
     return stored, index, file_entry
 
 
-def _crc32(tensor: torch.Tensor) -> int:
-    """CRC-32 of a tensor's bytes as safetensors stores them."""
-    return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+def _stored_bytes(tensor: torch.Tensor):
+    """A tensor's bytes as safetensors stores them (a numpy view)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 @dataclass
@@ -169,7 +179,11 @@ def read_index(path: Path) -> dict:
     a file name that is not a plain ``.safetensors`` name, or entries that do not
     match the stored tensors one for one.
     """
-    header = read_header(path)
+    return _checked_index(path, read_header(path))
+
+
+def _checked_index(path: Path, header: dict) -> dict:
+    """:func:`read_index` of a header already read (and checked) by ``read_header``."""
     metadata = header.get("__metadata__", {})
     raw = metadata.get(_META_KEY)
     try:
@@ -178,9 +192,9 @@ def read_index(path: Path) -> dict:
         raise InputError(f"{path}: the entropy index is not valid JSON ({type(exc).__name__})", _RECREATE) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{path}: not a streamify entropy container", "re-create it with streamify quantize entropy")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in _RAW_CHECKSUM_KEY:
         raise InputError(
-            f"{path}: entropy format version {meta.get('format_version')} is not {FORMAT_VERSION} "
+            f"{path}: entropy format version {meta.get('format_version')} is not one of 2-{FORMAT_VERSION} "
             "(version 1 left small tensors without a checksum)",
             "re-create the artifact with this streamify (streamify quantize entropy on the original model)",
         )
@@ -209,11 +223,12 @@ def _check_index(path: Path, meta: dict, stored: dict[str, dict]) -> None:
         extra, lost = sorted(set(stored) - set(entries)), sorted(set(entries) - set(stored))
         what = f"tensor {extra[0]} has no index entry" if extra else f"the index entry {lost[0]} has no tensor"
         raise CorruptWeightsError(f"{path}: {what}", _RECREATE)
+    raw_key = _RAW_CHECKSUM_KEY[meta["format_version"]]
     for name, entry in entries.items():
-        _check_entry(path, name, entry, stored[name], files)
+        _check_entry(path, name, entry, stored[name], files, raw_key)
 
 
-def _check_entry(path: Path, name: str, entry, header: dict, files: dict) -> None:
+def _check_entry(path: Path, name: str, entry, header: dict, files: dict, raw_key: str) -> None:
     where = f"{path}: tensor {name}"
     valid = isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("storage"), str)
     if not valid or entry["file"] not in files or entry["storage"] not in ("raw", "coded"):
@@ -222,20 +237,24 @@ def _check_entry(path: Path, name: str, entry, header: dict, files: dict) -> Non
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptWeightsError(f"{where}: the index gives no valid shape", _RECREATE)
     if entry["storage"] == "raw":
-        if (header["dtype"], header["shape"]) != (entry.get("dtype"), shape) or not isinstance(entry.get("crc32"), int):
+        checked = type(entry.get(raw_key)) is (int if raw_key == "crc32" else str)
+        if (header["dtype"], header["shape"]) != (entry.get("dtype"), shape) or not checked:
             raise CorruptWeightsError(f"{where}: stored as {header['dtype']} {header['shape']}, the index says "
                                       f"raw {entry.get('dtype')} {shape}", _RECREATE)  # fmt: skip
         return
     if header["dtype"] != "U8" or len(header["shape"]) != 1:
         raise CorruptWeightsError(f"{where}: the index says coded, the stored tensor is not coded bytes", _RECREATE)
     dtype = TENSOR_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
-    if dtype is None or not isinstance(entry.get("chunks"), list):
-        raise CorruptWeightsError(f"{where}: coded entry without a valid dtype or chunk list", _RECREATE)
+    key = checksum_key(entry.get("codec_version"))
+    if dtype is None or key is None or not isinstance(entry.get("chunks"), list):
+        raise CorruptWeightsError(
+            f"{where}: coded entry without a valid dtype, codec version or chunk list", _RECREATE
+        )
     count = 1
     for dim in shape:
         count *= dim
     values = count * (dtype.itemsize if entry.get("codec") == "zstd-bytes" else 1)
-    check_chunks(f"{where}", entry["chunks"], values, header["shape"][0])
+    check_chunks(f"{where}", entry["chunks"], values, header["shape"][0], key)
 
 
 def _plain_file_name(name) -> bool:
@@ -252,26 +271,63 @@ def _plain_file_name(name) -> bool:
     )
 
 
+class ContainerReader:
+    """A container's index and tensor positions, read and checked once; tensors decoded on demand.
+
+    Bytes are read from the file (``os.pread``) straight into the buffers that
+    are checked and decoded; nothing else of the file is read or mapped.
+    """
+
+    def __init__(self, path: Path, index: dict | None = None) -> None:
+        header = read_header(path)
+        self.path, self.index = path, index or _checked_index(path, header)
+        with open(path, "rb") as fh:
+            (header_length,) = struct.unpack("<Q", fh.read(8))
+        self.spans = {
+            name: (8 + header_length + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+
+    def decode(self, names: list[str] | None = None, threads: int = 1) -> dict[str, torch.Tensor]:
+        """The named tensors (all when ``names`` is None), checked and decoded on ``threads``."""
+        entries = self.index["tensors"]
+        wanted = names if names is not None else list(entries)
+        found: dict[str, torch.Tensor] = {}
+        with open(self.path, "rb") as fh:
+            coded = []
+            for name in wanted:
+                if entries[name]["storage"] == "coded":
+                    coded.append((name, entries[name], FileSpan(fh.fileno(), *self.spans[name])))
+                else:
+                    found[name] = self._read_raw(fh.fileno(), name)
+            found.update(decode_many(coded, threads))
+        return {name: found[name] for name in wanted}
+
+    def _read_raw(self, fd: int, name: str) -> torch.Tensor:
+        """A tensor stored raw, read and checked against its checksum."""
+        entry, (offset, length) = self.index["tensors"][name], self.spans[name]
+        buffer = bytearray(length)
+        read = os.preadv(fd, [buffer], offset) if length else 0
+        key = _RAW_CHECKSUM_KEY[self.index["format_version"]]
+        if read != length or not checksum_matches(buffer, key, entry[key]):
+            raise CorruptWeightsError(
+                f"{self.path}: tensor {name} (stored raw): checksum mismatch, the stored bytes are corrupt", _RECREATE
+            )
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        if not length:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
 def decode_tensors(
     path: Path,
     names: list[str] | None = None,
     threads: int = 1,
     index: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Decode the named tensors (all when ``names`` is None) from a container; raw ones are checked by CRC-32."""
-    meta = index or read_index(path)
-    entries = meta["tensors"]
-    wanted = names if names is not None else list(entries)
-    with safe_open(path, "pt") as fh:
-        stored = {name: fh.get_tensor(name) for name in wanted}
-    for name in wanted:
-        if entries[name]["storage"] == "raw" and _crc32(stored[name]) != entries[name]["crc32"]:
-            raise CorruptWeightsError(
-                f"{path}: tensor {name} (stored raw): checksum mismatch, the stored bytes are corrupt", _RECREATE
-            )
-    coded = [(n, entries[n], stored[n].numpy()) for n in wanted if entries[n]["storage"] == "coded"]
-    decoded = decode_many(coded, threads)
-    return {n: decoded[n] if n in decoded else stored[n] for n in wanted}
+    """Decode the named tensors (all when ``names`` is None) from a container (:class:`ContainerReader`)."""
+    return ContainerReader(path, index).decode(names, threads)
 
 
 def _raw_bytes(entry: dict, stored_bytes: int) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from streamify.codec.codec import CorruptWeightsError
-from streamify.codec.container import decode_tensors, read_index
+from streamify.codec.container import ContainerReader, read_index
 from streamify.errors import InputError
 from streamify.io.config import model_class
 from streamify.model.blocks import find_blocks
@@ -63,13 +63,13 @@ class ContainerWeights:
     """The tensors of a coded container, decoded on demand (a :class:`~streamify.model.executor.WeightSource`)."""
 
     def __init__(self, container: Path, index: dict, threads: int) -> None:
-        self.container, self.index, self.threads = container, index, threads
+        self.reader, self.threads = ContainerReader(container, index), threads
 
     def names(self) -> list[str]:
-        return list(self.index["tensors"])
+        return list(self.reader.index["tensors"])
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return decode_tensors(self.container, names, self.threads, self.index)
+        return self.reader.decode(names, self.threads)
 
 
 def load_entropy_model(
