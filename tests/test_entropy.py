@@ -337,3 +337,58 @@ def test_containers_of_format_2_with_crc32_still_decode_and_detect_corruption(cl
     (coded / CONTAINER_NAME).write_bytes(bytes(data))
     with pytest.raises(CorruptWeightsError, match=f"tensor {name}, chunk 1.*checksum"):
         decode_tensors(coded / CONTAINER_NAME, [name])
+
+
+def test_lazy_forward_reads_the_next_block_in_the_background(cli, small_llama, tmp_path, monkeypatch):
+    import threading
+
+    from streamify.codec.load import ContainerWeights
+
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
+    eager, _ = streamify.load(str(coded))
+    reads = []
+    original = ContainerWeights.load
+
+    def recorded(self, names):
+        blocks = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+        reads.append((threading.current_thread().name, sorted(blocks)))
+        return original(self, names)
+
+    monkeypatch.setattr(ContainerWeights, "load", recorded)
+    lazy, _ = streamify.load(str(coded), lazy=True)
+    reads.clear()
+    ids = torch.randint(0, 384, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(2):  # the second forward finds block 0 read ahead too
+            assert torch.equal(lazy(ids).logits, eager(ids).logits)
+    blocks = len(lazy.model.layers)
+    assert reads[0] == ("MainThread", [0]), "only the very first block is read in the forward's own thread"
+    ahead = [b for thread, b in reads[1:] if thread.startswith("streamify-prefetch")]
+    assert ahead == [[i % blocks] for i in range(1, 2 * blocks + 1)] and len(reads) == 2 * blocks + 1
+
+
+def test_lazy_forward_reports_a_corrupt_block_read_ahead(cli, small_llama, tmp_path):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
+    container = coded / CONTAINER_NAME
+    name = "model.layers.1.mlp.up_proj.weight"  # read by the background thread while block 0 runs
+    header = read_header(container)
+    data = bytearray(container.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + header[name]["data_offsets"][0] + 5] ^= 0x21
+    container.write_bytes(bytes(data))
+    lazy, _ = streamify.load(str(coded), lazy=True)
+    with torch.no_grad(), pytest.raises(CorruptWeightsError, match=f"tensor {name}, chunk 0.*checksum"):
+        lazy(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_generate_lazy_from_coded_weights_gives_the_eager_text(cli, small_llama, tmp_path):
+    coded = tmp_path / "coded"
+    assert cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval").exit_code == 0
+    runs = {}
+    for mode in ([], ["--lazy"]):
+        result = cli("generate", coded, "--prompt", "def f(x):", "--max-new-tokens", "10", *mode, "--format", "json")
+        assert result.exit_code == 0, result.stderr
+        runs[bool(mode)] = json.loads(result.stdout)
+    assert runs[True]["text"] == runs[False]["text"] and runs[True]["new_tokens"] == 10
+    assert runs[True]["tokens_per_s"] > 0

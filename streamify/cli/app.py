@@ -263,12 +263,14 @@ def generate(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    lazy: LazyOpt = False,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Generate from any causal LM streamify loads (plain, INT4, GGUF, coded); a streaming one streams.
 
     A streaming artifact generates with its bounded cache (sinks + window); any
-    other with transformers' cache, which grows with the text.
+    other with transformers' cache, which grows with the text. --lazy keeps one
+    or two blocks' weights in memory (decoded ahead of the block that runs).
     """
     from streamify.errors import UsageError
     from streamify.io.load import load_checkpoint
@@ -277,7 +279,7 @@ def generate(
     from streamify.runtime.generate import generate_text
 
     with command(fmt) as out:
-        checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        checkpoint = load_checkpoint(model, dtype=dtype, device=device, lazy=lazy, progress=out)
         require_kind(checkpoint, CAUSAL_LM, "generation")
         if checkpoint.tokenizer is None:
             raise UsageError(f"{model}: the checkpoint has no tokenizer", "use a checkpoint with tokenizer files")

@@ -17,6 +17,7 @@ import ctypes
 import functools
 import sys
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -159,10 +160,25 @@ class BlockExecutor:
                 self._place(self.source.load(stored))
                 tie_shared(self.model)
 
-    def hook(self) -> None:
-        """Make the model's own forward bring each block in before it runs and drop it after (lazy loading)."""
+    def hook(self, prefetch: bool = True) -> None:
+        """Make the model's own forward bring each block in before it runs and drop it after (lazy loading).
+
+        ``prefetch``: while a block runs, a background thread reads (decodes) the
+        next one (block 0 after the last, for the next forward), so reading
+        overlaps compute; at most two blocks' tensors are in memory.
+        """
+        ahead = _Prefetcher(self.source, self.block_names) if prefetch and self.source is not None else None
+
+        def bring(index: int) -> None:
+            if ahead is None:
+                self.bring(index)
+                return
+            tensors = ahead.take(index)
+            ahead.start((index + 1) % len(self.blocks))
+            self._place(tensors)
+
         for index, block in enumerate(self.blocks):
-            block.register_forward_pre_hook(lambda module, args, i=index: self.bring(i))
+            block.register_forward_pre_hook(lambda module, args, i=index: bring(i))
             block.register_forward_hook(lambda module, args, output, i=index: self.drop(i))
 
     def first_inputs(self, batches: Iterable, forward: Callable[[nn.Module, object], object]) -> list[tuple]:
@@ -195,6 +211,29 @@ class BlockExecutor:
 
     def _place(self, tensors: dict[str, torch.Tensor]) -> None:
         place_tensors(self.model, tensors, self.device, self.dtype)
+
+
+class _Prefetcher:
+    """Reads one block's tensors ahead, in a background thread (the decoders and torch release the GIL)."""
+
+    def __init__(self, source: WeightSource, block_names: list[list[str]]) -> None:
+        self.source, self.block_names = source, block_names
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="streamify-prefetch")
+        self.pending: tuple[int, Future] | None = None
+
+    def start(self, index: int) -> None:
+        """Begin reading block ``index``."""
+        self.pending = (index, self.pool.submit(self.source.load, self.block_names[index]))
+
+    def take(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensors: the ones read ahead if they are that block's (a read error surfaces
+        here), else read now (a forward that skipped or repeated blocks)."""
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == index:
+            return pending[1].result()
+        if pending is not None:
+            pending[1].cancel()
+        return self.source.load(self.block_names[index])
 
 
 def place_tensors(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from transformers import DynamicCache
@@ -46,7 +47,8 @@ def generate_text(
 ) -> dict:
     """Generate from ``prompt``: with the bounded streaming cache on a streaming model, else transformers' own.
 
-    Returns ``text``, ``new_tokens``, ``cache_bytes`` (the keys and values held at the end) and ``runtime``.
+    Returns ``text``, ``new_tokens``, ``cache_bytes`` (the keys and values held at the end), ``runtime``,
+    ``seconds`` (prompt and generation) and ``tokens_per_s`` (new tokens a second).
     """
     streaming = getattr(model, "streamify_controller", None) is not None
     if kv_bits is not None and not streaming:
@@ -59,8 +61,10 @@ def generate_text(
     cache = new_cache(model, kv_bits) if streaming else DynamicCache(config=model.config)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    started = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, **sampling)
+    seconds = time.perf_counter() - started
     new = out[0, ids.shape[1] :]
     held = cache.nbytes() if streaming else _dynamic_bytes(cache)
     return {
@@ -68,6 +72,8 @@ def generate_text(
         "new_tokens": int(new.numel()),
         "cache_bytes": held,
         "runtime": "streaming (bounded cache)" if streaming else "transformers (full cache, grows with the text)",
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new.numel() / max(seconds, 1e-9), 2),
     }
 
 
