@@ -350,10 +350,10 @@ def test_lazy_forward_reads_the_next_block_in_the_background(cli, small_llama, t
     reads = []
     original = ContainerWeights.load
 
-    def recorded(self, names):
+    def recorded(self, names, into=None):
         blocks = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
         reads.append((threading.current_thread().name, sorted(blocks)))
-        return original(self, names)
+        return original(self, names, into)
 
     monkeypatch.setattr(ContainerWeights, "load", recorded)
     lazy, _ = streamify.load(str(coded), lazy=True)

@@ -212,10 +212,13 @@ def decode_tensor(name: str, index: dict, blob: Blob, threads: int = 1) -> torch
     return decode_many([(name, index, blob)], threads)[name]
 
 
-def decode_many(items: list[tuple[str, dict, Blob]], threads: int = 1) -> dict[str, torch.Tensor]:
+def decode_many(
+    items: list[tuple[str, dict, Blob]], threads: int = 1, into: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Decode several ``(name, index, blob)`` tensors, the chunks of all of them on one pool of ``threads``.
 
-    ``blob``: the tensor's stored bytes in memory, or a :class:`FileSpan` of a file.
+    ``blob``: the tensor's stored bytes in memory, or a :class:`FileSpan` of a file. ``into``: tensors of
+    the right dtype and shape to decode into (reused buffers: no fresh pages to fault in), by name.
     """
     outputs, jobs = {}, []
     for name, index, blob in items:
@@ -231,7 +234,7 @@ def decode_many(items: list[tuple[str, dict, Blob]], threads: int = 1) -> dict[s
             raise CorruptWeightsError(
                 f"tensor {name}: dtype {index.get('dtype')} is not one that {codec} codes", "re-create the artifact"
             )
-        out = np.empty(int(np.prod(index["shape"], dtype=np.int64)), dtype=_UINT[dtype.itemsize])
+        out = _output(name, index["shape"], dtype, (into or {}).get(name))
         outputs[name] = (out, dtype, index["shape"])
         span = blob if isinstance(blob, FileSpan) else _MemorySpan(blob)
         values = out.size * (out.itemsize if codec == BYTE_CODEC else 1)
@@ -243,6 +246,15 @@ def decode_many(items: list[tuple[str, dict, Blob]], threads: int = 1) -> dict[s
         name: torch.from_numpy(out.view(np.dtype(f"int{8 * dtype.itemsize}"))).view(dtype).reshape(shape)
         for name, (out, dtype, shape) in outputs.items()
     }
+
+
+def _output(name: str, shape: list[int], dtype: torch.dtype, buffer: torch.Tensor | None) -> np.ndarray:
+    """The unsigned integers a tensor decodes into: ``buffer``'s memory, or a new array."""
+    if buffer is None:
+        return np.empty(int(np.prod(shape, dtype=np.int64)), dtype=_UINT[dtype.itemsize])
+    if buffer.dtype != dtype or list(buffer.shape) != list(shape) or not buffer.is_contiguous():
+        raise ValueError(f"tensor {name}: the buffer to decode into is not a contiguous {dtype} {list(shape)}")
+    return buffer.view(-1).view(_SIGNED[dtype.itemsize]).numpy().view(_UINT[dtype.itemsize])
 
 
 def _run(work: Callable, jobs: list, threads: int) -> list:

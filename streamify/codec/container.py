@@ -247,9 +247,7 @@ def _check_entry(path: Path, name: str, entry, header: dict, files: dict, raw_ke
     dtype = TENSOR_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     key = checksum_key(entry.get("codec_version"))
     if dtype is None or key is None or not isinstance(entry.get("chunks"), list):
-        raise CorruptWeightsError(
-            f"{where}: coded entry without a valid dtype, codec version or chunk list", _RECREATE
-        )
+        raise CorruptWeightsError(f"{where}: coded entry without a valid dtype, codec version or chunk list", _RECREATE)
     count = 1
     for dim in shape:
         count *= dim
@@ -289,8 +287,11 @@ class ContainerReader:
             if name != "__metadata__"
         }
 
-    def decode(self, names: list[str] | None = None, threads: int = 1) -> dict[str, torch.Tensor]:
-        """The named tensors (all when ``names`` is None), checked and decoded on ``threads``."""
+    def decode(
+        self, names: list[str] | None = None, threads: int = 1, into: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors (all when ``names`` is None), checked and decoded on ``threads``; coded ones
+        named in ``into`` are decoded into those tensors (see :func:`~streamify.codec.codec.decode_many`)."""
         entries = self.index["tensors"]
         wanted = names if names is not None else list(entries)
         found: dict[str, torch.Tensor] = {}
@@ -301,8 +302,17 @@ class ContainerReader:
                     coded.append((name, entries[name], FileSpan(fh.fileno(), *self.spans[name])))
                 else:
                     found[name] = self._read_raw(fh.fileno(), name)
-            found.update(decode_many(coded, threads))
+            found.update(decode_many(coded, threads, into))
         return {name: found[name] for name in wanted}
+
+    def coded_layout(self, names: list[str]) -> dict[str, tuple[list[int], torch.dtype]]:
+        """Shape and dtype of each coded tensor among ``names`` (what a buffer to decode it into needs)."""
+        entries = self.index["tensors"]
+        return {
+            n: (entries[n]["shape"], TENSOR_DTYPES[entries[n]["dtype"]])
+            for n in names
+            if entries[n]["storage"] == "coded"
+        }
 
     def _read_raw(self, fd: int, name: str) -> torch.Tensor:
         """A tensor stored raw, read and checked against its checksum."""

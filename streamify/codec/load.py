@@ -68,8 +68,12 @@ class ContainerWeights:
     def names(self) -> list[str]:
         return list(self.reader.index["tensors"])
 
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return self.reader.decode(names, self.threads)
+    def load(self, names: list[str], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return self.reader.decode(names, self.threads, into)
+
+    def layout(self, names: list[str]) -> dict[str, tuple[list[int], torch.dtype]]:
+        """Shape and dtype of the tensors among ``names`` that :meth:`load` can decode into buffers."""
+        return self.reader.coded_layout(names)
 
 
 def load_entropy_model(

@@ -111,8 +111,9 @@ class BlockExecutor:
         if self.source is not None:
             self._place(self.source.load(self.block_names[index]))
 
-    def drop(self, index: int) -> None:
-        """Send block ``index``'s parameters back to the meta device (memory freed)."""
+    def drop(self, index: int, trim: bool = True) -> None:
+        """Send block ``index``'s parameters back to the meta device (memory freed; ``trim``: given back
+        to the system)."""
         if self.source is None:
             return
         for name in self.block_names[index]:
@@ -120,7 +121,8 @@ class BlockExecutor:
             owner = self.model.get_submodule(owner_name)
             if leaf in owner._parameters:
                 owner._parameters[leaf] = nn.Parameter(owner._parameters[leaf].to("meta"), requires_grad=False)
-        return_freed_memory()
+        if trim:
+            return_freed_memory()
 
     @contextlib.contextmanager
     def block(self, index: int):
@@ -177,9 +179,14 @@ class BlockExecutor:
             ahead.start((index + 1) % len(self.blocks))
             self._place(tensors)
 
+        def drop(index: int) -> None:
+            self.drop(index, trim=ahead is None or not ahead.recycles)
+            if ahead is not None:
+                ahead.release(index)
+
         for index, block in enumerate(self.blocks):
             block.register_forward_pre_hook(lambda module, args, i=index: bring(i))
-            block.register_forward_hook(lambda module, args, output, i=index: self.drop(i))
+            block.register_forward_hook(lambda module, args, output, i=index: drop(i))
 
     def first_inputs(self, batches: Iterable, forward: Callable[[nn.Module, object], object]) -> list[tuple]:
         """``(hidden, args, kwargs)`` entering block 0 for each batch; ``forward(model, batch)`` runs the model."""
@@ -214,16 +221,25 @@ class BlockExecutor:
 
 
 class _Prefetcher:
-    """Reads one block's tensors ahead, in a background thread (the decoders and torch release the GIL)."""
+    """Reads one block's tensors ahead, in a background thread (the decoders and torch release the GIL).
+
+    A source that decodes into given buffers (``layout`` and ``load(names, into)``: a coded container)
+    gets each block's buffers back once the block has run, for the block after next: decoding then writes
+    into pages the process already holds instead of faulting fresh ones in, and nothing is freed and
+    trimmed block after block (measured on SmolLM2: ~0.2 s a forward pass on 2 cores).
+    """
 
     def __init__(self, source: WeightSource, block_names: list[list[str]]) -> None:
         self.source, self.block_names = source, block_names
+        self.recycles = hasattr(source, "layout")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="streamify-prefetch")
         self.pending: tuple[int, Future] | None = None
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lent: dict[int, list[torch.Tensor]] = {}
 
     def start(self, index: int) -> None:
         """Begin reading block ``index``."""
-        self.pending = (index, self.pool.submit(self.source.load, self.block_names[index]))
+        self.pending = (index, self.pool.submit(self._reader(index)))
 
     def take(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s tensors: the ones read ahead if they are that block's (a read error surfaces
@@ -231,9 +247,27 @@ class _Prefetcher:
         pending, self.pending = self.pending, None
         if pending is not None and pending[0] == index:
             return pending[1].result()
-        if pending is not None:
-            pending[1].cancel()
-        return self.source.load(self.block_names[index])
+        if pending is not None:  # its buffers are free again only once it has stopped writing them
+            contextlib.suppress(Exception)(pending[1].result)()
+            self.release(pending[0])
+        return self._reader(index)()
+
+    def release(self, index: int) -> None:
+        """Block ``index`` has run (its parameters are on the meta device): its buffers can be reused."""
+        for buffer in self.lent.pop(index, []):
+            self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append(buffer)
+
+    def _reader(self, index: int) -> Callable[[], dict[str, torch.Tensor]]:
+        names = self.block_names[index]
+        if not self.recycles:
+            return functools.partial(self.source.load, names)
+        self.release(index)
+        buffers = {}
+        for name, (shape, dtype) in self.source.layout(names).items():
+            pile = self.free.get((tuple(shape), dtype))
+            buffers[name] = pile.pop() if pile else torch.empty(shape, dtype=dtype)
+        self.lent[index] = list(buffers.values())
+        return functools.partial(self.source.load, names, buffers)
 
 
 def place_tensors(

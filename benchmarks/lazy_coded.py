@@ -1,0 +1,133 @@
+"""Running SmolLM2 from its entropy-coded weights, lazily, against the same model loaded eagerly in BF16.
+
+Usage:  .venv/bin/python benchmarks/lazy_coded.py [--windows 8] [--seq-len 512] [--new-tokens 32] [--json out.json]
+
+Writes two artifacts of builtin:smollm2-135m into a temporary folder: BF16 safetensors
+(`streamify convert dtype --dtype bf16`) and the same weights entropy-coded
+(`streamify quantize entropy --dtype bf16`). Each row is measured in a fresh process:
+peak RSS (VmHWM) above the process's RSS after its imports, load time, prefill throughput
+(--windows forward passes of --seq-len tokens, no cache, like `streamify eval`) and greedy
+generation throughput (--new-tokens from a 16-token prompt, transformers' cache). Rows:
+eager BF16 (the anchor), lazy from the BF16 safetensors (block by block, no decoding), lazy
+from the coded container (each block decoded while the one before runs). The logits of the
+first window are compared with the anchor's (bit-exact expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = {
+    "eager BF16 (safetensors)": ("bf16", False),
+    "lazy BF16 (safetensors, block by block)": ("bf16", True),
+    "lazy entropy-coded (decoded block by block)": ("coded", True),
+}
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child(folder: str, lazy: bool, windows: int, seq_len: int, new_tokens: int, logits_out: str) -> None:
+    """One measurement, in this (fresh) process; prints one JSON line."""
+    import torch
+
+    import streamify
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (windows, seq_len))
+    prompt = ids[:1, :16]
+    base = _vm("VmRSS")
+    started = time.perf_counter()
+    model, _ = streamify.load(folder, lazy=lazy)
+    load_s = time.perf_counter() - started
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for row in range(windows):
+            logits = model(ids[row : row + 1]).logits
+            if row == 0:
+                torch.save(logits, logits_out)
+        prefill_s = time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        generate_s = time.perf_counter() - started
+    print(json.dumps({
+        "peak_rss_bytes": _vm("VmHWM") - base,
+        "load_s": load_s,
+        "prefill_tokens_per_s": windows * seq_len / prefill_s,
+        "generate_tokens_per_s": (out.shape[1] - prompt.shape[1]) / generate_s,
+    }))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", nargs=3, metavar=("FOLDER", "LAZY", "LOGITS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        folder, lazy, logits = args.child
+        child(folder, lazy == "1", args.windows, args.seq_len, args.new_tokens, logits)
+        return
+    import torch
+
+    streamify = [sys.executable, "-m", "streamify"]
+    with tempfile.TemporaryDirectory(prefix="streamify-lazy-bench-") as tmp:
+        folders = {"bf16": Path(tmp) / "bf16", "coded": Path(tmp) / "coded"}
+        common = ["--dtype", "bf16", "--no-eval", "--format", "quiet"]
+        subprocess.run([*streamify, "convert", "dtype", "builtin:smollm2-135m", "-o", folders["bf16"], *common],
+                       check=True)  # fmt: skip
+        subprocess.run([*streamify, "quantize", "entropy", "builtin:smollm2-135m", "-o", folders["coded"], *common],
+                       check=True)  # fmt: skip
+        results = {}
+        for name, (which, lazy) in ROWS.items():
+            logits = Path(tmp) / f"{which}-{int(lazy)}.pt"
+            sizes = [
+                "--windows", str(args.windows), "--seq-len", str(args.seq_len), "--new-tokens", str(args.new_tokens)
+            ]  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, __file__, *sizes, "--child", str(folders[which]), str(int(lazy)), str(logits)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[name]["logits"] = logits
+            print(f"{name}: {results[name]}", file=sys.stderr)
+        anchor = torch.load(results[next(iter(ROWS))]["logits"])
+        for row in results.values():
+            row["logits_equal_to_eager"] = bool(torch.equal(torch.load(row.pop("logits")), anchor))
+    print_table(results, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def print_table(results: dict, args: argparse.Namespace) -> None:
+    anchor = next(iter(results.values()))
+    print(f"\n{args.windows} windows x {args.seq_len} tokens prefill; {args.new_tokens} new tokens generated\n")
+    print("| run | peak RSS above imports | vs eager | prefill tokens/s | vs eager | generate tokens/s | vs eager "
+          "| load s | logits equal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, row in results.items():
+        print(
+            f"| {name} | {row['peak_rss_bytes'] / 2**20:,.0f} MiB "
+            f"| {row['peak_rss_bytes'] / anchor['peak_rss_bytes']:.2f}x "
+            f"| {row['prefill_tokens_per_s']:,.0f} "
+            f"| {row['prefill_tokens_per_s'] / anchor['prefill_tokens_per_s']:.2f}x "
+            f"| {row['generate_tokens_per_s']:.1f} "
+            f"| {row['generate_tokens_per_s'] / anchor['generate_tokens_per_s']:.2f}x "
+            f"| {row['load_s']:.2f} | {'yes' if row['logits_equal_to_eager'] else 'NO'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
