@@ -358,11 +358,21 @@ def test_lazy_forward_reads_the_next_block_in_the_background(cli, small_llama, t
     monkeypatch.setattr(ContainerWeights, "load", recorded)
     lazy, _ = streamify.load(str(coded), lazy=True)
     reads.clear()
+    memory = []  # where each block's coded weights are while the block runs
+
+    def where(module, args):
+        memory.extend(p.data_ptr() for p in module.parameters() if p.numel() >= 4096)
+
+    for block in lazy.model.layers:
+        block.register_forward_pre_hook(where)
     ids = torch.randint(0, 384, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _ in range(2):  # the second forward finds block 0 read ahead too
             assert torch.equal(lazy(ids).logits, eager(ids).logits)
     blocks = len(lazy.model.layers)
+    coded_per_block = len(memory) // (2 * blocks)
+    assert blocks >= 3 and coded_per_block >= 4
+    assert len(set(memory)) == 2 * coded_per_block, "two blocks' buffers, reused block after block"
     assert reads[0] == ("MainThread", [0]), "only the very first block is read in the forward's own thread"
     ahead = [b for thread, b in reads[1:] if thread.startswith("streamify-prefetch")]
     assert ahead == [[i % blocks] for i in range(1, 2 * blocks + 1)] and len(reads) == 2 * blocks + 1
