@@ -4,9 +4,9 @@ Usage:  .venv/bin/python benchmarks/lazy_coded.py [--windows 8] [--seq-len 512] 
 
 Writes two artifacts of builtin:smollm2-135m into a temporary folder: BF16 safetensors
 (`streamify convert dtype --dtype bf16`) and the same weights entropy-coded
-(`streamify quantize entropy --dtype bf16`). Each row is measured in a fresh process:
-peak RSS (VmHWM) above the process's RSS after its imports, load time, prefill throughput
-(--windows forward passes of --seq-len tokens, no cache, like `streamify eval`) and greedy
+(`streamify quantize entropy --dtype bf16`). Each row is measured in a fresh process: peak RSS
+(VmHWM) above the process's RSS after its imports (torch, transformers, streamify), load time,
+prefill throughput (--windows forward passes of --seq-len tokens, no cache, like `streamify eval`) and greedy
 generation throughput (--new-tokens from a 16-token prompt, transformers' cache). Rows:
 eager BF16 (the anchor), lazy from the BF16 safetensors (block by block, no decoding), lazy
 from the coded container (each block decoded while the one before runs). The logits of the
@@ -40,8 +40,10 @@ def _vm(field: str) -> int:
 def child(folder: str, lazy: bool, windows: int, seq_len: int, new_tokens: int, logits_out: str) -> None:
     """One measurement, in this (fresh) process; prints one JSON line."""
     import torch
+    from transformers import LlamaForCausalLM  # noqa: F401 (imported before the baseline, as the others)
 
     import streamify
+    import streamify.io.load
 
     torch.manual_seed(0)
     ids = torch.randint(0, 49152, (windows, seq_len))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +104,15 @@ def test_entropy_coded_smollm2_is_bit_exact_and_smaller(cli, tmp_path):
     ids = tokenizer("def parse(text):\n    return", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+    # peak memory, each measured in a fresh process by the benchmark's own measurement (one window, 4 tokens)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lazy_coded.py"
+    peaks = {}
+    for folder, lazy in ((plain, "0"), (coded, "1")):
+        sizes = ["--windows", "1", "--seq-len", "256", "--new-tokens", "4"]
+        run = [sys.executable, str(script), *sizes, "--child", str(folder), lazy, str(tmp_path / f"logits{lazy}.pt")]
+        out = subprocess.run(run, check=True, capture_output=True, text=True)
+        peaks[lazy] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    assert torch.equal(torch.load(tmp_path / "logits0.pt"), torch.load(tmp_path / "logits1.pt"))
+    # eager holds 269 MB of BF16 weights, lazy its embedding (57 MB) and two blocks: 247 vs 364 MB measured
+    assert peaks["1"] < 0.8 * peaks["0"], peaks
