@@ -66,7 +66,7 @@ def run(method: str, group: int, repeats: int) -> dict:
     modules = {name.rpartition(".")[0] for name in packed}
     weights = sum(tensors[name].numel() * 8 for name in packed)
     stored = coded.stored_bytes()
-    items = [(name, coded.index[name], coded.stored[name].numpy()) for name in packed]
+    items = [(name, coded.index[name], coded.stored(name)) for name in packed]
     raw_bytes = sum(tensors[name].numel() * 4 for name in packed)
     row = {"method": method, "group_size": group, "weights": weights}
     decoded = {}

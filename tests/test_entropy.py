@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 import streamify
 from conftest import build_tiny
 from streamify.codec.codec import BYTE_CODEC, CorruptWeightsError, decode_tensor, encode_tensor
-from streamify.codec.container import CONTAINER_NAME, decode_tensors, read_index, write_container
+from streamify.codec.container import CONTAINER_NAME, code_checkpoint, decode_tensors, read_index, write_container
 from streamify.codec.restore import restore_files
 from streamify.io.load import load_checkpoint
 from streamify.io.safetensors_file import read_header
+from streamify.progress import SILENT
 
 _BITS = {2: torch.int16, 4: torch.int32}
 
@@ -58,17 +59,21 @@ def test_codec_keeps_shapes_including_empty_and_scalar(tmp_path):
         "ints": torch.arange(10, dtype=torch.int64),
         "big": torch.randn(64, 200, dtype=torch.float32),
     }
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt", "note": "kept"})
-    from streamify.codec.container import encode_file
 
-    stored, index, _ = encode_file(tmp_path / "model.safetensors", level=8, chunk_elems=4096, threads=1)
+    def save(folder):
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt", "note": "kept"})
+
+    coded = code_checkpoint(save, level=8, chunk_elems=4096, threads=1, progress=SILENT)
+    index = coded.index
     assert {n for n, e in index.items() if e["storage"] == "coded"} == {"matrix", "big"}
-    write_container(tmp_path / CONTAINER_NAME, stored, index, {"model.safetensors": {"metadata": {"note": "kept"}}})
+    coded.write(tmp_path)
+    kept = {"format": "pt", "note": "kept"}
+    assert read_index(tmp_path / CONTAINER_NAME)["files"] == {"model.safetensors": {"metadata": kept}}
     restored = tmp_path / "restored"
     restored.mkdir()
     (path,) = restore_files(tmp_path / CONTAINER_NAME, restored, config=None)
     with safe_open(path, "pt") as fh:
-        assert fh.metadata() == {"note": "kept"}
+        assert fh.metadata() == kept
         for name, tensor in tensors.items():
             got = fh.get_tensor(name)
             assert got.dtype == tensor.dtype and got.shape == tensor.shape
@@ -402,3 +407,48 @@ def test_generate_lazy_from_coded_weights_gives_the_eager_text(cli, small_llama,
         runs[bool(mode)] = json.loads(result.stdout)
     assert runs[True]["text"] == runs[False]["text"] and runs[True]["new_tokens"] == 10
     assert runs[True]["tokens_per_s"] > 0
+
+
+_CODE_UNDER_A_LIMIT = """
+import resource, sys
+from pathlib import Path
+import shutil
+from streamify.codec.container import code_checkpoint
+from streamify.codec.restore import restore_files
+from streamify.progress import SILENT
+
+def field(name):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(name + ":"))
+
+source, coded, restored, limit = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_DATA, (field("VmData") + limit, resource.RLIM_INFINITY))
+base = field("VmRSS")
+checkpoint = code_checkpoint(lambda folder: shutil.copy(source, folder), 8, 1 << 18, 2, SILENT)
+checkpoint.write(coded)
+restore_files(coded / "model.entropy.safetensors", restored, config=None, threads=2)
+print(field("VmHWM") - base)
+"""
+
+
+def test_a_model_larger_than_the_memory_limit_is_coded_and_restored_tensor_by_tensor(tmp_path):
+    """320 MB of weights, coded and restored by a process whose heap may grow by 160 MB only."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "model.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.weight": (torch.randn(4096, 2048, generator=gen) * 0.02).bfloat16() for i in range(20)}
+    save_file(tensors, source, metadata={"format": "pt"})
+    digests = {name: hashlib.sha256(t.view(torch.int16).numpy().tobytes()).hexdigest() for name, t in tensors.items()}
+    del tensors
+    (tmp_path / "coded").mkdir()
+    (tmp_path / "restored").mkdir()
+    limit = 160 << 20
+    args = [source, tmp_path / "coded", tmp_path / "restored", limit]
+    run = subprocess.run([sys.executable, "-c", _CODE_UNDER_A_LIMIT, *map(str, args)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) < limit < source.stat().st_size / 2
+    with safe_open(tmp_path / "restored" / "model.safetensors", "pt") as fh:
+        assert sorted(fh.keys()) == sorted(digests)
+        for name, digest in digests.items():
+            assert hashlib.sha256(fh.get_tensor(name).view(torch.int16).numpy().tobytes()).hexdigest() == digest

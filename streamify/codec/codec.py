@@ -127,12 +127,17 @@ def _as_uint(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().contiguous().view(-1).cpu().view(_SIGNED[width]).numpy().view(_UINT[width])
 
 
-def _values(codec: str, tensor: torch.Tensor) -> np.ndarray:
-    """The unsigned integers that ``codec`` compresses for ``tensor``."""
+def _units(codec: str, tensor: torch.Tensor) -> np.ndarray:
+    """A view of ``tensor`` as the units ``codec`` cuts into chunks: elements, or bytes."""
     words = _as_uint(tensor)
+    return words.view(np.uint8) if codec == BYTE_CODEC else words
+
+
+def _values(codec: str, units: np.ndarray) -> np.ndarray:
+    """The unsigned integers that ``codec`` compresses for a chunk of ``units`` (floats: rotated left by one)."""
     if codec == BYTE_CODEC:
-        return words.view(np.uint8)
-    return (words << 1) | (words >> (8 * words.dtype.itemsize - 1))
+        return units
+    return (units << 1) | (units >> (8 * units.dtype.itemsize - 1))
 
 
 def _rotate_back_inplace(values: np.ndarray) -> None:
@@ -165,18 +170,17 @@ def encode_many(
     for name, tensor in tensors.items():
         if tensor.dtype not in _CODEC_DTYPES[codecs[name]]:
             raise ValueError(f"tensor {name}: codec {codecs[name]} does not code {tensor.dtype}")
-    values = {name: _values(codecs[name], tensor) for name, tensor in tensors.items()}
+    values = {name: _units(codecs[name], tensor) for name, tensor in tensors.items()}
     jobs = [(name, start) for name, v in values.items() for start in range(0, v.size, chunk_elems)]
 
     def encode_chunk(job: tuple[str, int]) -> bytes:
         name, start = job
-        chunk = values[name][start : start + chunk_elems]
+        chunk = _values(codecs[name], values[name][start : start + chunk_elems])  # one chunk's copy at a time
         if codecs[name] == BYTE_CODEC:
             return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(chunk)
         return standalone.simple_compress(chunk, config)
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        coded = dict(zip(jobs, pool.map(encode_chunk, jobs), strict=True))
+    coded = dict(zip(jobs, _run(encode_chunk, jobs, threads), strict=True))
     encoded = {}
     for name, tensor in tensors.items():
         chunks, parts, offset = [], [], 0

@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from streamify.codec.codec import (
@@ -71,7 +70,7 @@ from streamify.codec.codec import (
     encode_many,
 )
 from streamify.errors import InputError
-from streamify.io.safetensors_file import DTYPE_BYTES, read_header
+from streamify.io.safetensors_file import DTYPE_BYTES, aligned_order, read_header, write_streamed
 from streamify.progress import Progress
 
 CONTAINER_NAME = "model.entropy.safetensors"
@@ -83,48 +82,102 @@ _DIGEST_KEY = "streamify_entropy_sha256"
 _RECREATE = "the container is damaged or was altered: re-create or re-download the artifact"
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                        torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
-                       torch.int64: "I64", torch.bool: "BOOL"}  # fmt: skip
+                       torch.int64: "I64", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                       torch.float8_e5m2: "F8_E5M2"}  # fmt: skip
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
-def encode_file(path: Path, level: int, chunk_elems: int, threads: int) -> tuple[dict, dict, dict]:
-    """Code every tensor of one safetensors file.
+_GROUP_BYTES = 32 << 20  # tensors are read and coded in groups of about this many bytes: parallel, bounded
 
-    Returns ``(stored tensors by name, index entries by name, the file's entry: its __metadata__)``.
+
+class _Spool:
+    """A container's tensor bytes while it is being coded: raw tensors and coded ones appended to two
+    temporary files, so the coded model is never held in memory."""
+
+    def __init__(self) -> None:
+        # unnamed files, gone when the spool is (no context manager: they outlive this call)
+        self.raw = tempfile.TemporaryFile(prefix="streamify-entropy-raw-")  # noqa: SIM115
+        self.coded = tempfile.TemporaryFile(prefix="streamify-entropy-coded-")  # noqa: SIM115
+        self.places: dict[str, tuple[bool, str, list[int], int, int]] = {}  # coded?, dtype, shape, start, end
+
+    def add(self, name: str, coded: bool, dtype: str, shape: list[int], data) -> None:
+        target = self.coded if coded else self.raw
+        start = target.tell()
+        target.write(data)
+        self.places[name] = (coded, dtype, shape, start, target.tell())
+
+    def read(self, name: str) -> bytes:
+        """The stored bytes of tensor ``name``."""
+        coded, _, _, start, end = self.places[name]
+        spooled = self.coded if coded else self.raw
+        spooled.flush()
+        return os.pread(spooled.fileno(), end - start, start)
+
+    def write(self, path: Path, metadata: dict[str, str]) -> None:
+        """Write the safetensors file: raw tensors first, in safetensors' aligned order, then the coded ones."""
+        layout = [(n, p[1], p[2], p[4] - p[3]) for n, p in self.places.items()]
+        raw = aligned_order([item for item in layout if not self.places[item[0]][0]])
+        coded = [item for item in layout if self.places[item[0]][0]]
+        write_streamed(path, raw + coded, metadata, (self.read(item[0]) for item in raw + coded))
+
+
+def encode_file(path: Path, level: int, chunk_elems: int, threads: int, spool: _Spool) -> tuple[dict, dict]:
+    """Code every tensor of one safetensors file into ``spool``, a group of tensors at a time (read with
+    pread: neither the file nor the coded result is ever whole in memory).
+
+    Returns ``(index entries by name, the file's entry: its __metadata__)``.
     """
-    with safe_open(path, "pt") as fh:
-        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (not a mapping)
-        file_entry = {"metadata": fh.metadata()}
-    codecs = {name: codec for name, tensor in tensors.items() if (codec := codec_for(name, tensor))}
-    coded = encode_many({name: tensors[name] for name in codecs}, chunk_elems, level, threads, codecs)
-    stored: dict[str, torch.Tensor] = {}
-    index: dict[str, dict] = {}
-    for name, tensor in tensors.items():
+    header = read_header(path)
+    with open(path, "rb") as fh:
+        (header_length,) = struct.unpack("<Q", fh.read(8))
+        entries = [(name, entry) for name, entry in header.items() if name != "__metadata__"]
+        entries.sort(key=lambda item: item[1]["data_offsets"])
+        index: dict[str, dict] = {}
+        group: list[tuple[str, dict, bytearray]] = []
+        size = 0
+        for name, entry in entries:
+            first, last = entry["data_offsets"]
+            data = bytearray(last - first)
+            if data and os.preadv(fh.fileno(), [data], 8 + header_length + first) != len(data):
+                raise InputError(f"{path}: tensor {name} could not be read in full", "re-create the checkpoint")
+            group.append((name, entry, data))
+            size += len(data)
+            if size >= _GROUP_BYTES:
+                index.update(_encode_group(path.name, group, level, chunk_elems, threads, spool))
+                group, size = [], 0
+        index.update(_encode_group(path.name, group, level, chunk_elems, threads, spool))
+    return index, {"metadata": header.get("__metadata__")}
+
+
+def _encode_group(
+    file: str, group: list[tuple[str, dict, bytearray]], level: int, chunk_elems: int, threads: int, spool: _Spool
+) -> dict[str, dict]:
+    tensors, codecs = {}, {}
+    for name, entry, data in group:
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None or not data:
+            continue
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+        if codec := codec_for(name, tensor):
+            tensors[name], codecs[name] = tensor, codec
+    coded = encode_many(tensors, chunk_elems, level, threads, codecs)
+    index = {}
+    for name, entry, data in group:
         if name in coded:
-            stored[name] = torch.frombuffer(bytearray(coded[name].blob), dtype=torch.uint8)
-            index[name] = {"file": path.name, "storage": "coded", **coded[name].index}
+            spool.add(name, True, "U8", [len(coded[name].blob)], coded[name].blob)
+            index[name] = {"file": file, "storage": "coded", **coded[name].index}
         else:
-            stored[name] = tensor
-            index[name] = {
-                "file": path.name,
-                "storage": "raw",
-                "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-                "shape": list(tensor.shape),
-                "xxh3_64": checksum(_stored_bytes(tensor)),
-            }
-    return stored, index, file_entry
-
-
-def _stored_bytes(tensor: torch.Tensor):
-    """A tensor's bytes as safetensors stores them (a numpy view)."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            spool.add(name, False, entry["dtype"], entry["shape"], data)
+            index[name] = {"file": file, "storage": "raw", "dtype": entry["dtype"], "shape": entry["shape"],
+                           "xxh3_64": checksum(data)}  # fmt: skip
+    return index
 
 
 @dataclass
 class CodedCheckpoint:
-    """A saved checkpoint's files, coded: the container's contents plus the other files (config, ...)."""
+    """A saved checkpoint's files, coded: the container's contents (spooled on disk) plus the other files."""
 
-    stored: dict[str, torch.Tensor]
+    spool: _Spool
     index: dict[str, dict]
     files: dict[str, dict]
     side_files: dict[str, bytes]
@@ -132,7 +185,11 @@ class CodedCheckpoint:
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes each tensor takes in the container."""
-        return {name: t.numel() * t.element_size() for name, t in self.stored.items()}
+        return {name: place[4] - place[3] for name, place in self.spool.places.items()}
+
+    def stored(self, name: str) -> bytes:
+        """The bytes tensor ``name`` is stored as in the container."""
+        return self.spool.read(name)
 
     def summary(self) -> dict:
         """:func:`summarize` of the coded tensors, with the encode throughput."""
@@ -143,7 +200,7 @@ class CodedCheckpoint:
         """Write the side files and the container into ``folder``."""
         for name, data in self.side_files.items():
             (folder / name).write_bytes(data)
-        write_container(folder / CONTAINER_NAME, self.stored, self.index, self.files)
+        self.spool.write(folder / CONTAINER_NAME, _container_metadata(self.index, self.files))
 
 
 def code_checkpoint(
@@ -154,21 +211,24 @@ def code_checkpoint(
         plain = Path(tmp)
         save(plain)
         side_files = {p.name: p.read_bytes() for p in plain.iterdir() if p.suffix != ".safetensors"}
-        stored, index, files = {}, {}, {}
+        spool, index, files = _Spool(), {}, {}
         started = time.perf_counter()
         for path in progress.track(sorted(plain.glob("*.safetensors")), "entropy coding"):
-            file_stored, file_index, files[path.name] = encode_file(path, level, chunk_elems, threads)
-            stored.update(file_stored)
+            file_index, files[path.name] = encode_file(path, level, chunk_elems, threads, spool)
             index.update(file_index)
-        return CodedCheckpoint(stored, index, files, side_files, time.perf_counter() - started)
+        return CodedCheckpoint(spool, index, files, side_files, time.perf_counter() - started)
+
+
+def _container_metadata(index: dict[str, dict], files: dict) -> dict[str, str]:
+    """The container's ``__metadata__``: the index as JSON and its sha256."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files, "tensors": index}
+    text = json.dumps(meta, separators=(",", ":"))
+    return {"format": "pt", _META_KEY: text, _DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
 
 
 def write_container(path: Path, stored: dict[str, torch.Tensor], index: dict[str, dict], files: dict) -> None:
-    """Write the container file."""
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files, "tensors": index}
-    text = json.dumps(meta, separators=(",", ":"))
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    save_file(stored, path, metadata={"format": "pt", _META_KEY: text, _DIGEST_KEY: digest})
+    """Write a container file from its stored tensors in memory (tests, tools that rewrite one)."""
+    save_file(stored, path, metadata=_container_metadata(index, files))
 
 
 def read_index(path: Path) -> dict:

@@ -15,16 +15,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 from transformers import PretrainedConfig
 
-from streamify.codec.container import CONTAINER_NAME, decode_tensors, read_index
+from streamify.codec.container import CONTAINER_NAME, ContainerReader, read_index
 from streamify.codec.load import check_matches_config
 from streamify.errors import InputError
 from streamify.io.artifact import check_output, output_lock, staged_folder, write_manifest
 from streamify.io.config import read_config
 from streamify.io.manifest import MANIFEST_NAME, read_manifest
 from streamify.io.model_card import render_model_card
+from streamify.io.safetensors_file import DTYPE_BYTES, aligned_order, write_streamed
 from streamify.io.source import SourceFile, check_links, resolve_source, sha256_file
 from streamify.progress import SILENT, Progress
 
@@ -32,7 +33,8 @@ from streamify.progress import SILENT, Progress
 def restore_files(
     path: Path, folder: Path, config: PretrainedConfig | None, threads: int = 1, meta: dict | None = None
 ) -> list[Path]:
-    """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``.
+    """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``,
+    one tensor decoded at a time.
 
     With ``config``, the container must hold exactly the model's tensors
     (:func:`~streamify.codec.load.check_matches_config`). ``meta``: the
@@ -41,14 +43,28 @@ def restore_files(
     meta = meta or read_index(path)
     if config is not None:
         check_matches_config(path, meta, config)
+    reader = ContainerReader(path, meta)
     written = []
     for file_name, info in meta["files"].items():
-        names = sorted(n for n, e in meta["tensors"].items() if e["file"] == file_name)
-        tensors = decode_tensors(path, names, threads, meta)
+        entries = {n: e for n, e in meta["tensors"].items() if e["file"] == file_name}
+        layout = aligned_order([(n, e["dtype"], e["shape"], _nbytes(e)) for n, e in entries.items()])
+        tensors = (_bytes(reader.decode([name], threads)[name]) for name, *_ in layout)
         target = folder / file_name
-        save_file(tensors, target, metadata=info.get("metadata") or None)
+        write_streamed(target, layout, info.get("metadata") or None, tensors)
         written.append(target)
     return written
+
+
+def _nbytes(entry: dict) -> int:
+    count = 1
+    for dim in entry["shape"]:
+        count *= dim
+    return count * DTYPE_BYTES[entry["dtype"]]
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """A decoded tensor's bytes, as safetensors stores them."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def restore_folder(

@@ -11,17 +11,43 @@ import itertools
 import json
 import shutil
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 from streamify.errors import InputError
 
 _MAX_HEADER = 100 * 1024 * 1024
+Layout = list[tuple[str, str, list[int], int]]  # (name, dtype, shape, bytes) of each tensor, in file order
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4,
     "U64": 8, "I64": 8, "F64": 8,
 }  # fmt: skip
+
+
+def aligned_order(layout: Layout) -> Layout:
+    """``layout`` in the order safetensors' own writer uses: largest element size first, then by name,
+    so that every tensor starts aligned to its element size."""
+    return sorted(layout, key=lambda item: (-DTYPE_BYTES[item[1]], item[0]))
+
+
+def write_streamed(path: Path, layout: Layout, metadata: dict[str, str] | None, data: Iterable) -> None:
+    """Write a safetensors file tensor by tensor: the header from ``layout``, then each buffer ``data``
+    yields (one per tensor, in ``layout``'s order), so no more than one tensor is ever in memory."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, size in layout:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for (name, _, _, size), buffer in zip(layout, data, strict=True):
+            if memoryview(buffer).nbytes != size:
+                raise ValueError(f"{path}: tensor {name} is {memoryview(buffer).nbytes} bytes, not {size}")
+            out.write(buffer)
 
 
 def read_header(path: Path) -> dict:
