@@ -452,3 +452,32 @@ def test_a_model_larger_than_the_memory_limit_is_coded_and_restored_tensor_by_te
         assert sorted(fh.keys()) == sorted(digests)
         for name, digest in digests.items():
             assert hashlib.sha256(fh.get_tensor(name).view(torch.int16).numpy().tobytes()).hexdigest() == digest
+
+
+def test_a_sharded_checkpoint_is_coded_into_one_container_per_shard(cli, small_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    coded = tmp_path / "coded"
+    result = cli("quantize", "entropy", small_llama, "-o", coded, "--no-eval", "--max-shard-size", "300KB")
+    assert result.exit_code == 0, result.stderr
+    containers = sorted(p.name for p in coded.glob("*.entropy.safetensors"))
+    assert len(containers) >= 3 and CONTAINER_NAME not in containers
+    assert all(name.startswith("model-0000") for name in containers)
+    assert (coded / "model.safetensors.index.json").is_file()  # transformers' shard index, kept as a side file
+    info = json.loads(cli("inspect", coded, "--format", "json").stdout)
+    assert info["entropy"]["containers"] == len(containers) and info["entropy"]["coded_tensors"] > 0
+
+    reference = AutoModelForCausalLM.from_pretrained(small_llama)
+    ids = torch.randint(0, 384, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        for lazy in (False, True):
+            model, _ = streamify.load(str(coded), lazy=lazy)
+            assert torch.equal(model(ids).logits, expected)
+
+    restored = tmp_path / "restored"
+    assert cli("quantize", "decode", coded, "-o", restored).exit_code == 0
+    shards = sorted(p.name for p in restored.glob("*.safetensors"))
+    assert shards == [name.replace(".entropy", "") for name in containers]
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(restored)(ids).logits, expected)

@@ -1,5 +1,11 @@
 """The container of entropy-coded weights: ``model.entropy.safetensors``.
 
+One container per file of the coded checkpoint: ``X.safetensors`` is coded into
+``X.entropy.safetensors`` (a sharded checkpoint gives one container per shard,
+each with the index of its own tensors; a reader takes every
+``*.entropy.safetensors`` file of the folder, and refuses a tensor or an
+original file found in two of them).
+
 Format (version 3), so that another implementation can read it:
 
 - A safetensors file. Every tensor of the checkpoint is stored under its own
@@ -73,7 +79,8 @@ from streamify.errors import InputError
 from streamify.io.safetensors_file import DTYPE_BYTES, aligned_order, read_header, write_streamed
 from streamify.progress import Progress
 
-CONTAINER_NAME = "model.entropy.safetensors"
+CONTAINER_SUFFIX = ".entropy.safetensors"
+CONTAINER_NAME = "model" + CONTAINER_SUFFIX  # the container of a checkpoint saved in one file
 FORMAT = "streamify.entropy"
 FORMAT_VERSION = 3
 _RAW_CHECKSUM_KEY = {2: "crc32", 3: "xxh3_64"}  # the checksum of raw tensors by format version
@@ -175,48 +182,66 @@ def _encode_group(
 
 @dataclass
 class CodedCheckpoint:
-    """A saved checkpoint's files, coded: the container's contents (spooled on disk) plus the other files."""
+    """A saved checkpoint's files, coded (spooled on disk, one spool per file) plus its other files."""
 
-    spool: _Spool
+    spools: dict[str, _Spool]  # by original file name
     index: dict[str, dict]
     files: dict[str, dict]
     side_files: dict[str, bytes]
     seconds: float
 
     def stored_bytes(self) -> dict[str, int]:
-        """Bytes each tensor takes in the container."""
-        return {name: place[4] - place[3] for name, place in self.spool.places.items()}
+        """Bytes each tensor takes in its container."""
+        return {name: p[4] - p[3] for spool in self.spools.values() for name, p in spool.places.items()}
 
     def stored(self, name: str) -> bytes:
-        """The bytes tensor ``name`` is stored as in the container."""
-        return self.spool.read(name)
+        """The bytes tensor ``name`` is stored as in its container."""
+        return self.spools[self.index[name]["file"]].read(name)
 
     def summary(self) -> dict:
-        """:func:`summarize` of the coded tensors, with the encode throughput."""
+        """:func:`summarize` of the coded tensors, with the encode throughput and the container count."""
         found = summarize(self.index, self.stored_bytes())
-        return {**found, "encode_gb_per_s": found["raw_bytes"] / max(self.seconds, 1e-9) / 1e9}
+        return {
+            **found,
+            "encode_gb_per_s": found["raw_bytes"] / max(self.seconds, 1e-9) / 1e9,
+            "containers": len(self.spools),
+        }
 
     def write(self, folder: Path) -> None:
-        """Write the side files and the container into ``folder``."""
+        """Write the side files and one container per original file into ``folder``."""
         for name, data in self.side_files.items():
             (folder / name).write_bytes(data)
-        self.spool.write(folder / CONTAINER_NAME, _container_metadata(self.index, self.files))
+        for file, spool in self.spools.items():
+            index = {name: entry for name, entry in self.index.items() if entry["file"] == file}
+            spool.write(folder / container_name(file), _container_metadata(index, {file: self.files[file]}))
+
+
+def container_name(file: str) -> str:
+    """The container of the checkpoint file ``file``: ``model.safetensors`` -> ``model.entropy.safetensors``."""
+    return file.removesuffix(".safetensors") + CONTAINER_SUFFIX
+
+
+def container_paths(folder: Path) -> list[Path]:
+    """The containers in an artifact folder (one per file of the coded checkpoint), in name order."""
+    return sorted(p for p in folder.glob(f"*{CONTAINER_SUFFIX}") if p.is_file())
 
 
 def code_checkpoint(
     save: Callable[[Path], None], level: int, chunk_elems: int, threads: int, progress: Progress
 ) -> CodedCheckpoint:
-    """Let ``save`` write a checkpoint into a temporary folder, then code every safetensors file of it."""
+    """Let ``save`` write a checkpoint into a temporary folder, then code each of its safetensors files
+    (a sharded checkpoint: each shard into a container of its own)."""
     with tempfile.TemporaryDirectory(prefix="streamify-entropy-") as tmp:
         plain = Path(tmp)
         save(plain)
         side_files = {p.name: p.read_bytes() for p in plain.iterdir() if p.suffix != ".safetensors"}
-        spool, index, files = _Spool(), {}, {}
+        spools, index, files = {}, {}, {}
         started = time.perf_counter()
         for path in progress.track(sorted(plain.glob("*.safetensors")), "entropy coding"):
-            file_index, files[path.name] = encode_file(path, level, chunk_elems, threads, spool)
+            spools[path.name] = _Spool()
+            file_index, files[path.name] = encode_file(path, level, chunk_elems, threads, spools[path.name])
             index.update(file_index)
-        return CodedCheckpoint(spool, index, files, side_files, time.perf_counter() - started)
+        return CodedCheckpoint(spools, index, files, side_files, time.perf_counter() - started)
 
 
 def _container_metadata(index: dict[str, dict], files: dict) -> dict[str, str]:
@@ -316,11 +341,11 @@ def _check_entry(path: Path, name: str, entry, header: dict, files: dict, raw_ke
 
 
 def _plain_file_name(name) -> bool:
-    """A bare ``*.safetensors`` file name: no folder part, no traversal, not the container itself."""
+    """A bare ``*.safetensors`` file name: no folder part, no traversal, not a container."""
     return (
         isinstance(name, str)
         and name.endswith(".safetensors")
-        and name != CONTAINER_NAME
+        and not name.endswith(CONTAINER_SUFFIX)
         and Path(name).name == name
         and "/" not in name
         and "\\" not in name
@@ -400,6 +425,59 @@ def decode_tensors(
     return ContainerReader(path, index).decode(names, threads)
 
 
+class CodedFolder:
+    """The containers of an artifact folder read as one: their indexes checked and merged, each tensor
+    decoded from the container that holds it."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.readers = [ContainerReader(path) for path in paths]
+        self.where: dict[str, ContainerReader] = {}
+        files: dict[str, dict] = {}
+        for reader in self.readers:
+            for name in reader.index["tensors"]:
+                if name in self.where:
+                    raise CorruptWeightsError(
+                        f"{reader.path}: tensor {name} is also in {self.where[name].path}", _RECREATE
+                    )
+                self.where[name] = reader
+            for file, info in reader.index["files"].items():
+                if file in files:
+                    raise CorruptWeightsError(f"{reader.path}: file {file} is coded in two containers", _RECREATE)
+                files[file] = info
+        tensors = {name: entry for reader in self.readers for name, entry in reader.index["tensors"].items()}
+        self.index = {"files": files, "tensors": tensors}
+
+    def decode(
+        self, names: list[str], threads: int = 1, into: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors, each from its container (see :meth:`ContainerReader.decode`)."""
+        found: dict[str, torch.Tensor] = {}
+        for reader, mine in self._by_reader(names):
+            found.update(reader.decode(mine, threads, into))
+        return {name: found[name] for name in names}
+
+    def coded_layout(self, names: list[str]) -> dict[str, tuple[list[int], torch.dtype]]:
+        """Shape and dtype of each coded tensor among ``names``."""
+        found = {}
+        for reader, mine in self._by_reader(names):
+            found.update(reader.coded_layout(mine))
+        return found
+
+    def _by_reader(self, names: list[str]) -> list[tuple[ContainerReader, list[str]]]:
+        groups: dict[int, tuple[ContainerReader, list[str]]] = {}
+        for name in names:
+            reader = self.where[name]
+            groups.setdefault(id(reader), (reader, []))[1].append(name)
+        return list(groups.values())
+
+    def summary(self) -> dict:
+        """:func:`summarize` over every container (reads only their headers)."""
+        stored = {}
+        for reader in self.readers:
+            stored.update({name: size for name, (_, size) in reader.spans.items()})
+        return {**summarize(self.index["tensors"], stored), "containers": len(self.readers)}
+
+
 def _raw_bytes(entry: dict, stored_bytes: int) -> int:
     if entry["storage"] == "raw":
         return stored_bytes
@@ -432,10 +510,3 @@ def summarize(index: dict[str, dict], stored_bytes: dict[str, int]) -> dict:
             g: {"raw_bytes": r, "stored_bytes": s, "ratio": s / r if r else 1.0} for g, (r, s) in sorted(groups.items())
         },
     }
-
-
-def summarize_file(path: Path) -> dict:
-    """:func:`summarize` for a container on disk (reads only its header)."""
-    header = read_header(path)
-    stored = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-    return summarize(read_index(path)["tensors"], stored)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from streamify.codec.codec import CorruptWeightsError
-from streamify.codec.container import ContainerReader, read_index
+from streamify.codec.container import CodedFolder
 from streamify.errors import InputError
 from streamify.io.config import model_class
 from streamify.model.blocks import find_blocks
@@ -28,11 +28,11 @@ _QUANTIZED_PARTS = re.compile(r"\.weight_(packed|scale|zero_point|shape|g_idx)$"
 _MISMATCH = "the container does not match config.json; re-create the artifact"
 
 
-def check_matches_config(container: Path, index: dict, config: PretrainedConfig) -> None:
+def check_matches_config(where: Path, index: dict, config: PretrainedConfig) -> None:
     """:func:`check_matches_model` against the model ``config`` describes (built on the meta device)."""
-    model = empty_model(model_class(config, str(container.parent)), config)
+    model = empty_model(model_class(config, str(where)), config)
     tie_shared(model)
-    check_matches_model(container, index, model, getattr(config, "quantization_config", None) is not None)
+    check_matches_model(where, index, model, getattr(config, "quantization_config", None) is not None)
 
 
 def check_matches_model(container: Path, index: dict, model: nn.Module, quantized: bool) -> None:
@@ -60,10 +60,11 @@ def check_matches_model(container: Path, index: dict, model: nn.Module, quantize
 
 
 class ContainerWeights:
-    """The tensors of a coded container, decoded on demand (a :class:`~streamify.model.executor.WeightSource`)."""
+    """The tensors of an artifact's containers, decoded on demand (a
+    :class:`~streamify.model.executor.WeightSource`)."""
 
-    def __init__(self, container: Path, index: dict, threads: int) -> None:
-        self.reader, self.threads = ContainerReader(container, index), threads
+    def __init__(self, reader: CodedFolder, threads: int) -> None:
+        self.reader, self.threads = reader, threads
 
     def names(self) -> list[str]:
         return list(self.reader.index["tensors"])
@@ -77,7 +78,7 @@ class ContainerWeights:
 
 
 def load_entropy_model(
-    container: Path,
+    containers: list[Path],
     config,
     cls: type,
     dtype: torch.dtype | str,
@@ -85,17 +86,18 @@ def load_entropy_model(
     lazy: bool = False,
     threads: int = 0,
 ) -> nn.Module:
-    """A model of class ``cls`` with the container's weights; ``lazy`` decodes blocks on demand."""
+    """A model of class ``cls`` with the containers' weights; ``lazy`` decodes blocks on demand."""
     threads = threads or os.cpu_count() or 1
-    index = read_index(container)
+    reader = CodedFolder(containers)
+    where = containers[0] if len(containers) == 1 else containers[0].parent
     model = empty_model(cls, config)
     tie_shared(model)
-    check_matches_model(container, index, model, quantized=False)
+    check_matches_model(where, reader.index, model, quantized=False)
     target_dtype = None if dtype == "auto" else dtype
-    weights = ContainerWeights(container, index, threads)
+    weights = ContainerWeights(reader, threads)
     if lazy and find_blocks(model):
-        return lazy_model(model, weights, device, target_dtype, str(container))
+        return lazy_model(model, weights, device, target_dtype, str(where))
     place_tensors(model, weights.load(weights.names()), device, target_dtype)
     tie_shared(model)
-    check_complete(model, str(container))
+    check_complete(model, str(where))
     return model.eval()

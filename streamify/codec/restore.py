@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from streamify.codec.container import CONTAINER_NAME, ContainerReader, read_index
+from streamify.codec.container import CONTAINER_SUFFIX, CodedFolder, container_paths
 from streamify.codec.load import check_matches_config
 from streamify.errors import InputError
 from streamify.io.artifact import check_output, output_lock, staged_folder, write_manifest
@@ -30,20 +30,21 @@ from streamify.io.source import SourceFile, check_links, resolve_source, sha256_
 from streamify.progress import SILENT, Progress
 
 
-def restore_files(
-    path: Path, folder: Path, config: PretrainedConfig | None, threads: int = 1, meta: dict | None = None
-) -> list[Path]:
+def restore_files(path: Path, folder: Path, config: PretrainedConfig | None, threads: int = 1) -> list[Path]:
+    """:func:`restore_coded` of one container file."""
+    return restore_coded(CodedFolder([path]), folder, config, threads)
+
+
+def restore_coded(reader: CodedFolder, folder: Path, config: PretrainedConfig | None, threads: int = 1) -> list[Path]:
     """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``,
     one tensor decoded at a time.
 
-    With ``config``, the container must hold exactly the model's tensors
-    (:func:`~streamify.codec.load.check_matches_config`). ``meta``: the
-    container's index when the caller has read it already.
+    With ``config``, the containers must hold exactly the model's tensors
+    (:func:`~streamify.codec.load.check_matches_config`).
     """
-    meta = meta or read_index(path)
+    meta = reader.index
     if config is not None:
-        check_matches_config(path, meta, config)
-    reader = ContainerReader(path, meta)
+        check_matches_config(reader.readers[0].path.parent, meta, config)
     written = []
     for file_name, info in meta["files"].items():
         entries = {n: e for n, e in meta["tensors"].items() if e["file"] == file_name}
@@ -74,31 +75,31 @@ def restore_folder(
 
     Only regular files are copied; a link that leaves ``folder`` is refused.
     """
-    container = folder / CONTAINER_NAME
-    meta = read_index(container)  # the whole index is checked before anything is copied
+    containers = container_paths(folder)
+    reader = CodedFolder(containers)  # every index is checked before anything is copied
     check_links(folder)
     for path in sorted(folder.iterdir()):
-        if path.name != CONTAINER_NAME and path.name not in skip and path.is_file():
+        if path not in containers and path.name not in skip and path.is_file():
             shutil.copyfile(path, target / path.name)
-    return restore_files(container, target, config, threads, meta)
+    return restore_coded(reader, target, config, threads)
 
 
 def decode_artifact(
     artifact: str, output: str, *, overwrite: bool = False, threads: int = 0, progress: Progress = SILENT
 ) -> dict:
-    """Write ``output``: the artifact's files with the container replaced by the original safetensors files."""
+    """Write ``output``: the artifact's files with its containers replaced by the original safetensors files."""
     source = resolve_source(artifact)
-    container = source.folder / CONTAINER_NAME
-    if not container.is_file():
+    containers = container_paths(source.folder)
+    if not containers:
         raise InputError(
-            f"{source.folder}: no {CONTAINER_NAME} here, so nothing to decode",
+            f"{source.folder}: no *{CONTAINER_SUFFIX} container here, so nothing to decode",
             "pass a folder written by streamify quantize entropy",
         )
     out = check_output(output, source.folder, overwrite)
     config = read_config(source)
     started = time.perf_counter()
     with output_lock(out), staged_folder(out, overwrite) as tmp:
-        progress.log(f"decoding {container}")
+        progress.log(f"decoding {', '.join(str(c) for c in containers)}")
         threads = threads or os.cpu_count() or 1
         skip = frozenset({MANIFEST_NAME, "README.md"})
         written = restore_folder(source.folder, tmp, config, threads, skip=skip)
@@ -120,7 +121,7 @@ def decode_artifact(
                 "kind": "hf-folder",
                 "path": str(source.folder),
                 "base_model": (manifest.get("source") or {}).get("base_model"),
-                "files": [asdict(SourceFile(str(container), sha256_file(container), container.stat().st_size))],
+                "files": [asdict(SourceFile(str(c), sha256_file(c), c.stat().st_size)) for c in containers],
             },
             eval=None,
             eval_source=None,

@@ -30,6 +30,12 @@ class EntropyParams(BaseModel):
     )
     chunk_elems: int = Field(DEFAULT_CHUNK_ELEMS, ge=4096, description="elements per independently decodable chunk")
     threads: int = Field(0, ge=0, description="encoding threads (0: all cores)")
+    max_shard_size: str = Field(
+        "5GB",
+        pattern=r"^\d+(\.\d+)?\s*[KMGT]?i?B$",
+        description="the checkpoint is saved in shards of at most this size (transformers' max_shard_size, e.g. "
+        "5GB, 500MB), each coded into a container file of its own",
+    )
 
 
 @register(
@@ -45,7 +51,7 @@ def quantize_entropy(checkpoint: Checkpoint, params: EntropyParams, ctx: StageCo
     threads = params.threads or os.cpu_count() or 1
 
     def save(folder: Path) -> None:
-        checkpoint.model.save_pretrained(folder, max_shard_size="1000GB")
+        checkpoint.model.save_pretrained(folder, max_shard_size=params.max_shard_size)
 
     coded = code_checkpoint(save, params.level, params.chunk_elems, threads, ctx.progress)
     ctx.metrics.update(coded.summary(), threads=threads)

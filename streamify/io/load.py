@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from streamify.codec.container import CONTAINER_NAME
+from streamify.codec.container import container_paths
 from streamify.codec.load import load_entropy_model
 from streamify.codec.restore import restore_folder
 from streamify.errors import InputError, UsageError
@@ -74,18 +74,18 @@ def load_checkpoint(
     config = folder_config(folder, trust_remote_code)
     cls = model_class(config, spec)
     manifest = read_manifest(folder) or {}
-    container = folder / CONTAINER_NAME
-    if container.is_file() and getattr(config, "quantization_config", None) is None:
-        model = load_entropy_model(container, config, cls, torch_dtype(dtype), target, lazy=lazy)
+    containers = container_paths(folder)
+    if containers and getattr(config, "quantization_config", None) is None:
+        model = load_entropy_model(containers, config, cls, torch_dtype(dtype), target, lazy=lazy)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
-    if (lazy or blockwise) and not container.is_file():
+    if (lazy or blockwise) and not containers:
         executor = _deferred_from_safetensors(folder, config, cls, dtype, target, allow_pickle, spec)
         if lazy:
             executor.hook()
         checkpoint = _checkpoint(executor.model, folder, source, manifest, trust_remote_code)
         checkpoint.blocks = None if lazy else executor
         return checkpoint
-    with _weights_folder(folder, container, config, lazy) as weights:
+    with _weights_folder(folder, containers, config, lazy) as weights:
         use_safetensors = _check_weight_files(weights, allow_pickle)
         options = {"local_files_only": True, "use_safetensors": use_safetensors, "output_loading_info": True}
         if is_diffusers(config):  # diffusers reads its config from the folder, names the dtype torch_dtype
@@ -171,11 +171,12 @@ def _check_loading_info(spec: str, info: dict) -> None:
 
 
 @contextmanager
-def _weights_folder(folder: Path, container: Path, config: PretrainedConfig, lazy: bool) -> Iterator[Path]:
+def _weights_folder(folder: Path, containers: list[Path], config: PretrainedConfig, lazy: bool) -> Iterator[Path]:
     """``folder``, or for an entropy-coded quantized artifact a temporary folder with its files restored."""
-    if not container.is_file():
+    if not containers:
         yield folder
         return
+    container = containers[0]
     if lazy:
         raise UsageError(
             f"{container}: --lazy decodes floating-point weights block by block; these weights are quantized",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from streamify.arch import family_key
-from streamify.codec.container import CONTAINER_NAME, read_index, summarize_file
+from streamify.codec.container import CodedFolder, container_paths
 from streamify.io.config import read_config
 from streamify.io.manifest import read_manifest
 from streamify.io.safetensors_file import read_header
@@ -31,8 +31,8 @@ def stored_dtypes(source: Source) -> dict[str, int]:
 
         variables, kinds = read_model_bin(source.path / "model.bin")
         counts.update(kind for name, kind in kinds.items() if variables[name].ndim)  # not the scalar settings
-    elif (source.path / CONTAINER_NAME).is_file():
-        for entry in read_index(source.path / CONTAINER_NAME)["tensors"].values():
+    elif containers := container_paths(source.path):
+        for entry in CodedFolder(containers).index["tensors"].values():
             counts[entry.get("dtype", "raw") if entry["storage"] == "coded" else "raw (uncoded)"] += 1
     else:
         for path in sorted(source.path.glob("*.safetensors")):
@@ -52,7 +52,7 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
     params = count_params(model)
     size = source.size_bytes()
     manifest = read_manifest(source.folder)  # a GGUF artifact folder has one too
-    container = source.folder / CONTAINER_NAME
+    containers = container_paths(source.folder) if source.kind == "hf-folder" else []
     stages = all_stages()
     reasons = {name: why_not(stage, model) for name, stage in stages.items()}  # None: the stage applies
     return {
@@ -75,5 +75,5 @@ def describe(spec: str, trust_remote_code: bool = False) -> dict:
         "stages_applied": [s["name"] for s in (manifest or {}).get("history", []) + (manifest or {}).get("stages", [])],
         "applicable_stages": {name: stages[name].summary for name, why in reasons.items() if why is None},
         "other_stages": {name: why for name, why in reasons.items() if why is not None},
-        "entropy": summarize_file(container) if source.kind == "hf-folder" and container.is_file() else None,
+        "entropy": CodedFolder(containers).summary() if containers else None,
     }
