@@ -179,8 +179,8 @@ class BlockExecutor:
             ahead.start((index + 1) % len(self.blocks))
             self._place(tensors)
 
-        def drop(index: int) -> None:
-            self.drop(index, trim=ahead is None or not ahead.recycles)
+        def drop(index: int) -> None:  # recycled buffers are not freed: give memory back once a forward
+            self.drop(index, trim=ahead is None or not ahead.recycles or index == len(self.blocks) - 1)
             if ahead is not None:
                 ahead.release(index)
 
