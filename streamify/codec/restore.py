@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,11 +50,28 @@ def restore_coded(reader: CodedFolder, folder: Path, config: PretrainedConfig | 
     for file_name, info in meta["files"].items():
         entries = {n: e for n, e in meta["tensors"].items() if e["file"] == file_name}
         layout = aligned_order([(n, e["dtype"], e["shape"], _nbytes(e)) for n, e in entries.items()])
-        tensors = (_bytes(reader.decode([name], threads)[name]) for name, *_ in layout)
+        tensors = _decoded_bytes(reader, [name for name, *_ in layout], [size for *_, size in layout], threads)
         target = folder / file_name
         write_streamed(target, layout, info.get("metadata") or None, tensors)
         written.append(target)
     return written
+
+
+_GROUP_BYTES = 64 << 20  # tensors are decoded in groups of about this many bytes: all cores busy, memory bounded
+
+
+def _decoded_bytes(reader: CodedFolder, names: list[str], sizes: list[int], threads: int) -> Iterator[memoryview]:
+    """The bytes of each tensor ``names`` lists, in order, decoded a group of tensors at a time."""
+    start = 0
+    while start < len(names):
+        end, total = start, 0
+        while end < len(names) and (end == start or total + sizes[end] <= _GROUP_BYTES):
+            total += sizes[end]
+            end += 1
+        decoded = reader.decode(names[start:end], threads)
+        for name in names[start:end]:
+            yield _bytes(decoded.pop(name))
+        start = end
 
 
 def _nbytes(entry: dict) -> int:
@@ -69,7 +87,7 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def restore_folder(
-    folder: Path, target: Path, config: PretrainedConfig, threads: int = 1, skip: frozenset[str] = frozenset()
+    folder: Path, target: Path, config: PretrainedConfig | None, threads: int = 1, skip: frozenset[str] = frozenset()
 ) -> list[Path]:
     """Copy an artifact folder's other files into ``target`` and restore its safetensors files there.
 
@@ -96,13 +114,14 @@ def decode_artifact(
             "pass a folder written by streamify quantize entropy",
         )
     out = check_output(output, source.folder, overwrite)
-    config = read_config(source)
+    # checked before the clock starts: building the model class imports its modeling code (seconds)
+    check_matches_config(source.folder, CodedFolder(containers).index, read_config(source))
     started = time.perf_counter()
     with output_lock(out), staged_folder(out, overwrite) as tmp:
         progress.log(f"decoding {', '.join(str(c) for c in containers)}")
         threads = threads or os.cpu_count() or 1
         skip = frozenset({MANIFEST_NAME, "README.md"})
-        written = restore_folder(source.folder, tmp, config, threads, skip=skip)
+        written = restore_folder(source.folder, tmp, None, threads, skip=skip)
         seconds = time.perf_counter() - started
         raw = sum(p.stat().st_size for p in written)
         manifest = read_manifest(source.folder) or {}
