@@ -481,3 +481,53 @@ def test_a_sharded_checkpoint_is_coded_into_one_container_per_shard(cli, small_l
     assert shards == [name.replace(".entropy", "") for name in containers]
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(restored)(ids).logits, expected)
+
+
+def test_lazy_one_block_model_and_a_grad_forward_after_inference_mode(small_llama, tmp_path, cli, tokenizer_dir):
+    """One block: nothing is read ahead into the buffers in use; buffers made under inference mode still serve a
+    forward that records gradients (inputs that require them)."""
+    from conftest import CONFIGS
+
+    CONFIGS["one-block"] = {**CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1}
+    try:
+        plain = build_tiny("one-block", tokenizer_dir, tmp_path / "one-block")
+    finally:
+        del CONFIGS["one-block"]
+    for source in (plain, small_llama):
+        coded = tmp_path / f"coded-{source.name}"
+        assert cli("quantize", "entropy", source, "-o", coded, "--no-eval").exit_code == 0
+        eager, _ = streamify.load(str(coded))
+        lazy, _ = streamify.load(str(coded), lazy=True)
+        ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            expected = eager(ids).logits
+            for _ in range(3):
+                assert torch.equal(lazy(ids).logits, expected)
+        embeds = eager.get_input_embeddings()(ids).detach().requires_grad_()
+        lazy(inputs_embeds=embeds).logits.sum().backward()
+        assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
+def test_reads_longer_than_one_system_call_are_completed(tmp_path, monkeypatch):
+    """Linux gives at most ~2 GiB a read: reads are looped (here every read is cut to 4 KiB)."""
+    from streamify.io import safetensors_file
+
+    monkeypatch.setattr(safetensors_file, "_MOST_PER_READ", 4096)
+    tensors = {
+        "w": (torch.randn(300, 200) * 0.02).bfloat16(),
+        "u16": torch.arange(5000, dtype=torch.int64).to(torch.uint16),
+        "f8": torch.randn(70, 100).to(torch.float8_e4m3fn),
+    }
+
+    def save(folder):
+        save_file(tensors, folder / "model.safetensors")
+
+    code_checkpoint(save, level=8, chunk_elems=8192, threads=1, progress=SILENT).write(tmp_path)
+    got = decode_tensors(tmp_path / CONTAINER_NAME)
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_a_shard_size_transformers_cannot_read_is_refused(cli, small_llama, tmp_path):
+    result = cli("quantize", "entropy", small_llama, "-o", tmp_path / "x", "--max-shard-size", "1.5GB", "--dry-run")
+    assert result.exit_code == 2 and "1.5GB" in result.stderr and not (tmp_path / "x").exists()

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 import tempfile
@@ -76,7 +75,7 @@ from streamify.codec.codec import (
     encode_many,
 )
 from streamify.errors import InputError
-from streamify.io.safetensors_file import DTYPE_BYTES, aligned_order, read_header, write_streamed
+from streamify.io.safetensors_file import DTYPE_BYTES, aligned_order, pread_into, read_header, write_streamed
 from streamify.progress import Progress
 
 CONTAINER_SUFFIX = ".entropy.safetensors"
@@ -90,7 +89,8 @@ _RECREATE = "the container is damaged or was altered: re-create or re-download t
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                        torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
                        torch.int64: "I64", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-                       torch.float8_e5m2: "F8_E5M2"}  # fmt: skip
+                       torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0", torch.uint16: "U16",
+                       torch.uint32: "U32", torch.uint64: "U64"}  # fmt: skip
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
@@ -113,12 +113,19 @@ class _Spool:
         target.write(data)
         self.places[name] = (coded, dtype, shape, start, target.tell())
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str) -> bytearray:
         """The stored bytes of tensor ``name``."""
         coded, _, _, start, end = self.places[name]
         spooled = self.coded if coded else self.raw
         spooled.flush()
-        return os.pread(spooled.fileno(), end - start, start)
+        data = bytearray(end - start)
+        pread_into(spooled.fileno(), data, start)
+        return data
+
+    def close(self) -> None:
+        """Delete the spooled bytes (they are in the written container)."""
+        self.raw.close()
+        self.coded.close()
 
     def write(self, path: Path, metadata: dict[str, str]) -> None:
         """Write the safetensors file: raw tensors first, in safetensors' aligned order, then the coded ones."""
@@ -145,7 +152,7 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int, spool: _
         for name, entry in entries:
             first, last = entry["data_offsets"]
             data = bytearray(last - first)
-            if data and os.preadv(fh.fileno(), [data], 8 + header_length + first) != len(data):
+            if pread_into(fh.fileno(), data, 8 + header_length + first) != len(data):
                 raise InputError(f"{path}: tensor {name} could not be read in full", "re-create the checkpoint")
             group.append((name, entry, data))
             size += len(data)
@@ -162,7 +169,12 @@ def _encode_group(
     tensors, codecs = {}, {}
     for name, entry, data in group:
         dtype = _TORCH_DTYPES.get(entry["dtype"])
-        if dtype is None or not data:
+        if dtype is None:  # stored raw it could not be read back
+            raise InputError(
+                f"tensor {name} of {file}: dtype {entry['dtype']} is not one the container stores",
+                f"convert it to one of {', '.join(_TORCH_DTYPES)} first",
+            )
+        if not data:
             continue
         tensor = torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
         if codec := codec_for(name, tensor):
@@ -208,12 +220,14 @@ class CodedCheckpoint:
         }
 
     def write(self, folder: Path) -> None:
-        """Write the side files and one container per original file into ``folder``."""
+        """Write the side files and one container per original file into ``folder`` (once: the spooled
+        bytes are deleted after)."""
         for name, data in self.side_files.items():
             (folder / name).write_bytes(data)
         for file, spool in self.spools.items():
             index = {name: entry for name, entry in self.index.items() if entry["file"] == file}
             spool.write(folder / container_name(file), _container_metadata(index, {file: self.files[file]}))
+            spool.close()
 
 
 def container_name(file: str) -> str:
@@ -384,7 +398,7 @@ class ContainerReader:
             coded = []
             for name in wanted:
                 if entries[name]["storage"] == "coded":
-                    coded.append((name, entries[name], FileSpan(fh.fileno(), *self.spans[name])))
+                    coded.append((name, entries[name], FileSpan(fh.fileno(), *self.spans[name], str(self.path))))
                 else:
                     found[name] = self._read_raw(fh.fileno(), name)
             found.update(decode_many(coded, threads, into))
@@ -403,7 +417,7 @@ class ContainerReader:
         """A tensor stored raw, read and checked against its checksum."""
         entry, (offset, length) = self.index["tensors"][name], self.spans[name]
         buffer = bytearray(length)
-        read = os.preadv(fd, [buffer], offset) if length else 0
+        read = pread_into(fd, buffer, offset)
         key = _RAW_CHECKSUM_KEY[self.index["format_version"]]
         if read != length or not checksum_matches(buffer, key, entry[key]):
             raise CorruptWeightsError(

@@ -1,9 +1,11 @@
 """Restore an entropy-coded artifact's original files; ``streamify quantize decode`` writes them as an artifact.
 
-Everything read from the artifact is checked before a byte is written: the
-container's index (:func:`~streamify.codec.container.read_index`), that
-its tensors are the ones config.json's model has, with its shapes, and that
-side files are regular files inside the artifact folder.
+The structure is checked before a byte is written: every container's index
+(:func:`~streamify.codec.container.read_index`), that their tensors are the
+ones config.json's model has, with its shapes, and that side files are regular
+files inside the artifact folder. Chunk checksums are checked as the tensors
+are decoded, while the files are written: callers write into a staging folder,
+so a corrupt chunk leaves no output behind.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def restore_files(path: Path, folder: Path, config: PretrainedConfig | None, thr
 
 def restore_coded(reader: CodedFolder, folder: Path, config: PretrainedConfig | None, threads: int = 1) -> list[Path]:
     """Write the original safetensors files, bit-identical tensors and original metadata, into ``folder``,
-    one tensor decoded at a time.
+    decoding about 64 MB of tensors at a time.
 
     With ``config``, the containers must hold exactly the model's tensors
     (:func:`~streamify.codec.load.check_matches_config`).

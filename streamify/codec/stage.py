@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
+from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL, MAX_CHUNK_ELEMS
 from streamify.codec.container import code_checkpoint
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
@@ -28,14 +28,26 @@ class EntropyParams(BaseModel):
     level: int = Field(
         DEFAULT_LEVEL, ge=0, le=12, description="pcodec compression level: higher is smaller and slower to encode"
     )
-    chunk_elems: int = Field(DEFAULT_CHUNK_ELEMS, ge=4096, description="elements per independently decodable chunk")
+    chunk_elems: int = Field(
+        DEFAULT_CHUNK_ELEMS, ge=4096, le=MAX_CHUNK_ELEMS, description="elements per independently decodable chunk"
+    )
     threads: int = Field(0, ge=0, description="encoding threads (0: all cores)")
     max_shard_size: str = Field(
         "5GB",
-        pattern=r"^\d+(\.\d+)?\s*[KMGT]?i?B$",
         description="the checkpoint is saved in shards of at most this size (transformers' max_shard_size, e.g. "
         "5GB, 500MB), each coded into a container file of its own",
     )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, size: str) -> str:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            convert_file_size_to_int(size)
+        except ValueError as exc:
+            raise ValueError(f"{size!r} is not a size transformers reads (e.g. 5GB, 500MB, 2GiB)") from exc
+        return size
 
 
 @register(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from streamify.errors import InputError
+from streamify.errors import InputError, UsageError
 
 _MAX_HEADER = 100 * 1024 * 1024
 Layout = list[tuple[str, str, list[int], int]]  # (name, dtype, shape, bytes) of each tensor, in file order
@@ -24,6 +25,22 @@ DTYPE_BYTES = {
     "U32": 4, "I32": 4, "F32": 4,
     "U64": 8, "I64": 8, "F64": 8,
 }  # fmt: skip
+
+
+_MOST_PER_READ = 1 << 30  # Linux returns at most ~2 GiB from one read; larger reads are split
+
+
+def pread_into(fd: int, buffer, offset: int) -> int:
+    """Fill ``buffer`` from ``fd`` at ``offset``, in as many reads as it takes; the bytes read (fewer only
+    at the end of the file)."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done : done + _MOST_PER_READ]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def aligned_order(layout: Layout) -> Layout:
@@ -42,6 +59,11 @@ def write_streamed(path: Path, layout: Layout, metadata: dict[str, str] | None, 
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    if len(text) > _MAX_HEADER:
+        raise UsageError(
+            f"{path}: the header would be {len(text):,} bytes, over safetensors' limit of {_MAX_HEADER:,}",
+            "write smaller shards (--max-shard-size) or larger chunks (--chunk-elems)",
+        )
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(text)) + text)
         for (name, _, _, size), buffer in zip(layout, data, strict=True):

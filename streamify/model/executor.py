@@ -176,7 +176,8 @@ class BlockExecutor:
                 self.bring(index)
                 return
             tensors = ahead.take(index)
-            ahead.start((index + 1) % len(self.blocks))
+            if len(self.blocks) > 1:  # one block: nothing else to read ahead (its own buffers are in use)
+                ahead.start((index + 1) % len(self.blocks))
             self._place(tensors)
 
         def drop(index: int) -> None:  # recycled buffers are not freed: give memory back once a forward
@@ -261,12 +262,13 @@ class _Prefetcher:
         names = self.block_names[index]
         if not self.recycles:
             return functools.partial(self.source.load, names)
-        self.release(index)
         buffers = {}
-        for name, (shape, dtype) in self.source.layout(names).items():
-            pile = self.free.get((tuple(shape), dtype))
-            buffers[name] = pile.pop() if pile else torch.empty(shape, dtype=dtype)
-        self.lent[index] = list(buffers.values())
+        with torch.inference_mode(False):  # plain tensors, whatever mode the forward runs in
+            for name, (shape, dtype) in self.source.layout(names).items():
+                pile = self.free.get((tuple(shape), dtype))
+                buffers[name] = pile.pop() if pile else torch.empty(shape, dtype=dtype)
+        self.free.clear()  # what this block did not take (blocks of other shapes) is freed, not hoarded
+        self.lent.setdefault(index, []).extend(buffers.values())
         return functools.partial(self.source.load, names, buffers)
 
 
