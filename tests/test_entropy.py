@@ -531,3 +531,41 @@ def test_reads_longer_than_one_system_call_are_completed(tmp_path, monkeypatch):
 def test_a_shard_size_transformers_cannot_read_is_refused(cli, small_llama, tmp_path):
     result = cli("quantize", "entropy", small_llama, "-o", tmp_path / "x", "--max-shard-size", "1.5GB", "--dry-run")
     assert result.exit_code == 2 and "1.5GB" in result.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("arch", "shard"), [("small-llama", "5GB"), ("small-llama", "300KB"), ("gemma", "5GB")])
+def test_block_by_block_coding_gives_the_in_memory_artifact(cli, small_llama, tiny_models, tmp_path, arch, shard):
+    """--blockwise on reads, codes and drops one block at a time: the same tensors, names, containers and
+    config as in memory (gemma: tied embeddings stored once); quantize decode gives back a checkpoint
+    transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    source = small_llama if arch == "small-llama" else tiny_models[arch]
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        args = ["--blockwise", mode, "--max-shard-size", shard, "--no-eval", "--format", "json"]
+        result = cli("quantize", "entropy", source, "-o", out, *args)
+        assert result.exit_code == 0, result.stderr
+        metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+        assert (metrics.get("path") == "block-wise") == (mode == "on")
+        runs[mode] = out
+    containers = {mode: sorted(p.name for p in out.glob("*.entropy.safetensors")) for mode, out in runs.items()}
+    assert len(containers["on"]) == len(containers["off"]) == (1 if shard == "5GB" else len(containers["on"]))
+    assert (len(containers["on"]) > 1) == (shard == "300KB")
+    decoded = {}
+    for mode, out in runs.items():
+        decoded[mode] = {}
+        for path in out.glob("*.entropy.safetensors"):
+            decoded[mode].update(decode_tensors(path))
+    assert sorted(decoded["on"]) == sorted(decoded["off"])
+    for name, tensor in decoded["off"].items():
+        assert torch.equal(decoded["on"][name].view(torch.uint8), tensor.view(torch.uint8)), name
+    config = {mode: json.loads((out / "config.json").read_text()) for mode, out in runs.items()}
+    assert config["on"] == config["off"]
+    restored = tmp_path / "restored"
+    assert cli("quantize", "decode", runs["on"], "-o", restored).exit_code == 0
+    ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(source)(ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(restored)(ids).logits, expected)

@@ -86,18 +86,18 @@ _RAW_CHECKSUM_KEY = {2: "crc32", 3: "xxh3_64"}  # the checksum of raw tensors by
 _META_KEY = "streamify_entropy"
 _DIGEST_KEY = "streamify_entropy_sha256"
 _RECREATE = "the container is damaged or was altered: re-create or re-download the artifact"
-_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                        torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
                        torch.int64: "I64", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
                        torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0", torch.uint16: "U16",
                        torch.uint32: "U32", torch.uint64: "U64"}  # fmt: skip
-_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
-_GROUP_BYTES = 32 << 20  # tensors are read and coded in groups of about this many bytes: parallel, bounded
+GROUP_BYTES = 32 << 20  # tensors are read and coded in groups of about this many bytes: parallel, bounded
 
 
-class _Spool:
+class Spool:
     """A container's tensor bytes while it is being coded: raw tensors and coded ones appended to two
     temporary files, so the coded model is never held in memory."""
 
@@ -135,7 +135,7 @@ class _Spool:
         write_streamed(path, raw + coded, metadata, (self.read(item[0]) for item in raw + coded))
 
 
-def encode_file(path: Path, level: int, chunk_elems: int, threads: int, spool: _Spool) -> tuple[dict, dict]:
+def encode_file(path: Path, level: int, chunk_elems: int, threads: int, spool: Spool) -> tuple[dict, dict]:
     """Code every tensor of one safetensors file into ``spool``, a group of tensors at a time (read with
     pread: neither the file nor the coded result is ever whole in memory).
 
@@ -156,16 +156,18 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int, spool: _
                 raise InputError(f"{path}: tensor {name} could not be read in full", "re-create the checkpoint")
             group.append((name, entry, data))
             size += len(data)
-            if size >= _GROUP_BYTES:
-                index.update(_encode_group(path.name, group, level, chunk_elems, threads, spool))
+            if size >= GROUP_BYTES:
+                index.update(encode_group(path.name, group, level, chunk_elems, threads, spool))
                 group, size = [], 0
-        index.update(_encode_group(path.name, group, level, chunk_elems, threads, spool))
+        index.update(encode_group(path.name, group, level, chunk_elems, threads, spool))
     return index, {"metadata": header.get("__metadata__")}
 
 
-def _encode_group(
-    file: str, group: list[tuple[str, dict, bytearray]], level: int, chunk_elems: int, threads: int, spool: _Spool
+def encode_group(
+    file: str, group: list[tuple[str, dict, bytearray]], level: int, chunk_elems: int, threads: int, spool: Spool
 ) -> dict[str, dict]:
+    """Code a group of tensors ``(name, {"dtype": safetensors dtype, "shape": ...}, their bytes)`` of
+    checkpoint file ``file`` into ``spool``; their index entries."""
     tensors, codecs = {}, {}
     for name, entry, data in group:
         dtype = _TORCH_DTYPES.get(entry["dtype"])
@@ -174,7 +176,7 @@ def _encode_group(
                 f"tensor {name} of {file}: dtype {entry['dtype']} is not one the container stores",
                 f"convert it to one of {', '.join(_TORCH_DTYPES)} first",
             )
-        if not data:
+        if not len(data):
             continue
         tensor = torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
         if codec := codec_for(name, tensor):
@@ -196,7 +198,7 @@ def _encode_group(
 class CodedCheckpoint:
     """A saved checkpoint's files, coded (spooled on disk, one spool per file) plus its other files."""
 
-    spools: dict[str, _Spool]  # by original file name
+    spools: dict[str, Spool]  # by original file name
     index: dict[str, dict]
     files: dict[str, dict]
     side_files: dict[str, bytes]
@@ -252,7 +254,7 @@ def code_checkpoint(
         spools, index, files = {}, {}, {}
         started = time.perf_counter()
         for path in progress.track(sorted(plain.glob("*.safetensors")), "entropy coding"):
-            spools[path.name] = _Spool()
+            spools[path.name] = Spool()
             file_index, files[path.name] = encode_file(path, level, chunk_elems, threads, spools[path.name])
             index.update(file_index)
         return CodedCheckpoint(spools, index, files, side_files, time.perf_counter() - started)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers.utils.hub import convert_file_size_to_int
 
+from streamify.codec.blockwise import code_block_by_block
 from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL, MAX_CHUNK_ELEMS
-from streamify.codec.container import code_checkpoint
+from streamify.codec.container import GROUP_BYTES, code_checkpoint
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
 
@@ -38,11 +41,15 @@ class EntropyParams(BaseModel):
         "5GB, 500MB), each coded into a container file of its own",
     )
 
+    blockwise: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="read and code the model one block at a time from its safetensors files (for models larger "
+        "than memory; no eval); auto: when the in-memory run would not fit in the memory available",
+    )
+
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, size: str) -> str:
-        from transformers.utils.hub import convert_file_size_to_int
-
         try:
             convert_file_size_to_int(size)
         except ValueError as exc:
@@ -57,6 +64,7 @@ class EntropyParams(BaseModel):
     bytes_per_param=lambda params, before, model: before * (CODED_FP32 if before >= 4 else CODED_HALF),
     kinds="all",
     final=True,
+    blockwise=lambda params, model: (params.blockwise, None, 3 * GROUP_BYTES),
 )
 def quantize_entropy(checkpoint: Checkpoint, params: EntropyParams, ctx: StageContext) -> Checkpoint:
     """Code the weights exactly as transformers would save them; the artifact stores the coded container."""
@@ -65,7 +73,12 @@ def quantize_entropy(checkpoint: Checkpoint, params: EntropyParams, ctx: StageCo
     def save(folder: Path) -> None:
         checkpoint.model.save_pretrained(folder, max_shard_size=params.max_shard_size)
 
-    coded = code_checkpoint(save, params.level, params.chunk_elems, threads, ctx.progress)
+    if checkpoint.blocks is not None:
+        shard_bytes = convert_file_size_to_int(params.max_shard_size)
+        coded = code_block_by_block(checkpoint, shard_bytes, params.level, params.chunk_elems, threads, ctx.progress)
+        ctx.metrics["path"] = "block-wise"
+    else:
+        coded = code_checkpoint(save, params.level, params.chunk_elems, threads, ctx.progress)
     ctx.metrics.update(coded.summary(), threads=threads)
     checkpoint.weights_writer = coded.write
     return checkpoint

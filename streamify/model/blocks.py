@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from streamify.errors import InputError
@@ -58,3 +59,10 @@ def block_list(model: nn.Module, where: str) -> tuple[str, nn.ModuleList]:
             "depth pruning needs a decoder or encoder with a block list (model.layers, transformer.h, ...)",
         )
     return found
+
+
+def block_tensors(model: nn.Module, prefix: str, index: int | None) -> dict[str, torch.Tensor]:
+    """The saved tensors of block ``index`` of the block list at ``prefix``, or (None) of everything outside it."""
+    if index is not None:
+        return model.get_submodule(f"{prefix}.{index}").state_dict(prefix=f"{prefix}.{index}.", keep_vars=True)
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(f"{prefix}.")}

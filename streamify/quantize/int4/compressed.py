@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from streamify.model.blocks import block_list
+from streamify.model.blocks import block_list, block_tensors
 from streamify.model.cast import keeps_fp32
 from streamify.quantize.int4.grid import Int4Weight
 
@@ -138,13 +138,6 @@ class PackedShards:
         save_file(self.pending, path, metadata={"format": "pt"})
         self.written.append((path, list(self.pending)))
         self.pending = {}
-
-
-def block_tensors(model: nn.Module, prefix: str, index: int | None) -> dict[str, torch.Tensor]:
-    """The saved tensors of block ``index`` of the block list at ``prefix``, or (None) of everything outside it."""
-    if index is not None:
-        return model.get_submodule(f"{prefix}.{index}").state_dict(prefix=f"{prefix}.{index}.", keep_vars=True)
-    return {n: t for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(f"{prefix}.")}
 
 
 def write_compressed_tensors(

@@ -26,7 +26,7 @@ from streamify.errors import InputError, UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import DTYPE_NAMES, DTYPES
-from streamify.model.blocks import find_blocks
+from streamify.model.blocks import block_tensors, find_blocks
 from streamify.model.cast import cast_floats
 from streamify.model.fingerprint import content_key
 from streamify.model.params import count_params
@@ -34,7 +34,7 @@ from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
 from streamify.quantize.int4.awq import SAMPLE_ROWS, InputSample, fold_scales
 from streamify.quantize.int4.calibrate import quantize_sequentially
-from streamify.quantize.int4.compressed import PackedShards, block_tensors, write_compressed_tensors
+from streamify.quantize.int4.compressed import PackedShards, write_compressed_tensors
 from streamify.quantize.int4.gguf import check_exportable, check_vocab, round_like_gguf, write_gguf
 from streamify.quantize.int4.gptq import HessianAccumulator, gptq
 from streamify.quantize.int4.grid import Int4Weight, rtn, rtn_k, valid_group_sizes
