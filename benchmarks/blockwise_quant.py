@@ -1,11 +1,12 @@
-"""INT4 calibration of SmolLM2-135M in memory against block by block from its safetensors files.
+"""INT4 calibration (or entropy coding) of SmolLM2-135M in memory against block by block from its files.
 
 Usage:  .venv/bin/python benchmarks/blockwise_quant.py [--method gptq] [--samples 64] [--seq-len 512]
-                                                        [--model FOLDER] [--json out.json]
+                                                        [--stage int4|entropy] [--model FOLDER] [--json out.json]
 
 The model is the built-in SmolLM2-135M as streamify dequantizes it once (fp32 safetensors in the GGUF
 cache), unless ``--model`` names another folder of safetensors files. Each path runs ``streamify quantize
-int4 MODEL -o OUT --blockwise off|on --no-eval`` in a fresh process that imports torch, transformers and
+int4 MODEL -o OUT --blockwise off|on --no-eval`` (``--stage entropy``: ``streamify quantize entropy``, which
+ignores --method, --samples and --seq-len) in a fresh process that imports torch, transformers and
 compressed-tensors first and then records its peak RSS (``VmHWM``) as the baseline; reported: the peak
 RSS above that baseline, the wall time of the command, and whether the two artifacts hold the same
 tensors (every tensor compared exactly).
@@ -43,9 +44,10 @@ finally:
 
 
 def run_quantize(model: Path, out: Path, mode: str, args: argparse.Namespace) -> dict:
-    """One ``streamify quantize int4`` run in a fresh process: peak RSS above its baseline, wall time."""
-    command = [sys.executable, "-c", RUN, "quantize", "int4", str(model), "-o", str(out)]
-    command += ["--method", args.method, "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    """One ``streamify quantize int4|entropy`` run in a fresh process: peak RSS above its baseline, wall time."""
+    command = [sys.executable, "-c", RUN, "quantize", args.stage, str(model), "-o", str(out)]
+    if args.stage == "int4":
+        command += ["--method", args.method, "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     command += ["--blockwise", mode, "--no-eval"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq"])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--stage", default="int4", choices=["int4", "entropy"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = args.model or default_model()
@@ -98,6 +101,7 @@ def main() -> None:
     report = {
         "model": str(model),
         "model_mib": model_bytes >> 20,
+        "stage": args.stage,
         "method": args.method,
         "samples": args.samples,
         "seq_len": args.seq_len,
@@ -107,8 +111,9 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     off, on = results["off"], results["on"]
+    what = f"{args.method} {args.samples} x {args.seq_len}" if args.stage == "int4" else "entropy coding"
     print(
-        f"| {args.method} {args.samples} x {args.seq_len} | {model_bytes >> 20} MiB | "
+        f"| {what} | {model_bytes >> 20} MiB | "
         f"{off['peak_above_baseline_mib']} MiB, {off['seconds']} s | {on['peak_above_baseline_mib']} MiB, "
         f"{on['seconds']} s | {on['peak_above_baseline_mib'] / off['peak_above_baseline_mib']:.2f}x | "
         f"{'identical' if identical else 'DIFFERENT'} |"
