@@ -101,3 +101,35 @@ def test_block_by_block_refusals(cli, tiny_llama, tmp_path):
     refused = cli("quantize", "int4", pickled, "-o", tmp_path / "o", *options)
     assert refused.exit_code == 2 and "the weights are not in safetensors files" in refused.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("arch", "shard"), [("llama", "5GB"), ("llama", "20KB"), ("gemma", "5GB")])
+def test_dtype_conversion_block_by_block_writes_the_in_memory_files(
+    cli, tiny_models, tmp_path, monkeypatch, arch, shard
+):
+    """convert dtype --blockwise on casts and writes one block at a time: the in-memory path's tensors (names,
+    dtypes, values; a module the class keeps in fp32 stays fp32; gemma's tied head once) and config; sharded
+    by --max-shard-size, transformers loads it through the index."""
+    if arch == "llama":
+        monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules", ["norm"])
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        args = ["--dtype", "bf16", "--blockwise", mode, "--max-shard-size", shard, "--no-eval", "--format", "json"]
+        result = cli("convert", "dtype", tiny_models[arch], "-o", out, *args)
+        assert result.exit_code == 0, result.stderr
+        assert (json.loads(result.stdout)["stages"][0]["metrics"].get("path") == "block-wise") == (mode == "on")
+        runs[mode] = out
+    memory, disk = tensors(runs["off"]), tensors(runs["on"])
+    assert sorted(disk) == sorted(memory)
+    for name, value in memory.items():
+        assert disk[name].dtype == value.dtype and torch.equal(disk[name], value), name
+    if arch == "llama":
+        assert disk["model.norm.weight"].dtype == torch.float32 and disk["lm_head.weight"].dtype == torch.bfloat16
+    on, off = (json.loads((runs[m] / "config.json").read_text()) for m in ("on", "off"))
+    assert on == off
+    assert (len(list(runs["on"].glob("model-*.safetensors"))) > 1) == (shard == "20KB")
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(runs["off"])(ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(runs["on"])(ids).logits, expected)

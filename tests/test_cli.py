@@ -47,7 +47,11 @@ def test_dry_run_reads_no_weights_and_writes_nothing(cli, tiny_llama, tmp_path, 
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)["plan"]
     (stage,) = plan["stages"]
-    assert stage["name"] == "convert.dtype" and stage["params"] == {"dtype": "bf16"}
+    assert stage["name"] == "convert.dtype" and stage["params"] == {
+        "dtype": "bf16",
+        "blockwise": "auto",
+        "max_shard_size": "5GB",
+    }
     assert stage["cache"] == "miss" and stage["estimate"]["disk_bytes"] == plan["params"] * 2
     assert plan["blocks"] == 4 and plan["estimate"]["peak_memory_bytes"] > 0
     assert plan["estimate"]["disk_bytes"] == plan["params"] * 2
@@ -82,7 +86,7 @@ def test_run_with_overrides_and_deleted_eval(cli, tiny_llama, tmp_path):
     result = cli("run", recipe, f"output={out}", "stages.0.dtype=fp16", "~eval", "--format", "json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["eval"] is None and summary["stages"][0]["params"] == {"dtype": "fp16"}
+    assert summary["eval"] is None and summary["stages"][0]["params"]["dtype"] == "fp16"
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert cli("run", recipe, f"output={tmp_path / 'c'}", *QUICK_EVAL).exit_code == 0
 

@@ -25,6 +25,7 @@ CHECKED = (
 _MACHINE = (
     (re.compile(r"^│ path .*$"), "│ path (install path)"),
     (re.compile(r"available [\d.]+ GiB"), "available N GiB"),
+    (re.compile(r"of [\d.]+ GiB available"), "of N GiB available"),
     (re.compile(r"cache: (hit|miss)"), "cache: hit or miss"),
 )
 

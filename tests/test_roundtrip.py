@@ -58,7 +58,11 @@ def test_artifact_folder_contents(cli, tiny_llama, tmp_path):
         }
     ]
     (stage,) = manifest["stages"]
-    assert stage["name"] == "convert.dtype" and stage["params"] == {"dtype": "bf16"}
+    assert stage["name"] == "convert.dtype" and stage["params"] == {
+        "dtype": "bf16",
+        "blockwise": "auto",
+        "max_shard_size": "5GB",
+    }
     assert stage["metrics"] == {"dtype_before": ["fp32"], "dtype_after": "bf16"}
     assert stage["seconds"] >= 0
     assert manifest["eval"]["perplexity"] > 1 and manifest["eval"]["params"] > 0
@@ -81,7 +85,9 @@ def test_artifact_folder_contents(cli, tiny_llama, tmp_path):
     assert "| perplexity |" in card
 
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["model"] == str(tiny_llama) and recipe["stages"] == [{"convert.dtype": {"dtype": "bf16"}}]
+    assert recipe["model"] == str(tiny_llama) and recipe["stages"] == [
+        {"convert.dtype": {"dtype": "bf16", "blockwise": "auto", "max_shard_size": "5GB"}}
+    ]
 
 
 def test_saved_recipe_reruns_to_the_same_tensors(cli, tiny_llama, tmp_path):
@@ -104,7 +110,7 @@ def test_streamify_load_reads_an_artifact_and_keeps_history(cli, tiny_llama, tmp
     assert cli("convert", "dtype", first, "-o", second, "--dtype", "fp32", "--no-eval").exit_code == 0
     manifest = json.loads((second / "streamify.json").read_text())
     assert [s["name"] for s in manifest["history"]] == ["convert.dtype"]
-    assert manifest["history"][0]["params"] == {"dtype": "bf16"}
+    assert manifest["history"][0]["params"]["dtype"] == "bf16"
 
 
 def test_overwrite_replaces_an_existing_artifact(cli, tiny_llama, tmp_path):

@@ -1,53 +1,51 @@
-"""Entropy coding of a model read block by block from its safetensors files (larger than memory).
+"""Writing a model read block by block from its safetensors files (larger than memory): entropy-coded
+containers (``quantize.entropy``) or plain safetensors in another dtype (``convert.dtype``).
 
-The block-wise executor brings one block's tensors in; they are coded into the
-current container's spool and dropped before the next block is read. A new
-container is started when the current one would pass the shard size, and the
-containers are named at the end as transformers names its shards
+The block-wise executor brings one block's tensors in; they are (cast and)
+coded or stored into the current shard's spool and dropped before the next
+block is read. A new shard is started when the current one would pass the shard
+size, and the shards are named at the end as transformers names them
 (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
-``model.safetensors.index.json``), so ``quantize decode`` gives back a
-checkpoint transformers loads. Tied weights are stored once, under their first
-name, as ``save_pretrained`` does.
+``model.safetensors.index.json``), so the result (or what ``quantize decode``
+restores from it) is a checkpoint transformers loads. Tied weights are stored
+once, under their first name, as ``save_pretrained`` does.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from streamify.codec.container import (
-    SAFETENSORS_DTYPES,
-    CodedCheckpoint,
-    Spool,
-    encode_group,
-)
+from streamify.codec.container import SAFETENSORS_DTYPES, CodedCheckpoint, Spool, encode_group
 from streamify.io.checkpoint import Checkpoint
+from streamify.io.config import is_diffusers
 from streamify.model.blocks import block_tensors
+from streamify.model.cast import keeps_fp32
 from streamify.progress import Progress
 
 INDEX_NAME = "model.safetensors.index.json"
+Store = Callable[[str, list, Spool], dict[str, dict]]  # (shard, [(name, entry, bytes)], spool) -> index entries
 
 
 class _Shards:
-    """Containers being coded: tensors go into the current one until it would pass ``shard_bytes``."""
+    """Shards being written: tensors go into the current one until it would pass ``shard_bytes``."""
 
-    def __init__(self, shard_bytes: int, level: int, chunk_elems: int, threads: int) -> None:
-        self.shard_bytes, self.level, self.chunk_elems, self.threads = shard_bytes, level, chunk_elems, threads
+    def __init__(self, shard_bytes: int, store: Store) -> None:
+        self.shard_bytes, self.store = shard_bytes, store
         self.spools: list[Spool] = []
         self.raw_bytes: list[int] = []
         self.index: dict[str, dict] = {}
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Code ``tensors`` (one block's, or those outside the blocks); a tensor met twice (tied) is stored once."""
-        group, seen = [], set()  # ids within one call only: a dropped block's ids are reused by the next
+        """Store ``tensors`` (one block's, or those outside the blocks; tied ones already once)."""
+        group = []
         for name, tensor in tensors.items():
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
             value = tensor.detach().cpu().contiguous()
             stored = value.reshape(-1).view(torch.uint8).numpy() if value.numel() else bytearray()
             group.append((name, {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape)}, stored))
@@ -56,9 +54,7 @@ class _Shards:
             self.spools.append(Spool())
             self.raw_bytes.append(0)
         self.raw_bytes[-1] += size
-        shard = len(self.spools) - 1
-        found = encode_group(str(shard), group, self.level, self.chunk_elems, self.threads, self.spools[-1])
-        self.index.update(found)
+        self.index.update(self.store(str(len(self.spools) - 1), group, self.spools[-1]))
 
     def finish(self) -> tuple[dict[str, Spool], dict[str, dict], dict | None]:
         """The spools and index under the shards' final file names, and transformers' shard index (several)."""
@@ -72,25 +68,67 @@ class _Shards:
         return dict(zip(names, self.spools, strict=True)), self.index, shard_index
 
 
+def _read_blocks(
+    checkpoint: Checkpoint, shards: _Shards, progress: Progress, what: str, cast: torch.dtype | None = None
+) -> dict[str, bytes]:
+    """Store every block of a block-wise model, then the tensors outside its blocks; the side files
+    (config.json, generation_config.json, the shard index) as ``save_pretrained`` writes them."""
+    model, executor = checkpoint.model, checkpoint.blocks
+
+    def tensors(index: int | None) -> dict[str, torch.Tensor]:
+        found, seen = {}, set()
+        for name, tensor in block_tensors(model, executor.prefix, index).items():
+            if id(tensor) not in seen:  # tied: once, under its first name (before a cast makes two tensors)
+                seen.add(id(tensor))
+                cast_it = cast is not None and tensor.is_floating_point() and not keeps_fp32(model, name)
+                found[name] = tensor.to(cast) if cast_it else tensor
+        return found
+
+    for index in progress.track(range(len(executor.blocks)), f"{what} block by block"):
+        with executor.block(index):
+            shards.add(tensors(index))
+    shards.add(tensors(None))
+    if cast is not None and not is_diffusers(model.config):
+        model.config.dtype = cast
+    with tempfile.TemporaryDirectory(prefix="streamify-config-") as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+
+
 def code_block_by_block(
     checkpoint: Checkpoint, shard_bytes: int, level: int, chunk_elems: int, threads: int, progress: Progress
 ) -> CodedCheckpoint:
     """Code a model loaded block-wise (``checkpoint.blocks``), one block in memory at a time."""
-    model, executor = checkpoint.model, checkpoint.blocks
-    shards = _Shards(shard_bytes, level, chunk_elems, threads)
+    shards = _Shards(
+        shard_bytes, functools.partial(encode_group, level=level, chunk_elems=chunk_elems, threads=threads)
+    )
     started = time.perf_counter()
-    for index in progress.track(range(len(executor.blocks)), "entropy coding block by block"):
-        with executor.block(index):
-            shards.add(block_tensors(model, executor.prefix, index))
-    shards.add(block_tensors(model, executor.prefix, None))
+    side_files = _read_blocks(checkpoint, shards, progress, "entropy coding")
     spools, index, shard_index = shards.finish()
-    seconds = time.perf_counter() - started
-    with tempfile.TemporaryDirectory(prefix="streamify-entropy-config-") as tmp:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        side_files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
     if shard_index is not None:
         side_files[INDEX_NAME] = (json.dumps(shard_index, indent=2) + "\n").encode()
     files = {name: {"metadata": {"format": "pt"}} for name in spools}
-    return CodedCheckpoint(spools, index, files, side_files, seconds)
+    return CodedCheckpoint(spools, index, files, side_files, time.perf_counter() - started)
+
+
+def cast_block_by_block(
+    checkpoint: Checkpoint, target: torch.dtype, shard_bytes: int, progress: Progress
+) -> Callable[[Path], None]:
+    """Cast a model loaded block-wise to ``target`` one block at a time (what its class keeps in fp32 stays);
+    returns the writer of its safetensors shards and config."""
+    shards = _Shards(shard_bytes, functools.partial(encode_group, code=False))
+    side_files = _read_blocks(checkpoint, shards, progress, "casting", cast=target)
+    spools, _, shard_index = shards.finish()
+    if shard_index is not None:
+        side_files[INDEX_NAME] = (json.dumps(shard_index, indent=2) + "\n").encode()
+
+    def write(folder: Path) -> None:
+        for name, data in side_files.items():
+            (folder / name).write_bytes(data)
+        for name, spool in spools.items():
+            spool.write(folder / name, {"format": "pt"})
+            spool.close()
+
+    return write

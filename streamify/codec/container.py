@@ -63,6 +63,8 @@ import torch
 from safetensors.torch import save_file
 
 from streamify.codec.codec import (
+    DEFAULT_CHUNK_ELEMS,
+    DEFAULT_LEVEL,
     TENSOR_DTYPES,
     CorruptWeightsError,
     FileSpan,
@@ -157,17 +159,23 @@ def encode_file(path: Path, level: int, chunk_elems: int, threads: int, spool: S
             group.append((name, entry, data))
             size += len(data)
             if size >= GROUP_BYTES:
-                index.update(encode_group(path.name, group, level, chunk_elems, threads, spool))
+                index.update(encode_group(path.name, group, spool, level, chunk_elems, threads))
                 group, size = [], 0
-        index.update(encode_group(path.name, group, level, chunk_elems, threads, spool))
+        index.update(encode_group(path.name, group, spool, level, chunk_elems, threads))
     return index, {"metadata": header.get("__metadata__")}
 
 
 def encode_group(
-    file: str, group: list[tuple[str, dict, bytearray]], level: int, chunk_elems: int, threads: int, spool: Spool
+    file: str,
+    group: list[tuple[str, dict, bytearray]],
+    spool: Spool,
+    level: int = DEFAULT_LEVEL,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    threads: int = 1,
+    code: bool = True,
 ) -> dict[str, dict]:
     """Code a group of tensors ``(name, {"dtype": safetensors dtype, "shape": ...}, their bytes)`` of
-    checkpoint file ``file`` into ``spool``; their index entries."""
+    checkpoint file ``file`` into ``spool`` (``code`` False: store them all raw); their index entries."""
     tensors, codecs = {}, {}
     for name, entry, data in group:
         dtype = _TORCH_DTYPES.get(entry["dtype"])
@@ -179,7 +187,7 @@ def encode_group(
         if not len(data):
             continue
         tensor = torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
-        if codec := codec_for(name, tensor):
+        if code and (codec := codec_for(name, tensor)):
             tensors[name], codecs[name] = tensor, codec
     coded = encode_many(tensors, chunk_elems, level, threads, codecs)
     index = {}

@@ -14,6 +14,7 @@ from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL, MAX_CHUNK_
 from streamify.codec.container import GROUP_BYTES, code_checkpoint
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
+from streamify.units import checked_shard_size
 
 # The plan's estimate of stored / raw bytes. 16-bit: 0.67, measured for bf16 (BENCHMARKS.md, 66.1% on SmolLM2).
 # fp32: sign + about 2.6 coded exponent bits + 23 raw mantissa bits of 32. Floats dequantized from a low-bit
@@ -50,11 +51,7 @@ class EntropyParams(BaseModel):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, size: str) -> str:
-        try:
-            convert_file_size_to_int(size)
-        except ValueError as exc:
-            raise ValueError(f"{size!r} is not a size transformers reads (e.g. 5GB, 500MB, 2GiB)") from exc
-        return size
+        return checked_shard_size(size)
 
 
 @register(

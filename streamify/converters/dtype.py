@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers.utils.hub import convert_file_size_to_int
 
+from streamify.codec.blockwise import cast_block_by_block
+from streamify.codec.container import GROUP_BYTES
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import DTYPE_NAMES, DTYPES
 from streamify.model.cast import cast_floats
 from streamify.pipeline.registry import StageContext, register
+from streamify.units import checked_shard_size
 
 
 class DtypeParams(BaseModel):
@@ -18,6 +22,19 @@ class DtypeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="dtype to cast floating-point weights to")
+    blockwise: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="read, cast and write the model one block at a time from its safetensors files (for models "
+        "larger than memory; no eval); auto: when the in-memory run would not fit in the memory available",
+    )
+    max_shard_size: str = Field(
+        "5GB", description="block by block: the artifact's safetensors shards are at most this size (e.g. 5GB)"
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, size: str) -> str:
+        return checked_shard_size(size)
 
 
 def _bytes_per_param(params: DtypeParams, before: float, model) -> float:
@@ -31,6 +48,7 @@ def _bytes_per_param(params: DtypeParams, before: float, model) -> float:
     relation="quantized",
     bytes_per_param=_bytes_per_param,
     kinds="all",
+    blockwise=lambda params, model: (params.blockwise, None, 3 * GROUP_BYTES),
 )
 def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext) -> Checkpoint:
     """Cast the floating-point tensors that are saved (parameters, persistent buffers); records the dtypes seen.
@@ -43,6 +61,11 @@ def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext
     ``kept_fp32`` in the metrics names them (when there are any).
     """
     model = checkpoint.model
+    if checkpoint.blocks is not None:  # larger than memory: each block is read, cast and spooled, then dropped
+        shard_bytes = convert_file_size_to_int(params.max_shard_size)
+        checkpoint.weights_writer = cast_block_by_block(checkpoint, DTYPES[params.dtype], shard_bytes, ctx.progress)
+        ctx.metrics.update(dtype_after=params.dtype, path="block-wise")
+        return checkpoint
     before = sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})
     kept = cast_floats(model, DTYPES[params.dtype])
     ctx.metrics.update(dtype_before=before, dtype_after=params.dtype)
