@@ -1,14 +1,15 @@
-"""INT4 calibration (or entropy coding) of SmolLM2-135M in memory against block by block from its files.
+"""INT4 calibration (entropy coding, a bf16 cast) of SmolLM2-135M in memory against block by block.
 
 Usage:  .venv/bin/python benchmarks/blockwise_quant.py [--method gptq] [--samples 64] [--seq-len 512]
-                                                        [--stage int4|entropy] [--model FOLDER] [--json out.json]
+                                                [--stage int4|entropy|dtype] [--model FOLDER] [--json out.json]
 
 The model is the built-in SmolLM2-135M as streamify dequantizes it once (fp32 safetensors in the GGUF
 cache), unless ``--model`` names another folder of safetensors files. Each path runs ``streamify quantize
-int4 MODEL -o OUT --blockwise off|on --no-eval`` (``--stage entropy``: ``streamify quantize entropy``, which
-ignores --method, --samples and --seq-len) in a fresh process that imports torch, transformers and
-compressed-tensors first and then records its peak RSS (``VmHWM``) as the baseline; reported: the peak
-RSS above that baseline, the wall time of the command, and whether the two artifacts hold the same
+int4 MODEL -o OUT --blockwise off|on --no-eval`` (``--stage entropy``: ``streamify quantize entropy``;
+``--stage dtype``: ``streamify convert dtype --dtype bf16``; both ignore --method, --samples and
+--seq-len) in a fresh process that imports torch, transformers and compressed-tensors first and then
+records its peak RSS (``VmHWM``) as the baseline; reported: the peak RSS above that baseline, the wall
+time of the command, and whether the two artifacts hold the same
 tensors (every tensor compared exactly).
 """
 
@@ -45,7 +46,10 @@ finally:
 
 def run_quantize(model: Path, out: Path, mode: str, args: argparse.Namespace) -> dict:
     """One ``streamify quantize int4|entropy`` run in a fresh process: peak RSS above its baseline, wall time."""
-    command = [sys.executable, "-c", RUN, "quantize", args.stage, str(model), "-o", str(out)]
+    group = "convert" if args.stage == "dtype" else "quantize"
+    command = [sys.executable, "-c", RUN, group, args.stage, str(model), "-o", str(out)]
+    if args.stage == "dtype":
+        command += ["--dtype", "bf16"]
     if args.stage == "int4":
         command += ["--method", args.method, "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     command += ["--blockwise", mode, "--no-eval"]
@@ -90,7 +94,7 @@ def main() -> None:
     parser.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq"])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--stage", default="int4", choices=["int4", "entropy"])
+    parser.add_argument("--stage", default="int4", choices=["int4", "entropy", "dtype"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = args.model or default_model()
@@ -111,7 +115,9 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     off, on = results["off"], results["on"]
-    what = f"{args.method} {args.samples} x {args.seq_len}" if args.stage == "int4" else "entropy coding"
+    what = {"int4": f"{args.method} {args.samples} x {args.seq_len}", "entropy": "entropy coding"}.get(
+        args.stage, "cast to bf16"
+    )
     print(
         f"| {what} | {model_bytes >> 20} MiB | "
         f"{off['peak_above_baseline_mib']} MiB, {off['seconds']} s | {on['peak_above_baseline_mib']} MiB, "
