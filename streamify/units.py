@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import AfterValidator
+
 
 def human_bytes(n: int | float | None) -> str:
     """``n`` bytes in B, KiB, MiB or GiB (one decimal); ``?`` for None."""
@@ -14,12 +18,19 @@ def human_bytes(n: int | float | None) -> str:
     return str(n)
 
 
-def checked_shard_size(size: str) -> str:
-    """``size`` if transformers reads it as a shard size (``5GB``, ``500MB``, ``2GiB``), else ``ValueError``."""
+def shard_bytes(size: str) -> int:
+    """Bytes in a shard size as transformers reads it (``5GB``, ``500MB``, ``2GiB``); ``ValueError`` else."""
     from transformers.utils.hub import convert_file_size_to_int
 
     try:
-        convert_file_size_to_int(size)
+        return convert_file_size_to_int(size)
     except ValueError as exc:
         raise ValueError(f"{size!r} is not a size transformers reads (e.g. 5GB, 500MB, 2GiB)") from exc
+
+
+def _checked_shard_size(size: str) -> str:
+    shard_bytes(size)
     return size
+
+
+ShardSize = Annotated[str, AfterValidator(_checked_shard_size)]  # a params field checked as transformers reads it

@@ -14,7 +14,6 @@ once, under their first name, as ``save_pretrained`` does.
 from __future__ import annotations
 
 import functools
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,11 +24,11 @@ import torch
 from streamify.codec.container import SAFETENSORS_DTYPES, CodedCheckpoint, Spool, encode_group
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.config import is_diffusers
+from streamify.io.safetensors_file import INDEX_NAME, shard_index, shard_names
 from streamify.model.blocks import block_tensors
 from streamify.model.cast import keeps_fp32
 from streamify.progress import Progress
 
-INDEX_NAME = "model.safetensors.index.json"
 Store = Callable[[str, list, Spool], dict[str, dict]]  # (shard, [(name, entry, bytes)], spool) -> index entries
 
 
@@ -56,16 +55,15 @@ class _Shards:
         self.raw_bytes[-1] += size
         self.index.update(self.store(str(len(self.spools) - 1), group, self.spools[-1]))
 
-    def finish(self) -> tuple[dict[str, Spool], dict[str, dict], dict | None]:
-        """The spools and index under the shards' final file names, and transformers' shard index (several)."""
-        count = len(self.spools)
-        names = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in
-                                                          range(1, count + 1)]  # fmt: skip
+    def finish(self) -> tuple[dict[str, Spool], dict[str, dict], dict[str, bytes]]:
+        """The spools and index under the shards' final file names, and the side file of transformers' shard
+        index (when there are several)."""
+        names = shard_names(len(self.spools))
         for entry in self.index.values():
             entry["file"] = names[int(entry["file"])]
-        weight_map = {name: entry["file"] for name, entry in sorted(self.index.items())}
-        shard_index = {"metadata": {"total_size": sum(self.raw_bytes)}, "weight_map": weight_map} if count > 1 else None
-        return dict(zip(names, self.spools, strict=True)), self.index, shard_index
+        weight_map = {name: entry["file"] for name, entry in self.index.items()}
+        side = {INDEX_NAME: shard_index(weight_map, sum(self.raw_bytes)).encode()} if len(names) > 1 else {}
+        return dict(zip(names, self.spools, strict=True)), self.index, side
 
 
 def _read_blocks(
@@ -106,9 +104,8 @@ def code_block_by_block(
     )
     started = time.perf_counter()
     side_files = _read_blocks(checkpoint, shards, progress, "entropy coding")
-    spools, index, shard_index = shards.finish()
-    if shard_index is not None:
-        side_files[INDEX_NAME] = (json.dumps(shard_index, indent=2) + "\n").encode()
+    spools, index, shard_files = shards.finish()
+    side_files.update(shard_files)
     files = {name: {"metadata": {"format": "pt"}} for name in spools}
     return CodedCheckpoint(spools, index, files, side_files, time.perf_counter() - started)
 
@@ -120,9 +117,8 @@ def cast_block_by_block(
     returns the writer of its safetensors shards and config."""
     shards = _Shards(shard_bytes, functools.partial(encode_group, code=False))
     side_files = _read_blocks(checkpoint, shards, progress, "casting", cast=target)
-    spools, _, shard_index = shards.finish()
-    if shard_index is not None:
-        side_files[INDEX_NAME] = (json.dumps(shard_index, indent=2) + "\n").encode()
+    spools, _, shard_files = shards.finish()
+    side_files.update(shard_files)
 
     def write(folder: Path) -> None:
         for name, data in side_files.items():

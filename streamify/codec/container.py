@@ -502,9 +502,8 @@ class CodedFolder:
         return {**summarize(self.index["tensors"], stored), "containers": len(self.readers)}
 
 
-def _raw_bytes(entry: dict, stored_bytes: int) -> int:
-    if entry["storage"] == "raw":
-        return stored_bytes
+def original_bytes(entry: dict) -> int:
+    """Bytes of an index entry's tensor as the original file stores it (its shape and dtype)."""
     count = 1
     for dim in entry["shape"]:
         count *= dim
@@ -516,7 +515,7 @@ def summarize(index: dict[str, dict], stored_bytes: dict[str, int]) -> dict:
     groups: dict[str, list[int]] = {}
     totals = {"coded": [0, 0], "raw": [0, 0]}
     for name, entry in index.items():
-        raw, stored = _raw_bytes(entry, stored_bytes[name]), stored_bytes[name]
+        raw, stored = original_bytes(entry), stored_bytes[name]
         for bucket in (groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), [0, 0]), totals[entry["storage"]]):
             bucket[0] += raw
             bucket[1] += stored

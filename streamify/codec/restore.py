@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from streamify.codec.container import CONTAINER_SUFFIX, CodedFolder, container_paths
+from streamify.codec.container import CONTAINER_SUFFIX, CodedFolder, container_paths, original_bytes
 from streamify.codec.load import check_matches_config
 from streamify.errors import InputError
 from streamify.io.artifact import check_output, output_lock, staged_folder, write_manifest
 from streamify.io.config import read_config
 from streamify.io.manifest import MANIFEST_NAME, read_manifest
 from streamify.io.model_card import render_model_card
-from streamify.io.safetensors_file import DTYPE_BYTES, aligned_order, write_streamed
+from streamify.io.safetensors_file import aligned_order, write_streamed
 from streamify.io.source import SourceFile, check_links, resolve_source, sha256_file
 from streamify.progress import SILENT, Progress
 
@@ -51,7 +51,7 @@ def restore_coded(reader: CodedFolder, folder: Path, config: PretrainedConfig | 
     written = []
     for file_name, info in meta["files"].items():
         entries = {n: e for n, e in meta["tensors"].items() if e["file"] == file_name}
-        layout = aligned_order([(n, e["dtype"], e["shape"], _nbytes(e)) for n, e in entries.items()])
+        layout = aligned_order([(n, e["dtype"], e["shape"], original_bytes(e)) for n, e in entries.items()])
         tensors = _decoded_bytes(reader, [name for name, *_ in layout], [size for *_, size in layout], threads)
         target = folder / file_name
         write_streamed(target, layout, info.get("metadata") or None, tensors)
@@ -74,13 +74,6 @@ def _decoded_bytes(reader: CodedFolder, names: list[str], sizes: list[int], thre
         for name in names[start:end]:
             yield _bytes(decoded.pop(name))
         start = end
-
-
-def _nbytes(entry: dict) -> int:
-    count = 1
-    for dim in entry["shape"]:
-        count *= dim
-    return count * DTYPE_BYTES[entry["dtype"]]
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:

@@ -6,15 +6,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers.utils.hub import convert_file_size_to_int
+from pydantic import BaseModel, ConfigDict, Field
 
 from streamify.codec.blockwise import code_block_by_block
 from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL, MAX_CHUNK_ELEMS
 from streamify.codec.container import GROUP_BYTES, code_checkpoint
 from streamify.io.checkpoint import Checkpoint
 from streamify.pipeline.registry import StageContext, register
-from streamify.units import checked_shard_size
+from streamify.units import ShardSize, shard_bytes
 
 # The plan's estimate of stored / raw bytes. 16-bit: 0.67, measured for bf16 (BENCHMARKS.md, 66.1% on SmolLM2).
 # fp32: sign + about 2.6 coded exponent bits + 23 raw mantissa bits of 32. Floats dequantized from a low-bit
@@ -36,7 +35,7 @@ class EntropyParams(BaseModel):
         DEFAULT_CHUNK_ELEMS, ge=4096, le=MAX_CHUNK_ELEMS, description="elements per independently decodable chunk"
     )
     threads: int = Field(0, ge=0, description="encoding threads (0: all cores)")
-    max_shard_size: str = Field(
+    max_shard_size: ShardSize = Field(
         "5GB",
         description="the checkpoint is saved in shards of at most this size (transformers' max_shard_size, e.g. "
         "5GB, 500MB), each coded into a container file of its own",
@@ -47,11 +46,6 @@ class EntropyParams(BaseModel):
         description="read and code the model one block at a time from its safetensors files (for models larger "
         "than memory; no eval); auto: when the in-memory run would not fit in the memory available",
     )
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, size: str) -> str:
-        return checked_shard_size(size)
 
 
 @register(
@@ -71,8 +65,8 @@ def quantize_entropy(checkpoint: Checkpoint, params: EntropyParams, ctx: StageCo
         checkpoint.model.save_pretrained(folder, max_shard_size=params.max_shard_size)
 
     if checkpoint.blocks is not None:
-        shard_bytes = convert_file_size_to_int(params.max_shard_size)
-        coded = code_block_by_block(checkpoint, shard_bytes, params.level, params.chunk_elems, threads, ctx.progress)
+        size = shard_bytes(params.max_shard_size)
+        coded = code_block_by_block(checkpoint, size, params.level, params.chunk_elems, threads, ctx.progress)
         ctx.metrics["path"] = "block-wise"
     else:
         coded = code_checkpoint(save, params.level, params.chunk_elems, threads, ctx.progress)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers.utils.hub import convert_file_size_to_int
+from pydantic import BaseModel, ConfigDict, Field
 
 from streamify.codec.blockwise import cast_block_by_block
 from streamify.codec.container import GROUP_BYTES
@@ -13,7 +12,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import DTYPE_NAMES, DTYPES
 from streamify.model.cast import cast_floats
 from streamify.pipeline.registry import StageContext, register
-from streamify.units import checked_shard_size
+from streamify.units import ShardSize, shard_bytes
 
 
 class DtypeParams(BaseModel):
@@ -27,14 +26,9 @@ class DtypeParams(BaseModel):
         description="read, cast and write the model one block at a time from its safetensors files (for models "
         "larger than memory; no eval); auto: when the in-memory run would not fit in the memory available",
     )
-    max_shard_size: str = Field(
+    max_shard_size: ShardSize = Field(
         "5GB", description="block by block: the artifact's safetensors shards are at most this size (e.g. 5GB)"
     )
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, size: str) -> str:
-        return checked_shard_size(size)
 
 
 def _bytes_per_param(params: DtypeParams, before: float, model) -> float:
@@ -62,8 +56,8 @@ def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext
     """
     model = checkpoint.model
     if checkpoint.blocks is not None:  # larger than memory: each block is read, cast and spooled, then dropped
-        shard_bytes = convert_file_size_to_int(params.max_shard_size)
-        checkpoint.weights_writer = cast_block_by_block(checkpoint, DTYPES[params.dtype], shard_bytes, ctx.progress)
+        size = shard_bytes(params.max_shard_size)
+        checkpoint.weights_writer = cast_block_by_block(checkpoint, DTYPES[params.dtype], size, ctx.progress)
         ctx.metrics.update(dtype_after=params.dtype, path="block-wise")
         return checkpoint
     before = sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})

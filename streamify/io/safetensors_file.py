@@ -43,6 +43,22 @@ def pread_into(fd: int, buffer, offset: int) -> int:
     return done
 
 
+INDEX_NAME = "model.safetensors.index.json"  # transformers' index of a sharded checkpoint
+
+
+def shard_names(count: int) -> list[str]:
+    """File names of ``count`` shards as transformers writes them: ``model.safetensors`` for one, else
+    ``model-00001-of-0000n.safetensors`` and so on."""
+    return ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in
+                                                     range(1, count + 1)]  # fmt: skip
+
+
+def shard_index(weight_map: dict[str, str], total_size: int) -> str:
+    """The text of :data:`INDEX_NAME`: the shards' total tensor bytes and the shard of each tensor."""
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                      indent=2) + "\n"  # fmt: skip
+
+
 def aligned_order(layout: Layout) -> Layout:
     """``layout`` in the order safetensors' own writer uses: largest element size first, then by name,
     so that every tensor starts aligned to its element size."""

@@ -162,28 +162,26 @@ class BlockExecutor:
                 self._place(self.source.load(stored))
                 tie_shared(self.model)
 
-    def hook(self, prefetch: bool = True) -> None:
+    def hook(self) -> None:
         """Make the model's own forward bring each block in before it runs and drop it after (lazy loading).
 
-        ``prefetch``: while a block runs, a background thread reads (decodes) the
-        next one (block 0 after the last, for the next forward), so reading
-        overlaps compute; at most two blocks' tensors are in memory.
+        While a block runs, a background thread reads (decodes) the next one
+        (block 0 after the last, for the next forward), so reading overlaps
+        compute; at most two blocks' tensors are in memory.
         """
-        ahead = _Prefetcher(self.source, self.block_names) if prefetch and self.source is not None else None
+        if self.source is None:  # a model in memory: nothing to bring in or drop
+            return
+        ahead = _Prefetcher(self.source, self.block_names)
 
         def bring(index: int) -> None:
-            if ahead is None:
-                self.bring(index)
-                return
             tensors = ahead.take(index)
             if len(self.blocks) > 1:  # one block: nothing else to read ahead (its own buffers are in use)
                 ahead.start((index + 1) % len(self.blocks))
             self._place(tensors)
 
         def drop(index: int) -> None:  # recycled buffers are not freed: give memory back once a forward
-            self.drop(index, trim=ahead is None or not ahead.recycles or index == len(self.blocks) - 1)
-            if ahead is not None:
-                ahead.release(index)
+            self.drop(index, trim=not ahead.recycles or index == len(self.blocks) - 1)
+            ahead.release(index)
 
         for index, block in enumerate(self.blocks):
             block.register_forward_pre_hook(lambda module, args, i=index: bring(i))

@@ -13,20 +13,19 @@ written while it is in memory, then dropped), so both paths give the same files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from streamify.io.safetensors_file import INDEX_NAME, shard_index, shard_names
 from streamify.model.blocks import block_list, block_tensors
 from streamify.model.cast import keeps_fp32
 from streamify.quantize.int4.grid import Int4Weight
 
 FORMAT = "pack-quantized"
 SHARD_BYTES = 1 << 30  # a shard is closed before it would pass 1 GiB (a block larger than that gets its own)
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def quantization_config(group_size: int, symmetric: bool, ignore: list[str]):
@@ -115,15 +114,13 @@ class PackedShards:
         from compressed_tensors.compressors import ModelCompressor
 
         self._flush()
-        count = len(self.written)
         weight_map = {}
-        for number, (path, names) in enumerate(self.written, start=1):
-            final = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        finals = shard_names(len(self.written))
+        for final, (path, names) in zip(finals, self.written, strict=True):
             path.replace(self.folder / final)
             weight_map.update(dict.fromkeys(names, final))
-        if count > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if len(finals) > 1:
+            (self.folder / INDEX_NAME).write_text(shard_index(weight_map, self.total))
         model.config.dtype = self.float_dtype
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(self.folder)
