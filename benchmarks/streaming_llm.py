@@ -30,7 +30,8 @@ from streamify.distill.heal import HealParams, heal
 from streamify.eval.streaming import stream_ids
 from streamify.io.load import load_checkpoint
 from streamify.runtime import disable_streaming, enable_streaming, make_spec
-from streamify.runtime.stream import cache_nbytes, fresh_cache, stream_chunks
+from streamify.runtime.cache import cache_bytes
+from streamify.runtime.stream import fresh_cache, stream_chunks
 
 MODEL = "builtin:smollm2-135m"
 
@@ -83,8 +84,8 @@ def interleaved_latency(model, ids: torch.Tensor, early: int, steps: int, chunk:
         "ms_early": round(1000 * seconds["early"] / steps, 3),
         "ms_late": round(1000 * seconds["late"] / steps, 3),
         "late_vs_early": round(seconds["late"] / seconds["early"], 3),
-        "cache_bytes_early": cache_nbytes(caches["early"]),
-        "cache_bytes_late": cache_nbytes(caches["late"]),
+        "cache_bytes_early": cache_bytes(caches["early"]),
+        "cache_bytes_late": cache_bytes(caches["late"]),
     }
 
 

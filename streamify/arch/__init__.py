@@ -17,6 +17,10 @@ Every stage asks :func:`arch_for` / :func:`require` instead of checking a
 - ``encoder_attention``: where an encoder's self-attention lives
   (:class:`EncoderAttention`), for the chunk-causal mask and causal LoRA of
   ``convert.causal``.
+- ``hybrid_source``: its decoder block is Llama's exactly (attention, norms, gated MLP), so
+  ``distill.hybrid`` can rewrite it into a Mamba/attention hybrid (:mod:`streamify.arch.hybrid`).
+- ``saved_layer_types``: names ``config.json`` gives the entries of ``layer_types`` (the names the
+  family's published checkpoints use), where they differ from those transformers holds in memory.
 - ``denoiser_inputs(config, count, generator)``: for a diffusion denoiser, ``count``
   clean latents and conditions of the shapes it reads (its eval and training data).
 
@@ -69,6 +73,8 @@ class Arch:
     layer_count_keys: tuple[str, ...] = ()
     encoder_attention: EncoderAttention | None = None
     denoiser_inputs: Callable[[Any, int, Any], list[dict]] | None = None
+    hybrid_source: bool = False
+    saved_layer_types: Mapping[str, str] | None = None
 
 
 LLAMA_AWQ = (

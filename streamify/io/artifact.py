@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from streamify import __version__
+from streamify.arch import arch_for
 from streamify.errors import UsageError
 from streamify.io.atomic import TMP_TAG, pid_alive, remove_stale_siblings, temp_sibling
 from streamify.io.cache import cache_root
@@ -208,11 +209,25 @@ def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
         checkpoint.weights_writer(folder)
     else:
         checkpoint.model.save_pretrained(folder, max_shard_size="2GB")
+    _published_layer_types(folder / "config.json")
     if any(folder.glob("*.gguf")):
         return
     for files in (checkpoint.tokenizer, checkpoint.processor):
         if files is not None:
             files.save_pretrained(folder)
+
+
+def _published_layer_types(config_file: Path) -> None:
+    """Rename ``layer_types`` entries in a saved config.json to the names its family's published checkpoints use
+    (:attr:`streamify.arch.Arch.saved_layer_types`), so runtimes that read those read this one."""
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    arch = arch_for(config.get("model_type"))
+    names = arch.saved_layer_types if arch is not None else None
+    if names and isinstance(config.get("layer_types"), list):
+        config["layer_types"] = [names.get(kind, kind) for kind in config["layer_types"]]
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -52,3 +52,35 @@ def skipping(blocks: nn.ModuleList, skip: list[int]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def capturing(modules: list[nn.Module], inputs: list, outputs: list):
+    """Record each module's hidden-state input and its (first) output, detached, in the order they run."""
+
+    def keep(module, args, kwargs, output):
+        inputs.append(_hidden(args, kwargs).detach())
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handles = [m.register_forward_hook(keep, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def muting(module: nn.Module):
+    """Run the model with ``module``'s (first) output replaced by zeros: its contribution to the residual gone."""
+
+    def zero(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    handle = module.register_forward_hook(zero)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -28,7 +28,7 @@ from torch import nn
 from streamify.arch import require
 from streamify.errors import InputError
 from streamify.model.blocks import find_blocks
-from streamify.runtime.spec import FULL, StreamingSpec
+from streamify.runtime.spec import FULL, SSM, StreamingSpec
 
 IMPLEMENTATION = "streamify_streaming"
 QUERY_BLOCK = 512  # queries per block when a whole sequence is attended at once
@@ -252,7 +252,8 @@ def enable_streaming(model: nn.Module, spec: StreamingSpec) -> StreamingControll
     base.rotary_emb = _IdentityRotary(rotary)
     _, blocks = find_blocks(model)
     for index, block in enumerate(blocks):
-        block.self_attn.streamify_layer = (ctl, spec.layer_types[index])
+        if spec.layer_types[index] != SSM:  # a hybrid's Mamba layer keeps its own state
+            block.self_attn.streamify_layer = (ctl, spec.layer_types[index])
     model.set_attn_implementation(IMPLEMENTATION)
     model.streamify_controller = ctl
     return ctl
@@ -265,7 +266,8 @@ def disable_streaming(model: nn.Module) -> None:
         return
     _base_model(model).rotary_emb = ctl.rotary
     _, blocks = find_blocks(model)
-    for block in blocks:
-        del block.self_attn.streamify_layer
+    for block, kind in zip(blocks, ctl.spec.layer_types, strict=True):
+        if kind != SSM:
+            del block.self_attn.streamify_layer
     model.set_attn_implementation(ctl.attn_implementation)
     model.streamify_controller = None

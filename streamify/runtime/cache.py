@@ -2,18 +2,20 @@
 
 ``sink_window`` layers keep the first ``sinks`` tokens and the last
 ``window - 1`` tokens between steps (a chunk of new tokens is appended for
-its own step, then trimmed); ``full`` layers keep everything. Keys are stored
-un-rotated: :mod:`streamify.runtime.attention` rotates them by their slot.
+its own step, then trimmed); ``full`` layers keep everything; ``ssm`` layers (a
+hybrid's Mamba mixers) keep transformers' own fixed-size convolution and
+recurrent states. Keys are stored un-rotated: :mod:`streamify.runtime.attention`
+rotates them by their slot.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 
 from streamify.errors import UsageError
 from streamify.runtime.kv_quant import QuantizedKV
-from streamify.runtime.spec import FULL, StreamingSpec
+from streamify.runtime.spec import FULL, SSM, StreamingSpec
 
 
 class StreamingCacheLayer(CacheLayerMixin):
@@ -120,7 +122,10 @@ class StreamingCache(Cache):
     """
 
     def __init__(self, spec: StreamingSpec, controller, kv_bits: int | None = None):
-        layers = [StreamingCacheLayer(kind, spec.sinks, spec.window, kv_bits) for kind in spec.layer_types]
+        layers = [
+            LinearAttentionLayer() if kind == SSM else StreamingCacheLayer(kind, spec.sinks, spec.window, kv_bits)
+            for kind in spec.layer_types
+        ]
         super().__init__(layers=layers)
         self.spec = spec
         self.controller = controller
@@ -131,8 +136,22 @@ class StreamingCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states)
 
     def nbytes(self) -> int:
-        """Bytes of every layer's keys and values held now."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of every layer's keys and values (and Mamba states) held now."""
+        return cache_bytes(self)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a cache holds now: keys and values, and the convolution and recurrent states of Mamba layers."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, StreamingCacheLayer):
+            total += layer.nbytes()
+            continue
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            tensors += [*layer.conv_states.values(), *layer.recurrent_states.values()]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
 
 
 def new_cache(model, kv_bits: int | None = None) -> StreamingCache:

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from streamify.errors import UsageError
 from streamify.runtime.attention import enable_streaming
-from streamify.runtime.cache import new_cache
+from streamify.runtime.cache import cache_bytes, new_cache
 from streamify.runtime.spec import StreamingSpec
 
 
@@ -66,7 +66,7 @@ def generate_text(
         out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, **sampling)
     seconds = time.perf_counter() - started
     new = out[0, ids.shape[1] :]
-    held = cache.nbytes() if streaming else _dynamic_bytes(cache)
+    held = cache_bytes(cache)
     return {
         "text": tokenizer.decode(new, skip_special_tokens=True),
         "new_tokens": int(new.numel()),
@@ -75,13 +75,3 @@ def generate_text(
         "seconds": round(seconds, 3),
         "tokens_per_s": round(new.numel() / max(seconds, 1e-9), 2),
     }
-
-
-def _dynamic_bytes(cache: DynamicCache) -> int:
-    """Bytes of the keys and values a transformers cache holds."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total

@@ -2,7 +2,8 @@
 
 Each token attends to the first ``sinks`` tokens of the stream and to the
 ``window`` most recent tokens, itself included (``sink_window`` layers), or to
-every earlier token (``full`` layers). Positions are re-indexed inside the
+every earlier token (``full`` layers); ``ssm`` layers (a hybrid's Mamba mixers)
+carry a fixed-size state instead of keys and values. Positions are re-indexed inside the
 cache, so no relative distance exceeds ``sinks + window - 1`` on a
 ``sink_window`` layer however long the stream runs.
 """
@@ -14,12 +15,12 @@ from dataclasses import asdict, dataclass
 from streamify.errors import InputError, UsageError
 
 CONFIG_KEY = "streamify_streaming"
-SINK_WINDOW, FULL = "sink_window", "full"
+SINK_WINDOW, FULL, SSM = "sink_window", "full", "ssm"
 
 
 @dataclass(frozen=True)
 class StreamingSpec:
-    """Sinks, window and the per-layer attention kind (``sink_window`` or ``full``)."""
+    """Sinks, window and the per-layer kind (``sink_window``, ``full`` or ``ssm``)."""
 
     sinks: int
     window: int
@@ -48,8 +49,9 @@ class StreamingSpec:
         return cls(int(data["sinks"]), int(data["window"]), tuple(data["layer_types"]))
 
 
-def parse_full_layers(text: str | list[int], num_layers: int) -> list[int]:
-    """Full-attention layer indices from ``none``, ``every:K``, ``middle-third`` or a list such as ``3,7``.
+def parse_full_layers(text: str | list[int], num_layers: int, flag: str = "--full-layers") -> list[int]:
+    """Layer indices (full-attention ones for ``flag``) from ``none``, ``every:K``, ``middle-third`` or a list
+    such as ``3,7``.
 
     ``every:K`` makes every K-th layer full (indices K-1, 2K-1, ...);
     ``middle-third`` the layers ``n//3`` to ``2n//3 - 1``.
@@ -63,33 +65,35 @@ def parse_full_layers(text: str | list[int], num_layers: int) -> list[int]:
         if spec == "middle-third":
             return list(range(num_layers // 3, 2 * num_layers // 3))
         if spec.startswith("every:"):
-            step = _int(spec.removeprefix("every:"), text)
+            step = _int(spec.removeprefix("every:"), text, flag)
             if step < 1:
-                raise UsageError(f"--full-layers {text}: K must be at least 1", "use every:K with K >= 1, e.g. every:3")
+                raise UsageError(f"{flag} {text}: K must be at least 1", "use every:K with K >= 1, e.g. every:3")
             return list(range(step - 1, num_layers, step))
-        indices = [_int(part, text) for part in spec.split(",") if part.strip()]
+        indices = [_int(part, text, flag) for part in spec.split(",") if part.strip()]
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
         raise UsageError(
-            f"--full-layers: layer index {bad[0]} is out of range; "
-            f"the model has {num_layers} layers (0-{num_layers - 1})",
+            f"{flag}: layer index {bad[0]} is out of range; the model has {num_layers} layers (0-{num_layers - 1})",
             "give indices between 0 and the layer count minus one, or none, every:K, middle-third",
         )
     return sorted(set(indices))
 
 
-def _int(text: str, whole: str) -> int:
+def _int(text: str, whole: str, flag: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise UsageError(
-            f"--full-layers {whole}: '{text}' is not a layer index",
+            f"{flag} {whole}: '{text}' is not a layer index",
             "use a list of indices (3,7), none, every:K or middle-third",
         ) from None
 
 
-def make_spec(sinks: int, window: int, full_layers: str | list[int], num_layers: int) -> StreamingSpec:
-    """Validate sinks and window and build the spec for a model with ``num_layers`` layers."""
+def make_spec(
+    sinks: int, window: int, full_layers: str | list[int], num_layers: int, ssm_layers: tuple[int, ...] = ()
+) -> StreamingSpec:
+    """Validate sinks and window and build the spec for a model with ``num_layers`` layers (``ssm_layers``:
+    a hybrid's Mamba layers)."""
     if window <= 0:
         raise UsageError(f"--window {window}: the window must be at least 1 token", "use e.g. --window 1024")
     if sinks < 0:
@@ -100,7 +104,8 @@ def make_spec(sinks: int, window: int, full_layers: str | list[int], num_layers:
             "keep a few sink tokens (4 is the default) and a window much larger than that",
         )
     full = set(parse_full_layers(full_layers, num_layers))
-    return StreamingSpec(sinks, window, tuple(FULL if i in full else SINK_WINDOW for i in range(num_layers)))
+    kinds = (SSM if i in ssm_layers else FULL if i in full else SINK_WINDOW for i in range(num_layers))
+    return StreamingSpec(sinks, window, tuple(kinds))
 
 
 def read_spec(config, where: str = "config.json") -> StreamingSpec | None:

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from streamify.errors import InputError, UsageError
 from streamify.progress import SILENT, Progress
-from streamify.runtime.cache import new_cache
+from streamify.runtime.cache import cache_bytes, new_cache
 
 
 @dataclass
@@ -39,14 +39,6 @@ def fresh_cache(model, kv_bits: int | None = None):
     if kv_bits is not None:
         raise UsageError("--kv-bits 4 needs a streaming model", "convert it first: streamify convert streaming")
     return DynamicCache(config=model.config)
-
-
-def cache_nbytes(cache) -> int:
-    """Bytes of keys and values a cache holds now."""
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def chunked(ids: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
@@ -90,7 +82,7 @@ def stream_chunks(model, pieces: Iterable[torch.Tensor], kv_bits: int | None = N
         targets = piece[0] if carry is not None else piece[0, 1:]
         nll = F.cross_entropy(predicted, targets, reduction="sum").item() if targets.numel() else 0.0
         carry = logits[-1:]
-        yield ChunkStats(start, piece.shape[1], nll, targets.numel(), seconds, cache_nbytes(cache))
+        yield ChunkStats(start, piece.shape[1], nll, targets.numel(), seconds, cache_bytes(cache))
         start += piece.shape[1]
 
 
