@@ -119,7 +119,9 @@ def test_windowed_hybrid_streams_chunk_by_chunk_in_bounded_memory(target):
     assert len(set(sizes[4:])) == 1 and sizes[0] < sizes[-1]
 
 
-def test_windowed_artifact_streams_after_loading(tmp_path, tiny_models, cli):
+def test_windowed_artifact_streams_after_loading_and_equals_the_stock_model(tmp_path, tiny_models, cli):
+    """The artifact's runtime (Mamba state + sink/window KV) against plain transformers token by token with
+    StreamingLLM's cache (``eval --check equivalence``)."""
     out = tmp_path / "windowed"
     result = cli(
         "distill", "hybrid", tiny_models["llama"], "-o", out, "--mamba-layers", "0,2", "--window", "16",
@@ -136,6 +138,9 @@ def test_windowed_artifact_streams_after_loading(tmp_path, tiny_models, cli):
             model(_ids(120)[:, start : start + 8], past_key_values=cache)
             sizes.append(cache.nbytes())
     assert sizes[-1] == sizes[4] > 0
+    check = cli("eval", out, "--check", "equivalence", "--format", "json")  # against plain transformers
+    assert check.exit_code == 0, check.stderr
+    assert json.loads(check.stdout)["equivalence"]["max_rel_diff"] < 1e-4
 
 
 def test_kl_guided_picks_the_layers_whose_attention_matters_least():

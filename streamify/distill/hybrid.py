@@ -27,7 +27,7 @@ from streamify.arch import supported
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.distill.heal import HealParams, heal
-from streamify.distill.hybrid_model import check_source, to_hybrid
+from streamify.distill.hybrid_model import check_source, hybrid_parameters, to_hybrid
 from streamify.distill.losses import heldout_kl, kl_to_teacher
 from streamify.distill.trainer import TrainParams, result_params, train
 from streamify.errors import UsageError
@@ -36,6 +36,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.model.blocks import block_list, layer_count
 from streamify.model.fingerprint import content_key
 from streamify.model.hooks import capturing, muting
+from streamify.model.params import count_params
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import Progress
 from streamify.runtime.attention import enable_streaming
@@ -142,6 +143,15 @@ def _plan_check(params: HybridParams, model, where: str) -> dict:
     return {"mamba_layers": layers if layers is not None else params.mamba_layers}
 
 
+def _bytes_per_param(params: HybridParams, before: float, model) -> float:
+    """Stored bytes per source parameter once the chosen attention layers are Mamba2 mixers (larger)."""
+    count = layer_count(model.config)
+    layers = explicit_layers(params, count)
+    amount = len(layers) if layers is not None else int(params.mamba_layers.strip()[len(KL_GUIDED) :])
+    mamba = [i < amount for i in range(count)]  # every layer is the same size: which ones does not matter
+    return before * hybrid_parameters(model.config, mamba, params.target) / count_params(model)
+
+
 def kl_guided_layers(teacher, ids: torch.Tensor, amount: int, progress: Progress) -> tuple[list[int], dict]:
     """The ``amount`` layers whose attention costs least: KL(teacher || teacher without that layer's attention)
     on ``ids``, one layer at a time; returns the layers and every layer's cost."""
@@ -204,6 +214,7 @@ def _kl(student, teacher, ids: torch.Tensor) -> float:
     training=lambda p: (distill_params(p), p.seq_len, True) if p.tokens else None,
     trains=lambda p: p.align_tokens > 0,
     check=_plan_check,
+    bytes_per_param=_bytes_per_param,
     applies=lambda model: (
         None
         if model.config.model_type in supported("hybrid_source")
@@ -278,8 +289,8 @@ def distill_hybrid(checkpoint: Checkpoint, params: HybridParams, ctx: StageConte
         enable_streaming(student, spec)
         setattr(student.config, CONFIG_KEY, spec.to_json())
         checkpoint.streaming = {**spec.to_json(), "architecture": type(student).__name__}
-    metrics["parameters_teacher"] = sum(p.numel() for p in teacher.parameters())
-    metrics["parameters_hybrid"] = sum(p.numel() for p in student.parameters())
+    metrics["parameters_teacher"] = count_params(teacher)
+    metrics["parameters_hybrid"] = count_params(student)
     metrics["costs"] = costs
     checkpoint.model = student
     ctx.metrics.update(target=params.target, init=params.init, **metrics)

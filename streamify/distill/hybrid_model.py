@@ -102,6 +102,17 @@ def to_hybrid(
     return hybrid
 
 
+def hybrid_parameters(source_config, mamba: list[bool], target: str, bias: bool = False) -> int:
+    """Parameters of the hybrid ``to_hybrid`` would build (counted on the meta device, nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    from streamify.model.params import count_params
+
+    config = TARGETS[target].config(source_config, mamba, mamba_shape(source_config, "model"), bias)
+    with torch.device("meta"):
+        return count_params(AutoModelForCausalLM.from_config(config))
+
+
 def _repeat_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
     """Rows of ``kv_heads`` heads repeated so that query head ``h`` gets key/value head ``h // (heads / kv_heads)``."""
     rows = weight.reshape(kv_heads, -1, *weight.shape[1:])

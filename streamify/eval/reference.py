@@ -34,7 +34,8 @@ def _rotation(model: torch.nn.Module):
     base = getattr(model, model.base_model_prefix, model)
     rotary = getattr(base, "rotary_emb", None)
     _, blocks = find_blocks(model)
-    apply = getattr(sys.modules[type(blocks[0].self_attn).__module__], "apply_rotary_pos_emb", None)
+    attention = next((b.self_attn for b in blocks if getattr(b, "self_attn", None) is not None), None)
+    apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
     if rotary is None or apply is None:
         raise UsageError(
             f"{type(model).__name__} has no rotary embedding or apply_rotary_pos_emb in transformers",
@@ -56,15 +57,16 @@ def _shift(keys: torch.Tensor, steps: int, rotary, apply) -> torch.Tensor:
 def _unmasked(model: torch.nn.Module) -> Iterator[None]:
     """SDPA attention and no native sliding window while the reference runs; restored after.
 
-    A config with per-layer ``layer_types`` (a native export) gets every layer
-    as full attention; an older one loses its ``sliding_window``.
+    A config with per-layer ``layer_types`` (a native export) gets its sliding
+    layers as full attention (a hybrid's Mamba layers stay); an older one loses
+    its ``sliding_window``.
     """
     config = model.config
     implementation = config._attn_implementation
     saved = {key: getattr(config, key, None) for key in ("layer_types", "sliding_window")}
     model.set_attn_implementation("sdpa")
     if saved["layer_types"] is not None:
-        config.layer_types = ["full_attention"] * len(saved["layer_types"])
+        config.layer_types = ["full_attention" if "sliding" in t else t for t in saved["layer_types"]]
     elif saved["sliding_window"] is not None:
         config.sliding_window = None
     try:
@@ -90,10 +92,10 @@ def streamingllm_logits(
     rotary, apply = _rotation(model)
     device = next(model.parameters()).device
     rolling = [i for i, kind in enumerate(spec.layer_types) if kind == SINK_WINDOW]
-    cache = DynamicCache()
     sink_keys: dict[int, torch.Tensor] = {}  # as first stored, at positions 0..sinks-1
     logits = []
     with _unmasked(model):
+        cache = DynamicCache(config=model.config)  # a hybrid's Mamba layers get their state layers
         for position in progress.track(range(ids.numel()), "reference", total=ids.numel()):
             beyond = position - spec.capacity
             for index in rolling if beyond > 0 and spec.sinks else ():
