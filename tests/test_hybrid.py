@@ -99,6 +99,28 @@ def test_the_artifact_loads_in_plain_transformers_and_caches_correctly(distilled
     assert torch.equal(cached, uncached)
 
 
+def test_bamba_artifact_with_lora_distillation_reloads_in_plain_transformers(tmp_path, tiny_models, cli):
+    """--target bamba: BambaForCausalLM with attn_layer_indices; stage 2 through LoRA (merged) still lowers KL."""
+    out = tmp_path / "bamba"
+    result = cli(
+        "distill", "hybrid", tiny_models["qwen2"], "-o", out, "--mamba-layers", "0,1", "--target", "bamba",
+        "--align-tokens", "0", "--tokens", "4096", "--seq-len", "64", "--lora-rank", "8", "--lr", "1e-3",
+        "--no-eval", "--format", "json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert metrics["heldout_kl_after"] < metrics["heldout_kl_before"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BambaForCausalLM"] and config["attn_layer_indices"] == [2, 3]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name in model.state_dict())
+    prompt = _ids(10)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
 @pytest.mark.parametrize("target", ["granitemoehybrid", "bamba"])
 def test_windowed_hybrid_streams_chunk_by_chunk_in_bounded_memory(target):
     """Mamba state + sink/window KV: chunked cached logits equal the whole sequence under the mask, and the
