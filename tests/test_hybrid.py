@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import streamify
 import streamify.distill.hybrid as hybrid_stage
@@ -56,8 +57,15 @@ def test_copy_init_takes_v_k_q_o_and_random_init_does_not():
     assert torch.equal(rows[2 * width : 3 * width].reshape(4, head_dim, 32)[3], attention.k_proj.weight[head_dim:])
     assert torch.equal(rows[3 * width : 4 * width], attention.q_proj.weight)
     assert torch.equal(mixer.out_proj.weight, attention.o_proj.weight)
+    kept = {k: v for k, v in teacher.state_dict().items() if k.startswith(("model.layers.0.self_attn", "model.norm"))}
+    assert all(torch.equal(copied.state_dict()[name], tensor) for name, tensor in kept.items())
     random = to_hybrid(teacher, [False, True, False, False], "random", "granitemoehybrid", "test")
     assert not torch.equal(random.model.layers[1].mamba.in_proj.weight[3 * width : 4 * width], attention.q_proj.weight)
+    for hybrid in (copied, random):  # Mamba2's own time steps and decay, not transformers' dt_bias = 1, A = 1..heads
+        mixer = hybrid.model.layers[1].mamba
+        step = torch.nn.functional.softplus(mixer.dt_bias)
+        assert ((step > 0.99e-3) & (step < 0.101)).all()
+        assert ((mixer.A_log.exp() >= 1) & (mixer.A_log.exp() <= 16)).all() and torch.equal(mixer.D, torch.ones(4))
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +120,10 @@ def test_bamba_artifact_with_lora_distillation_reloads_in_plain_transformers(tmp
     assert metrics["heldout_kl_after"] < metrics["heldout_kl_before"]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BambaForCausalLM"] and config["attn_layer_indices"] == [2, 3]
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    assert names and not any("lora" in name for name in names)  # the adapters are merged
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert not any("lora" in name for name in model.state_dict())
     prompt = _ids(10)
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
@@ -141,13 +151,15 @@ def test_windowed_hybrid_streams_chunk_by_chunk_in_bounded_memory(target):
     assert len(set(sizes[4:])) == 1 and sizes[0] < sizes[-1]
 
 
-def test_windowed_artifact_streams_after_loading_and_equals_the_stock_model(tmp_path, tiny_models, cli):
+@pytest.mark.parametrize("target", ["granitemoehybrid", "bamba"])
+def test_windowed_artifact_streams_after_loading_and_equals_the_stock_model(tmp_path, tiny_models, cli, target):
     """The artifact's runtime (Mamba state + sink/window KV) against plain transformers token by token with
     StreamingLLM's cache (``eval --check equivalence``)."""
     out = tmp_path / "windowed"
     result = cli(
         "distill", "hybrid", tiny_models["llama"], "-o", out, "--mamba-layers", "0,2", "--window", "16",
         "--sinks", "2", "--align-tokens", "0", "--tokens", "2048", "--seq-len", "64", "--no-eval",
+        "--target", target,
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     spec = json.loads((out / "config.json").read_text())["streamify_streaming"]
@@ -163,6 +175,32 @@ def test_windowed_artifact_streams_after_loading_and_equals_the_stock_model(tmp_
     check = cli("eval", out, "--check", "equivalence", "--format", "json")  # against plain transformers
     assert check.exit_code == 0, check.stderr
     assert json.loads(check.stdout)["equivalence"]["max_rel_diff"] < 1e-4
+
+
+def test_convert_streaming_keeps_a_hybrids_mamba_layers(tmp_path, tokenizer_dir, cli):
+    """A hybrid made elsewhere (here: rewritten, saved) streams through convert streaming: its Mamba layers
+    keep their state, its attention layers get sinks + window, and the runtime equals the stock model."""
+    from conftest import TINY
+
+    source = tmp_path / "granite"
+    to_hybrid(tiny_model("llama", **TINY), [True, False, False, True], "copy", "granitemoehybrid", "t").save_pretrained(
+        source
+    )
+    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(source)
+    out = tmp_path / "streaming"
+    result = cli("convert", "streaming", source, "-o", out, "--window", "16", "--sinks", "2", "--no-eval")
+    assert result.exit_code == 0, result.stderr
+    spec = json.loads((out / "config.json").read_text())["streamify_streaming"]
+    assert spec["layer_types"] == ["ssm", "sink_window", "sink_window", "ssm"]
+    check = cli("eval", out, "--check", "equivalence", "--format", "json")
+    assert check.exit_code == 0, check.stderr
+    assert json.loads(check.stdout)["equivalence"]["max_rel_diff"] < 1e-4
+
+
+def test_half_precision_source_is_refused_before_any_work(tiny_models, tmp_path, cli):
+    result = cli("distill", "hybrid", tiny_models["llama"], "-o", tmp_path / "out", "--dtype", "bf16")
+    assert result.exit_code == 2
+    assert "--dtype fp32" in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_kl_guided_picks_the_layers_whose_attention_matters_least():

@@ -22,8 +22,8 @@ from streamify.eval.streaming import stream_ids
 from streamify.io.checkpoint import Checkpoint
 from streamify.model.blocks import layer_count
 from streamify.pipeline.registry import StageContext, register
-from streamify.runtime.attention import check_streamable, disable_streaming, enable_streaming
-from streamify.runtime.spec import CONFIG_KEY, make_spec
+from streamify.runtime.attention import check_streamable, disable_streaming, enable_streaming, ssm_layers
+from streamify.runtime.spec import CONFIG_KEY, StreamingSpec, make_spec
 
 NATIVE_NOTE = (
     "native runtimes (transformers, vLLM) run the sink_window layers as plain sliding-window layers, which "
@@ -81,8 +81,13 @@ def _perplexity(model, ids) -> float:
 def _plan_check(params: StreamingParams, model, where: str) -> dict:
     """The spec against the model's layers (full-layer indices in range), before any weight is read."""
     check_streamable(model, where)
-    spec = make_spec(params.sinks, params.window, params.full_layers, layer_count(model.config))
+    spec = _spec(params, model)
     return {"full_layers": spec.full_layers}
+
+
+def _spec(params: StreamingParams, model) -> StreamingSpec:
+    """The spec for ``model``: a hybrid's Mamba layers keep their state (``ssm``), the others get the pattern."""
+    return make_spec(params.sinks, params.window, params.full_layers, layer_count(model.config), ssm_layers(model))
 
 
 @register(
@@ -104,7 +109,7 @@ def convert_streaming(checkpoint: Checkpoint, params: StreamingParams, ctx: Stag
     model = checkpoint.model
     where = checkpoint.source.spec
     check_streamable(model, where)
-    spec = make_spec(params.sinks, params.window, params.full_layers, layer_count(model.config))
+    spec = _spec(params, model)
     native = params.export_arch == "native"
     if native:
         native_target(model.config)

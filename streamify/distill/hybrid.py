@@ -27,7 +27,7 @@ from streamify.arch import supported
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import load_texts
 from streamify.distill.heal import HealParams, heal
-from streamify.distill.hybrid_model import check_source, hybrid_parameters, to_hybrid
+from streamify.distill.hybrid_model import attention_bias, check_source, hybrid_parameters, to_hybrid
 from streamify.distill.losses import heldout_kl, kl_to_teacher
 from streamify.distill.trainer import TrainParams, result_params, train
 from streamify.errors import UsageError
@@ -43,6 +43,7 @@ from streamify.runtime.attention import enable_streaming
 from streamify.runtime.spec import CONFIG_KEY, make_spec, parse_full_layers, read_spec
 
 KL_GUIDED = "kl-guided:"
+MIXER_OUT = "re:.*\\.mamba\\.out_proj$"
 FLAG = "--mamba-layers"
 
 
@@ -100,12 +101,15 @@ def _train_params(params: HybridParams, tokens: int, lr: float) -> dict:
     }
 
 
-def distill_params(params: HybridParams) -> HealParams:
-    """Stage 2's settings as the healing loop takes them."""
+def distill_params(params: HybridParams, has_mamba: bool = True) -> HealParams:
+    """Stage 2's settings as the healing loop takes them. LoRA leaves the mixers' ``out_proj`` alone: with
+    the mamba-ssm kernels (GPUs) transformers hands its base weight to a fused kernel, which an adapter
+    would never see."""
     return HealParams(
         **_train_params(params, params.tokens, params.lr),
         lora_rank=params.lora_rank,
         lora_alpha=params.lora_alpha,
+        lora_ignore=[MIXER_OUT] if params.lora_rank and has_mamba else [],
         gradient_checkpointing=params.gradient_checkpointing,
         eval_blocks=params.eval_blocks,
     )
@@ -137,10 +141,24 @@ def _keeps_attention(layers: list[int], count: int) -> None:
 
 
 def _plan_check(params: HybridParams, model, where: str) -> dict:
-    """The source and the layer choice against the model's config, before any weight is read."""
+    """The source, the layer choice and the window against the model's config, before any weight is read."""
     check_source(model.config, where)
-    layers = explicit_layers(params, layer_count(model.config))
+    count = layer_count(model.config)
+    layers = explicit_layers(params, count)
+    if params.window is not None:
+        make_spec(params.sinks, params.window, "none", count)
     return {"mamba_layers": layers if layers is not None else params.mamba_layers}
+
+
+def _check_trainable_dtype(teacher, params: HybridParams, where: str) -> None:
+    """Refuse half-precision weights before anything runs when a stage trains them whole (the loop trains fp32)."""
+    dtype = next(teacher.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16) and (params.align_tokens or (params.tokens and not params.lora_rank)):
+        raise UsageError(
+            f"{where}: the model is loaded in {str(dtype).removeprefix('torch.')}, and distill.hybrid trains the "
+            "new Mamba mixers (and in stage 2 every weight) in fp32",
+            "load it in fp32 (--dtype fp32; add --autocast bf16 for bf16 speed), then convert dtype after",
+        )
 
 
 def _bytes_per_param(params: HybridParams, before: float, model) -> float:
@@ -149,7 +167,8 @@ def _bytes_per_param(params: HybridParams, before: float, model) -> float:
     layers = explicit_layers(params, count)
     amount = len(layers) if layers is not None else int(params.mamba_layers.strip()[len(KL_GUIDED) :])
     mamba = [i < amount for i in range(count)]  # every layer is the same size: which ones does not matter
-    return before * hybrid_parameters(model.config, mamba, params.target) / count_params(model)
+    bias = attention_bias(model, "model")
+    return before * hybrid_parameters(model.config, mamba, params.target, bias) / count_params(model)
 
 
 def kl_guided_layers(teacher, ids: torch.Tensor, amount: int, progress: Progress) -> tuple[list[int], dict]:
@@ -211,7 +230,8 @@ def _kl(student, teacher, ids: torch.Tensor) -> float:
     HybridParams,
     "replace attention layers by Mamba2 mixers (GraniteMoeHybrid / Bamba), align them, distil end to end",
     relation="finetune",
-    training=lambda p: (distill_params(p), p.seq_len, True) if p.tokens else None,
+    # the plan checks stage 2's settings against the source, which has no mixers yet
+    training=lambda p: (distill_params(p, has_mamba=False), p.seq_len, True) if p.tokens else None,
     trains=lambda p: p.align_tokens > 0,
     check=_plan_check,
     bytes_per_param=_bytes_per_param,
@@ -232,6 +252,7 @@ def distill_hybrid(checkpoint: Checkpoint, params: HybridParams, ctx: StageConte
             f"{where}: the input already streams (sinks + window); the hybrid learns from full attention",
             "give the model before convert streaming, and set window/sinks on distill.hybrid instead",
         )
+    _check_trainable_dtype(teacher, params, where)
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -253,7 +274,17 @@ def distill_hybrid(checkpoint: Checkpoint, params: HybridParams, ctx: StageConte
     if params.align_tokens and layers:
         settings = TrainParams(**_train_params(params, params.align_tokens, params.align_lr))
         blocks = token_blocks(tokenizer, load_texts(data, "train"), params.seq_len, params.align_tokens, seed=ctx.seed)
-        key = {"phase": "align", "params": result_params(settings), "layers": layers, "data": data, "seed": ctx.seed}
+        _, teacher_blocks = block_list(teacher, where)
+        targets = content_key(torch.nn.ModuleList(teacher_blocks[i].self_attn for i in layers), {})
+        key = {
+            "phase": "align",
+            "params": result_params(settings),
+            "seq_len": params.seq_len,
+            "layers": layers,
+            "attention": targets,  # what the mixers learn (a random init holds none of it)
+            "data": data,
+            "seed": ctx.seed,
+        }
         folder = cache_root() / "train" / content_key(student, key) if ctx.use_cache else None
         ctx.progress.log(f"stage 1: aligning {len(layers)} mixers to their attention ({settings.steps} steps)")
         result = align(
@@ -272,12 +303,13 @@ def distill_hybrid(checkpoint: Checkpoint, params: HybridParams, ctx: StageConte
         spec = make_spec(params.sinks, params.window, "none", count, tuple(layers))
         enable_streaming(student, spec)
     if params.tokens:
-        ctx.progress.log(f"stage 2: distilling end to end ({distill_params(params).steps} steps)")
+        settings = distill_params(params, bool(layers))
+        ctx.progress.log(f"stage 2: distilling end to end ({settings.steps} steps)")
         student, healed = heal(
             student,
             teacher,
             tokenizer,
-            distill_params(params),
+            settings,
             seq_len=params.seq_len,
             data=data,
             seed=ctx.seed,

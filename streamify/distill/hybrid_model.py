@@ -7,13 +7,21 @@ are as wide as the attention's V, K and Q (one group per query head, state size
 = head size), so MambaInLlama's initialisation can copy them:
 
 - ``copy``: ``in_proj`` packs [z | x | B | C | dt]; x <- V, B <- K (key/value
-  heads repeated for grouped-query attention), C <- Q, ``out_proj`` <- O; z, dt,
-  the convolution, A, D and the gated norm start as transformers initialises them.
-- ``random``: the whole mixer starts as transformers initialises it.
+  heads repeated for grouped-query attention), C <- Q, ``out_proj`` <- O (and
+  the biases where the attention has them); z, dt, the convolution, A, D and
+  the gated norm start fresh.
+- ``random``: the whole mixer starts fresh.
+
+Fresh is Mamba2's own initialisation (as in ``mamba_ssm``): time steps
+log-uniform in [0.001, 0.1] (``dt_bias`` their inverse softplus), A uniform in
+[1, 16], D = 1; linear layers and the convolution as transformers initialises
+them. (transformers' own ``dt_bias = 1``, ``A = 1..heads`` forgets within a
+token or two on most heads.)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -25,7 +33,9 @@ from streamify.errors import InputError
 from streamify.model.blocks import block_list
 
 BLOCK_PREFIX = "model.layers."
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+DT_RANGE = (1e-3, 1e-1)  # Mamba2's initial time steps
+DT_FLOOR = 1e-4
+A_RANGE = (1.0, 16.0)
 
 
 def mamba_shape(config, where: str) -> MambaShape:
@@ -67,10 +77,12 @@ def to_hybrid(
 
     shape = check_source(source.config, where)
     spec = TARGETS[target]
-    dtype = next(source.parameters()).dtype
+    first = next(source.parameters())
     _, blocks = block_list(source, where)
-    bias = blocks[0].self_attn.q_proj.bias is not None
-    hybrid = AutoModelForCausalLM.from_config(spec.config(source.config, mamba, shape, bias), dtype=dtype)
+    with torch.device(first.device):  # built where the source is: no second copy in host memory on a GPU
+        hybrid = AutoModelForCausalLM.from_config(
+            spec.config(source.config, mamba, shape, attention_bias(source, where)), dtype=first.dtype
+        )
     hybrid.generation_config = source.generation_config
     state = source.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -95,14 +107,32 @@ def to_hybrid(
         for name in missing:
             if name.endswith("o_proj.bias"):  # Qwen2 has no output bias; the target's is all or none
                 hybrid.get_parameter(name).zero_()
-        if init == "copy":
-            for index, block in enumerate(blocks):
-                if mamba[index]:
+        for index, block in enumerate(blocks):
+            if mamba[index]:
+                mamba2_init(hybrid_blocks[index].mamba)
+                if init == "copy":
                     copy_attention(hybrid_blocks[index].mamba, block.self_attn, shape)
-    return hybrid
+    return hybrid.eval()
 
 
-def hybrid_parameters(source_config, mamba: list[bool], target: str, bias: bool = False) -> int:
+def attention_bias(model: nn.Module, where: str) -> bool:
+    """Whether the model's attention projections have biases (Qwen2's q/k/v)."""
+    _, blocks = block_list(model, where)
+    return blocks[0].self_attn.q_proj.bias is not None
+
+
+@torch.no_grad()
+def mamba2_init(mixer: nn.Module) -> None:
+    """Mamba2's initial time steps, decay and skip (see the module docstring) on a transformers mixer."""
+    heads = mixer.dt_bias.shape[0]
+    low, high = math.log(DT_RANGE[0]), math.log(DT_RANGE[1])
+    dt = torch.exp(torch.rand(heads) * (high - low) + low).clamp(min=DT_FLOOR)
+    mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+    mixer.A_log.copy_(torch.log(torch.empty(heads).uniform_(*A_RANGE)))
+    mixer.D.fill_(1.0)
+
+
+def hybrid_parameters(source_config, mamba: list[bool], target: str, bias: bool) -> int:
     """Parameters of the hybrid ``to_hybrid`` would build (counted on the meta device, nothing allocated)."""
     from transformers import AutoModelForCausalLM
 
@@ -136,3 +166,6 @@ def copy_attention(mixer: nn.Module, attention: nn.Module, shape: MambaShape) ->
             bias = linear.bias if linear is attention.q_proj else _repeat_heads(linear.bias, kv_heads, shape.heads)
             mixer.in_proj.bias[start : start + width] = bias
     mixer.out_proj.weight.copy_(attention.o_proj.weight)
+    if mixer.out_proj.bias is not None:
+        out_bias = attention.o_proj.bias
+        mixer.out_proj.bias.copy_(out_bias if out_bias is not None else torch.zeros_like(mixer.out_proj.bias))

@@ -65,17 +65,20 @@ def _unmasked(model: torch.nn.Module) -> Iterator[None]:
     implementation = config._attn_implementation
     saved = {key: getattr(config, key, None) for key in ("layer_types", "sliding_window")}
     model.set_attn_implementation("sdpa")
-    if saved["layer_types"] is not None:
-        config.layer_types = ["full_attention" if "sliding" in t else t for t in saved["layer_types"]]
+    layer_types = saved["layer_types"]
+    sliding = layer_types is not None and any("sliding" in t for t in layer_types)
+    if sliding:  # (a hybrid without sliding layers keeps its list: Bamba's cannot even be set)
+        config.layer_types = ["full_attention" if "sliding" in t else t for t in layer_types]
     elif saved["sliding_window"] is not None:
         config.sliding_window = None
     try:
         yield
     finally:
         model.set_attn_implementation(implementation)
-        for key, value in saved.items():
-            if value is not None:
-                setattr(config, key, value)
+        if sliding:
+            config.layer_types = layer_types
+        if saved["sliding_window"] is not None:
+            config.sliding_window = saved["sliding_window"]
 
 
 @torch.inference_mode()

@@ -241,8 +241,21 @@ def check_streamable(model: nn.Module, where: str) -> None:
         )
 
 
+def ssm_layers(model: nn.Module) -> tuple[int, ...]:
+    """The blocks with no attention (a hybrid's Mamba layers): the spec's ``ssm`` layers."""
+    _, blocks = find_blocks(model)
+    return tuple(i for i, block in enumerate(blocks) if getattr(block, "self_attn", None) is None)
+
+
 def enable_streaming(model: nn.Module, spec: StreamingSpec) -> StreamingController:
     """Make ``model`` attend with sinks + window per ``spec`` (in place); returns its controller."""
+    ssm = tuple(i for i, kind in enumerate(spec.layer_types) if kind == SSM)
+    if ssm != ssm_layers(model):
+        raise InputError(
+            f"the streaming spec's Mamba (ssm) layers {list(ssm)} are not the model's layers without attention "
+            f"{list(ssm_layers(model))}",
+            "re-create the artifact with streamify (distill hybrid --window, or convert streaming)",
+        )
     if getattr(model, "streamify_controller", None) is not None:
         disable_streaming(model)
     _register()
