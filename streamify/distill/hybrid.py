@@ -62,7 +62,8 @@ class HybridParams(BaseModel):
         "copy", description="copy: mixer x/B/C/out from the attention's V/K/Q/O (MambaInLlama); random: fresh"
     )
     target: Literal["granitemoehybrid", "bamba"] = Field(
-        "granitemoehybrid", description="the transformers hybrid architecture written (both load in vLLM)"
+        "granitemoehybrid",
+        description="the transformers hybrid architecture written (vLLM registers both; Bamba needs transformers 5+)",
     )
     align_tokens: int = Field(65536, ge=0, description="stage 1 (per-layer alignment) tokens; 0 skips it")
     tokens: int = Field(262144, ge=0, description="stage 2 (end-to-end KL) tokens; 0 skips it")
