@@ -139,7 +139,8 @@ def eval_(
         typer.Option(
             "--data",
             help="text: a .txt/.jsonl/.parquet file or folder, hf:NAME[:CONFIG[:SPLIT]] or builtin:pydoc (default); "
-            "speech: a folder of .wav/.flac clips with .txt transcripts; denoisers: builtin:random-latents (default)",
+            "speech: a folder of .wav/.flac clips with .txt transcripts; denoisers: builtin:random-latents (default) "
+            "or builtin:shapes (RGB pixels)",
         ),
     ] = None,
     max_tokens: MaxTokensOpt = 16384,

@@ -36,7 +36,8 @@ class EvalSpec(BaseModel):
     data: str | None = Field(
         None,
         description="eval data (default: the model kind's: builtin:pydoc's held-out split for text, "
-        "builtin:random-latents for denoisers; speech needs a folder of clips with transcripts)",
+        "builtin:random-latents for denoisers (or builtin:shapes for one in RGB pixels); speech needs a folder of "
+        "clips with transcripts)",
     )
     max_tokens: int = Field(16384, gt=0, description="text: tokens to score, rounded down to whole windows")
     seq_len: int = Field(512, ge=2, description="text: window length; windows do not overlap")

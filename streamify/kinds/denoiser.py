@@ -2,7 +2,9 @@
 
 The eval draws seeded latents and conditions of the shapes the family declares
 (:mod:`streamify.arch`, ``denoiser_inputs``; ``--data builtin:random-latents``),
-noises each at a seeded level and scores the flow-matching loss: with
+or, for a denoiser that works in RGB pixels, held-out clips of ``builtin:shapes``
+with their labels as conditions (:mod:`streamify.data.shapes`); it noises each
+at a seeded level and scores the flow-matching loss: with
 ``x_t = (1 - s) x_0 + s e`` at ``t = 1000 s``, the model predicts ``e - x_0``.
 """
 
@@ -18,6 +20,8 @@ from streamify.errors import UsageError
 from streamify.kinds import Kind
 
 RANDOM_LATENTS = "builtin:random-latents"
+SHAPES = "builtin:shapes"
+SHAPES_FRAMES, SHAPES_SIZE, SHAPES_TOKENS = 8, 16, 4  # held-out clips for the eval
 EVAL_SEED = 0  # the same latents, noise and levels for every model of a family
 
 
@@ -35,15 +39,18 @@ class Denoiser(Kind):
 
     def eval_data(self, checkpoint: Any, spec: Any) -> Any:
         data = spec.data or self.default_data
-        if data != RANDOM_LATENTS:
-            raise UsageError(
-                f"--data {data}: a denoiser is evaluated on {RANDOM_LATENTS} (seeded latents of its shapes)",
-                f"pass --data {RANDOM_LATENTS} or leave --data out",
-            )
         config = checkpoint.model.config
-        arch = arch_for(family_key(config))
         generator = torch.Generator().manual_seed(EVAL_SEED)
-        samples = arch.denoiser_inputs(config, spec.max_items, generator)
+        if data == SHAPES:
+            samples = _shapes_inputs(config, spec.max_items)
+        elif data == RANDOM_LATENTS:
+            samples = arch_for(family_key(config)).denoiser_inputs(config, spec.max_items, generator)
+        else:
+            raise UsageError(
+                f"--data {data}: a denoiser is evaluated on {RANDOM_LATENTS} (seeded latents of its shapes) or "
+                f"{SHAPES} (held-out synthetic clips, for a denoiser in RGB pixels)",
+                f"pass --data {RANDOM_LATENTS} or {SHAPES}, or leave --data out",
+            )
         for sample in samples:
             sample["noise"] = torch.randn(sample["latents"].shape, generator=generator)
             sample["sigma"] = torch.rand((), generator=generator).item() * 0.98 + 0.01
@@ -79,3 +86,20 @@ class Denoiser(Kind):
 
 
 KINDS = (Denoiser(),)
+
+
+def _shapes_inputs(config: Any, count: int) -> list[dict]:
+    """Held-out ``builtin:shapes`` clips as latents in [-1, 1] with their labels as conditions."""
+    from streamify.data.shapes import clip_latents, label_condition, shapes_clips
+
+    channels = (config["in_channels"], config["out_channels"])
+    if channels != (3, 3):
+        raise UsageError(
+            f"--data {SHAPES}: the clips are RGB pixels, and this denoiser reads and writes {channels} channels",
+            f"use {RANDOM_LATENTS} for a latent-space denoiser",
+        )
+    clips = shapes_clips("heldout", count, SHAPES_FRAMES, SHAPES_SIZE)
+    return [
+        {"latents": clip_latents(clip), "condition": label_condition(clip, SHAPES_TOKENS, config["text_dim"])[None]}
+        for clip in clips
+    ]
