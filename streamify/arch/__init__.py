@@ -17,6 +17,8 @@ Every stage asks :func:`arch_for` / :func:`require` instead of checking a
 - ``encoder_attention``: where an encoder's self-attention lives
   (:class:`EncoderAttention`), for the chunk-causal mask and causal LoRA of
   ``convert.causal``.
+- ``causal_video``: where a video denoiser's blocks, their self-attention, its rotary
+  embedding and its patch size are (:class:`VideoAttention`), for ``convert.causal_video``.
 - ``hybrid_source``: its decoder block is Llama's exactly (attention, norms, gated MLP), so
   ``distill.hybrid`` can rewrite it into a Mamba/attention hybrid (:mod:`streamify.arch.hybrid`).
 - ``saved_layer_types``: names ``config.json`` gives the entries of ``layer_types`` (the names the
@@ -59,6 +61,19 @@ class EncoderAttention:
 
 
 @dataclass(frozen=True)
+class VideoAttention:
+    """A video denoiser's block list, the self-attention module in each block (diffusers' ``Attention`` with
+    ``to_q``/``to_k``/``to_v``/``norm_q``/``norm_k``/``to_out``), its rotary embedding module (called on a
+    latent-shaped tensor, returning cos and sin per token) and the config key of its (frames, height, width)
+    patch size."""
+
+    blocks: str
+    attention: str
+    rope: str
+    patch_key: str
+
+
+@dataclass(frozen=True)
 class Arch:
     """What the stages need to know about one architecture family (see the module docstring)."""
 
@@ -73,6 +88,7 @@ class Arch:
     layer_count_keys: tuple[str, ...] = ()
     encoder_attention: EncoderAttention | None = None
     denoiser_inputs: Callable[[Any, int, Any], list[dict]] | None = None
+    causal_video: VideoAttention | None = None
     hybrid_source: bool = False
     saved_layer_types: Mapping[str, str] | None = None
 

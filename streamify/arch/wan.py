@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from streamify.arch import Arch
+from streamify.arch import Arch, VideoAttention
 
 LATENT_PATCHES = (2, 4, 4)  # frames, height, width of the eval latents, in patches
 CONDITION_TOKENS = 16
@@ -29,4 +29,10 @@ def wan_inputs(config: Any, count: int, generator: torch.Generator) -> list[dict
     ]
 
 
-ARCHS = (Arch(("WanTransformer3DModel",), denoiser_inputs=wan_inputs),)
+ARCHS = (
+    Arch(
+        ("WanTransformer3DModel",),
+        denoiser_inputs=wan_inputs,
+        causal_video=VideoAttention(blocks="blocks", attention="attn1", rope="rope", patch_key="patch_size"),
+    ),
+)

@@ -228,6 +228,7 @@ def _eval_streaming(
     from streamify.errors import UsageError
     from streamify.eval.speech_stream import speech_stream_eval
     from streamify.eval.streaming import check_equivalence, stream_eval
+    from streamify.eval.video import check_video_equivalence
     from streamify.io.load import load_checkpoint
     from streamify.kinds import require_kind
     from streamify.kinds.causal_lm import CAUSAL_LM, DEFAULT_TEXT
@@ -239,6 +240,11 @@ def _eval_streaming(
             raise UsageError(f"--check {check}: unknown check", "the one check is: --check equivalence")
         check_commit(commit)
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, progress=out)
+        if check and getattr(checkpoint.model, "streamify_video", None) is not None:
+            out.result(
+                {"model_spec": model, "equivalence": check_video_equivalence(checkpoint.model)}, render_streaming_eval
+            )
+            return
         if stream and not check and checkpoint.kind.name == SpeechSeq2Seq.name:
             speech = speech_stream_eval(checkpoint, data or SPEECH, chunk_ms, max_items, commit, progress=out)
             out.result({"model_spec": model, "stream": speech}, render_streaming_eval)

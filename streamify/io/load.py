@@ -39,6 +39,8 @@ from streamify.model.blocks import find_blocks
 from streamify.model.executor import BlockExecutor, SafetensorsWeights, deferred_blocks, empty_model
 from streamify.progress import SILENT, Progress
 from streamify.runtime.attention import check_streamable
+from streamify.runtime.causal_video import CONFIG_KEY as VIDEO_KEY
+from streamify.runtime.causal_video import VideoSpec, enable_causal_video
 from streamify.runtime.chunk_causal import CONFIG_KEY as CHUNK_KEY
 from streamify.runtime.chunk_causal import ChunkSpec, enable_chunk_causal
 from streamify.runtime.generate import make_streaming
@@ -201,6 +203,9 @@ def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remot
     chunks = getattr(model.config, CHUNK_KEY, None)
     if chunks:  # a chunk-causal encoder (convert.causal)
         enable_chunk_causal(model, ChunkSpec.from_json(chunks))
+    video = model.config.get(VIDEO_KEY) if is_diffusers(model.config) else None
+    if video:  # a block-causal video denoiser (convert.causal_video)
+        enable_causal_video(model, VideoSpec.from_json(video), source.spec)
     return Checkpoint(
         model=model,
         tokenizer=_load_tokenizer(folder, trust_remote_code),
