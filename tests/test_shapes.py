@@ -44,9 +44,13 @@ def test_the_detector_finds_every_shape_exactly_and_the_clip_obeys_the_rule(size
         assert inside.all(), (seed, clip.label)
 
 
-def test_a_bounce_reflects_off_the_wall():
+def test_a_bounce_reflects_off_each_wall_and_out_of_a_corner():
     path = bounce_path(torch.tensor([3.5, 8.0]), "left", 6, 16)
     assert path[:, 0].tolist() == [3.5, 2.5, 1.5, 2.5, 3.5, 4.5] and (path[:, 1] == 8.0).all()
+    path = bounce_path(torch.tensor([11.5, 8.0]), "right", 5, 16)  # the far wall: 16 - 2 - 0.5
+    assert path[:, 0].tolist() == [11.5, 12.5, 13.5, 12.5, 11.5]
+    path = bounce_path(torch.tensor([12.5, 12.5]), "down-right", 4, 16)
+    assert path.tolist() == [[12.5, 12.5], [13.5, 13.5], [12.5, 12.5], [11.5, 11.5]]
 
 
 def test_the_measures_tell_wrong_motion_colour_and_noise_apart():

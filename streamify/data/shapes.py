@@ -111,7 +111,7 @@ def make_clip(seed: int, frames: int = 16, size: int = 16) -> Clip:
 
     shape, colour, direction = pick(SHAPES), pick(COLOURS), pick(DIRECTIONS)
     r = radius(size)
-    start = torch.randint(r, size - r, (2,), generator=rng).float() - 0.5 + (r % 2) * 0.5
+    start = torch.randint(r, size - r + 1, (2,), generator=rng).float() - 0.5  # anywhere from wall to wall
     centres = bounce_path(start, direction, frames, size)
     video = torch.zeros(frames, 3, size, size)
     rgb = torch.tensor(COLOURS[colour])[:, None]

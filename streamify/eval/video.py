@@ -9,6 +9,8 @@ over its cache (generation).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -55,42 +57,41 @@ def stock_masked(model: nn.Module, latents: torch.Tensor, condition: torch.Tenso
 @torch.inference_mode()
 def check_video_equivalence(model: nn.Module, seed: int = 0, timestep: float = 500.0) -> dict:
     """Max |difference| of the whole-clip and the chunked cached runtime from :func:`stock_masked`, on a seeded
-    clip of :data:`EQUIVALENCE_CHUNKS` chunks, with its scale and the ratio.
+    clip of :data:`EQUIVALENCE_CHUNKS` chunks (a non-square frame), with its scale and the ratio.
 
-    With a rolling window the clip ends before the cache first drops a frame: from there on the cache re-indexes
-    positions (by design) and holds keys computed with a context the whole clip no longer has, so no
-    whole-clip reference exists.
+    A rolling window is checked without its window: until the cache first drops a frame the computation is the
+    same, and from there on the cache re-indexes positions (by design) and holds keys computed with a context
+    the whole clip no longer has, so no whole-clip reference exists (the tests check the dropping itself).
     """
     ctl = model.streamify_video
     config = model.config
     spec = ctl.spec
     chunk = spec.chunk_frames
-    chunks = EQUIVALENCE_CHUNKS
-    if spec.window_frames is not None:
-        chunks = min(chunks, (spec.sink_frames + spec.window_frames) // chunk + 1)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
-    shape = (
-        1,
-        config["in_channels"],
-        chunks * chunk * ctl.patch[0],
-        *(EQUIVALENCE_PATCHES * p for p in ctl.patch[1:]),
-    )
-    latents = torch.randn(shape, generator=generator).to(device, dtype)
+    frames = EQUIVALENCE_CHUNKS * chunk * ctl.patch[0]
+    height, width = EQUIVALENCE_PATCHES * ctl.patch[1], (EQUIVALENCE_PATCHES + 1) * ctl.patch[2]
+    latents = torch.randn(1, config["in_channels"], frames, height, width, generator=generator).to(device, dtype)
     condition = torch.randn(1, 8, config["text_dim"], generator=generator).to(device, dtype)
-    reference = stock_masked(model, latents, condition, timestep)
-    whole = _denoise(model, latents, condition, timestep)
-    step = chunk * ctl.patch[0]
-    with caching(model, VideoCache(), write=True):
-        pieces = [_denoise(model, latents[:, :, s : s + step], condition, timestep) for s in range(0, shape[2], step)]
+    ctl.spec = replace(spec, window_frames=None)
+    try:
+        reference = stock_masked(model, latents, condition, timestep)
+        whole = _denoise(model, latents, condition, timestep)
+        step = chunk * ctl.patch[0]
+        with caching(model, VideoCache(), write=True):
+            pieces = [_denoise(model, latents[:, :, s : s + step], condition, timestep) for s in range(0, frames, step)]
+    finally:
+        ctl.spec = spec
     chunked = torch.cat(pieces, dim=2)
     scale = reference.abs().max().item()
     whole_diff = (whole - reference).abs().max().item()
     chunked_diff = (chunked - reference).abs().max().item()
     return {
         "reference": "stock diffusers model, its own attention processors under the block-causal mask",
-        "frames": shape[2],
+        "frames": frames,
         "chunk_frames": chunk,
+        "window_checked": False if spec.window_frames is not None else None,
+        "dtype": str(dtype).removeprefix("torch."),
         "whole_clip_max_abs_diff": whole_diff,
         "chunked_max_abs_diff": chunked_diff,
         "max_abs_output": scale,

@@ -205,7 +205,7 @@ def _checkpoint(model, folder: Path, source: Source, manifest: dict, trust_remot
         enable_chunk_causal(model, ChunkSpec.from_json(chunks))
     video = model.config.get(VIDEO_KEY) if is_diffusers(model.config) else None
     if video:  # a block-causal video denoiser (convert.causal_video)
-        enable_causal_video(model, VideoSpec.from_json(video), source.spec)
+        enable_causal_video(model, VideoSpec.from_json(video, str(folder / "config.json")), source.spec)
     return Checkpoint(
         model=model,
         tokenizer=_load_tokenizer(folder, trust_remote_code),

@@ -68,9 +68,18 @@ class VideoSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> VideoSpec:
-        window = data.get("window_frames")
-        return cls(int(data["chunk_frames"]), int(data.get("sink_frames", 0)), None if window is None else int(window))
+    def from_json(cls, data: dict, where: str = "config.json") -> VideoSpec:
+        """Read a spec written by :meth:`to_json`; :class:`InputError` when it is malformed."""
+        try:
+            window = data.get("window_frames")
+            return cls(
+                int(data["chunk_frames"]), int(data.get("sink_frames", 0)), None if window is None else int(window)
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(
+                f"{where}: the '{CONFIG_KEY}' entry is malformed ({exc!r})",
+                "re-create the artifact with streamify convert causal-video",
+            ) from exc
 
 
 @dataclass
@@ -90,14 +99,35 @@ class VideoController:
     def __init__(self, spec: VideoSpec, rope: nn.Module, patch: tuple[int, int, int]) -> None:
         self.spec, self.rope, self.patch = spec, rope, patch
         self.grid: tuple[int, int, int] | None = None  # frames, height, width in patches of the current call
+        self.mask: torch.Tensor | None = None  # the whole clip's block-causal mask for the current call
         self.cache: VideoCache | None = None
         self.write = False
+
+    def start_call(self, latents: torch.Tensor, gradient_checkpointing: bool) -> None:
+        """Before each forward: the token grid, and the clip's mask (whole clip) or the chunk's checks (cache)."""
+        self.grid = tuple(n // p for n, p in zip(latents.shape[2:], self.patch, strict=True))
+        frames, height, width = self.grid
+        if self.cache is None:
+            positions = torch.arange(frames, device=latents.device).repeat_interleave(height * width)
+            self.mask = self.spec.allowed(positions, positions)
+            return
+        if frames != self.spec.chunk_frames:
+            raise UsageError(
+                f"a block-causal call over the cache takes one chunk of {self.spec.chunk_frames} latent frames, "
+                f"got {frames}",
+                f"give the latents of one chunk ({self.spec.chunk_frames * self.patch[0]} frames before patching)",
+            )
+        if gradient_checkpointing and torch.is_grad_enabled():
+            raise UsageError(
+                "gradient checkpointing recomputes blocks after the cache has changed",
+                "turn gradient checkpointing off for chunk-by-chunk calls",
+            )
 
     def rope_for(self, frames: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[1, frames * tokens_per_frame, 1, head_dim]`` for frame slots 0..frames-1."""
         _, height, width = self.grid
         shape = (1, 1, frames * self.patch[0], height * self.patch[1], width * self.patch[2])
-        cos, sin = self.rope(torch.empty(shape, device="meta"))
+        cos, sin = self.rope(like.new_empty(shape))  # (only its shape is read)
         return cos.to(like.device), sin.to(like.device)
 
 
@@ -119,14 +149,18 @@ class BlockCausalProcessor:
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        frames, height, width = ctl.grid
+        _, height, width = ctl.grid
         per_frame = height * width
         if ctl.cache is None:
-            positions = torch.arange(frames, device=query.device).repeat_interleave(per_frame)
-            mask = ctl.spec.allowed(positions, positions)
+            mask = ctl.mask
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         else:
             held = ctl.cache.layers.get(self.index)
+            if held is not None and (held[0].shape[0], held[0].shape[1] % per_frame) != (key.shape[0], 0):
+                raise UsageError(
+                    f"the cache holds a batch of {held[0].shape[0]} at another frame size than this call's",
+                    "use one cache per stream, with the same batch and frame size in every call",
+                )
             keys = key if held is None else torch.cat((held[0], key), dim=1)
             values = value if held is None else torch.cat((held[1], value), dim=1)
             if ctl.write:
@@ -173,11 +207,11 @@ def enable_causal_video(model: nn.Module, spec: VideoSpec, where: str = "the mod
         attention.streamify_stock_processor = attention.processor
         attention.set_processor(BlockCausalProcessor(ctl, index))
 
-    def record_grid(module, args, kwargs):
+    def start_call(module, args, kwargs):  # the module's own controller: a deep copy has its own
         latents = kwargs.get("hidden_states", args[0] if args else None)
-        ctl.grid = tuple(n // p for n, p in zip(latents.shape[2:], ctl.patch, strict=True))
+        module.streamify_video.start_call(latents, getattr(module, "gradient_checkpointing", False))
 
-    ctl.hook = model.register_forward_pre_hook(record_grid, with_kwargs=True)
+    ctl.hook = model.register_forward_pre_hook(start_call, with_kwargs=True)
     model.streamify_video = ctl
     return ctl
 
