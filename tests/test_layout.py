@@ -107,9 +107,10 @@ def test_inspect_lists_only_the_stages_that_apply(cli, tiny_models):
     import json
 
     llama = json.loads(cli("inspect", tiny_models["llama"], "--format", "json").stdout)
-    speech_only = {"convert.causal"}
-    assert set(llama["applicable_stages"]) == set(all_stages()) - speech_only
-    assert set(llama["other_stages"]) == speech_only and "speech-seq2seq" in llama["other_stages"]["convert.causal"]
+    other_kinds = {"convert.causal", "convert.causal_video"}  # speech and encoders; video denoisers
+    assert set(llama["applicable_stages"]) == set(all_stages()) - other_kinds
+    assert set(llama["other_stages"]) == other_kinds and "speech-seq2seq" in llama["other_stages"]["convert.causal"]
+    assert "denoiser" in llama["other_stages"]["convert.causal_video"]
     gpt2 = json.loads(cli("inspect", tiny_models["gpt2"], "--format", "json").stdout)
-    assert {"convert.streaming", "quantize.int4", *speech_only} == set(gpt2["other_stages"])
+    assert {"convert.streaming", "quantize.int4", "distill.hybrid", *other_kinds} == set(gpt2["other_stages"])
     assert {"convert.dtype", "prune.depth", "distill.heal", "quantize.entropy"} <= set(gpt2["applicable_stages"])
