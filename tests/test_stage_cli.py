@@ -36,8 +36,16 @@ def test_cli_defaults_are_the_recipe_defaults(name, cli, tiny_llama, tiny_kinds,
     saved = tmp_path / "r.yaml"
     args, values = REQUIRED.get(name, ([], {}))
     kinds = all_stages()[name].kinds
-    model = tiny_llama if kinds == "all" or "causal-lm" in kinds else tiny_kinds["speech-seq2seq"]
-    result = cli(group, action, model, "-o", tmp_path / "out", *args, "--dry-run", "--save-recipe", saved)
+    model = (
+        tiny_llama
+        if kinds == "all" or "causal-lm" in kinds
+        else tiny_kinds["denoiser"]
+        if "denoiser" in kinds
+        else tiny_kinds["speech-seq2seq"]
+    )
+    result = cli(
+        group, action.replace("_", "-"), model, "-o", tmp_path / "out", *args, "--dry-run", "--save-recipe", saved
+    )
     assert result.exit_code == 0, result.stderr
     (entry,) = yaml.safe_load(saved.read_text())["stages"]
     assert entry == {name: all_stages()[name].params(**values).model_dump(mode="json")}
@@ -69,7 +77,7 @@ def test_options_reach_the_recipe(cli, tiny_llama, tmp_path):
         (
             "stages:\n  - quantize.int5: {}\n",
             "did you mean 'quantize.int4'?",
-            "valid stages: convert.causal, convert.dtype",
+            "valid stages: convert.causal, convert.causal_video, convert.dtype",
         ),
         ("stages:\n  - quantize.int4: {group_sise: 32}\n", "did you mean 'group_size'?", "valid keys of quantize.int4"),
         ("stages: []\neval: {max_tokes: 64}\n", "did you mean 'max_tokens'?", "valid eval keys: data, max_tokens"),
