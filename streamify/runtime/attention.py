@@ -279,8 +279,9 @@ def disable_streaming(model: nn.Module) -> None:
         return
     _base_model(model).rotary_emb = ctl.rotary
     _, blocks = find_blocks(model)
-    for block, kind in zip(blocks, ctl.spec.layer_types, strict=True):
-        if kind != SSM:
-            del block.self_attn.streamify_layer
+    for block in blocks:  # (the blocks may be fewer than the spec's layers: pruning re-enables after slicing)
+        attention = getattr(block, "self_attn", None)  # a hybrid's Mamba layers have none
+        if attention is not None and hasattr(attention, "streamify_layer"):
+            del attention.streamify_layer
     model.set_attn_implementation(ctl.attn_implementation)
     model.streamify_controller = None
