@@ -197,6 +197,20 @@ def test_convert_streaming_keeps_a_hybrids_mamba_layers(tmp_path, tokenizer_dir,
     assert json.loads(check.stdout)["equivalence"]["max_rel_diff"] < 1e-4
 
 
+def test_a_granite_without_rotary_positions_is_refused_by_convert_streaming(tmp_path, tokenizer_dir, cli):
+    """IBM's Granite 4.0-H default: no positions in the attention, so no sink + window re-indexing (exit 3)."""
+    from conftest import TINY
+
+    source = tmp_path / "nope"
+    hybrid = to_hybrid(tiny_model("llama", **TINY), [True, False, False, True], "copy", "granitemoehybrid", "t")
+    hybrid.config.position_embedding_type = None
+    AutoModelForCausalLM.from_config(hybrid.config).save_pretrained(source)
+    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(source)
+    result = cli("convert", "streaming", source, "-o", tmp_path / "out", "--window", "16", "--no-eval")
+    assert result.exit_code == 3 and "no positions in its attention" in " ".join(result.stderr.split())
+    assert not (tmp_path / "out").exists()
+
+
 def test_half_precision_source_is_refused_before_any_work(tiny_models, tmp_path, cli):
     result = cli("distill", "hybrid", tiny_models["llama"], "-o", tmp_path / "out", "--dtype", "bf16")
     assert result.exit_code == 2

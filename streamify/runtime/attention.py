@@ -233,11 +233,12 @@ def check_streamable(model: nn.Module, where: str) -> None:
     """Raise :class:`InputError` (exit 3) unless streamify can make ``model`` stream."""
     model_type = getattr(model.config, "model_type", "?")
     require(model_type, "streaming", "streaming conversion", where)
-    if not hasattr(_base_model(model), "rotary_emb"):
+    if getattr(_base_model(model), "rotary_emb", None) is None:
         raise InputError(
             f"{where}: streaming conversion needs the model's rotary embedding (model.rotary_emb), "
-            f"which this '{model_type}' model does not have",
-            "report the model: its transformers class differs from the family's",
+            f"which this '{model_type}' model does not have (a GraniteMoeHybrid without "
+            "position_embedding_type rope has no positions in its attention)",
+            "convert a model with rotary positions",
         )
 
 
