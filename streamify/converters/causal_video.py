@@ -39,13 +39,19 @@ def _spec(params: CausalVideoParams) -> VideoSpec:
     return VideoSpec(params.chunk_frames, params.sink_frames, params.window_frames)
 
 
+def _plan_check(params: CausalVideoParams, model, where: str) -> dict:
+    """The family has a causal-video layout and the chunking is valid, before any weight is read."""
+    video_parts(model, where)
+    return _spec(params).to_json()
+
+
 @register(
     "convert.causal_video",
     CausalVideoParams,
     "block-causal video denoiser: chunks of latent frames, a per-chunk KV cache, optional sinks + rolling window",
     relation="finetune",
     kinds=("denoiser",),
-    check=lambda params, model, where: (video_parts(model, where), _spec(params).to_json())[1],
+    check=_plan_check,
 )
 def convert_causal_video(checkpoint: Checkpoint, params: CausalVideoParams, ctx: StageContext) -> Checkpoint:
     """Make the denoiser block-causal per ``params``; record the equivalence check in the metrics."""

@@ -116,8 +116,9 @@ def distill_params(params: HybridParams, has_mamba: bool = True) -> HealParams:
     )
 
 
-def explicit_layers(params: HybridParams, count: int) -> list[int] | None:
-    """The replaced layers when ``mamba_layers`` names them (None for kl-guided); checks they leave attention."""
+def layer_choice(params: HybridParams, count: int) -> list[int] | int:
+    """The replaced layers when ``mamba_layers`` names them, or how many ``kl-guided:N`` picks; checks that
+    attention is left."""
     spec = params.mamba_layers
     if isinstance(spec, str) and spec.strip().lower().startswith(KL_GUIDED):
         amount = spec.strip()[len(KL_GUIDED) :]
@@ -126,7 +127,7 @@ def explicit_layers(params: HybridParams, count: int) -> list[int] | None:
                 f"{FLAG} {spec}: N must be a whole number from 1 to {count - 1} (the model has {count} layers)",
                 "use kl-guided:N, e.g. kl-guided:8",
             )
-        return None
+        return int(amount)
     layers = parse_full_layers(spec, count, FLAG)
     _keeps_attention(layers, count)
     return layers
@@ -145,10 +146,10 @@ def _plan_check(params: HybridParams, model, where: str) -> dict:
     """The source, the layer choice and the window against the model's config, before any weight is read."""
     check_source(model.config, where)
     count = layer_count(model.config)
-    layers = explicit_layers(params, count)
+    layers = layer_choice(params, count)
     if params.window is not None:
         make_spec(params.sinks, params.window, "none", count)
-    return {"mamba_layers": layers if layers is not None else params.mamba_layers}
+    return {"mamba_layers": layers if isinstance(layers, list) else params.mamba_layers}
 
 
 def _check_trainable_dtype(teacher, params: HybridParams, where: str) -> None:
@@ -165,8 +166,8 @@ def _check_trainable_dtype(teacher, params: HybridParams, where: str) -> None:
 def _bytes_per_param(params: HybridParams, before: float, model) -> float:
     """Stored bytes per source parameter once the chosen attention layers are Mamba2 mixers (larger)."""
     count = layer_count(model.config)
-    layers = explicit_layers(params, count)
-    amount = len(layers) if layers is not None else int(params.mamba_layers.strip()[len(KL_GUIDED) :])
+    layers = layer_choice(params, count)
+    amount = len(layers) if isinstance(layers, list) else layers
     mamba = [i < amount for i in range(count)]  # every layer is the same size: which ones does not matter
     bias = attention_bias(model, "model")
     return before * hybrid_parameters(model.config, mamba, params.target, bias) / count_params(model)
@@ -260,12 +261,11 @@ def distill_hybrid(checkpoint: Checkpoint, params: HybridParams, ctx: StageConte
     count = layer_count(teacher.config)
     tokenizer, data = checkpoint.tokenizer, ctx.data
     eval_ids = token_blocks(tokenizer, load_texts(data, "heldout"), params.seq_len, params.eval_blocks * params.seq_len)
-    layers = explicit_layers(params, count)
+    layers = layer_choice(params, count)
     costs: dict = {}
-    if layers is None:
-        amount = int(params.mamba_layers.strip()[len(KL_GUIDED) :])
+    if not isinstance(layers, list):  # kl-guided: how many
         calib = token_blocks(tokenizer, load_texts(data, "train"), params.seq_len, params.calib_tokens, seed=ctx.seed)
-        layers, costs = kl_guided_layers(teacher, calib, amount, ctx.progress)
+        layers, costs = kl_guided_layers(teacher, calib, layers, ctx.progress)
     ctx.progress.log(f"layers {', '.join(map(str, layers)) or 'none'} of {count} become Mamba2 ({params.init} init)")
     torch.manual_seed(ctx.seed)
     student = to_hybrid(teacher, [i in layers for i in range(count)], params.init, params.target, where)

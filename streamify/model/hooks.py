@@ -39,6 +39,16 @@ def recording(blocks: nn.ModuleList, states: list, detach: bool = True):
 
 
 @contextlib.contextmanager
+def _removed_after(handles: list):
+    """Remove the hooks ``handles`` stand for when the block ends."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def skipping(blocks: nn.ModuleList, skip: list[int]):
     """Run the model with the blocks ``skip`` passing their input through unchanged."""
 
@@ -46,12 +56,8 @@ def skipping(blocks: nn.ModuleList, skip: list[int]):
         hidden = _hidden(args, kwargs)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handles = [blocks[i].register_forward_hook(identity, with_kwargs=True) for i in skip]
-    try:
+    with _removed_after([blocks[i].register_forward_hook(identity, with_kwargs=True) for i in skip]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -62,12 +68,8 @@ def capturing(modules: list[nn.Module], inputs: list, outputs: list):
         inputs.append(_hidden(args, kwargs).detach())
         outputs.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    handles = [m.register_forward_hook(keep, with_kwargs=True) for m in modules]
-    try:
+    with _removed_after([m.register_forward_hook(keep, with_kwargs=True) for m in modules]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -79,8 +81,5 @@ def muting(module: nn.Module):
             return (torch.zeros_like(output[0]), *output[1:])
         return torch.zeros_like(output)
 
-    handle = module.register_forward_hook(zero)
-    try:
+    with _removed_after([module.register_forward_hook(zero)]):
         yield
-    finally:
-        handle.remove()
