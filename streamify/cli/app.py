@@ -263,7 +263,9 @@ def _eval_streaming(
 @app.command()
 def generate(
     model: ModelArg,
-    prompt: Annotated[str, typer.Option("--prompt", help="text to continue")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="text to continue; for a video model a builtin:shapes label")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; above 0: sampling")] = 0.0,
     kv_bits: KvBitsOpt = None,
@@ -271,13 +273,27 @@ def generate(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     lazy: LazyOpt = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="video: the folder to write")] = None,
+    condition: Annotated[
+        Path | None, typer.Option("--condition", help="video: .safetensors with a 'condition' [tokens, text_dim]")
+    ] = None,
+    frames: Annotated[int, typer.Option("--frames", min=1, help="video: latent frames")] = 16,
+    height: Annotated[int, typer.Option("--height", min=1, help="video: latent height")] = 16,
+    width: Annotated[int, typer.Option("--width", min=1, help="video: latent width")] = 16,
+    timesteps: Annotated[
+        str, typer.Option("--timesteps", help="video, block-causal: the few-step schedule")
+    ] = "1000,750,500,250",
+    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="video, bidirectional: Euler steps")] = 48,
+    shift: Annotated[float, typer.Option("--shift", min=0.01, help="video, bidirectional: flow shift")] = 1.0,
     fmt: FormatOpt = Format.human,
 ) -> None:
-    """Generate from any causal LM streamify loads (plain, INT4, GGUF, coded); a streaming one streams.
+    """Generate from a causal LM (plain, INT4, GGUF, coded; a streaming one streams) or a video denoiser.
 
     A streaming artifact generates with its bounded cache (sinks + window); any
     other with transformers' cache, which grows with the text. --lazy keeps one
     or two blocks' weights in memory (decoded ahead of the block that runs).
+    A block-causal video denoiser generates chunk by chunk over its cache with
+    --timesteps; a bidirectional one samples the whole clip with --sample-steps.
     """
     from streamify.errors import UsageError
     from streamify.io.load import load_checkpoint
@@ -287,7 +303,15 @@ def generate(
 
     with command(fmt) as out:
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, lazy=lazy, progress=out)
+        if checkpoint.kind.name == "denoiser":
+            from streamify.cli.video import run_video, video_request
+
+            request = video_request(frames, height, width, timesteps, sample_steps, shift, seed)
+            run_video(checkpoint, out, prompt=prompt, condition_file=condition, output=output, request=request)
+            return
         require_kind(checkpoint, CAUSAL_LM, "generation")
+        if prompt is None:
+            raise UsageError("generation needs a prompt", "pass --prompt TEXT")
         if checkpoint.tokenizer is None:
             raise UsageError(f"{model}: the checkpoint has no tokenizer", "use a checkpoint with tokenizer files")
         result = generate_text(

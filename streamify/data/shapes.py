@@ -139,9 +139,31 @@ def latents_frames(latents: torch.Tensor) -> torch.Tensor:
     return ((latents[0].permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1)
 
 
-def label_condition(clip: Clip, tokens: int, dim: int) -> torch.Tensor:
-    """The label as ``[tokens, dim]`` condition tokens: one token each for colour, shape and direction, a one-hot
-    in its own slice of ``dim``; the rest zeros."""
+@dataclass(frozen=True)
+class Label:
+    """What a clip's label names."""
+
+    shape: str
+    colour: str
+    direction: str
+
+
+def parse_label(text: str) -> Label:
+    """``"red square moving up-left"`` as a :class:`Label`; UsageError naming the choices when it is not one."""
+    words = text.lower().split()
+    colour, shape, moving, direction = words if len(words) == 4 else ("", "", "", "")
+    if colour in COLOURS and shape in SHAPES and moving == "moving" and direction in DIRECTIONS:
+        return Label(shape, colour, direction)
+    raise UsageError(
+        f"'{text}' is not a builtin:shapes label",
+        f"write 'COLOUR SHAPE moving DIRECTION': colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; "
+        f"directions {', '.join(DIRECTIONS)}",
+    )
+
+
+def label_condition(clip: Clip | Label, tokens: int, dim: int) -> torch.Tensor:
+    """A clip's label as ``[tokens, dim]`` condition tokens: one token each for colour, shape and direction, a
+    one-hot in its own slice of ``dim``; the rest zeros."""
     need = len(COLOURS) + len(SHAPES) + len(DIRECTIONS)
     if tokens < 3 or dim < need:
         raise UsageError(

@@ -10,6 +10,11 @@ global batch, the batch order and the result do not depend on the number of
 processes. A killed run resumes where it stopped, with any number of
 processes, and ends with the same weights as an uninterrupted one (the batch
 of step ``i`` depends only on the seed and ``i``).
+
+Distribution-matching distillation trains a second network beside the model
+(a critic, :class:`Companion`) with its own optimizer, several updates of it
+per update of the model, and keeps an exponential moving average of the
+model's weights (``ema_decay``); both are part of the checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +37,7 @@ from streamify.errors import UsageError
 from streamify.progress import SILENT, Progress
 
 STATE_NAME = "streamify_train.json"  # written last into a checkpoint folder: the folder is complete
+COMPANION = "companion"  # the prefix of a companion's parameters in checkpoints
 
 
 class TrainParams(BaseModel):
@@ -61,6 +67,38 @@ class TrainParams(BaseModel):
 
 
 @dataclass
+class Companion:
+    """A second network trained beside the model (DMD's critic): its parameters that require grad, its loss of
+    one micro-batch, its own AdamW at a constant ``lr`` and ``updates`` steps of it before each step of the
+    model, on the same micro-batches."""
+
+    module: nn.Module
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    lr: float
+    updates: int = 1
+
+
+class Ema:
+    """An exponential moving average of trainable weights (fp32), saved with the checkpoints."""
+
+    def __init__(self, named: dict[str, torch.Tensor], decay: float) -> None:
+        self.decay = decay
+        self.weights = {name: p.detach().float().clone() for name, p in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.Tensor]) -> None:
+        for name, p in named.items():
+            self.weights[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.weights = {name: w.clone() for name, w in state["weights"].items()}
+
+
+@dataclass
 class TrainResult:
     """What a training run did."""
 
@@ -69,6 +107,8 @@ class TrainResult:
     losses: list[float]
     tokens: int
     discarded_checkpoint: bool = False  # a checkpoint for other parameters was found and not used
+    companion_losses: list[float] = field(default_factory=list)  # the mean loss of each step's companion updates
+    ema: dict[str, torch.Tensor] | None = None  # the averaged weights, by parameter name
 
 
 def check_share(grad_accum: int, processes: int, where: str) -> None:
@@ -131,34 +171,47 @@ def train(
     seed: int,
     checkpoint_dir: Path | None = None,
     progress: Progress = SILENT,
+    companion: Companion | None = None,
+    ema_decay: float | None = None,
 ) -> TrainResult:
-    """Train ``model``'s parameters that require grad on ``blocks`` (token ids ``[n, seq_len]``).
+    """Train ``model``'s parameters that require grad on ``blocks`` (token ids ``[n, seq_len]``, or any rows the
+    loss reads, such as indices of training examples).
 
-    ``loss_fn(batch)`` returns the scalar loss of one micro-batch (ids on the
+    ``loss_fn(batch)`` returns the scalar loss of one micro-batch (rows on the
     model's device). Under several processes, process ``r`` of ``n`` runs the
     micro-batches ``r, r + n, ...`` of each step (``grad_accum`` must be a
     multiple of ``n``) and DDP sums their gradients. With ``checkpoint_dir``,
-    the trainable weights, optimizer, schedule and random states are saved
-    (``Accelerator.save_state``) every ``checkpoint_every`` steps and a later
-    call with the same directory resumes from them; the directory is removed
-    at the end. Only the main process logs.
+    the trainable weights (the companion's too), optimizers, schedule, moving
+    average and random states are saved (``Accelerator.save_state``) every
+    ``checkpoint_every`` steps and a later call with the same directory
+    resumes from them; the directory is removed at the end. Only the main
+    process logs.
     """
     device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    _refuse_half_weights(trainable)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    extra = {} if companion is None else {n: p for n, p in companion.module.named_parameters() if p.requires_grad}
+    _refuse_half_weights([*named.values(), *extra.values()])
     accelerator = _accelerator(params, device)
     world = accelerator.num_processes
     check_share(params.grad_accum, world, "training")
     if not accelerator.is_main_process:
         progress = SILENT
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = torch.optim.AdamW(named.values(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, params))
     objective = accelerator.prepare_model(_Objective(model, loss_fn), device_placement=False)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     scheduler = accelerator.prepare_scheduler(scheduler)
-    checkpoints = _Checkpoints(checkpoint_dir, accelerator, model, names)
-    start, losses, discarded = checkpoints.resume()
+    if companion is not None:
+        second = _Objective(companion.module, companion.loss_fn)
+        second = accelerator.prepare_model(second, device_placement=False)
+        second_optimizer = torch.optim.AdamW(extra.values(), lr=companion.lr, weight_decay=params.weight_decay)
+        second_optimizer = accelerator.prepare_optimizer(second_optimizer, device_placement=False)
+    ema = Ema(named, ema_decay) if ema_decay is not None else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    tensors = {**named, **{f"{COMPANION}.{n}": p for n, p in extra.items()}}
+    checkpoints = _Checkpoints(checkpoint_dir, accelerator, tensors)
+    start, losses, second_losses, discarded = checkpoints.resume()
     if discarded:
         progress.log(
             f"training: the checkpoint in {checkpoint_dir} holds other parameters than this model trains, "
@@ -167,25 +220,36 @@ def train(
     if start:
         progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir}")
     mine = list(range(accelerator.process_index, params.grad_accum, world))
+
+    def step_of(target, step_optimizer, trainable, step: int) -> float:
+        """One optimizer step of ``target`` over this process's micro-batches of ``step``; the global loss."""
+        step_optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device)
+        for micro in mine:
+            batch = blocks[batch_indices(step, micro, params, blocks.shape[0], seed)].to(device)
+            with accelerator.no_sync(target) if micro != mine[-1] else nullcontext():
+                loss = target(batch) / params.grad_accum
+                (loss * world).backward()  # DDP averages over the processes: the sum is wanted
+            step_loss += loss.detach().float()
+        accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+        step_optimizer.step()
+        return accelerator.reduce(step_loss, "sum").item()
+
+    weights, others = list(named.values()), list(extra.values())
     if params.gradient_checkpointing:
         _checkpoint_activations(model, True)
     model.train()
     try:
         for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)
-            for micro in mine:
-                batch = blocks[batch_indices(step, micro, params, blocks.shape[0], seed)].to(device)
-                with accelerator.no_sync(objective) if micro != mine[-1] else nullcontext():
-                    loss = objective(batch) / params.grad_accum
-                    (loss * world).backward()  # DDP averages over the processes: the sum is wanted
-                step_loss += loss.detach().float()
-            accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
-            optimizer.step()
+            if companion is not None:
+                updates = [step_of(second, second_optimizer, others, step) for _ in range(companion.updates)]
+                second_losses.append(round(sum(updates) / len(updates), 6))
+            losses.append(round(step_of(objective, optimizer, weights, step), 6))
             scheduler.step()
-            losses.append(round(accelerator.reduce(step_loss, "sum").item(), 6))
+            if ema is not None:
+                ema.update(named)
             if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
-                checkpoints.save(step + 1, losses)
+                checkpoints.save(step + 1, losses, second_losses)
     finally:
         model.eval()
         if params.gradient_checkpointing:
@@ -193,7 +257,9 @@ def train(
     checkpoints.clear()
     accelerator.free_memory()  # the optimizer's state and DDP's buffers go now, not at a later collection
     tokens = params.steps * params.batch_size * params.grad_accum * blocks.shape[1]
-    return TrainResult(params.steps, start, losses, tokens, discarded)
+    return TrainResult(
+        params.steps, start, losses, tokens, discarded, second_losses, ema.weights if ema is not None else None
+    )
 
 
 def _checkpoint_activations(model: nn.Module, on: bool) -> None:
@@ -249,25 +315,25 @@ class _Checkpoints:
     """Resumable training states in ``folder``: ``step-NNNNNN/``, each an ``Accelerator.save_state`` folder whose
     model file holds the trainable weights only, plus :data:`STATE_NAME` (step, losses, parameter names)."""
 
-    def __init__(self, folder: Path | None, accelerator, model: nn.Module, names: list[str]) -> None:
-        self.folder, self.accelerator, self.model, self.names = folder, accelerator, model, names
+    def __init__(self, folder: Path | None, accelerator, tensors: dict[str, torch.Tensor]) -> None:
+        self.folder, self.accelerator, self.tensors = folder, accelerator, tensors
+        self.names = list(tensors)
         accelerator.register_save_state_pre_hook(self._keep_trainable)
         accelerator.register_load_state_pre_hook(self._load_trainable)
 
     def _keep_trainable(self, models, weights, output_dir) -> None:
-        state = dict(self.model.named_parameters())
-        weights[:] = [{name: state[name].detach() for name in self.names}]
+        weights[:] = [{name: tensor.detach() for name, tensor in self.tensors.items()}]
 
     def _load_trainable(self, models, input_dir) -> None:
         models.clear()  # loaded here: the file holds the trainable weights only, under the model's own names
         stored = load_file(Path(input_dir) / "model.safetensors")
-        state = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name in self.names:
-                state[name].copy_(stored[name])
+            for name, tensor in self.tensors.items():
+                tensor.copy_(stored[name])
 
-    def resume(self) -> tuple[int, list[float], bool]:
-        """``(step, losses, discarded)`` from the newest complete state; one for other parameters is discarded.
+    def resume(self) -> tuple[int, list[float], list[float], bool]:
+        """``(step, losses, companion losses, discarded)`` from the newest complete state; one for other parameters
+        is discarded.
 
         The main process decides, from its folder, and every process follows (on several machines the
         folder must be shared); a process that cannot read the state the main one chose fails loudly.
@@ -279,17 +345,17 @@ class _Checkpoints:
             broadcast_object_list(chosen)
         folder, record = chosen[0] or (None, None)
         if record is None:
-            return 0, [], False
+            return 0, [], [], False
         if sorted(record["names"]) != sorted(self.names):
-            return 0, [], True
+            return 0, [], [], True
         self.accelerator.load_state(folder)
-        return int(record["step"]), list(record["losses"]), False
+        return int(record["step"]), list(record["losses"]), list(record.get("companion_losses", [])), False
 
     def _newest(self) -> tuple[str, dict] | None:
         found = sorted(self.folder.glob(f"step-*/{STATE_NAME}")) if self.folder is not None else []
         return (str(found[-1].parent), json.loads(found[-1].read_text())) if found else None
 
-    def save(self, step: int, losses: list[float]) -> None:
+    def save(self, step: int, losses: list[float], companion_losses: list[float]) -> None:
         """Save the state after ``step`` steps (every process takes part); older states go once it is complete."""
         if self.folder is None:
             return
@@ -297,7 +363,13 @@ class _Checkpoints:
         self.accelerator.save_state(str(target))
         self.accelerator.wait_for_everyone()  # every process's random states are in
         if self.accelerator.is_main_process:
-            record = {"step": step, "losses": losses, "names": self.names, "processes": self.accelerator.num_processes}
+            record = {
+                "step": step,
+                "losses": losses,
+                "companion_losses": companion_losses,
+                "names": self.names,
+                "processes": self.accelerator.num_processes,
+            }
             tmp = target / f"{STATE_NAME}.tmp"
             tmp.write_text(json.dumps(record))
             tmp.replace(target / STATE_NAME)

@@ -1,0 +1,203 @@
+"""Stage ``distill.ode_init``: a block-causal video student learns to jump from the teacher's ODE states to the end.
+
+Step one of Self-Forcing (after CausVid): the bidirectional teacher samples
+``samples`` clips with ``teacher_steps`` Euler steps of its flow ODE; the states
+before the steps in ``keep`` (e.g. 0, 12, 24, 36 of 48) and the end are stored.
+The student, the same weights under the block-causal mask, then learns to map
+a clip whose every chunk sits at its own, randomly chosen stored state (stock
+Wan's per-token timesteps carry one level per chunk) to the clean end (MSE).
+The result is a few-step causal generator that :mod:`~streamify.distill.self_forcing`
+refines.
+
+The trajectories are the stage's cached output: each is written to the cache
+as it is sampled, so an interrupted run samples only the missing ones, and the
+training checkpoints like every training stage. The held-out loss (the same
+regression on trajectories of held-out conditions, at seeded states) is
+measured before and after training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
+
+from streamify.distill.trainer import result_params, train
+from streamify.distill.video_setup import VideoDistillParams, check_teacher, clip_shape, conditions, freeze
+from streamify.errors import UsageError
+from streamify.io.cache import cache_root
+from streamify.io.checkpoint import Checkpoint
+from streamify.io.load import load_checkpoint
+from streamify.model.fingerprint import content_key
+from streamify.pipeline.registry import StageContext, register
+from streamify.progress import SILENT
+from streamify.runtime.causal_video import disable_causal_video, enable_causal_video, video_parts
+from streamify.runtime.video_sampling import chunk_length, predict_clean, sample_clip, shifted_sigmas
+
+HELDOUT_SEED = 12_345  # the held-out trajectories' noise and states, the same before and after training
+
+
+class OdeInitParams(VideoDistillParams):
+    """Params of ``distill.ode_init``."""
+
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    teacher_steps: int = Field(48, ge=2, description="Euler steps of the teacher's sampling")
+    keep: list[int] = Field(
+        [0, 12, 24, 36], min_length=1, description="teacher steps whose states the student learns from (end: always)"
+    )
+    shift: float = Field(1.0, gt=0, description="flow shift of the teacher's schedule (Wan2.1 at 480p: 3)")
+
+    @model_validator(mode="after")
+    def _keep_in_range(self) -> OdeInitParams:
+        if sorted(set(self.keep)) != self.keep or self.keep[0] < 0 or self.keep[-1] >= self.teacher_steps:
+            raise ValueError(f"keep must be increasing steps in 0..{self.teacher_steps - 1}, got {self.keep}")
+        return self
+
+
+def trajectories(
+    teacher, conds: torch.Tensor, shape: tuple, params: OdeInitParams, seed: int, folder: Path | None, progress
+) -> torch.Tensor:
+    """``[n, len(keep) + 1, C, F, H, W]``: for each condition the teacher's states before the ``keep`` steps and
+    its end, from seeded noise; each is stored in ``folder`` when one is given and read back on a later call."""
+    sigmas = shifted_sigmas(params.teacher_steps, params.shift)
+    device = next(teacher.parameters()).device
+    out = []
+    for index in progress.track(range(conds.shape[0]), "teacher trajectories", total=conds.shape[0]):
+        path = folder / f"trajectory-{index:06d}.safetensors" if folder is not None else None
+        if path is not None and path.is_file():
+            out.append(load_file(path)["states"])
+            continue
+        noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+        end, kept = sample_clip(teacher, noise.to(device), conds[index : index + 1].to(device), sigmas, params.keep)
+        states = torch.cat([*kept, end]).cpu()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"states": states.contiguous()}, str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").replace(path)
+        out.append(states)
+    return torch.stack(out)
+
+
+def regression_loss(student, states: torch.Tensor, conds: torch.Tensor, levels: list[float], generator=None):
+    """MSE between the student's clean prediction and the trajectory's end, every chunk at a random stored state
+    (``states`` ``[batch, kept + 1, C, F, H, W]``, ``levels`` the kept states' noise levels)."""
+    batch, kept = states.shape[:2]
+    kept -= 1
+    step = chunk_length(student)
+    patch_frames = student.streamify_video.patch[0]
+    chunks = states.shape[3] // step
+    choice = torch.randint(kept, (batch, chunks), generator=generator).to(states.device)
+    per_frame = choice.repeat_interleave(step, dim=1)  # [batch, latent frames]
+    index = per_frame[:, None, None, :, None, None].expand(batch, 1, *states.shape[2:])
+    noisy = states[:, :-1].gather(1, index).squeeze(1)
+    sigma = torch.tensor(levels, device=states.device)[choice].repeat_interleave(step // patch_frames, dim=1)
+    clean = predict_clean(student, noisy, conds, sigma)
+    return F.mse_loss(clean, states[:, -1].float())
+
+
+@torch.no_grad()
+def heldout_loss(student, states: torch.Tensor, conds: torch.Tensor, levels: list[float]) -> float:
+    """:func:`regression_loss` over held-out trajectories at seeded states, one at a time."""
+    generator = torch.Generator().manual_seed(HELDOUT_SEED)
+    device = next(student.parameters()).device
+    losses = [
+        regression_loss(student, states[i : i + 1].to(device), conds[i : i + 1].to(device), levels, generator).item()
+        for i in range(states.shape[0])
+    ]
+    return sum(losses) / len(losses)
+
+
+def _teacher(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageContext, where: str):
+    """The named teacher, or None: the input itself with its stock attention."""
+    if params.teacher is None:
+        return None
+    teacher = freeze(load_checkpoint(params.teacher, device=str(ctx.device), progress=ctx.progress).model)
+    check_teacher(teacher, checkpoint.model, where)
+    return teacher
+
+
+def _plan_check(params: OdeInitParams, model, where: str) -> dict:
+    video_parts(model, where)
+    return {"keep": params.keep, "teacher_steps": params.teacher_steps}
+
+
+@register(
+    "distill.ode_init",
+    OdeInitParams,
+    "ODE initialisation of a block-causal video student: regress the teacher's sampling trajectories' ends",
+    relation="finetune",
+    kinds=("denoiser",),
+    trains=lambda p: True,
+    check=_plan_check,
+)
+def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageContext) -> Checkpoint:
+    """Sample teacher trajectories, then train the block-causal student to regress their ends."""
+    student, where = checkpoint.model, checkpoint.source.spec
+    ctl = getattr(student, "streamify_video", None)
+    if ctl is None:
+        raise UsageError(
+            f"{where}: distill.ode_init trains a block-causal student, and the model is bidirectional",
+            "run convert.causal_video before it (a recipe stage, or streamify convert causal-video)",
+        )
+    shape = clip_shape(student, params, "distill.ode_init")
+    teacher = _teacher(checkpoint, params, ctx, where)
+    train_conds = conditions(ctx.data, student.config, "train", params.samples, params.condition_tokens)
+    held_conds = conditions(ctx.data, student.config, "heldout", params.heldout_samples, params.condition_tokens)
+    sampler = teacher if teacher is not None else student
+    spec = ctl.spec
+    if teacher is None:
+        disable_causal_video(student)  # the input's own bidirectional attention samples the trajectories
+    settings = {"shape": shape, "steps": params.teacher_steps, "keep": params.keep, "shift": params.shift}
+    key = content_key(sampler, {**settings, "data": ctx.data, "seed": ctx.seed})
+    folder = cache_root() / "trajectories" / key if ctx.use_cache else None
+    try:
+        ctx.progress.log(f"sampling {params.samples + params.heldout_samples} teacher trajectories")
+        train_states = trajectories(sampler, train_conds, shape, params, ctx.seed, _part(folder, "train"), ctx.progress)
+        held_states = trajectories(sampler, held_conds, shape, params, HELDOUT_SEED, _part(folder, "heldout"), SILENT)
+    finally:
+        if teacher is None:
+            enable_causal_video(student, spec, where)
+    del teacher
+    sigmas = shifted_sigmas(params.teacher_steps, params.shift)
+    levels = [sigmas[i] for i in params.keep]
+    before = heldout_loss(student, held_states, held_conds, levels)
+    device = next(student.parameters()).device
+    for param in student.parameters():
+        param.requires_grad_(True)
+
+    def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+        rows = batch[:, 0].cpu()
+        return regression_loss(student, train_states[rows].to(device), train_conds[rows].to(device), levels)
+
+    train_key = {"phase": "ode_init", "params": result_params(params), **settings, "data": ctx.data, "seed": ctx.seed}
+    checkpoint_dir = cache_root() / "train" / content_key(student, train_key) if ctx.use_cache else None
+    ctx.progress.log(f"training the causal student on the trajectories ({params.steps} steps)")
+    indices = torch.arange(params.samples)[:, None]
+    result = train(
+        student, indices, loss_fn, params, seed=ctx.seed, checkpoint_dir=checkpoint_dir, progress=ctx.progress
+    )
+    for param in student.parameters():
+        param.requires_grad_(False)
+    ctx.metrics.update(
+        trajectories=params.samples,
+        heldout_trajectories=params.heldout_samples,
+        teacher_steps=params.teacher_steps,
+        keep=params.keep,
+        levels=[round(level, 6) for level in levels],
+        ode_steps=result.steps,
+        ode_resumed_from_step=result.resumed_from,
+        ode_loss_first=result.losses[0] if result.losses else None,
+        ode_loss_last=result.losses[-1] if result.losses else None,
+        ode_losses=result.losses,
+        heldout_loss_before=round(before, 6),
+        heldout_loss_after=round(heldout_loss(student, held_states, held_conds, levels), 6),
+    )
+    return checkpoint
+
+
+def _part(folder: Path | None, split: str) -> Path | None:
+    return folder / split if folder is not None else None

@@ -1,0 +1,123 @@
+"""``streamify generate`` for video denoisers: a block-causal student chunk by chunk, a bidirectional one whole.
+
+A block-causal model (``convert.causal_video``, ``distill.self_forcing``)
+generates one chunk at a time over its cache with the few-step schedule
+(:func:`~streamify.runtime.video_sampling.denoise_chunk`): the noise of each
+chunk is drawn when it starts, the cache holds sinks + window when the model
+has them, so memory does not grow with the clip. A bidirectional model samples
+the whole clip with Euler steps of its flow ODE. The result reports frames per
+second, denoiser evaluations per frame and the cache's bytes after each chunk.
+
+Written into the output folder (created whole or not at all):
+``latents.safetensors`` (``latents`` ``[1, C, frames, H, W]``); for a model
+that works in RGB pixels (3 channels, as on ``builtin:shapes``), also
+``frames/frame-NNNNN.png`` and ``video.gif`` (Pillow). Latent-space models
+(Wan2.1 with 16 channels) need their VAE to become pixels, which is left to
+diffusers' ``AutoencoderKLWan``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from streamify.errors import UsageError
+from streamify.io.atomic import publish, temp_sibling
+from streamify.progress import SILENT, Progress
+from streamify.runtime.causal_video import VideoCache
+from streamify.runtime.video_sampling import chunk_length, denoise_chunk, sample_clip, shifted_sigmas
+
+GIF_FRAME_MS = 125  # 8 frames a second
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """What to generate: latent frames and size, the student's timesteps or the bidirectional model's steps."""
+
+    frames: int
+    height: int
+    width: int
+    timesteps: tuple[float, ...] = (1000, 750, 500, 250)
+    sample_steps: int = 48
+    shift: float = 1.0
+    seed: int = 0
+
+
+def is_pixel_model(model: nn.Module) -> bool:
+    """True for a denoiser that reads and writes RGB pixels (its latents are frames)."""
+    return (model.config["in_channels"], model.config["out_channels"]) == (3, 3)
+
+
+@torch.no_grad()
+def generate_video(
+    model: nn.Module, condition: torch.Tensor, request: VideoRequest, progress: Progress = SILENT
+) -> tuple[torch.Tensor, dict]:
+    """The clip's latents ``[1, C, frames, H, W]`` and the run's numbers (module doc)."""
+    device = next(model.parameters()).device
+    shape = (1, model.config["in_channels"], request.frames, request.height, request.width)
+    generator = torch.Generator().manual_seed(request.seed)
+    condition = condition.to(device)
+    started = time.perf_counter()
+    if getattr(model, "streamify_video", None) is None:
+        sigmas = shifted_sigmas(request.sample_steps, request.shift)
+        clip, _ = sample_clip(model, torch.randn(shape, generator=generator).to(device), condition, sigmas)
+        seconds = time.perf_counter() - started
+        return clip.cpu(), {
+            "mode": "bidirectional, whole clip",
+            "frames": request.frames,
+            "evaluations_per_frame": round(request.sample_steps / request.frames, 4),
+            "seconds": round(seconds, 3),
+            "frames_per_s": round(request.frames / max(seconds, 1e-9), 3),
+        }
+    step = chunk_length(model)
+    if request.frames % step:
+        raise UsageError(
+            f"--frames {request.frames}: a block-causal model generates whole chunks of {step} latent frames",
+            f"give a multiple of {step}",
+        )
+    sigmas = [t / 1000 for t in request.timesteps]
+    cache, chunks, held = VideoCache(), [], []
+    for _ in progress.track(range(request.frames // step), "chunks", total=request.frames // step):
+        noise = torch.randn((*shape[:2], step, *shape[3:]), generator=generator).to(device)
+        chunks.append(denoise_chunk(model, cache, noise, condition, sigmas, generator=generator).cpu())
+        held.append(cache.nbytes())
+    seconds = time.perf_counter() - started
+    return torch.cat(chunks, dim=2), {
+        "mode": "block-causal, chunk by chunk",
+        "frames": request.frames,
+        "chunk_frames": step,
+        "timesteps": list(request.timesteps),
+        "evaluations_per_frame": round((len(sigmas) + 1) / step, 4),  # the levels and the cache re-run
+        "seconds": round(seconds, 3),
+        "frames_per_s": round(request.frames / max(seconds, 1e-9), 3),
+        "cache_bytes_max": max(held),
+        "cache_bytes_per_chunk": held,
+    }
+
+
+def write_video(latents: torch.Tensor, model: nn.Module, folder: Path) -> list[str]:
+    """Write ``latents`` (and the frames of a pixel model) into the new ``folder``; the names written."""
+    if folder.exists() and any(folder.iterdir()):
+        raise UsageError(f"{folder} exists and is not empty", "give a new folder to -o")
+    tmp = temp_sibling(folder)
+    save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
+    names = ["latents.safetensors"]
+    if is_pixel_model(model):
+        from PIL import Image
+
+        pixels = ((latents[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        images = [Image.fromarray(frame) for frame in pixels]
+        (tmp / "frames").mkdir()
+        for index, image in enumerate(images):
+            image.save(tmp / "frames" / f"frame-{index:05d}.png")
+        images[0].save(tmp / "video.gif", save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
+        names += [f"frames/ ({len(images)} PNG)", "video.gif"]
+    if folder.exists():
+        folder.rmdir()  # empty: the checks above
+    publish(tmp, folder)
+    return names

@@ -1,0 +1,174 @@
+"""Flow-matching sampling of video denoisers: the whole clip (a bidirectional teacher) and chunk by chunk over a
+block-causal cache (a streaming student).
+
+The convention is the one the denoiser kind scores: ``x_s = (1 - s) x_0 + s e``
+at timestep ``1000 s``, the model predicts the velocity ``e - x_0``, so
+``x_0 = x_s - s v``. A noise level is one number for the whole clip or one per
+latent frame of the token grid (stock Wan takes per-token timesteps,
+``[batch, tokens]``, which diffusion forcing and ODE initialisation use to give
+every chunk its own level).
+
+The few-step student (CausVid, Self-Forcing) denoises a chunk at the levels of
+its schedule (e.g. timesteps 1000, 750, 500, 250): at each it predicts ``x_0``
+and, unless it was the last, noises that back to the next level with fresh
+noise; the chunk's ``x_0`` is then run once more at level 0 to write its keys
+and values into the cache, which the next chunk attends to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from streamify.errors import UsageError
+from streamify.runtime.causal_video import VideoCache, caching
+
+
+def shifted_sigmas(steps: int, shift: float = 1.0) -> list[float]:
+    """``steps + 1`` noise levels from 1 to 0, uniform in time, then warped by ``shift`` as Wan's flow-matching
+    scheduler does (``shift s / (1 + (shift - 1) s)``; 1 leaves them uniform)."""
+    levels = [1 - i / steps for i in range(steps + 1)]
+    return [shift * s / (1 + (shift - 1) * s) for s in levels]
+
+
+def _patch(model: nn.Module) -> tuple[int, int, int]:
+    return tuple(model.config["patch_size"])
+
+
+def _per_frame(sigma: torch.Tensor, latents: torch.Tensor, patch_frames: int) -> torch.Tensor:
+    """``[batch, grid frames]`` levels as ``[batch, 1, latent frames, 1, 1]``, to scale latents with."""
+    return sigma.repeat_interleave(patch_frames, dim=1)[:, None, :, None, None].to(latents)
+
+
+def velocity(model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, sigma) -> torch.Tensor:
+    """The model's velocity for ``latents`` at level ``sigma``: a float, ``[batch]`` or ``[batch, grid frames]``."""
+    device = latents.device
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(latents.shape[0])
+    if sigma.ndim == 2:  # one level per frame of the token grid: per-token timesteps
+        patch = _patch(model)
+        per_frame = (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])
+        sigma = sigma.repeat_interleave(per_frame, dim=1)
+    dtype = next(model.parameters()).dtype
+    out = model(
+        hidden_states=latents.to(dtype),
+        timestep=1000 * sigma,
+        encoder_hidden_states=condition.to(dtype),
+        return_dict=False,
+    )[0]
+    return out.float()
+
+
+def predict_clean(model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, sigma) -> torch.Tensor:
+    """``x_0 = x_s - s v``: the model's clean clip from ``latents`` at level ``sigma`` (as in :func:`velocity`)."""
+    v = velocity(model, latents, condition, sigma)
+    scale = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+    if scale.ndim == 1:
+        scale = scale[:, None, None, None, None]
+    elif scale.ndim == 2:
+        scale = _per_frame(scale, latents, _patch(model)[0])
+    return latents.float() - scale * v
+
+
+def noised(clean: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """``(1 - s) x_0 + s e`` for a level per clip (``[batch]``) or per grid frame (``[batch, frames]``)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=clean.device)
+    if sigma.ndim == 1:
+        sigma = sigma[:, None, None, None, None]
+    elif sigma.ndim == 2:
+        sigma = _per_frame(sigma, clean, noise.shape[2] // sigma.shape[1])
+    return (1 - sigma) * clean + sigma * noise
+
+
+@torch.no_grad()
+def sample_clip(
+    model: nn.Module,
+    noise: torch.Tensor,
+    condition: torch.Tensor,
+    sigmas: Sequence[float],
+    keep: Sequence[int] = (),
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Euler steps of the flow ODE over the whole clip from ``noise`` through the levels ``sigmas`` (1 ... 0);
+    returns the end and the states before the steps named in ``keep`` (Self-Forcing's ODE pairs)."""
+    x = noise.float()
+    kept = []
+    for index, (sigma, following) in enumerate(pairwise(sigmas)):
+        if index in keep:
+            kept.append(x.clone())
+        x = x + (following - sigma) * velocity(model, x, condition, sigma)
+    return x, kept
+
+
+def chunk_length(model: nn.Module) -> int:
+    """Latent frames in one chunk of a block-causal model (its spec's chunk times the temporal patch)."""
+    ctl = getattr(model, "streamify_video", None)
+    if ctl is None:
+        raise UsageError("the model is not block-causal", "convert it first: streamify convert causal-video")
+    return ctl.spec.chunk_frames * ctl.patch[0]
+
+
+def denoise_chunk(
+    model: nn.Module,
+    cache: VideoCache,
+    noise: torch.Tensor,
+    condition: torch.Tensor,
+    sigmas: Sequence[float],
+    *,
+    exit_level: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One chunk's clean latents from its ``noise`` over ``cache`` at the few-step levels ``sigmas`` (1 first, 0 not
+    included), then the clean re-run at level 0 that appends the chunk to the cache.
+
+    With ``exit_level`` (Self-Forcing's training rollout) the chunk stops at that level, whose prediction keeps its
+    gradient when gradients are on; the levels before it and the cache re-run never do.
+    """
+    last = len(sigmas) - 1 if exit_level is None else exit_level
+    keep_gradient = exit_level is not None and torch.is_grad_enabled()
+    x = noise.float()
+    for level, sigma in enumerate(sigmas[: last + 1]):
+        with caching(model, cache, write=False), torch.set_grad_enabled(keep_gradient and level == last):
+            clean = predict_clean(model, x, condition, sigma)
+        if level < last:
+            fresh = torch.randn(x.shape, generator=generator).to(x.device) if generator else torch.randn_like(x)
+            x = noised(clean.detach(), fresh, torch.full((x.shape[0],), sigmas[level + 1]))
+    with caching(model, cache, write=True), torch.no_grad():
+        velocity(model, clean.detach(), condition, 0.0)
+    return clean
+
+
+def rollout(
+    model: nn.Module,
+    noise: torch.Tensor,
+    condition: torch.Tensor,
+    sigmas: Sequence[float],
+    *,
+    exits: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The clip's clean latents, generated chunk by chunk over a fresh cache from ``noise`` ``[batch, C, frames, H,
+    W]`` (:func:`denoise_chunk`; ``exits[c]``: chunk ``c``'s exit level when training)."""
+    step = chunk_length(model)
+    if noise.shape[2] % step:
+        raise UsageError(
+            f"the clip has {noise.shape[2]} latent frames, not a whole number of chunks of {step}",
+            f"give a multiple of {step} frames",
+        )
+    cache = VideoCache()
+    chunks = [
+        denoise_chunk(
+            model,
+            cache,
+            noise[:, :, start : start + step],
+            condition,
+            sigmas,
+            exit_level=None if exits is None else exits[index],
+            generator=generator,
+        )
+        for index, start in enumerate(range(0, noise.shape[2], step))
+    ]
+    return torch.cat(chunks, dim=2)
