@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 
@@ -106,9 +107,9 @@ class Reporter(Progress):
 
     def error(self, exc: StreamifyError) -> None:
         """Report an error: always on stderr, and as JSON on stdout in json mode."""
-        self.err.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False)
-        if exc.hint:
-            self.err.print(f"  [bold]fix:[/bold] {exc.hint}")
+        self.err.print(f"[bold red]error:[/bold red] {escape(exc.message)}", markup=True, highlight=False)
+        if exc.hint:  # escaped: a message may hold brackets, such as a tensor's shape
+            self.err.print(f"  [bold]fix:[/bold] {escape(exc.hint)}")
         if self.format == Format.json:
             payload = {"ok": False, "exit_code": int(exc.exit_code), "error": exc.message, "hint": exc.hint}
             if getattr(exc, "result", None) is not None:  # a failed gate: the run's results still count

@@ -98,11 +98,12 @@ def _kind(annotation) -> str:
     if len(options) == 1 and options[0] in (int, float):
         return options[0].__name__
     if len(options) == 1 and typing.get_origin(options[0]) is list:
-        return "ints" if typing.get_args(options[0]) == (int,) else "strs"
+        return {(int,): "ints", (float,): "floats"}.get(typing.get_args(options[0]), "strs")
     return "str"  # strings, choices (Literal), and unions such as int | "auto" read as text, checked by pydantic
 
 
-_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "strs": list[str], "ints": str}
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "strs": list[str], "ints": str, "floats": str}
+_LISTS = {"ints": (int, "integers, e.g. 12,13,14"), "floats": (float, "numbers, e.g. 1000,750,500,250")}
 
 
 def _default_text(info: FieldInfo) -> str:
@@ -113,7 +114,7 @@ def _default_text(info: FieldInfo) -> str:
 
 def _parameter(field: StageField, info: FieldInfo) -> inspect.Parameter:
     help_text = f"{info.description or ''} (default: {_default_text(info)})".strip()
-    if field.kind == "ints":
+    if field.kind in _LISTS:
         help_text += " (comma-separated)"
     if field.kind == "strs":
         help_text += " (repeatable)"
@@ -122,13 +123,13 @@ def _parameter(field: StageField, info: FieldInfo) -> inspect.Parameter:
 
 
 def _value(field: StageField, raw):
-    if field.kind != "ints":
+    if field.kind not in _LISTS:
         return raw
-    parts = [part.strip() for part in raw.split(",") if part.strip()]
-    if not all(part.lstrip("-").isdigit() for part in parts):
-        example = "a comma-separated list of integers, e.g. 12,13,14"
-        raise typer.BadParameter(f"'{raw}' is not {example}", param_hint=field.flag)
-    return [int(part) for part in parts]
+    number, example = _LISTS[field.kind]
+    try:
+        return [number(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"'{raw}' is not a comma-separated list of {example}", param_hint=field.flag) from None
 
 
 def stage_command(stage: Stage):

@@ -177,6 +177,7 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     checkpoint_dir = cache_root() / "train" / content_key(student, train_key) if ctx.use_cache else None
     ctx.progress.log(f"training the causal student on the trajectories ({params.steps} steps)")
     indices = torch.arange(params.samples)[:, None]
+    torch.manual_seed(ctx.seed)  # the chunks' states (checkpoints keep the random states)
     result = train(
         student, indices, loss_fn, params, seed=ctx.seed, checkpoint_dir=checkpoint_dir, progress=ctx.progress
     )

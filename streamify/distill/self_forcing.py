@@ -156,6 +156,7 @@ def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx:
         f"self-forcing: {params.steps} student steps, {params.critic_updates} critic steps each, "
         f"{len(sigmas)}-step rollouts of {chunks} chunks"
     )
+    torch.manual_seed(ctx.seed)  # the rollouts' noise, levels and exits (checkpoints keep the random states)
     result = train(
         student,
         torch.arange(params.samples)[:, None],

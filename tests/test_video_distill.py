@@ -1,0 +1,240 @@
+"""ODE initialisation, self-forcing distillation and video generation of block-causal Wan students."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import streamify.distill.self_forcing as self_forcing_stage
+from conftest import Cli
+from streamify.distill.trainer import Companion, TrainParams, train
+from streamify.io.load import load_checkpoint
+from streamify.pipeline.registry import StageContext, get_stage
+from streamify.progress import SILENT
+from streamify.runtime.causal_video import VideoSpec, enable_causal_video
+from streamify.runtime.video_generate import VideoRequest, generate_video
+from streamify.runtime.video_sampling import rollout
+
+SHAPES = "builtin:shapes"
+
+
+def pixel_wan(seed: int = 0, channels: int = 3, text_dim: int = 24) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
+        out_channels=channels, text_dim=text_dim, freq_dim=16, ffn_dim=48, num_layers=2, rope_max_seq_len=128,
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wans(tmp_path_factory):
+    """A bidirectional pixel Wan teacher, its block-causal student (chunks of 2 frames) and one in latents."""
+    root = tmp_path_factory.mktemp("wans")
+    pixel_wan().save_pretrained(root / "teacher")
+    pixel_wan(channels=4).save_pretrained(root / "latent")
+    result = Cli()("convert", "causal-video", root / "teacher", "-o", root / "student", "--chunk-frames", "2")
+    assert result.exit_code == 0, result.stderr
+    return root
+
+
+def run_stage(name: str, model, params: dict, data: str = SHAPES):
+    stage = get_stage(name)
+    ctx = StageContext(device=torch.device("cpu"), seed=0, data=data)
+    checkpoint = stage.run(load_checkpoint(str(model)), stage.params(**params), ctx)
+    return checkpoint, ctx.metrics
+
+
+def test_ode_init_regresses_the_teachers_trajectories_and_lowers_its_heldout_loss(wans, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    params = dict(samples=12, heldout_samples=4, teacher_steps=8, keep=[0, 2, 4, 6], steps=30, lr=2e-3, grad_accum=1)
+    params.update(frames=4, height=8, width=8, warmup_steps=2)
+    _, metrics = run_stage("distill.ode_init", wans / "student", params)
+    assert metrics["heldout_loss_after"] < 0.7 * metrics["heldout_loss_before"]
+    assert metrics["levels"] == [1.0, 0.75, 0.5, 0.25]
+    stored = sorted((tmp_path / "cache" / "trajectories").glob("*/train/trajectory-*.safetensors"))
+    assert len(stored) == 12 and load_file(stored[0])["states"].shape == (5, 3, 4, 8, 8)
+
+
+def test_ode_trajectories_are_the_teachers_own_euler_samples(wans, tmp_path, monkeypatch):
+    """The stored states, read back on a second run, are the stock bidirectional model's Euler steps."""
+    from streamify.distill.ode_init import OdeInitParams, trajectories
+    from streamify.runtime.video_sampling import shifted_sigmas
+
+    params = OdeInitParams(teacher_steps=4, keep=[0, 2], frames=2, height=4, width=4)
+    teacher = WanTransformer3DModel.from_pretrained(wans / "teacher").eval()
+    condition = torch.randn(1, 3, 24)
+    states = trajectories(teacher, condition, (3, 2, 4, 4), params, 7, tmp_path, SILENT)
+    again = trajectories(teacher, condition, (3, 2, 4, 4), params, 7, tmp_path, SILENT)
+    x = torch.randn(1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(7 * 1_000_003))
+    expected = [x]
+    sigmas = shifted_sigmas(4)
+    with torch.no_grad():
+        for sigma, following in pairwise(sigmas):
+            v = teacher(hidden_states=x, timestep=torch.tensor([1000 * sigma]), encoder_hidden_states=condition)[0]
+            x = x + (following - sigma) * v
+            expected.append(x)
+    assert torch.allclose(states[0], torch.cat([expected[0], expected[2], expected[4]]), atol=1e-5)
+    assert torch.equal(states, again)
+
+
+def test_killed_self_forcing_resumes_to_the_same_weights(wans, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    params = dict(samples=4, heldout_samples=1, steps=6, critic_updates=2, checkpoint_every=2, ema=0.5)
+    params.update(frames=4, height=8, width=8, timesteps=[1000, 500], teacher=str(wans / "teacher"))
+    whole, metrics = run_stage("distill.self_forcing", wans / "student", params)
+    assert len(metrics["dmd_losses"]) == 6 and len(metrics["critic_losses"]) == 6
+    original = self_forcing_stage.train
+
+    def dies_at_step_5(model, blocks, loss_fn, settings, **kwargs):
+        calls = {"count": 0}
+
+        def dying(batch):
+            calls["count"] += 1
+            if calls["count"] == 5:
+                raise KeyboardInterrupt("killed")
+            return loss_fn(batch)
+
+        return original(model, blocks, dying, settings, **kwargs)
+
+    monkeypatch.setattr(self_forcing_stage, "train", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("distill.self_forcing", wans / "student", params)
+    monkeypatch.setattr(self_forcing_stage, "train", original)
+    resumed, again = run_stage("distill.self_forcing", wans / "student", params)
+    assert again["self_forcing_resumed_from_step"] == 4
+    assert again["dmd_losses"] == metrics["dmd_losses"] and again["critic_losses"] == metrics["critic_losses"]
+    first, second = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_trainer_steps_the_companion_its_number_of_times_and_averages_the_weights():
+    torch.manual_seed(0)
+    model, critic = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen = {"model": 0, "critic": 0}
+
+    def model_loss(batch):
+        seen["model"] += 1
+        return model(batch.float()).pow(2).mean()
+
+    def critic_loss(batch):
+        seen["critic"] += 1
+        return critic(batch.float()).pow(2).mean()
+
+    params = TrainParams(steps=4, lr=1e-2, grad_accum=2, warmup_steps=0, schedule="constant")
+    blocks = torch.randn(8, 3)
+    before = critic.weight.detach().clone()
+    result = train(
+        model, blocks, model_loss, params, seed=0, companion=Companion(critic, critic_loss, 1e-2, 3), ema_decay=0.5
+    )
+    assert seen == {"model": 4 * 2, "critic": 4 * 3 * 2} and len(result.companion_losses) == 4
+    assert not torch.equal(critic.weight, before)
+    # the average: with decay 0.5 over 4 steps the start keeps a weight of 1/16
+    assert all(
+        not torch.allclose(result.ema[name], p) and not torch.allclose(result.ema[name], start[name])
+        for name, p in model.named_parameters()
+    )
+
+
+def test_the_rolling_cache_keeps_memory_flat_over_ten_times_the_training_length():
+    model = pixel_wan()
+    enable_causal_video(model, VideoSpec(2, sink_frames=2, window_frames=4))
+    condition = torch.randn(1, 3, 24)
+    latents, result = generate_video(
+        model, condition, VideoRequest(frames=60, height=8, width=8, timesteps=(1000, 500))
+    )
+    held = result["cache_bytes_per_chunk"]
+    assert latents.shape == (1, 3, 60, 8, 8) and len(held) == 30
+    per_frame = 2 * 2 * 16 * 2 * 12 * 4  # layers x (keys, values) x tokens x heads x head_dim x fp32
+    assert held[:3] == [2 * per_frame, 4 * per_frame, 6 * per_frame]
+    assert set(held[3:]) == {(2 + 4) * per_frame}
+    assert result["evaluations_per_frame"] == 1.5
+
+
+def test_a_generated_rollout_is_the_chunk_by_chunk_denoising_with_the_cache():
+    """generate_video's chunks equal a rollout of the same noise, and the first chunk a direct few-step denoise."""
+    model = pixel_wan()
+    enable_causal_video(model, VideoSpec(1))
+    condition = torch.randn(1, 3, 24)
+    request = VideoRequest(frames=3, height=4, width=4, timesteps=(1000,), seed=5)
+    latents, _ = generate_video(model, condition, request)
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.cat([torch.randn(1, 3, 1, 4, 4, generator=generator) for _ in range(3)], dim=2)
+    with torch.no_grad():
+        assert torch.allclose(rollout(model, noise, condition, [1.0]), latents, atol=1e-5)
+        v = model(hidden_states=noise[:, :, :1], timestep=torch.tensor([1000.0]), encoder_hidden_states=condition)[0]
+    assert torch.allclose(latents[:, :, :1], noise[:, :, :1] - v, atol=1e-5)
+
+
+def test_generate_writes_latents_pngs_and_a_gif_of_a_video_student(wans, tmp_path, cli):
+    out = tmp_path / "clip"
+    result = cli(
+        "generate", wans / "student", "--prompt", "red square moving up", "-o", out, "--frames", "6",
+        "--height", "8", "--width", "8", "--format", "json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mode"] == "block-causal, chunk by chunk" and report["frames"] == 6 and report["frames_per_s"] > 0
+    assert load_file(out / "latents.safetensors")["latents"].shape == (1, 3, 6, 8, 8)
+    assert len(list((out / "frames").glob("*.png"))) == 6
+    with Image.open(out / "video.gif") as gif:
+        assert gif.n_frames == 6 and gif.size == (8, 8)
+    again = cli("generate", wans / "student", "--prompt", "red square moving up", "-o", out)
+    assert again.exit_code == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--prompt", "purple square moving up"], 2, "is not a builtin:shapes label"),
+        (["--prompt", "red square moving up", "--frames", "5"], 2, "whole chunks of 2 latent frames"),
+        (["--prompt", "red square moving up", "--timesteps", "500,1000"], 2, "not decreasing numbers"),
+        ([], 2, "needs a condition"),
+    ],
+)
+def test_video_generation_refuses_bad_requests(wans, tmp_path, cli, args, code, message):
+    result = cli("generate", wans / "student", "-o", tmp_path / "out", *args)
+    assert result.exit_code == code and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_condition_file_of_another_width_is_refused(wans, tmp_path, cli):
+    save_file({"condition": torch.randn(5, 7)}, str(tmp_path / "c.safetensors"))
+    result = cli("generate", wans / "student", "-o", tmp_path / "out", "--condition", tmp_path / "c.safetensors")
+    assert result.exit_code == 3 and "c.safetensors" in result.stderr and "[tokens, 24]" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("stage", "model", "args", "code", "message"),
+    [
+        ("ode-init", "teacher", [], 2, "and the model is bidirectional"),
+        ("ode-init", "student", ["--frames", "3"], 2, "not whole chunks of 2 frames"),
+        ("self-forcing", "student", ["--teacher", "latent"], 3, "teacher and student differ in in_channels 4 vs 3"),
+        ("self-forcing", "student", ["--teacher", "student"], 3, "the teacher is block-causal"),
+        ("self-forcing", "student", ["--timesteps", "1000,1000"], 2, "timesteps start at 1000 and decrease"),
+        ("ode-init", "bert", [], 3, "applies to denoiser models"),
+    ],
+)
+def test_video_distillation_refuses_bad_input(wans, tiny_kinds, tmp_path, cli, stage, model, args, code, message):
+    path = tiny_kinds["encoder"] if model == "bert" else wans / model
+    args = [str(wans / a) if a in ("latent", "student") else a for a in args]
+    result = cli("distill", stage, path, "-o", tmp_path / "out", "--data", SHAPES, "--steps", "1", "--no-eval", *args)
+    assert result.exit_code == code and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ode_init_and_self_forcing_read_conditions_from_a_file(wans, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    table = torch.randn(10, 3, 24)
+    save_file({"conditions": table}, str(tmp_path / "prompts.safetensors"))
+    from streamify.distill.video_setup import conditions
+
+    config = {"text_dim": 24}
+    assert torch.equal(conditions(str(tmp_path / "prompts.safetensors"), config, "train", 11, 3)[:9], table[:9])
+    assert torch.equal(conditions(str(tmp_path / "prompts.safetensors"), config, "heldout", 2, 3)[0], table[9])
