@@ -283,7 +283,12 @@ def generate(
     timesteps: Annotated[
         str, typer.Option("--timesteps", help="video, block-causal: the few-step schedule")
     ] = "1000,750,500,250",
-    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="video, bidirectional: Euler steps")] = 48,
+    sample_steps: Annotated[
+        int, typer.Option("--sample-steps", min=1, help="video: Euler steps (a clip or chunk)")
+    ] = 48,
+    euler: Annotated[
+        bool, typer.Option("--euler", help="video, block-causal: --sample-steps Euler steps a chunk, not --timesteps")
+    ] = False,
     shift: Annotated[float, typer.Option("--shift", min=0.01, help="video, bidirectional: flow shift")] = 1.0,
     fmt: FormatOpt = Format.human,
 ) -> None:
@@ -306,7 +311,7 @@ def generate(
         if checkpoint.kind.name == "denoiser":
             from streamify.cli.video import run_video, video_request
 
-            request = video_request(frames, height, width, timesteps, sample_steps, shift, seed)
+            request = video_request(frames, height, width, timesteps, sample_steps, shift, seed, euler)
             run_video(checkpoint, out, prompt=prompt, condition_file=condition, output=output, request=request)
             return
         require_kind(checkpoint, CAUSAL_LM, "generation")

@@ -11,7 +11,7 @@ from streamify.errors import InputError, UsageError
 from streamify.runtime.video_generate import VideoRequest
 
 
-def video_request(frames, height, width, timesteps: str, sample_steps, shift, seed) -> VideoRequest:
+def video_request(frames, height, width, timesteps: str, sample_steps, shift, seed, euler) -> VideoRequest:
     """The request, with ``--timesteps`` read as decreasing numbers from 1000 down to above 0."""
     try:
         levels = tuple(float(t) for t in timesteps.split(","))
@@ -19,7 +19,7 @@ def video_request(frames, height, width, timesteps: str, sample_steps, shift, se
         levels = ()
     if not levels or levels[0] != 1000 or any(b >= a for a, b in pairwise(levels)) or levels[-1] <= 0:
         raise UsageError(f"--timesteps {timesteps}: not decreasing numbers from 1000 down", "e.g. 1000,750,500,250")
-    return VideoRequest(frames, height, width, levels, sample_steps, shift, seed)
+    return VideoRequest(frames, height, width, levels, sample_steps, shift, seed, euler)
 
 
 def video_condition(model, prompt: str | None, condition_file: Path | None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -45,6 +46,17 @@ from streamify.runtime.chunk_causal import CONFIG_KEY as CHUNK_KEY
 from streamify.runtime.chunk_causal import ChunkSpec, enable_chunk_causal
 from streamify.runtime.generate import make_streaming
 from streamify.runtime.spec import read_spec
+
+
+class _OwnConfigKey(logging.Filter):
+    """Drops diffusers' warning that it ignores config keys it does not know, when the key is streamify's own
+    (``streamify_causal_video``): streamify reads it after loading."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return VIDEO_KEY not in record.getMessage()
+
+
+logging.getLogger("diffusers.configuration_utils").addFilter(_OwnConfigKey())
 
 
 def load_checkpoint(

@@ -6,7 +6,8 @@ generates one chunk at a time over its cache with the few-step schedule
 chunk is drawn when it starts, the cache holds sinks + window when the model
 has them, so memory does not grow with the clip. A bidirectional model samples
 the whole clip with Euler steps of its flow ODE. The result reports frames per
-second, denoiser evaluations per frame and the cache's bytes after each chunk.
+second, denoiser evaluations per frame (the passes each frame goes through) and
+the cache's bytes after each chunk.
 
 Written into the output folder (created whole or not at all):
 ``latents.safetensors`` (``latents`` ``[1, C, frames, H, W]``); for a model
@@ -46,6 +47,7 @@ class VideoRequest:
     sample_steps: int = 48
     shift: float = 1.0
     seed: int = 0
+    euler: bool = False  # a block-causal model follows the flow ODE for sample_steps a chunk (not timesteps)
 
 
 def is_pixel_model(model: nn.Module) -> bool:
@@ -70,7 +72,7 @@ def generate_video(
         return clip.cpu(), {
             "mode": "bidirectional, whole clip",
             "frames": request.frames,
-            "evaluations_per_frame": round(request.sample_steps / request.frames, 4),
+            "evaluations_per_frame": request.sample_steps,  # denoiser passes each frame goes through
             "seconds": round(seconds, 3),
             "frames_per_s": round(request.frames / max(seconds, 1e-9), 3),
         }
@@ -80,19 +82,25 @@ def generate_video(
             f"--frames {request.frames}: a block-causal model generates whole chunks of {step} latent frames",
             f"give a multiple of {step}",
         )
-    sigmas = [t / 1000 for t in request.timesteps]
+    if request.euler:
+        sigmas = shifted_sigmas(request.sample_steps, request.shift)[:-1]
+        schedule = {"solver": "euler", "sample_steps": request.sample_steps}
+    else:
+        sigmas = [t / 1000 for t in request.timesteps]
+        schedule = {"solver": "few-step", "timesteps": list(request.timesteps)}
     cache, chunks, held = VideoCache(), [], []
     for _ in progress.track(range(request.frames // step), "chunks", total=request.frames // step):
         noise = torch.randn((*shape[:2], step, *shape[3:]), generator=generator).to(device)
-        chunks.append(denoise_chunk(model, cache, noise, condition, sigmas, generator=generator).cpu())
+        clean = denoise_chunk(model, cache, noise, condition, sigmas, generator=generator, euler=request.euler)
+        chunks.append(clean.cpu())
         held.append(cache.nbytes())
     seconds = time.perf_counter() - started
     return torch.cat(chunks, dim=2), {
         "mode": "block-causal, chunk by chunk",
         "frames": request.frames,
         "chunk_frames": step,
-        "timesteps": list(request.timesteps),
-        "evaluations_per_frame": round((len(sigmas) + 1) / step, 4),  # the levels and the cache re-run
+        **schedule,
+        "evaluations_per_frame": len(sigmas) + 1,  # the levels and the cache re-run
         "seconds": round(seconds, 3),
         "frames_per_s": round(request.frames / max(seconds, 1e-9), 3),
         "cache_bytes_max": max(held),

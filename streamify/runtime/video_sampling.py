@@ -120,13 +120,23 @@ def denoise_chunk(
     *,
     exit_level: int | None = None,
     generator: torch.Generator | None = None,
+    euler: bool = False,
 ) -> torch.Tensor:
     """One chunk's clean latents from its ``noise`` over ``cache`` at the few-step levels ``sigmas`` (1 first, 0 not
     included), then the clean re-run at level 0 that appends the chunk to the cache.
 
     With ``exit_level`` (Self-Forcing's training rollout) the chunk stops at that level, whose prediction keeps its
-    gradient when gradients are on; the levels before it and the cache re-run never do.
+    gradient when gradients are on; the levels before it and the cache re-run never do. With ``euler`` the chunk
+    follows the flow ODE through ``sigmas`` and 0 instead (a many-step model, such as a diffusion-forced one).
     """
+    if euler:
+        x = noise.float()
+        with caching(model, cache, write=False), torch.no_grad():
+            for sigma, following in pairwise([*sigmas, 0.0]):
+                x = x + (following - sigma) * velocity(model, x, condition, sigma)
+        with caching(model, cache, write=True), torch.no_grad():
+            velocity(model, x, condition, 0.0)
+        return x
     last = len(sigmas) - 1 if exit_level is None else exit_level
     keep_gradient = exit_level is not None and torch.is_grad_enabled()
     x = noise.float()

@@ -1,0 +1,228 @@
+"""Self-forcing on ``builtin:shapes``: teacher, diffusion-forced student and self-forcing student, side by side.
+
+There is no pretrained video model on this machine, so the benchmark trains its
+own teacher: a small Wan-architecture transformer (``WanTransformer3DModel``,
+pixels in, patch 1 x 2 x 2) learns ``builtin:shapes`` clips of 8 frames at
+16 x 16 with flow matching. From it come two block-causal students with the
+same chunking (2 frames a chunk) and the same rolling cache (2 sink frames +
+a window of 4):
+
+- diffusion-forced: the teacher's weights under the block-causal mask, trained
+  on the same clips with a noise level per chunk, sampled chunk by chunk with
+  Euler steps (the teacher-forced / diffusion-forced baseline);
+- self-forcing: ``distill.ode_init`` on the teacher's trajectories, then
+  ``distill.self_forcing`` (4 steps a chunk), sampled with those 4 steps.
+
+Each model generates held-out labels' clips of 1x, 4x and 16x the training
+length, every (model, length) in a fresh process for its peak memory. Per
+length: trajectory error (pixels, against the bounce rule from the first
+detected centre), colour error, Fréchet distance of clip statistics to real
+clips of that length, denoiser evaluations per frame, frames per second, the
+cache's bytes at the end and the process's peak RSS.
+
+Run: ``.venv/bin/python benchmarks/self_forcing.py`` (about 40 minutes on 2 cores);
+``--quick`` for a smoke run of a few minutes (numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HORIZONS = (1, 4, 16)
+TRAIN_FRAMES, SIZE, TOKENS, TEXT_DIM = 8, 16, 4, 24
+CHUNK, SINKS, WINDOW = 2, 2, 4
+TEACHER_STEPS = 48
+STUDENT_TIMESTEPS = (1000, 750, 500, 250)
+FULL = {"clips": 4000, "teacher": 1500, "forced": 600, "ode_samples": 192, "ode": 400, "sf": 150, "eval": 8}
+QUICK = {"clips": 64, "teacher": 10, "forced": 5, "ode_samples": 8, "ode": 5, "sf": 2, "eval": 2}
+
+
+def wan_config() -> dict:
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=3, out_channels=3,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=128, num_layers=4, rope_max_seq_len=256,
+    )  # fmt: skip
+
+
+def train_teacher(work: Path, sizes: dict) -> Path:
+    from diffusers import WanTransformer3DModel
+
+    from streamify.data.shapes import clip_latents, label_condition, shapes_clips
+    from streamify.distill.flow_matching import train_on_clips
+    from streamify.distill.trainer import TrainParams
+
+    torch.manual_seed(0)
+    teacher = WanTransformer3DModel(**wan_config())
+    clips = shapes_clips("train", sizes["clips"], TRAIN_FRAMES, SIZE)
+    latents = torch.cat([clip_latents(clip) for clip in clips])
+    conditions = torch.stack([label_condition(clip, TOKENS, TEXT_DIM) for clip in clips])
+    params = TrainParams(steps=sizes["teacher"], lr=1e-3, warmup_steps=50, batch_size=16, grad_accum=1)
+    result = train_on_clips(teacher, latents, conditions, params, seed=0)
+    teacher.save_pretrained(work / "teacher")
+    print(f"teacher: {sizes['teacher']} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}", flush=True)
+    return work / "teacher"
+
+
+def causal(teacher: Path):
+    from streamify.io.load import load_checkpoint
+    from streamify.runtime.causal_video import VideoSpec, enable_causal_video
+
+    checkpoint = load_checkpoint(str(teacher))
+    enable_causal_video(checkpoint.model, VideoSpec(CHUNK, SINKS, WINDOW))
+    return checkpoint
+
+
+def save_causal(checkpoint, folder: Path) -> Path:
+    from streamify.runtime.causal_video import CONFIG_KEY
+
+    model = checkpoint.model
+    model.register_to_config(**{CONFIG_KEY: model.streamify_video.spec.to_json()})
+    model.save_pretrained(folder)
+    return folder
+
+
+def train_forced(teacher: Path, work: Path, sizes: dict) -> Path:
+    from streamify.data.shapes import clip_latents, label_condition, shapes_clips
+    from streamify.distill.flow_matching import train_on_clips
+    from streamify.distill.trainer import TrainParams
+
+    checkpoint = causal(teacher)
+    clips = shapes_clips("train", sizes["clips"], TRAIN_FRAMES, SIZE)
+    latents = torch.cat([clip_latents(clip) for clip in clips])
+    conditions = torch.stack([label_condition(clip, TOKENS, TEXT_DIM) for clip in clips])
+    params = TrainParams(steps=sizes["forced"], lr=3e-4, warmup_steps=20, batch_size=16, grad_accum=1)
+    result = train_on_clips(checkpoint.model, latents, conditions, params, seed=1)
+    print(f"diffusion-forced: {sizes['forced']} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    return save_causal(checkpoint, work / "forced")
+
+
+def train_self_forcing(teacher: Path, work: Path, sizes: dict) -> tuple[Path, dict]:
+    from streamify.pipeline.registry import StageContext, get_stage
+
+    checkpoint = causal(teacher)
+    clip = {"frames": TRAIN_FRAMES, "height": SIZE, "width": SIZE, "condition_tokens": TOKENS}
+    metrics = {}
+    for name, params in (
+        (
+            "distill.ode_init",
+            dict(samples=sizes["ode_samples"], heldout_samples=8, steps=sizes["ode"], lr=3e-4, grad_accum=1,
+                 batch_size=8, teacher_steps=TEACHER_STEPS, warmup_steps=20),
+        ),
+        (
+            "distill.self_forcing",
+            dict(samples=256, heldout_samples=8, steps=sizes["sf"], lr=2e-5, critic_lr=1e-4, critic_updates=5,
+                 batch_size=4, timesteps=list(STUDENT_TIMESTEPS), ema=0.95, teacher=str(teacher)),
+        ),
+    ):  # fmt: skip
+        stage = get_stage(name)
+        ctx = StageContext(device=torch.device("cpu"), seed=0, data="builtin:shapes", use_cache=False)
+        started = time.perf_counter()
+        checkpoint = stage.run(checkpoint, stage.params(**params, **clip), ctx)
+        held = {k: ctx.metrics[k] for k in ("heldout_loss_before", "heldout_loss_after")}
+        metrics[name] = {**held, "seconds": round(time.perf_counter() - started, 1)}
+        print(f"{name}: {metrics[name]}", flush=True)
+    return save_causal(checkpoint, work / "self-forcing"), metrics
+
+
+def generate_one(model: str, frames: int, clips: int, euler: bool) -> dict:
+    """In this (fresh) process: generate ``clips`` held-out labels' clips of ``frames`` frames; the measures."""
+    from streamify.data.shapes import clip_features, colour_error, label_condition, shapes_clips, trajectory_error
+    from streamify.io.load import load_checkpoint
+    from streamify.runtime.video_generate import VideoRequest, generate_video
+
+    torch.set_num_threads(2)
+    checkpoint = load_checkpoint(model)
+    labels = shapes_clips("heldout", clips, 1, SIZE)
+    trajectory, colour, features, reports = [], [], [], []
+    for index, label in enumerate(labels):
+        request = VideoRequest(frames, SIZE, SIZE, STUDENT_TIMESTEPS, TEACHER_STEPS, seed=index, euler=euler)
+        latents, report = generate_video(checkpoint.model, label_condition(label, TOKENS, TEXT_DIM)[None], request)
+        pixels = ((latents[0].permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1)
+        trajectory.append(trajectory_error(pixels, label.direction))
+        colour.append(colour_error(pixels, label.colour))
+        features.append(clip_features(pixels).tolist())
+        reports.append(report)
+    seconds = sum(r["seconds"] for r in reports)
+    return {
+        "trajectory_error": sum(trajectory) / clips,
+        "colour_error": sum(colour) / clips,
+        "features": features,
+        "evaluations_per_frame": reports[0]["evaluations_per_frame"],
+        "frames_per_s": clips * frames / seconds,
+        "cache_bytes_max": reports[0].get("cache_bytes_max"),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def measure(model: Path, frames: int, clips: int, euler: bool) -> dict:
+    command = [sys.executable, __file__, "--generate", str(model), "--frames", str(frames), "--clips", str(clips)]
+    done = subprocess.run(command + (["--euler"] if euler else []), capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def frechet_to_real(features: list, frames: int) -> float:
+    from streamify.data.shapes import clip_features, frechet_distance, shapes_clips
+
+    real = torch.stack([clip_features(c.frames) for c in shapes_clips("heldout", 64, frames, SIZE)])
+    return frechet_distance(torch.tensor(features), real)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temp folder)")
+    parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--frames", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--clips", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--euler", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate:
+        print(json.dumps(generate_one(args.generate, args.frames, args.clips, args.euler)))
+        return
+    torch.set_num_threads(2)
+    sizes = QUICK if args.quick else FULL
+    work = args.work or Path(tempfile.mkdtemp(prefix="self-forcing-"))
+    started = time.perf_counter()
+    teacher = work / "teacher" if (work / "teacher").is_dir() else train_teacher(work, sizes)
+    forced = train_forced(teacher, work, sizes)
+    student, training = train_self_forcing(teacher, work, sizes)
+    rows = {}
+    for name, model, euler in (
+        ("teacher", teacher, False),
+        ("diffusion-forced", forced, True),
+        ("self-forcing", student, False),
+    ):
+        for horizon in HORIZONS:
+            frames = horizon * TRAIN_FRAMES
+            result = measure(model, frames, sizes["eval"], euler)
+            result["frechet"] = frechet_to_real(result.pop("features"), frames)
+            rows[f"{name} {horizon}x"] = result
+            print(name, f"{horizon}x", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    summary = {"sizes": sizes, "training": training, "rows": rows, "seconds": round(time.perf_counter() - started)}
+    (work / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"results: {work / 'results.json'}")
+    print(
+        "| model | length | trajectory error (px) | colour error | Fréchet | evaluations/frame | frames/s | cache | "
+        "peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key, r in rows.items():
+        name, length = key.rsplit(" ", 1)
+        cache = f"{r['cache_bytes_max'] / 2**10:.0f} KiB" if r["cache_bytes_max"] else "none"
+        print(
+            f"| {name} | {length} | {r['trajectory_error']:.2f} | {r['colour_error']:.3f} | {r['frechet']:.3f} | "
+            f"{r['evaluations_per_frame']:.2f} | {r['frames_per_s']:.2f} | {cache} | {r['peak_rss_mib']:.0f} MiB |"
+        )
+
+
+if __name__ == "__main__":
+    main()
