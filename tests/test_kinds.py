@@ -44,7 +44,8 @@ def test_inspect_names_the_kind_and_the_stages_that_apply(cli, tiny_kinds, tiny_
     for kind, folder in tiny_kinds.items():
         facts = _json(cli("inspect", folder, "--format", "json"))
         assert facts["kind"] == kind
-        causal = {"convert.causal"} if kind in ("speech-seq2seq", "encoder") else {"convert.causal_video"}
+        video = {"convert.causal_video", "distill.ode_init", "distill.self_forcing"}
+        causal = {"convert.causal"} if kind in ("speech-seq2seq", "encoder") else video
         assert set(facts["applicable_stages"]) == {"convert.dtype", "quantize.entropy", *causal}
         for stage in TEXT_ONLY_STAGES:
             assert f"this model's kind is {kind}" in facts["other_stages"][stage]

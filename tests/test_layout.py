@@ -107,7 +107,8 @@ def test_inspect_lists_only_the_stages_that_apply(cli, tiny_models):
     import json
 
     llama = json.loads(cli("inspect", tiny_models["llama"], "--format", "json").stdout)
-    other_kinds = {"convert.causal", "convert.causal_video"}  # speech and encoders; video denoisers
+    video = {"convert.causal_video", "distill.ode_init", "distill.self_forcing"}
+    other_kinds = {"convert.causal", *video}  # speech and encoders; video denoisers
     assert set(llama["applicable_stages"]) == set(all_stages()) - other_kinds
     assert set(llama["other_stages"]) == other_kinds and "speech-seq2seq" in llama["other_stages"]["convert.causal"]
     assert "denoiser" in llama["other_stages"]["convert.causal_video"]
