@@ -58,28 +58,46 @@ class OdeInitParams(VideoDistillParams):
         return self
 
 
+class Trajectories:
+    """Stored teacher trajectories, ``[len(keep) + 1, C, F, H, W]`` each: files in the cache, read a batch at a
+    time (a real run's trajectories outgrow memory), or tensors in memory when there is no cache."""
+
+    def __init__(self, items: list[Path | torch.Tensor]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        """``[len(rows), kept + 1, C, F, H, W]``."""
+        picked = [self.items[int(row)] for row in torch.as_tensor(rows).reshape(-1)]
+        return torch.stack([item if isinstance(item, torch.Tensor) else load_file(item)["states"] for item in picked])
+
+
 def trajectories(
     teacher, conds: torch.Tensor, shape: tuple, params: OdeInitParams, seed: int, folder: Path | None, progress
-) -> torch.Tensor:
-    """``[n, len(keep) + 1, C, F, H, W]``: for each condition the teacher's states before the ``keep`` steps and
-    its end, from seeded noise; each is stored in ``folder`` when one is given and read back on a later call."""
+) -> Trajectories:
+    """For each condition the teacher's states before the ``keep`` steps and its end, from seeded noise; each is
+    written to ``folder`` when one is given, and one already there is not sampled again."""
     sigmas = shifted_sigmas(params.teacher_steps, params.shift)
     device = next(teacher.parameters()).device
-    out = []
+    items: list[Path | torch.Tensor] = []
     for index in progress.track(range(conds.shape[0]), "teacher trajectories", total=conds.shape[0]):
         path = folder / f"trajectory-{index:06d}.safetensors" if folder is not None else None
         if path is not None and path.is_file():
-            out.append(load_file(path)["states"])
+            items.append(path)
             continue
         noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
         end, kept = sample_clip(teacher, noise.to(device), conds[index : index + 1].to(device), sigmas, params.keep)
-        states = torch.cat([*kept, end]).cpu()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"states": states.contiguous()}, str(path.with_suffix(".tmp")))
-            path.with_suffix(".tmp").replace(path)
-        out.append(states)
-    return torch.stack(out)
+        states = torch.cat([*kept, end]).cpu().contiguous()
+        if path is None:
+            items.append(states)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"states": states}, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)
+        items.append(path)
+    return Trajectories(items)
 
 
 def regression_loss(student, states: torch.Tensor, conds: torch.Tensor, levels: list[float], generator=None):
@@ -100,13 +118,13 @@ def regression_loss(student, states: torch.Tensor, conds: torch.Tensor, levels: 
 
 
 @torch.no_grad()
-def heldout_loss(student, states: torch.Tensor, conds: torch.Tensor, levels: list[float]) -> float:
+def heldout_loss(student, states: Trajectories, conds: torch.Tensor, levels: list[float]) -> float:
     """:func:`regression_loss` over held-out trajectories at seeded states, one at a time."""
     generator = torch.Generator().manual_seed(HELDOUT_SEED)
     device = next(student.parameters()).device
     losses = [
-        regression_loss(student, states[i : i + 1].to(device), conds[i : i + 1].to(device), levels, generator).item()
-        for i in range(states.shape[0])
+        regression_loss(student, states[[i]].to(device), conds[i : i + 1].to(device), levels, generator).item()
+        for i in range(len(states))
     ]
     return sum(losses) / len(losses)
 
