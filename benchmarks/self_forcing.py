@@ -119,7 +119,7 @@ def train_self_forcing(teacher: Path, work: Path, sizes: dict) -> tuple[Path, di
         ),
         (
             "distill.self_forcing",
-            dict(samples=256, heldout_samples=8, steps=sizes["sf"], lr=2e-5, critic_lr=1e-4, critic_updates=5,
+            dict(samples=256, heldout_samples=8, steps=sizes["sf"], lr=1e-4, critic_lr=3e-4, critic_updates=5,
                  batch_size=4, timesteps=list(STUDENT_TIMESTEPS), ema=0.95, teacher=str(teacher)),
         ),
     ):  # fmt: skip
