@@ -13,11 +13,12 @@ from safetensors.torch import load_file, save_file
 
 import streamify.distill.self_forcing as self_forcing_stage
 from conftest import Cli
+from streamify.cli.video import video_request
 from streamify.distill.trainer import Companion, TrainParams, train
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import SILENT
-from streamify.runtime.causal_video import VideoSpec, enable_causal_video
+from streamify.runtime.causal_video import TIMESTEPS_KEY, VideoSpec, enable_causal_video
 from streamify.runtime.video_generate import VideoRequest, generate_video
 from streamify.runtime.video_sampling import rollout
 
@@ -141,6 +142,9 @@ def test_killed_self_forcing_resumes_to_the_same_weights(wans, tmp_path, monkeyp
         run_stage("distill.self_forcing", wans / "student", params)
     monkeypatch.setattr(self_forcing_stage, "train", original)
     resumed, again = run_stage("distill.self_forcing", wans / "student", params)
+    assert resumed.model.config[TIMESTEPS_KEY] == [1000, 500]  # generate's default schedule for this student
+    request = video_request(resumed.model.config, 4, 8, 8, None, 48, 1.0, 0, False)
+    assert request.timesteps == (1000, 500)
     assert again["self_forcing_resumed_from_step"] == 4
     assert again["dmd_losses"] == metrics["dmd_losses"] and again["critic_losses"] == metrics["critic_losses"]
     first, second = whole.model.state_dict(), resumed.model.state_dict()
@@ -220,7 +224,7 @@ def test_generate_writes_latents_pngs_and_a_gif_of_a_video_student(wans, tmp_pat
     with Image.open(out / "video.gif") as gif:
         assert gif.n_frames == 6 and gif.size == (8, 8)
     again = cli("generate", wans / "student", "--prompt", "red square moving up", "-o", out)
-    assert again.exit_code == 2 and "not empty" in again.stderr
+    assert again.exit_code == 2 and "not an empty folder" in again.stderr
 
 
 @pytest.mark.parametrize(
@@ -229,6 +233,8 @@ def test_generate_writes_latents_pngs_and_a_gif_of_a_video_student(wans, tmp_pat
         (["--prompt", "purple square moving up"], 2, "is not a builtin:shapes label"),
         (["--prompt", "red square moving up", "--frames", "5"], 2, "whole chunks of 2 latent frames"),
         (["--prompt", "red square moving up", "--timesteps", "500,1000"], 2, "not decreasing numbers"),
+        (["--prompt", "red square moving up", "--timesteps", "1000,nan"], 2, "not decreasing numbers"),
+        (["--prompt", "red square moving up", "--height", "7"], 2, "not whole patches of 1 x 2 x 2"),
         ([], 2, "needs a condition"),
     ],
 )

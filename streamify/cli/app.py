@@ -281,8 +281,9 @@ def generate(
     height: Annotated[int, typer.Option("--height", min=1, help="video: latent height")] = 16,
     width: Annotated[int, typer.Option("--width", min=1, help="video: latent width")] = 16,
     timesteps: Annotated[
-        str, typer.Option("--timesteps", help="video, block-causal: the few-step schedule")
-    ] = "1000,750,500,250",
+        str | None,
+        typer.Option("--timesteps", help="video, block-causal: the few-step schedule (default: the trained one)"),
+    ] = None,
     sample_steps: Annotated[
         int, typer.Option("--sample-steps", min=1, help="video: Euler steps (a clip or chunk)")
     ] = 48,
@@ -311,7 +312,8 @@ def generate(
         if checkpoint.kind.name == "denoiser":
             from streamify.cli.video import run_video, video_request
 
-            request = video_request(frames, height, width, timesteps, sample_steps, shift, seed, euler)
+            config = checkpoint.model.config
+            request = video_request(config, frames, height, width, timesteps, sample_steps, shift, seed, euler)
             run_video(checkpoint, out, prompt=prompt, condition_file=condition, output=output, request=request)
             return
         require_kind(checkpoint, CAUSAL_LM, "generation")

@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 from pathlib import Path
 
 import torch
 
 from streamify.errors import InputError, UsageError
-from streamify.runtime.video_generate import VideoRequest
+from streamify.runtime.causal_video import TIMESTEPS_KEY
+from streamify.runtime.video_generate import VideoRequest, check_output
 
 
-def video_request(frames, height, width, timesteps: str, sample_steps, shift, seed, euler) -> VideoRequest:
-    """The request, with ``--timesteps`` read as decreasing numbers from 1000 down to above 0."""
-    try:
-        levels = tuple(float(t) for t in timesteps.split(","))
-    except ValueError:
+def video_request(
+    config, frames: int, height: int, width: int, timesteps: str | None, sample_steps, shift, seed, euler
+) -> VideoRequest:
+    """The request: ``--timesteps`` read as decreasing numbers from 1000 down to above 0 (default: the schedule
+    the student was trained with, else 1000,750,500,250); the clip in whole patches of the model."""
+    if timesteps is None:
+        levels = tuple(config.get(TIMESTEPS_KEY) or (1000, 750, 500, 250))
+    else:
+        try:
+            levels = tuple(float(t) for t in timesteps.split(","))
+        except ValueError:
+            levels = ()
+    if not all(map(math.isfinite, levels)) or not levels or levels[0] != 1000 or levels[-1] <= 0:
         levels = ()
-    if not levels or levels[0] != 1000 or any(b >= a for a, b in pairwise(levels)) or levels[-1] <= 0:
+    if not levels or any(b >= a for a, b in pairwise(levels)):
         raise UsageError(f"--timesteps {timesteps}: not decreasing numbers from 1000 down", "e.g. 1000,750,500,250")
+    patch = config["patch_size"]
+    if frames % patch[0] or height % patch[1] or width % patch[2]:
+        raise UsageError(
+            f"--frames {frames} --height {height} --width {width}: not whole patches of {' x '.join(map(str, patch))}",
+            "give multiples of the model's patch size (frames, height, width)",
+        )
     return VideoRequest(frames, height, width, levels, sample_steps, shift, seed, euler)
 
 
@@ -62,6 +78,7 @@ def run_video(checkpoint, out, *, prompt, condition_file, output, request) -> No
 
     if output is None:
         raise UsageError("video generation writes a folder", "pass -o FOLDER")
+    check_output(output)
     model = checkpoint.model
     condition = video_condition(model, prompt, condition_file)
     latents, result = generate_video(model, condition, request, progress=out)

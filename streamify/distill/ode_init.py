@@ -18,6 +18,8 @@ measured before and after training.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -94,8 +96,9 @@ def trajectories(
             items.append(states)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"states": states}, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").replace(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several processes may write the same one
+        save_file({"states": states}, str(tmp))
+        tmp.replace(path)
         items.append(path)
     return Trajectories(items)
 
@@ -170,7 +173,8 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     if teacher is None:
         disable_causal_video(student)  # the input's own bidirectional attention samples the trajectories
     settings = {"shape": shape, "steps": params.teacher_steps, "keep": params.keep, "shift": params.shift}
-    key = content_key(sampler, {**settings, "data": ctx.data, "seed": ctx.seed})
+    conds_hash = hashlib.sha256(torch.cat((train_conds, held_conds)).numpy().tobytes()).hexdigest()
+    key = content_key(sampler, {**settings, "conditions": conds_hash, "seed": ctx.seed})
     folder = cache_root() / "trajectories" / key if ctx.use_cache else None
     try:
         ctx.progress.log(f"sampling {params.samples + params.heldout_samples} teacher trajectories")
@@ -191,7 +195,13 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
         rows = batch[:, 0].cpu()
         return regression_loss(student, train_states[rows].to(device), train_conds[rows].to(device), levels)
 
-    train_key = {"phase": "ode_init", "params": result_params(params), **settings, "data": ctx.data, "seed": ctx.seed}
+    train_key = {
+        "phase": "ode_init",
+        "params": result_params(params),
+        **settings,
+        "trajectories": key,
+        "seed": ctx.seed,
+    }
     checkpoint_dir = cache_root() / "train" / content_key(student, train_key) if ctx.use_cache else None
     ctx.progress.log(f"training the causal student on the trajectories ({params.steps} steps)")
     indices = torch.arange(params.samples)[:, None]

@@ -38,7 +38,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import load_checkpoint
 from streamify.model.fingerprint import content_key
 from streamify.pipeline.registry import StageContext, register
-from streamify.runtime.causal_video import video_parts
+from streamify.runtime.causal_video import TIMESTEPS_KEY, video_parts
 from streamify.runtime.video_sampling import chunk_length, noised, rollout, velocity
 
 HELDOUT_SEED = 54_321
@@ -172,6 +172,7 @@ def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx:
         param.requires_grad_(False)
         if result.ema is not None:
             param.data.copy_(result.ema[name])
+    student.register_to_config(**{TIMESTEPS_KEY: list(params.timesteps)})  # generate's default schedule
     ctx.metrics.update(
         timesteps=params.timesteps,
         critic_updates=params.critic_updates,

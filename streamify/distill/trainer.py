@@ -95,7 +95,9 @@ class Ema:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
-        self.weights = {name: w.clone() for name, w in state["weights"].items()}
+        with torch.no_grad():
+            for name, weight in state["weights"].items():  # accelerate loads onto the CPU: keep the devices
+                self.weights[name].copy_(weight)
 
 
 @dataclass
@@ -185,7 +187,9 @@ def train(
     average and random states are saved (``Accelerator.save_state``) every
     ``checkpoint_every`` steps and a later call with the same directory
     resumes from them; the directory is removed at the end. Only the main
-    process logs.
+    process logs. Random draws inside ``loss_fn`` (noise, levels) come from
+    torch's generator, seeded per process, so they depend on the number of
+    processes (the batches do not).
     """
     device = next(model.parameters()).device
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -194,6 +198,8 @@ def train(
     accelerator = _accelerator(params, device)
     world = accelerator.num_processes
     check_share(params.grad_accum, world, "training")
+    if world > 1:  # the random draws inside the losses (noise, levels) differ from process to process
+        torch.manual_seed(torch.initial_seed() + accelerator.process_index)
     if not accelerator.is_main_process:
         progress = SILENT
     optimizer = torch.optim.AdamW(named.values(), lr=params.lr, weight_decay=params.weight_decay)

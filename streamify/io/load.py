@@ -49,8 +49,8 @@ from streamify.runtime.spec import read_spec
 
 
 class _OwnConfigKey(logging.Filter):
-    """Drops diffusers' warning that it ignores config keys it does not know, when the key is streamify's own
-    (``streamify_causal_video``): streamify reads it after loading."""
+    """Drops diffusers' warning that it ignores config keys it does not know, when the keys are streamify's own
+    (``streamify_causal_video``, ``streamify_video_timesteps``): streamify reads them after loading."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return VIDEO_KEY not in record.getMessage()

@@ -35,6 +35,7 @@ from streamify.arch import family_key, require
 from streamify.errors import InputError, UsageError
 
 CONFIG_KEY = "streamify_causal_video"
+TIMESTEPS_KEY = "streamify_video_timesteps"  # the few-step schedule a student was trained with (self-forcing)
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,15 @@ def generate_video(
     }
 
 
+def check_output(folder: Path) -> None:
+    """UsageError unless ``folder`` is new or an empty folder."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UsageError(f"{folder} exists and is not an empty folder", "give a new folder to -o")
+
+
 def write_video(latents: torch.Tensor, model: nn.Module, folder: Path) -> list[str]:
     """Write ``latents`` (and the frames of a pixel model) into the new ``folder``; the names written."""
-    if folder.exists() and any(folder.iterdir()):
-        raise UsageError(f"{folder} exists and is not empty", "give a new folder to -o")
+    check_output(folder)
     tmp = temp_sibling(folder)
     save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
     names = ["latents.safetensors"]
