@@ -199,7 +199,7 @@ def train(
     world = accelerator.num_processes
     check_share(params.grad_accum, world, "training")
     if world > 1:  # the random draws inside the losses (noise, levels) differ from process to process
-        torch.manual_seed(torch.initial_seed() + accelerator.process_index)
+        torch.manual_seed((torch.initial_seed() + accelerator.process_index) % 2**63)
     if not accelerator.is_main_process:
         progress = SILENT
     optimizer = torch.optim.AdamW(named.values(), lr=params.lr, weight_decay=params.weight_decay)
