@@ -188,7 +188,9 @@ def frechet_to_real(features: list, frames: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temp folder)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the models here; a teacher or forced student there is reused"
+    )
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--clips", type=int, default=0, help=argparse.SUPPRESS)
@@ -202,7 +204,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="self-forcing-"))
     started = time.perf_counter()
     teacher = work / "teacher" if (work / "teacher").is_dir() else train_teacher(work, sizes)
-    forced = train_forced(teacher, work, sizes)
+    forced = work / "forced" if (work / "forced").is_dir() else train_forced(teacher, work, sizes)
     student, training = train_self_forcing(teacher, work, sizes)
     rows = {}
     for name, model, euler in (
