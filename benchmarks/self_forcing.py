@@ -185,12 +185,35 @@ def frechet_to_real(features: list, frames: int) -> float:
     return frechet_distance(torch.tensor(features), real)
 
 
+def references(clips: int) -> dict:
+    """Trajectory errors of real held-out clips: as they are, with their frames shuffled in time (no coherent
+    motion), and with the first frame held still (no motion), at each length."""
+    from streamify.data.shapes import shapes_clips, trajectory_error
+
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for horizon in HORIZONS:
+        frames = horizon * TRAIN_FRAMES
+        real = shapes_clips("heldout", clips, frames, SIZE)
+        variants = {
+            "real": [c.frames for c in real],
+            "shuffled": [c.frames[torch.randperm(frames, generator=generator)] for c in real],
+            "still": [c.frames[:1].expand(frames, -1, -1, -1) for c in real],
+        }
+        out[f"{horizon}x"] = {
+            name: round(sum(trajectory_error(f, c.direction) for f, c in zip(v, real, strict=True)) / clips, 2)
+            for name, v in variants.items()
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--work", type=Path, default=None, help="keep the models here; a teacher or forced student there is reused"
     )
+    parser.add_argument("--references", action="store_true", help="only the trajectory errors of real clips")
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--clips", type=int, default=0, help=argparse.SUPPRESS)
@@ -201,6 +224,9 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     sizes = QUICK if args.quick else FULL
+    if args.references:
+        print(json.dumps(references(sizes["eval"])))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="self-forcing-"))
     started = time.perf_counter()
     teacher = work / "teacher" if (work / "teacher").is_dir() else train_teacher(work, sizes)
@@ -218,7 +244,8 @@ def main() -> None:
             result["frechet"] = frechet_to_real(result.pop("features"), frames)
             rows[f"{name} {horizon}x"] = result
             print(name, f"{horizon}x", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
-    summary = {"sizes": sizes, "training": training, "rows": rows, "seconds": round(time.perf_counter() - started)}
+    summary = {"sizes": sizes, "training": training, "rows": rows, "references": references(sizes["eval"])}
+    summary["seconds"] = round(time.perf_counter() - started)
     (work / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"results: {work / 'results.json'}")
     print(
