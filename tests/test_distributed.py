@@ -148,6 +148,8 @@ def test_every_stage_that_trains_is_counted():
         "prune.depth": ({"remove": 1, "heal": {"steps": 2}}, {"remove": 1}),
         "convert.causal": ({"steps": 2}, {"steps": 0}),
         "distill.heal": ({"steps": 2}, None),  # always trains (steps >= 1)
+        "distill.ode_init": ({"steps": 2}, None),
+        "distill.self_forcing": ({"steps": 2}, None),
     }
     stages = all_stages()
     assert {n for n, s in stages.items() if {"steps", "heal"} & set(s.params.model_fields)} == set(training)

@@ -181,7 +181,10 @@ class BlockExecutor:
 
         def drop(index: int) -> None:  # recycled buffers are not freed: give memory back once a forward
             self.drop(index, trim=not ahead.recycles or index == len(self.blocks) - 1)
-            ahead.release(index)
+            if torch.is_grad_enabled():  # the autograd graph may hold them for the backward pass: never reused
+                ahead.forget(index)
+            else:
+                ahead.release(index)
 
         for index, block in enumerate(self.blocks):
             block.register_forward_pre_hook(lambda module, args, i=index: bring(i))
@@ -255,6 +258,11 @@ class _Prefetcher:
         """Block ``index`` has run (its parameters are on the meta device): its buffers can be reused."""
         for buffer in self.lent.pop(index, []):
             self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append(buffer)
+
+    def forget(self, index: int) -> None:
+        """Block ``index`` has run in a forward that records gradients: its buffers are left to whoever holds
+        them (freed with the graph), not reused."""
+        self.lent.pop(index, None)
 
     def _reader(self, index: int) -> Callable[[], dict[str, torch.Tensor]]:
         names = self.block_names[index]
