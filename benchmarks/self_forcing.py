@@ -135,7 +135,14 @@ def train_self_forcing(teacher: Path, work: Path, sizes: dict) -> tuple[Path, di
 
 def generate_one(model: str, frames: int, clips: int, euler: bool) -> dict:
     """In this (fresh) process: generate ``clips`` held-out labels' clips of ``frames`` frames; the measures."""
-    from streamify.data.shapes import clip_features, colour_error, label_condition, shapes_clips, trajectory_error
+    from streamify.data.shapes import (
+        clip_features,
+        colour_error,
+        label_condition,
+        latents_frames,
+        shapes_clips,
+        trajectory_error,
+    )
     from streamify.io.load import load_checkpoint
     from streamify.runtime.video_generate import VideoRequest, generate_video
 
@@ -149,7 +156,7 @@ def generate_one(model: str, frames: int, clips: int, euler: bool) -> dict:
     for index, label in enumerate(labels):
         request = VideoRequest(frames, SIZE, SIZE, STUDENT_TIMESTEPS, TEACHER_STEPS, seed=index, euler=euler)
         latents, report = generate_video(checkpoint.model, label_condition(label, TOKENS, TEXT_DIM)[None], request)
-        pixels = ((latents[0].permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1)
+        pixels = latents_frames(latents)
         trajectory.append(trajectory_error(pixels, label.direction))
         colour.append(colour_error(pixels, label.colour))
         features.append(clip_features(pixels).tolist())

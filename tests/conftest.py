@@ -202,3 +202,20 @@ def write_clips(folder: Path, texts: list[str], rate: int = 16000) -> Path:
         soundfile.write(folder / f"clip{index:02d}.wav", tone.astype(np.float32), rate, subtype="PCM_16")
         (folder / f"clip{index:02d}.txt").write_text(text)
     return folder
+
+
+def killed_at_call(train, call: int):
+    """``train`` whose loss function raises KeyboardInterrupt at its ``call``-th call (a killed run)."""
+
+    def dying_train(model, blocks, loss_fn, settings, **kwargs):
+        calls = {"count": 0}
+
+        def dying(batch):
+            calls["count"] += 1
+            if calls["count"] == call:
+                raise KeyboardInterrupt("killed")
+            return loss_fn(batch)
+
+        return train(model, blocks, dying, settings, **kwargs)
+
+    return dying_train

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import streamify
 import streamify.distill.hybrid as hybrid_stage
-from conftest import tiny_model
+from conftest import killed_at_call, tiny_model
 from streamify.distill.hybrid import HybridParams, kl_guided_layers
 from streamify.distill.hybrid_model import to_hybrid
 from streamify.io.load import load_checkpoint
@@ -242,19 +242,7 @@ def test_killed_alignment_resumes_to_the_same_weights(tiny_models, tmp_path, mon
 
     whole, _ = run()
     original = hybrid_stage.train
-
-    def dies_at_step_5(model, blocks, loss_fn, settings, **kwargs):
-        calls = {"count": 0}
-
-        def dying(batch):
-            calls["count"] += 1
-            if calls["count"] == 5:
-                raise KeyboardInterrupt("killed")
-            return loss_fn(batch)
-
-        return original(model, blocks, dying, settings, **kwargs)
-
-    monkeypatch.setattr(hybrid_stage, "train", dies_at_step_5)
+    monkeypatch.setattr(hybrid_stage, "train", killed_at_call(original, 5))  # at step 5
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(hybrid_stage, "train", original)

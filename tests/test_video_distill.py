@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import streamify.distill.self_forcing as self_forcing_stage
-from conftest import Cli
+from conftest import Cli, killed_at_call
 from streamify.cli.video import video_request
 from streamify.distill.trainer import Companion, TrainParams, train
 from streamify.io.load import load_checkpoint
@@ -125,19 +125,7 @@ def test_killed_self_forcing_resumes_to_the_same_weights(wans, tmp_path, monkeyp
     whole, metrics = run_stage("distill.self_forcing", wans / "student", params)
     assert len(metrics["dmd_losses"]) == 6 and len(metrics["critic_losses"]) == 6
     original = self_forcing_stage.train
-
-    def dies_at_step_5(model, blocks, loss_fn, settings, **kwargs):
-        calls = {"count": 0}
-
-        def dying(batch):
-            calls["count"] += 1
-            if calls["count"] == 5:
-                raise KeyboardInterrupt("killed")
-            return loss_fn(batch)
-
-        return original(model, blocks, dying, settings, **kwargs)
-
-    monkeypatch.setattr(self_forcing_stage, "train", dies_at_step_5)
+    monkeypatch.setattr(self_forcing_stage, "train", killed_at_call(original, 5))  # at step 5
     with pytest.raises(KeyboardInterrupt):
         run_stage("distill.self_forcing", wans / "student", params)
     monkeypatch.setattr(self_forcing_stage, "train", original)
@@ -278,3 +266,9 @@ def test_ode_init_and_self_forcing_read_conditions_from_a_file(wans, tmp_path, m
     config = {"text_dim": 24}
     assert torch.equal(conditions(str(tmp_path / "prompts.safetensors"), config, "train", 11, 3)[:9], table[:9])
     assert torch.equal(conditions(str(tmp_path / "prompts.safetensors"), config, "heldout", 2, 3)[0], table[9])
+    logged = []
+    progress = type("Log", (), {"log": lambda self, line: logged.append(line)})()
+    conditions(str(tmp_path / "prompts.safetensors"), config, "train", 11, 3, progress)
+    assert logged == [
+        f"{tmp_path / 'prompts.safetensors'}: 9 train prompts for 11 samples: each is used more than once"
+    ]

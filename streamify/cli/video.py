@@ -47,14 +47,10 @@ def video_condition(model, prompt: str | None, condition_file: Path | None) -> t
 
     dim = model.config["text_dim"]
     if condition_file is not None:
-        from safetensors import SafetensorError, safe_open
+        from streamify.io.safetensors_file import read_named_tensor
 
         hint = "write the prompt's text-encoder states as a 'condition' tensor [tokens, text_dim] in a .safetensors"
-        try:
-            with safe_open(str(condition_file), "pt") as handle:
-                condition = handle.get_tensor("condition").float()
-        except (SafetensorError, OSError, KeyError) as exc:
-            raise InputError(f"{condition_file}: cannot read a 'condition' tensor ({exc})", hint) from exc
+        condition = read_named_tensor(condition_file, "condition", hint)
         if condition.ndim != 2 or condition.shape[1] != dim:
             raise InputError(
                 f"{condition_file}: 'condition' is {list(condition.shape)}, the model needs [tokens, {dim}]", hint

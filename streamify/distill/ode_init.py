@@ -28,11 +28,15 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from streamify.distill.trainer import result_params, train
-from streamify.distill.video_setup import VideoDistillParams, check_teacher, clip_shape, conditions, freeze
-from streamify.errors import UsageError
+from streamify.distill.video_setup import (
+    VideoDistillParams,
+    clip_shape,
+    load_teacher,
+    require_causal_student,
+    train_and_heldout,
+)
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import load_checkpoint
 from streamify.model.fingerprint import content_key
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import SILENT
@@ -132,15 +136,6 @@ def heldout_loss(student, states: Trajectories, conds: torch.Tensor, levels: lis
     return sum(losses) / len(losses)
 
 
-def _teacher(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageContext, where: str):
-    """The named teacher, or None: the input itself with its stock attention."""
-    if params.teacher is None:
-        return None
-    teacher = freeze(load_checkpoint(params.teacher, device=str(ctx.device), progress=ctx.progress).model)
-    check_teacher(teacher, checkpoint.model, where)
-    return teacher
-
-
 def _plan_check(params: OdeInitParams, model, where: str) -> dict:
     video_parts(model, where)
     return {"keep": params.keep, "teacher_steps": params.teacher_steps}
@@ -158,18 +153,15 @@ def _plan_check(params: OdeInitParams, model, where: str) -> dict:
 def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageContext) -> Checkpoint:
     """Sample teacher trajectories, then train the block-causal student to regress their ends."""
     student, where = checkpoint.model, checkpoint.source.spec
-    ctl = getattr(student, "streamify_video", None)
-    if ctl is None:
-        raise UsageError(
-            f"{where}: distill.ode_init trains a block-causal student, and the model is bidirectional",
-            "run convert.causal_video before it (a recipe stage, or streamify convert causal-video)",
-        )
+    hint = "run convert.causal_video before it (a recipe stage, or streamify convert causal-video)"
+    require_causal_student(student, "distill.ode_init", where, hint)
     shape = clip_shape(student, params, "distill.ode_init")
-    teacher = _teacher(checkpoint, params, ctx, where)
-    train_conds = conditions(ctx.data, student.config, "train", params.samples, params.condition_tokens)
-    held_conds = conditions(ctx.data, student.config, "heldout", params.heldout_samples, params.condition_tokens)
+    teacher = None  # the input itself with its stock attention, unless one is named
+    if params.teacher is not None:
+        teacher = load_teacher(params.teacher, student, ctx.device, ctx.progress, where)
+    train_conds, held_conds = train_and_heldout(ctx.data, student.config, params, ctx.progress)
     sampler = teacher if teacher is not None else student
-    spec = ctl.spec
+    spec = student.streamify_video.spec
     if teacher is None:
         disable_causal_video(student)  # the input's own bidirectional attention samples the trajectories
     settings = {"shape": shape, "steps": params.teacher_steps, "keep": params.keep, "shift": params.shift}

@@ -31,11 +31,15 @@ from pydantic import Field, model_validator
 
 from streamify.distill.dmd import critic_loss, dmd_loss
 from streamify.distill.trainer import Companion, result_params, train
-from streamify.distill.video_setup import VideoDistillParams, check_teacher, clip_shape, conditions, freeze
-from streamify.errors import UsageError
+from streamify.distill.video_setup import (
+    VideoDistillParams,
+    clip_shape,
+    load_teacher,
+    require_causal_student,
+    train_and_heldout,
+)
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import load_checkpoint
 from streamify.model.fingerprint import content_key
 from streamify.pipeline.registry import StageContext, register
 from streamify.runtime.causal_video import TIMESTEPS_KEY, video_parts
@@ -90,15 +94,6 @@ def heldout_teacher_loss(student, teacher, conds: torch.Tensor, shape: tuple, si
     return sum(losses) / len(losses)
 
 
-def _teacher(checkpoint: Checkpoint, params: SelfForcingParams, ctx: StageContext):
-    """The named teacher, else the run's input model, frozen and checked against the student."""
-    spec = params.teacher or checkpoint.source.spec
-    where = f"distill.self_forcing teacher {spec}"
-    teacher = freeze(load_checkpoint(spec, device=str(ctx.device), progress=ctx.progress).model)
-    check_teacher(teacher, checkpoint.model, where)
-    return teacher
-
-
 def _plan_check(params: SelfForcingParams, model, where: str) -> dict:
     video_parts(model, where)
     return {"timesteps": params.timesteps, "critic_updates": params.critic_updates}
@@ -116,18 +111,15 @@ def _plan_check(params: SelfForcingParams, model, where: str) -> dict:
 def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx: StageContext) -> Checkpoint:
     """Train the block-causal student on its own rollouts against the teacher and a critic."""
     student, where = checkpoint.model, checkpoint.source.spec
-    if getattr(student, "streamify_video", None) is None:
-        raise UsageError(
-            f"{where}: distill.self_forcing trains a block-causal student, and the model is bidirectional",
-            "run convert.causal_video (and distill.ode_init) before it",
-        )
+    hint = "run convert.causal_video (and distill.ode_init) before it"
+    require_causal_student(student, "distill.self_forcing", where, hint)
     shape = clip_shape(student, params, "distill.self_forcing")
-    teacher = _teacher(checkpoint, params, ctx)
+    spec = params.teacher or where  # default: the run's input model
+    teacher = load_teacher(spec, student, ctx.device, ctx.progress, f"distill.self_forcing teacher {spec}")
     critic = copy.deepcopy(teacher).float()
     for param in critic.parameters():
         param.requires_grad_(True)
-    train_conds = conditions(ctx.data, student.config, "train", params.samples, params.condition_tokens)
-    held_conds = conditions(ctx.data, student.config, "heldout", params.heldout_samples, params.condition_tokens)
+    train_conds, held_conds = train_and_heldout(ctx.data, student.config, params, ctx.progress)
     sigmas = [t / 1000 for t in params.timesteps]
     chunks = params.frames // chunk_length(student)
     device = next(student.parameters()).device

@@ -20,7 +20,9 @@ from torch import nn
 
 from streamify.distill.trainer import TrainParams
 from streamify.errors import InputError, UsageError
+from streamify.io.safetensors_file import read_named_tensor
 from streamify.kinds.denoiser import RANDOM_LATENTS, SHAPES
+from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import CONFIG_KEY
 from streamify.runtime.video_sampling import chunk_length
 
@@ -53,8 +55,9 @@ def clip_shape(model: nn.Module, params: VideoDistillParams, where: str) -> tupl
     return model.config["in_channels"], params.frames, params.height, params.width
 
 
-def conditions(data: str, config, split: str, count: int, tokens: int) -> torch.Tensor:
-    """``[count, tokens, text_dim]`` conditions of ``split`` (train or heldout) from ``data`` (module doc)."""
+def conditions(data: str, config, split: str, count: int, tokens: int, progress: Progress = SILENT) -> torch.Tensor:
+    """``[count, tokens, text_dim]`` conditions of ``split`` (train or heldout) from ``data`` (module doc); a file
+    with fewer prompts than ``count`` has them repeated, which is logged."""
     dim = config["text_dim"]
     if data == SHAPES:
         from streamify.data.shapes import label_condition, shapes_clips
@@ -63,26 +66,30 @@ def conditions(data: str, config, split: str, count: int, tokens: int) -> torch.
     if data == RANDOM_LATENTS:
         generator = torch.Generator().manual_seed(0 if split == "train" else 1)
         return torch.randn(count, tokens, dim, generator=generator)
-    return _file_conditions(Path(data), split, count, dim)
+    return _file_conditions(Path(data), split, count, dim, progress)
 
 
-def _file_conditions(path: Path, split: str, count: int, dim: int) -> torch.Tensor:
-    from safetensors import SafetensorError, safe_open
+def train_and_heldout(data: str, config, params: VideoDistillParams, progress: Progress) -> tuple:
+    """The ``samples`` training and ``heldout_samples`` held-out conditions of a stage (:func:`conditions`)."""
+    return (
+        conditions(data, config, "train", params.samples, params.condition_tokens, progress),
+        conditions(data, config, "heldout", params.heldout_samples, params.condition_tokens, progress),
+    )
 
+
+def _file_conditions(path: Path, split: str, count: int, dim: int, progress: Progress) -> torch.Tensor:
     hint = "give a .safetensors file with a 'conditions' tensor [prompts, tokens, text_dim], or builtin:shapes"
     if path.suffix != ".safetensors" or not path.is_file():
         raise InputError(f"--data {path}: not a .safetensors file of conditions, nor {SHAPES} / {RANDOM_LATENTS}", hint)
-    try:
-        with safe_open(str(path), "pt") as handle:
-            table = handle.get_tensor("conditions").float()
-    except (SafetensorError, OSError, KeyError) as exc:
-        raise InputError(f"{path}: cannot read a 'conditions' tensor ({exc})", hint) from exc
+    table = read_named_tensor(path, "conditions", hint)
     if table.ndim != 3 or table.shape[2] != dim or table.shape[0] < 2:
         raise InputError(
             f"{path}: 'conditions' is {list(table.shape)}; the model needs [prompts >= 2, tokens, {dim}]", hint
         )
     held = max(1, table.shape[0] // 10)
     rows = table[:-held] if split == "train" else table[-held:]
+    if rows.shape[0] < count:
+        progress.log(f"{path}: {rows.shape[0]} {split} prompts for {count} samples: each is used more than once")
     return rows[torch.arange(count) % rows.shape[0]]  # repeated when fewer than asked
 
 
@@ -106,6 +113,21 @@ def check_teacher(teacher: nn.Module, student: nn.Module, where: str) -> None:
 
 def _listed(value) -> tuple:
     return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def require_causal_student(student: nn.Module, stage: str, where: str, hint: str) -> None:
+    """UsageError unless ``student`` is block-causal (``convert.causal_video`` ran)."""
+    if getattr(student, "streamify_video", None) is None:
+        raise UsageError(f"{where}: {stage} trains a block-causal student, and the model is bidirectional", hint)
+
+
+def load_teacher(spec: str, student: nn.Module, device, progress, where: str) -> nn.Module:
+    """The teacher ``spec``, loaded frozen and checked against ``student`` (:func:`check_teacher`)."""
+    from streamify.io.load import load_checkpoint
+
+    teacher = freeze(load_checkpoint(spec, device=str(device), progress=progress).model)
+    check_teacher(teacher, student, where)
+    return teacher
 
 
 def freeze(model: nn.Module) -> nn.Module:

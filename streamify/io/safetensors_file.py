@@ -168,3 +168,14 @@ def stamp_metadata(path: Path, extra: dict[str, str]) -> None:
             fh.seek(8 + length)
             shutil.copyfileobj(fh, out, 1 << 24)
     tmp.replace(path)
+
+
+def read_named_tensor(path: Path, name: str, hint: str):
+    """The float tensor ``name`` of the .safetensors file ``path``; InputError naming the file when it cannot."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return handle.get_tensor(name).float()
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise InputError(f"{path}: cannot read a '{name}' tensor ({exc})", hint) from exc

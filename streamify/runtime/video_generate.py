@@ -123,7 +123,9 @@ def write_video(latents: torch.Tensor, model: nn.Module, folder: Path) -> list[s
     if is_pixel_model(model):
         from PIL import Image
 
-        pixels = ((latents[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        from streamify.data.shapes import latents_frames
+
+        pixels = (latents_frames(latents).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
         images = [Image.fromarray(frame) for frame in pixels]
         (tmp / "frames").mkdir()
         for index, image in enumerate(images):
