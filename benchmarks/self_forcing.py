@@ -41,6 +41,7 @@ HORIZONS = (1, 4, 16)
 TRAIN_FRAMES, SIZE, TOKENS, TEXT_DIM = 8, 16, 4, 24
 CHUNK, SINKS, WINDOW = 2, 2, 4
 TEACHER_STEPS = 48
+CONDITION_DROPOUT = 0.1  # trains the unconditional model too, for classifier-free guidance
 STUDENT_TIMESTEPS = (1000, 750, 500, 250)
 FULL = {"clips": 4000, "teacher": 8000, "forced": 1000, "ode_samples": 256, "ode": 600, "sf": 150, "eval": 16}
 QUICK = {"clips": 64, "teacher": 10, "forced": 5, "ode_samples": 8, "ode": 5, "sf": 2, "eval": 2}
@@ -48,8 +49,8 @@ QUICK = {"clips": 64, "teacher": 10, "forced": 5, "ode_samples": 8, "ode": 5, "s
 
 def wan_config() -> dict:
     return dict(
-        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=16, in_channels=3, out_channels=3,
-        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=128, num_layers=4, rope_max_seq_len=256,
+        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=256, num_layers=4, rope_max_seq_len=256,
     )  # fmt: skip
 
 
@@ -66,7 +67,7 @@ def train_teacher(work: Path, sizes: dict) -> Path:
     latents = torch.cat([clip_latents(clip) for clip in clips])
     conditions = torch.stack([label_condition(clip, TOKENS, TEXT_DIM) for clip in clips])
     params = TrainParams(steps=sizes["teacher"], lr=1e-3, warmup_steps=50, batch_size=32, grad_accum=1)
-    result = train_on_clips(teacher, latents, conditions, params, seed=0)
+    result = train_on_clips(teacher, latents, conditions, params, seed=0, condition_dropout=CONDITION_DROPOUT)
     teacher.save_pretrained(work / "teacher")
     print(f"teacher: {sizes['teacher']} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}", flush=True)
     return work / "teacher"
@@ -100,7 +101,7 @@ def train_forced(teacher: Path, work: Path, sizes: dict) -> Path:
     latents = torch.cat([clip_latents(clip) for clip in clips])
     conditions = torch.stack([label_condition(clip, TOKENS, TEXT_DIM) for clip in clips])
     params = TrainParams(steps=sizes["forced"], lr=3e-4, warmup_steps=20, batch_size=16, grad_accum=1)
-    result = train_on_clips(checkpoint.model, latents, conditions, params, seed=1)
+    result = train_on_clips(checkpoint.model, latents, conditions, params, seed=1, condition_dropout=CONDITION_DROPOUT)
     print(f"diffusion-forced: {sizes['forced']} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     return save_causal(checkpoint, work / "forced")
 

@@ -62,12 +62,22 @@ def test_ode_init_regresses_the_teachers_trajectories_and_lowers_its_heldout_los
     assert len(stored) == 12 and load_file(stored[0])["states"].shape == (5, 3, 4, 8, 8)
 
 
-def test_ode_trajectories_are_the_teachers_own_euler_samples(wans, tmp_path, monkeypatch):
-    """The stored states, read back on a second run, are the stock bidirectional model's Euler steps."""
+def stock_guided_velocity(model, x, condition, timestep, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance from two separate calls of the stock model (condition, then zero tokens)."""
+    conditional, unconditional = (
+        model(hidden_states=x, timestep=timestep, encoder_hidden_states=c)[0]
+        for c in (condition, torch.zeros_like(condition))
+    )
+    return unconditional + guidance * (conditional - unconditional)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_ode_trajectories_are_the_teachers_own_euler_samples(wans, tmp_path, monkeypatch, guidance):
+    """The stored states, read back on a second run, are the stock bidirectional model's (guided) Euler steps."""
     from streamify.distill.ode_init import OdeInitParams, trajectories
     from streamify.runtime.video_sampling import shifted_sigmas
 
-    params = OdeInitParams(teacher_steps=4, keep=[0, 2], frames=2, height=4, width=4)
+    params = OdeInitParams(teacher_steps=4, keep=[0, 2], frames=2, height=4, width=4, guidance=guidance)
     teacher = WanTransformer3DModel.from_pretrained(wans / "teacher").eval()
     condition = torch.randn(1, 3, 24)
     states = trajectories(teacher, condition, (3, 2, 4, 4), params, 7, tmp_path, SILENT)
@@ -78,7 +88,7 @@ def test_ode_trajectories_are_the_teachers_own_euler_samples(wans, tmp_path, mon
     sigmas = shifted_sigmas(4)
     with torch.no_grad():
         for sigma, following in pairwise(sigmas):
-            v = teacher(hidden_states=x, timestep=torch.tensor([1000 * sigma]), encoder_hidden_states=condition)[0]
+            v = stock_guided_velocity(teacher, x, condition, torch.tensor([1000 * sigma]), guidance)
             x = x + (following - sigma) * v
             expected.append(x)
     assert torch.allclose(states[[0]][0], torch.cat([expected[0], expected[2], expected[4]]), atol=1e-5)
@@ -131,7 +141,7 @@ def test_killed_self_forcing_resumes_to_the_same_weights(wans, tmp_path, monkeyp
     monkeypatch.setattr(self_forcing_stage, "train", original)
     resumed, again = run_stage("distill.self_forcing", wans / "student", params)
     assert resumed.model.config[TIMESTEPS_KEY] == [1000, 500]  # generate's default schedule for this student
-    request = video_request(resumed.model.config, 4, 8, 8, None, 48, 1.0, 0, False)
+    request = video_request(resumed.model.config, 4, 8, 8, None, 48, 1.0, 0, False, 1.0)
     assert request.timesteps == (1000, 500)
     assert again["self_forcing_resumed_from_step"] == 4
     assert again["dmd_losses"] == metrics["dmd_losses"] and again["critic_losses"] == metrics["critic_losses"]
@@ -166,6 +176,75 @@ def test_the_trainer_steps_the_companion_its_number_of_times_and_averages_the_we
         not torch.allclose(result.ema[name], p) and not torch.allclose(result.ema[name], start[name])
         for name, p in model.named_parameters()
     )
+
+
+def test_guided_chunk_by_chunk_generation_runs_each_branch_over_its_own_cache():
+    """Guided Euler sampling chunk by chunk over the cache equals, chunk by chunk, the masked forward of the clip so
+    far without a cache (earlier chunks clean at level 0), once with the condition and once with zero tokens."""
+    from streamify.runtime.video_sampling import shifted_sigmas, velocity
+
+    model = pixel_wan()
+    enable_causal_video(model, VideoSpec(2))
+    condition = torch.randn(1, 3, 24)
+    request = VideoRequest(frames=4, height=8, width=8, sample_steps=3, euler=True, guidance=3.0, seed=5)
+    latents, result = generate_video(model, condition, request)
+    assert result["evaluations_per_frame"] == 8  # (3 steps + the cache re-run) x 2 branches
+    generator = torch.Generator().manual_seed(5)
+    done = []
+    with torch.no_grad():
+        for chunk in range(2):
+            x = torch.randn(1, 3, 2, 8, 8, generator=generator)
+            for sigma, following in pairwise(shifted_sigmas(3)):
+                levels = torch.tensor([[0.0] * 2 * chunk + [sigma] * 2])
+                conditional, unconditional = (
+                    velocity(model, torch.cat([*done, x], dim=2), c, levels)[:, :, -2:]
+                    for c in (condition, torch.zeros_like(condition))
+                )
+                x = x + (following - sigma) * (unconditional + 3.0 * (conditional - unconditional))
+            done.append(x)
+    assert torch.allclose(latents, torch.cat(done, dim=2), atol=1e-4)
+    unguided, _ = generate_video(model, condition, VideoRequest(4, 8, 8, sample_steps=3, euler=True, seed=5))
+    assert (unguided - latents).abs().max() > 1e-2
+
+
+def test_the_dmd_real_score_is_the_guided_teacher():
+    """With the critic equal to the teacher, unguided DMD has nothing to correct; guided, its gradient is the
+    difference between the plain and the guided clean predictions of the stock model."""
+    from streamify.distill.dmd import dmd_loss
+
+    teacher = pixel_wan()
+    clip, condition = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 24)
+    assert dmd_loss(clip, condition, teacher, teacher, 0.5, 0.5).item() == 0.0
+    torch.manual_seed(3)
+    loss = dmd_loss(clip, condition, teacher, teacher, 0.5, 0.5, guidance=4.0)
+    torch.manual_seed(3)
+    torch.rand(2)  # the levels dmd_loss draws (all 0.5 here)
+    noisy = 0.5 * clip + 0.5 * torch.randn_like(clip)
+    timestep = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        real = noisy - 0.5 * stock_guided_velocity(teacher, noisy, condition, timestep, 4.0)
+        fake = noisy - 0.5 * teacher(hidden_states=noisy, timestep=timestep, encoder_hidden_states=condition)[0]
+    gradient = (fake - real) / (clip - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    assert loss.item() > 0
+    assert torch.allclose(loss, 0.5 * gradient.pow(2).mean(), rtol=1e-4)
+
+
+def test_condition_dropout_trains_the_unconditional_model():
+    """Dropout 1 is the loss with all-zero conditions (same draws); dropout 0 is the conditional loss."""
+    from streamify.distill.flow_matching import flow_matching_loss
+
+    model, clips, condition = pixel_wan(), torch.randn(3, 3, 2, 4, 4), torch.randn(3, 3, 24)
+    losses = {}
+    for name, cond, dropout in (("dropped", condition, 1.0), ("zeros", torch.zeros_like(condition), 0.0)):
+        torch.manual_seed(0)
+        if dropout == 0.0:
+            torch.rand(3)  # the dropout draw the other call makes
+        losses[name] = flow_matching_loss(model, clips, cond, dropout)
+    torch.manual_seed(0)
+    torch.rand(3)
+    conditional = flow_matching_loss(model, clips, condition, 0.0)
+    assert torch.equal(losses["dropped"], losses["zeros"])
+    assert not torch.allclose(conditional, losses["zeros"])
 
 
 def test_the_rolling_cache_keeps_memory_flat_over_ten_times_the_training_length():

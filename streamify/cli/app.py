@@ -291,6 +291,9 @@ def generate(
         bool, typer.Option("--euler", help="video, block-causal: --sample-steps Euler steps a chunk, not --timesteps")
     ] = False,
     shift: Annotated[float, typer.Option("--shift", min=0.01, help="video, bidirectional: flow shift")] = 1.0,
+    guidance: Annotated[
+        float, typer.Option("--guidance", min=0.0, help="video: classifier-free guidance scale (1: none)")
+    ] = 1.0,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Generate from a causal LM (plain, INT4, GGUF, coded; a streaming one streams) or a video denoiser.
@@ -313,7 +316,9 @@ def generate(
             from streamify.cli.video import run_video, video_request
 
             config = checkpoint.model.config
-            request = video_request(config, frames, height, width, timesteps, sample_steps, shift, seed, euler)
+            request = video_request(
+                config, frames, height, width, timesteps, sample_steps, shift, seed, euler, guidance
+            )
             run_video(checkpoint, out, prompt=prompt, condition_file=condition, output=output, request=request)
             return
         require_kind(checkpoint, CAUSAL_LM, "generation")

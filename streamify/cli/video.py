@@ -14,7 +14,7 @@ from streamify.runtime.video_generate import VideoRequest, check_output
 
 
 def video_request(
-    config, frames: int, height: int, width: int, timesteps: str | None, sample_steps, shift, seed, euler
+    config, frames: int, height: int, width: int, timesteps: str | None, sample_steps, shift, seed, euler, guidance
 ) -> VideoRequest:
     """The request: ``--timesteps`` read as decreasing numbers from 1000 down to above 0 (default: the schedule
     the student was trained with, else 1000,750,500,250); the clip in whole patches of the model."""
@@ -35,7 +35,7 @@ def video_request(
             f"--frames {frames} --height {height} --width {width}: not whole patches of {' x '.join(map(str, patch))}",
             "give multiples of the model's patch size (frames, height, width)",
         )
-    return VideoRequest(frames, height, width, levels, sample_steps, shift, seed, euler)
+    return VideoRequest(frames, height, width, levels, sample_steps, shift, seed, euler, guidance)
 
 
 def video_condition(model, prompt: str | None, condition_file: Path | None) -> torch.Tensor:
@@ -85,6 +85,7 @@ def run_video(checkpoint, out, *, prompt, condition_file, output, request) -> No
         lambda console, data: console.print(
             f"{data['frames']} frames ({data['mode']}) in {data['seconds']} s, {data['frames_per_s']} frames/s, "
             f"{data['evaluations_per_frame']} evaluations a frame"
+            + (f" (guidance {data['guidance']:g})" if data["guidance"] != 1.0 else "")
             + (f", cache {data['cache_bytes_max']:,} bytes at most" if "cache_bytes_max" in data else "")
             + f": {data['output']}",
             markup=False,

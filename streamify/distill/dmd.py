@@ -23,13 +23,21 @@ def _levels(batch: int, low: float, high: float, device) -> torch.Tensor:
 
 
 def dmd_loss(
-    clip: torch.Tensor, condition: torch.Tensor, teacher: nn.Module, critic: nn.Module, low: float, high: float
+    clip: torch.Tensor,
+    condition: torch.Tensor,
+    teacher: nn.Module,
+    critic: nn.Module,
+    low: float,
+    high: float,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
-    """The generator's DMD loss for ``clip`` (with gradient) at a random level in [``low``, ``high``]."""
+    """The generator's DMD loss for ``clip`` (with gradient) at a random level in [``low``, ``high``]; the teacher's
+    real score is guided by ``guidance`` (DMD, Self-Forcing: the student learns the guided distribution), the
+    critic's is not."""
     with torch.no_grad():
         sigma = _levels(clip.shape[0], low, high, clip.device)
         noisy = noised(clip.detach(), torch.randn_like(clip), sigma)
-        real = predict_clean(teacher, noisy, condition, sigma)
+        real = predict_clean(teacher, noisy, condition, sigma, guidance)
         fake = predict_clean(critic, noisy, condition, sigma)
         scale = (clip.detach() - real).abs().mean(dim=tuple(range(1, clip.ndim)), keepdim=True)
         gradient = torch.nan_to_num((fake - real) / scale.clamp_min(1e-8))

@@ -5,6 +5,10 @@ The loss is the denoiser kind's: ``x_s = (1 - s) x_0 + s e``, the model predicts
 model gets one level per chunk, drawn independently (diffusion forcing, Chen
 et al. 2024): each chunk learns to denoise with earlier chunks at any noise
 level, the baseline that Self-Forcing's own rollouts improve on.
+
+With ``condition_dropout`` a share of the clips is trained with all-zero
+condition tokens, the unconditional model that classifier-free guidance
+(:func:`streamify.runtime.video_sampling.velocity`) steers away from.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ from streamify.progress import SILENT, Progress
 from streamify.runtime.video_sampling import chunk_length, noised, velocity
 
 
-def flow_matching_loss(model: nn.Module, clips: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(
+    model: nn.Module, clips: torch.Tensor, condition: torch.Tensor, condition_dropout: float = 0.0
+) -> torch.Tensor:
     """The flow-matching loss of ``clips`` ``[batch, C, F, H, W]``: a level per clip, or per chunk when the model
-    is block-causal."""
+    is block-causal; each clip's condition is zeroed with probability ``condition_dropout``."""
     batch = clips.shape[0]
+    if condition_dropout > 0:
+        kept = torch.rand(batch, device=condition.device) >= condition_dropout
+        condition = condition * kept[:, None, None].to(condition.dtype)
     if getattr(model, "streamify_video", None) is not None:
         step = chunk_length(model)
         grid_frames = step // model.streamify_video.patch[0]
@@ -41,6 +50,7 @@ def train_on_clips(
     params: TrainParams,
     *,
     seed: int,
+    condition_dropout: float = 0.0,
     checkpoint_dir: Path | None = None,
     progress: Progress = SILENT,
 ) -> TrainResult:
@@ -51,7 +61,7 @@ def train_on_clips(
 
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
         rows = batch[:, 0].cpu()
-        return flow_matching_loss(model, clips[rows].to(device), condition[rows].to(device))
+        return flow_matching_loss(model, clips[rows].to(device), condition[rows].to(device), condition_dropout)
 
     try:
         return train(

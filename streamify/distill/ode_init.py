@@ -1,7 +1,8 @@
 """Stage ``distill.ode_init``: a block-causal video student learns to jump from the teacher's ODE states to the end.
 
 Step one of Self-Forcing (after CausVid): the bidirectional teacher samples
-``samples`` clips with ``teacher_steps`` Euler steps of its flow ODE; the states
+``samples`` clips with ``teacher_steps`` Euler steps of its flow ODE (guided by
+``guidance``, classifier-free, when it is not 1); the states
 before the steps in ``keep`` (e.g. 0, 12, 24, 36 of 48) and the end are stored.
 The student, the same weights under the block-causal mask, then learns to map
 a clip whose every chunk sits at its own, randomly chosen stored state (stock
@@ -94,7 +95,8 @@ def trajectories(
             items.append(path)
             continue
         noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
-        end, kept = sample_clip(teacher, noise.to(device), conds[index : index + 1].to(device), sigmas, params.keep)
+        condition = conds[index : index + 1].to(device)
+        end, kept = sample_clip(teacher, noise.to(device), condition, sigmas, params.keep, params.guidance)
         states = torch.cat([*kept, end]).cpu().contiguous()
         if path is None:
             items.append(states)
@@ -164,7 +166,13 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     spec = student.streamify_video.spec
     if teacher is None:
         disable_causal_video(student)  # the input's own bidirectional attention samples the trajectories
-    settings = {"shape": shape, "steps": params.teacher_steps, "keep": params.keep, "shift": params.shift}
+    settings = {
+        "shape": shape,
+        "steps": params.teacher_steps,
+        "keep": params.keep,
+        "shift": params.shift,
+        "guidance": params.guidance,
+    }
     conds_hash = hashlib.sha256(torch.cat((train_conds, held_conds)).numpy().tobytes()).hexdigest()
     key = content_key(sampler, {**settings, "conditions": conds_hash, "seed": ctx.seed})
     folder = cache_root() / "trajectories" / key if ctx.use_cache else None

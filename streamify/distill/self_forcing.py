@@ -9,9 +9,10 @@ and a clean re-run at level 0 writes the chunk to the cache. The clip is
 scored by distribution matching (:mod:`streamify.distill.dmd`) against the
 frozen bidirectional teacher, with a critic (initialised from the teacher)
 that learns the student's distribution with its own optimizer,
-``critic_updates`` steps of it per student step. The student's weights can end
-as an exponential moving average (``ema``). Only conditions are needed, no
-clips.
+``critic_updates`` steps of it per student step. The teacher's "real" score
+can be guided (``guidance``, classifier-free), so the student learns the guided
+distribution and samples it unguided. The student's weights can end as an
+exponential moving average (``ema``). Only conditions are needed, no clips.
 
 The held-out loss is the teacher's flow-matching loss on the student's
 rollouts for held-out conditions (seeded noise and levels): a bound on the
@@ -134,7 +135,7 @@ def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx:
 
     def student_loss(batch: torch.Tensor) -> torch.Tensor:
         clip, condition = generated(batch, True)
-        return dmd_loss(clip, condition, teacher, critic, params.dmd_min, params.dmd_max)
+        return dmd_loss(clip, condition, teacher, critic, params.dmd_min, params.dmd_max, params.guidance)
 
     def critic_step_loss(batch: torch.Tensor) -> torch.Tensor:
         clip, condition = generated(batch, False)

@@ -39,6 +39,9 @@ class VideoDistillParams(TrainParams):
     height: int = Field(16, ge=1, description="latent height of a training clip")
     width: int = Field(16, ge=1, description="latent width of a training clip")
     condition_tokens: int = Field(4, ge=1, description="condition tokens (builtin data; a file sets its own)")
+    guidance: float = Field(
+        1.0, ge=0, description="the teacher's classifier-free guidance scale (1: none; unconditional: zero tokens)"
+    )
 
 
 def clip_shape(model: nn.Module, params: VideoDistillParams, where: str) -> tuple[int, int, int, int]:

@@ -7,7 +7,8 @@ chunk is drawn when it starts, the cache holds sinks + window when the model
 has them, so memory does not grow with the clip. A bidirectional model samples
 the whole clip with Euler steps of its flow ODE. The result reports frames per
 second, denoiser evaluations per frame (the passes each frame goes through) and
-the cache's bytes after each chunk.
+the cache's bytes after each chunk. With classifier-free guidance every pass
+counts twice (the conditional and the unconditional one).
 
 Written into the output folder (created whole or not at all):
 ``latents.safetensors`` (``latents`` ``[1, C, frames, H, W]``); for a model
@@ -48,6 +49,7 @@ class VideoRequest:
     shift: float = 1.0
     seed: int = 0
     euler: bool = False  # a block-causal model follows the flow ODE for sample_steps a chunk (not timesteps)
+    guidance: float = 1.0  # classifier-free guidance scale (1: none; else two passes each, one unconditional)
 
 
 def is_pixel_model(model: nn.Module) -> bool:
@@ -64,15 +66,18 @@ def generate_video(
     shape = (1, model.config["in_channels"], request.frames, request.height, request.width)
     generator = torch.Generator().manual_seed(request.seed)
     condition = condition.to(device)
+    branches = 1 if request.guidance == 1.0 else 2
     started = time.perf_counter()
     if getattr(model, "streamify_video", None) is None:
         sigmas = shifted_sigmas(request.sample_steps, request.shift)
-        clip, _ = sample_clip(model, torch.randn(shape, generator=generator).to(device), condition, sigmas)
+        noise = torch.randn(shape, generator=generator).to(device)
+        clip, _ = sample_clip(model, noise, condition, sigmas, guidance=request.guidance)
         seconds = time.perf_counter() - started
         return clip.cpu(), {
             "mode": "bidirectional, whole clip",
             "frames": request.frames,
-            "evaluations_per_frame": request.sample_steps,  # denoiser passes each frame goes through
+            "guidance": request.guidance,
+            "evaluations_per_frame": request.sample_steps * branches,  # denoiser passes each frame goes through
             "seconds": round(seconds, 3),
             "frames_per_s": round(request.frames / max(seconds, 1e-9), 3),
         }
@@ -91,7 +96,9 @@ def generate_video(
     cache, chunks, held = VideoCache(), [], []
     for _ in progress.track(range(request.frames // step), "chunks", total=request.frames // step):
         noise = torch.randn((*shape[:2], step, *shape[3:]), generator=generator).to(device)
-        clean = denoise_chunk(model, cache, noise, condition, sigmas, generator=generator, euler=request.euler)
+        clean = denoise_chunk(
+            model, cache, noise, condition, sigmas, generator=generator, euler=request.euler, guidance=request.guidance
+        )
         chunks.append(clean.cpu())
         held.append(cache.nbytes())
     seconds = time.perf_counter() - started
@@ -100,7 +107,8 @@ def generate_video(
         "frames": request.frames,
         "chunk_frames": step,
         **schedule,
-        "evaluations_per_frame": len(sigmas) + 1,  # the levels and the cache re-run
+        "guidance": request.guidance,
+        "evaluations_per_frame": (len(sigmas) + 1) * branches,  # the levels and the cache re-run
         "seconds": round(seconds, 3),
         "frames_per_s": round(request.frames / max(seconds, 1e-9), 3),
         "cache_bytes_max": max(held),

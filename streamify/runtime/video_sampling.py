@@ -13,6 +13,13 @@ its schedule (e.g. timesteps 1000, 750, 500, 250): at each it predicts ``x_0``
 and, unless it was the last, noises that back to the next level with fresh
 noise; the chunk's ``x_0`` is then run once more at level 0 to write its keys
 and values into the cache, which the next chunk attends to.
+
+Classifier-free guidance (``guidance`` g ≠ 1) runs every pass on the batch
+twice, with the condition and with all-zero condition tokens (the
+unconditional model that ``condition_dropout`` trains), and returns
+``v_u + g (v_c − v_u)``. Under a block-causal cache the doubled batch makes the
+cache hold both branches, each computed with its own condition, as guided
+autoregressive sampling needs.
 """
 
 from __future__ import annotations
@@ -43,8 +50,11 @@ def _per_frame(sigma: torch.Tensor, latents: torch.Tensor, patch_frames: int) ->
     return sigma.repeat_interleave(patch_frames, dim=1)[:, None, :, None, None].to(latents)
 
 
-def velocity(model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, sigma) -> torch.Tensor:
-    """The model's velocity for ``latents`` at level ``sigma``: a float, ``[batch]`` or ``[batch, grid frames]``."""
+def velocity(
+    model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, sigma, guidance: float = 1.0
+) -> torch.Tensor:
+    """The model's velocity for ``latents`` at level ``sigma`` (a float, ``[batch]`` or ``[batch, grid frames]``),
+    guided by ``guidance`` (module doc; 1: the conditional velocity alone)."""
     device = latents.device
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
     if sigma.ndim == 0:
@@ -53,19 +63,28 @@ def velocity(model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, s
         patch = _patch(model)
         per_frame = (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])
         sigma = sigma.repeat_interleave(per_frame, dim=1)
+    guided = guidance != 1.0
+    if guided:  # the conditional and the unconditional branch in one batch
+        latents, sigma = torch.cat((latents, latents)), torch.cat((sigma, sigma))
+        condition = torch.cat((condition, torch.zeros_like(condition)))
     dtype = next(model.parameters()).dtype
     out = model(
         hidden_states=latents.to(dtype),
         timestep=1000 * sigma,
         encoder_hidden_states=condition.to(dtype),
         return_dict=False,
-    )[0]
-    return out.float()
+    )[0].float()
+    if not guided:
+        return out
+    conditional, unconditional = out.chunk(2)
+    return unconditional + guidance * (conditional - unconditional)
 
 
-def predict_clean(model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, sigma) -> torch.Tensor:
+def predict_clean(
+    model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, sigma, guidance: float = 1.0
+) -> torch.Tensor:
     """``x_0 = x_s - s v``: the model's clean clip from ``latents`` at level ``sigma`` (as in :func:`velocity`)."""
-    v = velocity(model, latents, condition, sigma)
+    v = velocity(model, latents, condition, sigma, guidance)
     scale = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
     if scale.ndim == 1:
         scale = scale[:, None, None, None, None]
@@ -91,15 +110,17 @@ def sample_clip(
     condition: torch.Tensor,
     sigmas: Sequence[float],
     keep: Sequence[int] = (),
+    guidance: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Euler steps of the flow ODE over the whole clip from ``noise`` through the levels ``sigmas`` (1 ... 0);
-    returns the end and the states before the steps named in ``keep`` (Self-Forcing's ODE pairs)."""
+    """Euler steps of the flow ODE over the whole clip from ``noise`` through the levels ``sigmas`` (1 ... 0),
+    guided by ``guidance``; returns the end and the states before the steps named in ``keep`` (Self-Forcing's ODE
+    pairs)."""
     x = noise.float()
     kept = []
     for index, (sigma, following) in enumerate(pairwise(sigmas)):
         if index in keep:
             kept.append(x.clone())
-        x = x + (following - sigma) * velocity(model, x, condition, sigma)
+        x = x + (following - sigma) * velocity(model, x, condition, sigma, guidance)
     return x, kept
 
 
@@ -121,6 +142,7 @@ def denoise_chunk(
     exit_level: int | None = None,
     generator: torch.Generator | None = None,
     euler: bool = False,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """One chunk's clean latents from its ``noise`` over ``cache`` at the few-step levels ``sigmas`` (1 first, 0 not
     included), then the clean re-run at level 0 that appends the chunk to the cache.
@@ -128,26 +150,27 @@ def denoise_chunk(
     With ``exit_level`` (Self-Forcing's training rollout) the chunk stops at that level, whose prediction keeps its
     gradient when gradients are on; the levels before it and the cache re-run never do. With ``euler`` the chunk
     follows the flow ODE through ``sigmas`` and 0 instead (a many-step model, such as a diffusion-forced one).
+    Every pass of one cache must use the same ``guidance``: a guided cache holds both branches.
     """
     if euler:
         x = noise.float()
         with caching(model, cache, write=False), torch.no_grad():
             for sigma, following in pairwise([*sigmas, 0.0]):
-                x = x + (following - sigma) * velocity(model, x, condition, sigma)
+                x = x + (following - sigma) * velocity(model, x, condition, sigma, guidance)
         with caching(model, cache, write=True), torch.no_grad():
-            velocity(model, x, condition, 0.0)
+            velocity(model, x, condition, 0.0, guidance)
         return x
     last = len(sigmas) - 1 if exit_level is None else exit_level
     keep_gradient = exit_level is not None and torch.is_grad_enabled()
     x = noise.float()
     for level, sigma in enumerate(sigmas[: last + 1]):
         with caching(model, cache, write=False), torch.set_grad_enabled(keep_gradient and level == last):
-            clean = predict_clean(model, x, condition, sigma)
+            clean = predict_clean(model, x, condition, sigma, guidance)
         if level < last:
             fresh = torch.randn(x.shape, generator=generator).to(x.device) if generator else torch.randn_like(x)
             x = noised(clean.detach(), fresh, torch.full((x.shape[0],), sigmas[level + 1]))
     with caching(model, cache, write=True), torch.no_grad():
-        velocity(model, clean.detach(), condition, 0.0)
+        velocity(model, clean.detach(), condition, 0.0, guidance)
     return clean
 
 
