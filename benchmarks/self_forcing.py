@@ -42,6 +42,7 @@ TRAIN_FRAMES, SIZE, TOKENS, TEXT_DIM = 8, 16, 4, 24
 CHUNK, SINKS, WINDOW = 2, 2, 4
 TEACHER_STEPS = 48
 CONDITION_DROPOUT = 0.1  # trains the unconditional model too, for classifier-free guidance
+GUIDANCE = 3.0  # the teacher's sampling, the ODE trajectories and DMD's real score (Self-Forcing: 3)
 STUDENT_TIMESTEPS = (1000, 750, 500, 250)
 FULL = {"clips": 4000, "teacher": 8000, "forced": 1000, "ode_samples": 256, "ode": 600, "sf": 150, "eval": 16}
 QUICK = {"clips": 64, "teacher": 10, "forced": 5, "ode_samples": 8, "ode": 5, "sf": 2, "eval": 2}
@@ -106,7 +107,7 @@ def train_forced(teacher: Path, work: Path, sizes: dict) -> Path:
     return save_causal(checkpoint, work / "forced")
 
 
-def train_self_forcing(teacher: Path, work: Path, sizes: dict) -> tuple[Path, dict]:
+def train_self_forcing(teacher: Path, work: Path, sizes: dict, guidance: float) -> tuple[Path, dict]:
     from streamify.pipeline.registry import StageContext, get_stage
 
     checkpoint = causal(teacher)
@@ -116,12 +117,13 @@ def train_self_forcing(teacher: Path, work: Path, sizes: dict) -> tuple[Path, di
         (
             "distill.ode_init",
             dict(samples=sizes["ode_samples"], heldout_samples=8, steps=sizes["ode"], lr=3e-4, grad_accum=1,
-                 batch_size=8, teacher_steps=TEACHER_STEPS, warmup_steps=20),
+                 batch_size=8, teacher_steps=TEACHER_STEPS, warmup_steps=20, guidance=guidance),
         ),
         (
             "distill.self_forcing",
             dict(samples=256, heldout_samples=8, steps=sizes["sf"], lr=1e-4, critic_lr=3e-4, critic_updates=5,
-                 batch_size=4, timesteps=list(STUDENT_TIMESTEPS), ema=0.95, teacher=str(teacher)),
+                 batch_size=4, timesteps=list(STUDENT_TIMESTEPS), ema=0.95, teacher=str(teacher),
+                 guidance=guidance),
         ),
     ):  # fmt: skip
         stage = get_stage(name)
@@ -134,7 +136,7 @@ def train_self_forcing(teacher: Path, work: Path, sizes: dict) -> tuple[Path, di
     return save_causal(checkpoint, work / "self-forcing"), metrics
 
 
-def generate_one(model: str, frames: int, clips: int, euler: bool) -> dict:
+def generate_one(model: str, frames: int, clips: int, euler: bool, guidance: float) -> dict:
     """In this (fresh) process: generate ``clips`` held-out labels' clips of ``frames`` frames; the measures."""
     from streamify.data.shapes import (
         clip_features,
@@ -150,12 +152,14 @@ def generate_one(model: str, frames: int, clips: int, euler: bool) -> dict:
     torch.set_num_threads(2)
     checkpoint = load_checkpoint(model)
     labels = shapes_clips("heldout", clips, 1, SIZE)
-    warm = VideoRequest(2 * CHUNK, SIZE, SIZE, STUDENT_TIMESTEPS, 2, euler=euler)  # one-time costs, not timed
+    warm = VideoRequest(2 * CHUNK, SIZE, SIZE, STUDENT_TIMESTEPS, 2, euler=euler, guidance=guidance)  # not timed
     generate_video(checkpoint.model, label_condition(labels[0], TOKENS, TEXT_DIM)[None], warm)
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS counts from here: generation only
     trajectory, colour, features, reports = [], [], [], []
     for index, label in enumerate(labels):
-        request = VideoRequest(frames, SIZE, SIZE, STUDENT_TIMESTEPS, TEACHER_STEPS, seed=index, euler=euler)
+        request = VideoRequest(
+            frames, SIZE, SIZE, STUDENT_TIMESTEPS, TEACHER_STEPS, seed=index, euler=euler, guidance=guidance
+        )
         latents, report = generate_video(checkpoint.model, label_condition(label, TOKENS, TEXT_DIM)[None], request)
         pixels = latents_frames(latents)
         trajectory.append(trajectory_error(pixels, label.direction))
@@ -180,8 +184,9 @@ def _peak_rss_kib() -> int:
     return int(line.split()[1])
 
 
-def measure(model: Path, frames: int, clips: int, euler: bool) -> dict:
+def measure(model: Path, frames: int, clips: int, euler: bool, guidance: float) -> dict:
     command = [sys.executable, __file__, "--generate", str(model), "--frames", str(frames), "--clips", str(clips)]
+    command += ["--guidance", str(guidance)]
     done = subprocess.run(command + (["--euler"] if euler else []), capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -222,13 +227,16 @@ def main() -> None:
         "--work", type=Path, default=None, help="keep the models here; a teacher or forced student there is reused"
     )
     parser.add_argument("--references", action="store_true", help="only the trajectory errors of real clips")
+    parser.add_argument(
+        "--guidance", type=float, default=GUIDANCE, help="the teacher's and diffusion-forced student's guidance"
+    )
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--clips", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--euler", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
-        print(json.dumps(generate_one(args.generate, args.frames, args.clips, args.euler)))
+        print(json.dumps(generate_one(args.generate, args.frames, args.clips, args.euler, args.guidance)))
         return
     torch.set_num_threads(2)
     sizes = QUICK if args.quick else FULL
@@ -239,20 +247,21 @@ def main() -> None:
     started = time.perf_counter()
     teacher = work / "teacher" if (work / "teacher").is_dir() else train_teacher(work, sizes)
     forced = work / "forced" if (work / "forced").is_dir() else train_forced(teacher, work, sizes)
-    student, training = train_self_forcing(teacher, work, sizes)
+    student, training = train_self_forcing(teacher, work, sizes, args.guidance)
     rows = {}
-    for name, model, euler in (
-        ("teacher", teacher, False),
-        ("diffusion-forced", forced, True),
-        ("self-forcing", student, False),
+    for name, model, euler, guidance in (
+        ("teacher", teacher, False, args.guidance),
+        ("diffusion-forced", forced, True, args.guidance),
+        ("self-forcing", student, False, 1.0),  # the guidance is distilled into it
     ):
         for horizon in HORIZONS:
             frames = horizon * TRAIN_FRAMES
-            result = measure(model, frames, sizes["eval"], euler)
+            result = measure(model, frames, sizes["eval"], euler, guidance)
             result["frechet"] = frechet_to_real(result.pop("features"), frames)
             rows[f"{name} {horizon}x"] = result
             print(name, f"{horizon}x", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
-    summary = {"sizes": sizes, "training": training, "rows": rows, "references": references(sizes["eval"])}
+    summary = {"sizes": sizes, "guidance": args.guidance, "training": training, "rows": rows}
+    summary["references"] = references(sizes["eval"])
     summary["seconds"] = round(time.perf_counter() - started)
     (work / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"results: {work / 'results.json'}")

@@ -60,6 +60,9 @@ def test_ode_init_regresses_the_teachers_trajectories_and_lowers_its_heldout_los
     assert metrics["levels"] == [1.0, 0.75, 0.5, 0.25]
     stored = sorted((tmp_path / "cache" / "trajectories").glob("*/train/trajectory-*.safetensors"))
     assert len(stored) == 12 and load_file(stored[0])["states"].shape == (5, 3, 4, 8, 8)
+    run_stage("distill.ode_init", wans / "student", {**params, "guidance": 3.0, "steps": 1})
+    guided = set((tmp_path / "cache" / "trajectories").iterdir()) - {stored[0].parents[1]}
+    assert len(guided) == 1  # guided trajectories are sampled and stored anew, not read from the unguided ones
 
 
 def stock_guided_velocity(model, x, condition, timestep, guidance: float) -> torch.Tensor:

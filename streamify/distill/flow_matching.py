@@ -32,7 +32,7 @@ def flow_matching_loss(
     batch = clips.shape[0]
     if condition_dropout > 0:
         kept = torch.rand(batch, device=condition.device) >= condition_dropout
-        condition = condition * kept[:, None, None].to(condition.dtype)
+        condition = torch.where(kept[:, None, None], condition, torch.zeros_like(condition))
     if getattr(model, "streamify_video", None) is not None:
         step = chunk_length(model)
         grid_frames = step // model.streamify_video.patch[0]

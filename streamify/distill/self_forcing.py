@@ -17,7 +17,8 @@ exponential moving average (``ema``). Only conditions are needed, no clips.
 The held-out loss is the teacher's flow-matching loss on the student's
 rollouts for held-out conditions (seeded noise and levels): a bound on the
 negative log-likelihood of the student's clips under the teacher, which
-distribution matching lowers.
+distribution matching lowers. With ``guidance`` the student aims at the guided
+distribution, which this unguided measure does not score exactly.
 """
 
 from __future__ import annotations
