@@ -314,6 +314,65 @@ def test_video_generation_refuses_bad_requests(wans, tmp_path, cli, args, code, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def wan_vae(tmp_path_factory):
+    """A tiny random diffusers AutoencoderKLWan for 4-channel latents (frames x2 after the first, sides x2), in a
+    Wan pipeline folder's ``vae/``, with latent statistics that are not the identity."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("pipeline")
+    AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+        latents_mean=[0.5, -0.25, 0.1, 0.0], latents_std=[2.0, 0.5, 1.5, 1.0],
+    ).save_pretrained(root / "vae")  # fmt: skip
+    return root
+
+
+def test_generate_decodes_a_latent_model_through_its_vae_as_the_wan_pipeline_does(wans, wan_vae, tmp_path, cli):
+    from diffusers import AutoencoderKLWan
+    from diffusers.video_processor import VideoProcessor
+
+    out = tmp_path / "clip"
+    condition = tmp_path / "c.safetensors"
+    save_file({"condition": torch.randn(3, 24)}, str(condition))
+    args = ["--condition", condition, "-o", out, "--frames", "3", "--height", "4", "--width", "4"]
+    result = cli("generate", wans / "latent", *args, "--vae", wan_vae)
+    assert result.exit_code == 0, result.stderr
+    latents = load_file(out / "latents.safetensors")["latents"]
+    vae = AutoencoderKLWan.from_pretrained(wan_vae / "vae").eval()
+    mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
+    with torch.no_grad():  # diffusers' WanPipeline: latents / (1 / std) + mean, decode, postprocess
+        video = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+    expected = VideoProcessor(vae_scale_factor=2).postprocess_video(video, output_type="pil")[0]
+    written = [Image.open(f) for f in sorted((out / "frames").glob("*.png"))]
+    assert len(written) == len(expected) == 5 and written[0].size == (8, 8)
+    for mine, theirs in zip(written, expected, strict=True):
+        difference = torch.tensor(list(mine.getdata())) - torch.tensor(list(theirs.getdata()))
+        assert difference.abs().max() <= 1  # the same frames, up to rounding at .5
+    with Image.open(out / "video.gif") as gif:
+        assert gif.n_frames == 5
+
+
+@pytest.mark.parametrize(
+    ("model", "vae", "code", "message"),
+    [
+        ("student", "pipeline", 2, "works in RGB pixels"),
+        ("latent", "teacher", 3, "a WanTransformer3DModel, not one of"),
+        ("latent", "nothing", 3, "no config.json there"),
+    ],
+)
+def test_a_vae_that_cannot_decode_the_model_is_refused(wans, wan_vae, tmp_path, cli, model, vae, code, message):
+    folder = {"pipeline": wan_vae, "teacher": wans / "teacher", "nothing": tmp_path}[vae]
+    condition = tmp_path / "c.safetensors"
+    save_file({"condition": torch.randn(3, 24)}, str(condition))
+    args = ["--prompt", "red square moving up"] if model == "student" else ["--condition", condition]
+    result = cli("generate", wans / model, *args, "-o", tmp_path / "out", "--frames", "2", "--vae", folder)
+    assert result.exit_code == code and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_condition_file_of_another_width_is_refused(wans, tmp_path, cli):
     save_file({"condition": torch.randn(5, 7)}, str(tmp_path / "c.safetensors"))
     result = cli("generate", wans / "student", "-o", tmp_path / "out", "--condition", tmp_path / "c.safetensors")

@@ -294,6 +294,9 @@ def generate(
     guidance: Annotated[
         float, typer.Option("--guidance", min=0.0, help="video: classifier-free guidance scale (1: none)")
     ] = 1.0,
+    vae: Annotated[
+        Path | None, typer.Option("--vae", help="video, latent model: the diffusers VAE folder that makes frames")
+    ] = None,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Generate from a causal LM (plain, INT4, GGUF, coded; a streaming one streams) or a video denoiser.
@@ -319,7 +322,7 @@ def generate(
             request = video_request(
                 config, frames, height, width, timesteps, sample_steps, shift, seed, euler, guidance
             )
-            run_video(checkpoint, out, prompt=prompt, condition_file=condition, output=output, request=request)
+            run_video(checkpoint, out, prompt=prompt, condition_file=condition, output=output, request=request, vae=vae)
             return
         require_kind(checkpoint, CAUSAL_LM, "generation")
         if prompt is None:

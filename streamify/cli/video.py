@@ -68,17 +68,20 @@ def video_condition(model, prompt: str | None, condition_file: Path | None) -> t
     return label_condition(parse_label(prompt), SHAPES_TOKENS, dim)[None]
 
 
-def run_video(checkpoint, out, *, prompt, condition_file, output, request) -> None:
-    """Generate, write and report one clip."""
-    from streamify.runtime.video_generate import generate_video, write_video
+def run_video(checkpoint, out, *, prompt, condition_file, output, request, vae: Path | None = None) -> None:
+    """Generate, write and report one clip (frames through ``vae`` for a latent model)."""
+    from streamify.runtime.video_generate import generate_video, is_pixel_model, load_vae, write_video
 
     if output is None:
         raise UsageError("video generation writes a folder", "pass -o FOLDER")
     check_output(output)
     model = checkpoint.model
+    if vae is not None and is_pixel_model(model):
+        raise UsageError("--vae: this denoiser works in RGB pixels, its frames need no VAE", "leave out --vae")
+    decoder = load_vae(vae, model) if vae is not None else None
     condition = video_condition(model, prompt, condition_file)
     latents, result = generate_video(model, condition, request, progress=out)
-    result["files"] = write_video(latents, model, output)
+    result["files"] = write_video(latents, model, output, decoder)
     result["output"] = str(output)
     out.result(
         result,

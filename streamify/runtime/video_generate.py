@@ -13,13 +13,18 @@ counts twice (the conditional and the unconditional one).
 Written into the output folder (created whole or not at all):
 ``latents.safetensors`` (``latents`` ``[1, C, frames, H, W]``); for a model
 that works in RGB pixels (3 channels, as on ``builtin:shapes``), also
-``frames/frame-NNNNN.png`` and ``video.gif`` (Pillow). Latent-space models
-(Wan2.1 with 16 channels) need their VAE to become pixels, which is left to
-diffusers' ``AutoencoderKLWan``.
+``frames/frame-NNNNN.png`` and ``video.gif`` (Pillow). A latent-space model
+(Wan2.1, 16 channels) gets its frames when its VAE is given (diffusers'
+``AutoencoderKLWan``, :func:`load_vae`): the latents are denormalised with the
+VAE's ``latents_mean``/``latents_std`` as diffusers' ``WanPipeline`` does and
+decoded whole after the generation (the VAE's causal cache is not carried
+from chunk to chunk, so the decoded frames, unlike the generation, are held
+at once).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +33,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from streamify.errors import UsageError
+from streamify.errors import InputError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import VideoCache
 from streamify.runtime.video_sampling import chunk_length, denoise_chunk, sample_clip, shifted_sigmas
 
 GIF_FRAME_MS = 125  # 8 frames a second
+VAE_CLASSES = ("AutoencoderKLWan",)  # diffusers video VAEs with latents_mean / latents_std, decoded as WanPipeline
 
 
 @dataclass(frozen=True)
@@ -122,18 +128,65 @@ def check_output(folder: Path) -> None:
         raise UsageError(f"{folder} exists and is not an empty folder", "give a new folder to -o")
 
 
-def write_video(latents: torch.Tensor, model: nn.Module, folder: Path) -> list[str]:
-    """Write ``latents`` (and the frames of a pixel model) into the new ``folder``; the names written."""
+def load_vae(path: Path, model: nn.Module) -> nn.Module:
+    """The diffusers VAE in ``path`` (its folder, or a Wan pipeline folder's ``vae/``) that decodes ``model``'s
+    latents, on the model's device in fp32; InputError naming the file when it is not one."""
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    config_file = folder / "config.json"
+    hint = "give the folder of diffusers' AutoencoderKLWan (the vae/ folder of a Wan Diffusers checkpoint)"
+    if not config_file.is_file():
+        raise InputError(f"--vae {path}: no config.json there (nor in vae/)", hint)
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{config_file}: not readable JSON ({error})", hint) from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name not in VAE_CLASSES:
+        raise InputError(f"{config_file}: a {name or 'model without _class_name'}, not one of {VAE_CLASSES}", hint)
+    if config.get("z_dim") != model.config["out_channels"]:
+        raise InputError(
+            f"{config_file}: the VAE's latents have {config.get('z_dim')} channels, the denoiser writes "
+            f"{model.config['out_channels']}",
+            "give the VAE the denoiser was trained with",
+        )
+    import diffusers
+
+    try:
+        vae = getattr(diffusers, name).from_pretrained(folder, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"{folder}: the VAE does not load ({error})", hint) from None
+    return vae.to(next(model.parameters()).device).eval()
+
+
+@torch.no_grad()
+def decode_frames(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """``[frames, 3, H, W]`` in [0, 1]: ``latents`` ``[1, C, F, h, w]`` times the VAE's ``latents_std`` plus its
+    ``latents_mean`` (as diffusers' WanPipeline), decoded."""
+    device = next(vae.parameters()).device
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    video = vae.decode(latents.to(device).float() * std + mean, return_dict=False)[0]
+    return ((video[0].permute(1, 0, 2, 3).float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def write_video(latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.Module | None = None) -> list[str]:
+    """Write ``latents`` into the new ``folder``, and frames for a pixel model or through ``vae``; the names
+    written."""
     check_output(folder)
+    frames = None
+    if vae is not None:
+        frames = decode_frames(vae, latents)
+    elif is_pixel_model(model):
+        from streamify.data.shapes import latents_frames
+
+        frames = latents_frames(latents)
     tmp = temp_sibling(folder)
     save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
     names = ["latents.safetensors"]
-    if is_pixel_model(model):
+    if frames is not None:
         from PIL import Image
 
-        from streamify.data.shapes import latents_frames
-
-        pixels = (latents_frames(latents).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        pixels = (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
         images = [Image.fromarray(frame) for frame in pixels]
         (tmp / "frames").mkdir()
         for index, image in enumerate(images):
