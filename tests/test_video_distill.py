@@ -131,6 +131,25 @@ def test_self_forcing_lowers_the_teachers_loss_on_heldout_rollouts(trained, monk
     assert checkpoint.model.streamify_video.spec.chunk_frames == 2  # still the block-causal student
 
 
+def test_the_plan_counts_teacher_critic_optimizers_and_average(wans, tmp_path, cli):
+    recipe = tmp_path / "sf.yaml"
+    recipe.write_text(
+        f"model: {wans / 'teacher'}\ndtype: fp32\nstages:\n  - convert.causal_video: {{chunk_frames: 2}}\n"
+        "  - distill.self_forcing: {frames: 4, height: 8, width: 8, ema: 0.9}\n"
+        "  - distill.ode_init: {frames: 4, height: 8, width: 8}\n"
+    )
+    result = cli("run", recipe, f"output={tmp_path / 'out'}", "--dry-run", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)["plan"]
+    params = plan["params"]
+    _, self_forcing, ode_init = plan["stages"]
+    # fp32: student 4 + gradient and AdamW 12, teacher 4, critic 4 + 12, moving average 4 bytes a parameter
+    assert self_forcing["estimate"]["peak_memory_bytes"] == 40 * params
+    assert "a critic in fp32" in self_forcing["holds"] and "moving average" in self_forcing["holds"]
+    assert ode_init["estimate"]["peak_memory_bytes"] == 16 * params  # it samples with the student's own weights
+    assert not (tmp_path / "out").exists()
+
+
 def test_killed_self_forcing_resumes_to_the_same_weights(wans, tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
     params = dict(samples=4, heldout_samples=1, steps=6, critic_updates=2, checkpoint_every=2, ema=0.5)

@@ -143,6 +143,7 @@ def render_plan(console: Console, plan: dict) -> None:
             f"     cache: {stage['cache']}; peak memory ~{human_bytes(est['peak_memory_bytes'])}, "
             f"output ~{human_bytes(est['disk_bytes'])}"
             + (f"; teacher: {stage['teacher']}" if "teacher" in stage else "")
+            + (f"; holds {stage['holds']}" if "holds" in stage else "")
         )
         for key, matches in stage["modules"].items():
             if key == "lora_modules":

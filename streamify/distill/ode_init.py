@@ -35,6 +35,7 @@ from streamify.distill.video_setup import (
     load_teacher,
     require_causal_student,
     train_and_heldout,
+    trained_holds,
 )
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
@@ -151,6 +152,7 @@ def _plan_check(params: OdeInitParams, model, where: str) -> dict:
     kinds=("denoiser",),
     trains=lambda p: True,
     check=_plan_check,
+    holds=lambda p, model_bytes, params: trained_holds(model_bytes, params, p.teacher is not None, False, False),
 )
 def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageContext) -> Checkpoint:
     """Sample teacher trajectories, then train the block-causal student to regress their ends."""

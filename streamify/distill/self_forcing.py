@@ -39,6 +39,7 @@ from streamify.distill.video_setup import (
     load_teacher,
     require_causal_student,
     train_and_heldout,
+    trained_holds,
 )
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
@@ -109,6 +110,7 @@ def _plan_check(params: SelfForcingParams, model, where: str) -> dict:
     kinds=("denoiser",),
     trains=lambda p: True,
     check=_plan_check,
+    holds=lambda p, model_bytes, params: trained_holds(model_bytes, params, True, True, p.ema is not None),
 )
 def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx: StageContext) -> Checkpoint:
     """Train the block-causal student on its own rollouts against the teacher and a critic."""

@@ -27,6 +27,7 @@ from streamify.runtime.causal_video import CONFIG_KEY
 from streamify.runtime.video_sampling import chunk_length
 
 COMPATIBLE_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")  # what teacher and student must share
+TRAINING_BYTES_PER_PARAM = 12  # an fp32 gradient and AdamW's two moments
 
 
 class VideoDistillParams(TrainParams):
@@ -42,6 +43,24 @@ class VideoDistillParams(TrainParams):
     guidance: float = Field(
         1.0, ge=0, description="the teacher's classifier-free guidance scale (1: none; unconditional: zero tokens)"
     )
+
+
+def trained_holds(model_bytes: int, params: int, teacher: bool, critic: bool, ema: bool) -> tuple[int, str]:
+    """For the plan: the bytes of the weights and optimizer states a video distillation stage keeps (the
+    student with its gradient and AdamW, a frozen teacher, a critic in fp32 with its own, an fp32 moving
+    average), and what they are."""
+    total = model_bytes + TRAINING_BYTES_PER_PARAM * params
+    held = ["the student with its gradients and AdamW"]
+    if teacher:
+        total += model_bytes
+        held.append("a frozen teacher")
+    if critic:
+        total += (4 + TRAINING_BYTES_PER_PARAM) * params
+        held.append("a critic in fp32 with its gradients and AdamW")
+    if ema:
+        total += 4 * params
+        held.append("an fp32 moving average")
+    return total, ", ".join(held) + " (activations not counted)"
 
 
 def clip_shape(model: nn.Module, params: VideoDistillParams, where: str) -> tuple[int, int, int, int]:

@@ -135,7 +135,9 @@ def build_plan(
             check_share((training[0] if training else stage_params).grad_accum, processes, where)
         peak = 2 * in_memory + (stage.blockwise(stage_params, model)[2] if stage.blockwise else 0)
         modules = {}
-        teacher = None
+        teacher = holds = None
+        if stage.holds is not None:
+            peak, holds = stage.holds(stage_params, in_memory, params)
         if training is not None:
             heal, seq_len, teacher_copy = training
             peak = training_bytes(config, in_memory, params, heal, seq_len, teacher_copy)
@@ -157,6 +159,7 @@ def build_plan(
                 "cache": cache,
                 "estimate": {"peak_memory_bytes": peak, "disk_bytes": int(params * per_param)},
                 **({"teacher": teacher} if teacher else {}),
+                **({"holds": holds} if holds else {}),
             }
         )
     logits = 0

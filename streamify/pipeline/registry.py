@@ -62,7 +62,9 @@ class Stage:
     with which a stage trains outside ``training`` (see :func:`trains`); ``blockwise``, for a stage that can
     run on a model read block by block from disk (``Checkpoint.blocks``), gives for its params and the model
     the mode asked for (auto, on, off), what in them rules it out (None when nothing does) and the working
-    memory of one block (activations, statistics) in bytes.
+    memory of one block (activations, statistics) in bytes; ``holds``, for a stage that trains outside
+    ``training``, gives for its params, the model's bytes in memory and its parameter count the peak memory of
+    the weights and optimizer states it keeps (activations not counted) and what they are, for the plan.
     """
 
     name: str
@@ -79,6 +81,7 @@ class Stage:
     final: bool = False
     trains: Callable[[BaseModel], bool] = lambda params: False
     blockwise: Callable[[BaseModel, Any], tuple[str, str | None, int]] | None = None
+    holds: Callable[[BaseModel, int, int], tuple[int, str]] | None = None
 
 
 def trains(stage: Stage, params: BaseModel) -> bool:
