@@ -174,3 +174,48 @@ def test_dry_run_under_a_launcher_names_the_strategy_and_refuses_an_unshareable_
     recipe.write_text(HEAL_RECIPE.format(model=tiny_llama).replace("grad_accum: 2", "grad_accum: 3"))
     refused = cli("run", recipe, f"output={tmp_path / 'out'}", "--dry-run")
     assert refused.exit_code == 2 and "multiple of 2" in refused.stderr
+
+
+ODE_RECIPE = """model: {model}
+dtype: fp32
+data: builtin:shapes
+stages:
+  - convert.causal_video: {{chunk_frames: 2}}
+  - distill.ode_init: {{samples: 6, heldout_samples: 2, teacher_steps: 4, keep: [0, 2], frames: 4, height: 8,
+                       width: 8, steps: 2, grad_accum: 2, warmup_steps: 1}}
+"""
+
+
+def test_ode_trajectories_are_sampled_in_shares_under_a_launcher(tmp_path, cli, monkeypatch):
+    """Under 2 processes each samples every other teacher trajectory into the shared cache; the stored set is
+    the one a single process samples, file for file."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
+        text_dim=24, freq_dim=16, ffn_dim=48, num_layers=2, rope_max_seq_len=128,
+    ).save_pretrained(tmp_path / "teacher")  # fmt: skip
+    recipe = tmp_path / "ode.yaml"
+    recipe.write_text(ODE_RECIPE.format(model=tmp_path / "teacher"))
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "one-cache"))
+    one = cli("run", recipe, f"output={tmp_path / 'one'}", "--format", "json")
+    assert one.exit_code == 0, one.stderr
+    assert json.loads(one.stdout)["stages"][1]["metrics"]["trajectories_sampled_here"] == 8
+    launch = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port()]
+    command = [*launch, "-m", "streamify", "run", recipe, f"output={tmp_path / 'two'}", "--format", "json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMIFY_CACHE_DIR": str(tmp_path / "two-cache")}
+    two = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    summaries = [json.loads(part) for part in two.stdout.replace("}\n{", "}\n\x00{").split("\x00")]
+    main = next(s for s in summaries if "output" in s)
+    assert main["stages"][1]["metrics"]["trajectories_sampled_here"] == 4
+    stored = {
+        name: sorted((tmp_path / name / "trajectories").glob("*/*/trajectory-*.safetensors"))
+        for name in ("one-cache", "two-cache")
+    }
+    assert len(stored["one-cache"]) == len(stored["two-cache"]) == 8
+    for mine, theirs in zip(stored["one-cache"], stored["two-cache"], strict=True):
+        assert mine.relative_to(tmp_path / "one-cache") == theirs.relative_to(tmp_path / "two-cache")
+        assert torch.equal(load_file(mine)["states"], load_file(theirs)["states"])

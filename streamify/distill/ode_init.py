@@ -12,7 +12,9 @@ refines.
 
 The trajectories are the stage's cached output: each is written to the cache
 as it is sampled, so an interrupted run samples only the missing ones, and the
-training checkpoints like every training stage. The held-out loss (the same
+training checkpoints like every training stage. Under several processes each
+samples its share (every N-th trajectory) into the cache, which must then be on
+a filesystem they all see, and all of them train on the whole set. The held-out loss (the same
 regression on trajectories of held-out conditions, at seeded states) is
 measured before and after training.
 """
@@ -37,9 +39,11 @@ from streamify.distill.video_setup import (
     train_and_heldout,
     trained_holds,
 )
+from streamify.errors import UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
 from streamify.model.fingerprint import content_key
+from streamify.pipeline.processes import launched_processes, process_state
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import SILENT
 from streamify.runtime.causal_video import disable_causal_video, enable_causal_video, video_parts
@@ -70,8 +74,13 @@ class Trajectories:
     """Stored teacher trajectories, ``[len(keep) + 1, C, F, H, W]`` each: files in the cache, read a batch at a
     time (a real run's trajectories outgrow memory), or tensors in memory when there is no cache."""
 
-    def __init__(self, items: list[Path | torch.Tensor]) -> None:
+    def __init__(self, items: list[Path | torch.Tensor], sampled: int) -> None:
         self.items = items
+        self.sampled = sampled  # how many this process sampled (the rest were stored already or are others')
+
+    def missing(self) -> list[Path]:
+        """Stored trajectories whose file is not there."""
+        return [item for item in self.items if isinstance(item, Path) and not item.is_file()]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -83,21 +92,33 @@ class Trajectories:
 
 
 def trajectories(
-    teacher, conds: torch.Tensor, shape: tuple, params: OdeInitParams, seed: int, folder: Path | None, progress
+    teacher,
+    conds: torch.Tensor,
+    shape: tuple,
+    params: OdeInitParams,
+    seed: int,
+    folder: Path | None,
+    progress,
+    share: tuple[int, int] = (0, 1),
 ) -> Trajectories:
     """For each condition the teacher's states before the ``keep`` steps and its end, from seeded noise; each is
-    written to ``folder`` when one is given, and one already there is not sampled again."""
+    written to ``folder`` when one is given, and one already there is not sampled again. With ``share`` (this
+    process, processes) and a folder, only every processes-th trajectory from this one's index is sampled here;
+    the others are the other processes' files."""
     sigmas = shifted_sigmas(params.teacher_steps, params.shift)
     device = next(teacher.parameters()).device
     items: list[Path | torch.Tensor] = []
+    rank, world = share if folder is not None else (0, 1)
+    sampled = 0
     for index in progress.track(range(conds.shape[0]), "teacher trajectories", total=conds.shape[0]):
         path = folder / f"trajectory-{index:06d}.safetensors" if folder is not None else None
-        if path is not None and path.is_file():
+        if path is not None and (path.is_file() or index % world != rank):
             items.append(path)
             continue
         noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
         condition = conds[index : index + 1].to(device)
         end, kept = sample_clip(teacher, noise.to(device), condition, sigmas, params.keep, params.guidance)
+        sampled += 1
         states = torch.cat([*kept, end]).cpu().contiguous()
         if path is None:
             items.append(states)
@@ -107,7 +128,7 @@ def trajectories(
         save_file({"states": states}, str(tmp))
         tmp.replace(path)
         items.append(path)
-    return Trajectories(items)
+    return Trajectories(items, sampled)
 
 
 def regression_loss(student, states: torch.Tensor, conds: torch.Tensor, levels: list[float], generator=None):
@@ -178,14 +199,26 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     conds_hash = hashlib.sha256(torch.cat((train_conds, held_conds)).numpy().tobytes()).hexdigest()
     key = content_key(sampler, {**settings, "conditions": conds_hash, "seed": ctx.seed})
     folder = cache_root() / "trajectories" / key if ctx.use_cache else None
+    state = process_state(ctx.device) if launched_processes() > 1 else None
+    share = (state.process_index, state.num_processes) if state is not None else (0, 1)
     try:
         ctx.progress.log(f"sampling {params.samples + params.heldout_samples} teacher trajectories")
-        train_states = trajectories(sampler, train_conds, shape, params, ctx.seed, _part(folder, "train"), ctx.progress)
-        held_states = trajectories(sampler, held_conds, shape, params, HELDOUT_SEED, _part(folder, "heldout"), SILENT)
+        train_folder, held_folder = _part(folder, "train"), _part(folder, "heldout")
+        train_states = trajectories(sampler, train_conds, shape, params, ctx.seed, train_folder, ctx.progress, share)
+        held_states = trajectories(sampler, held_conds, shape, params, HELDOUT_SEED, held_folder, SILENT, share)
     finally:
         if teacher is None:
             enable_causal_video(student, spec, where)
     del teacher
+    if state is not None:
+        state.wait_for_everyone()  # the other processes' shares are written
+    missing = train_states.missing() + held_states.missing()
+    if missing:
+        raise UsageError(
+            f"distill.ode_init: {len(missing)} trajectories other processes sampled are not in {folder} "
+            f"(e.g. {missing[0].name})",
+            "put the cache on a filesystem every process sees (STREAMIFY_CACHE_DIR)",
+        )
     sigmas = shifted_sigmas(params.teacher_steps, params.shift)
     levels = [sigmas[i] for i in params.keep]
     before = heldout_loss(student, held_states, held_conds, levels)
@@ -216,6 +249,7 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     ctx.metrics.update(
         trajectories=params.samples,
         heldout_trajectories=params.heldout_samples,
+        trajectories_sampled_here=train_states.sampled + held_states.sampled,
         teacher_steps=params.teacher_steps,
         keep=params.keep,
         levels=[round(level, 6) for level in levels],
