@@ -103,6 +103,7 @@ class VideoController:
         self.mask: torch.Tensor | None = None  # the whole clip's block-causal mask for the current call
         self.cache: VideoCache | None = None
         self.write = False
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # rotary tables by slots, grid, device, dtype
 
     def start_call(self, latents: torch.Tensor, gradient_checkpointing: bool) -> None:
         """Before each forward: the token grid, and the clip's mask (whole clip) or the chunk's checks (cache)."""
@@ -125,11 +126,15 @@ class VideoController:
             )
 
     def rope_for(self, frames: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[1, frames * tokens_per_frame, 1, head_dim]`` for frame slots 0..frames-1."""
-        _, height, width = self.grid
-        shape = (1, 1, frames * self.patch[0], height * self.patch[1], width * self.patch[2])
-        cos, sin = self.rope(like.new_empty(shape))  # (only its shape is read)
-        return cos.to(like.device), sin.to(like.device)
+        """cos and sin ``[1, frames * tokens_per_frame, 1, head_dim]`` for frame slots 0..frames-1 (made once
+        for every block and call that needs them)."""
+        key = (frames, self.grid, like.device, like.dtype)
+        if key not in self.tables:
+            _, height, width = self.grid
+            shape = (1, 1, frames * self.patch[0], height * self.patch[1], width * self.patch[2])
+            cos, sin = self.rope(like.new_empty(shape))  # (only its shape is read)
+            self.tables[key] = cos.to(like.device), sin.to(like.device)
+        return self.tables[key]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
