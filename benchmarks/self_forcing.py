@@ -228,6 +228,9 @@ def main() -> None:
     )
     parser.add_argument("--references", action="store_true", help="only the trajectory errors of real clips")
     parser.add_argument(
+        "--sweep", default=None, help="only the teacher in --work at its training length, at these guidance scales"
+    )
+    parser.add_argument(
         "--guidance", type=float, default=GUIDANCE, help="the teacher's and diffusion-forced student's guidance"
     )
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
@@ -244,6 +247,12 @@ def main() -> None:
         print(json.dumps(references(sizes["eval"])))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="self-forcing-"))
+    if args.sweep:
+        for guidance in map(float, args.sweep.split(",")):
+            result = measure(work / "teacher", TRAIN_FRAMES, sizes["eval"], False, guidance)
+            print(f"guidance {guidance:g}: trajectory error {result['trajectory_error']:.2f} px, colour error "
+                  f"{result['colour_error']:.3f}")  # fmt: skip
+        return
     started = time.perf_counter()
     teacher = work / "teacher" if (work / "teacher").is_dir() else train_teacher(work, sizes)
     forced = work / "forced" if (work / "forced").is_dir() else train_forced(teacher, work, sizes)
