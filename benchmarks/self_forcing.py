@@ -248,6 +248,8 @@ def main() -> None:
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="self-forcing-"))
     if args.sweep:
+        if args.work is None:
+            parser.error("--sweep measures the teacher of --work DIR")
         for guidance in map(float, args.sweep.split(",")):
             result = measure(work / "teacher", TRAIN_FRAMES, sizes["eval"], False, guidance)
             print(f"guidance {guidance:g}: trajectory error {result['trajectory_error']:.2f} px, colour error "

@@ -133,3 +133,13 @@ def test_dtype_conversion_block_by_block_writes_the_in_memory_files(
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(runs["off"])(ids).logits
         assert torch.equal(AutoModelForCausalLM.from_pretrained(runs["on"])(ids).logits, expected)
+
+
+def test_the_memory_check_holds_the_estimate_against_ram_for_cpu_runs_only(tmp_path):
+    from streamify.errors import ResourceError
+
+    estimate = {"peak_memory_bytes": 10 * 2**30, "available_memory_bytes": 2**30, "disk_bytes": 0}
+    plan = {"model": "m", "estimate": estimate, "processes": {"on_this_machine": 1}, "path": {"why": None}}
+    with pytest.raises(ResourceError, match=r"needs about 10\.0 GiB of memory, 1\.0 GiB is available"):
+        plan_module.check_fits(plan, tmp_path / "out", device="cpu")
+    plan_module.check_fits(plan, tmp_path / "out", device="cuda:0")  # its memory is not this machine's RAM

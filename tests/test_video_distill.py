@@ -15,6 +15,7 @@ import streamify.distill.self_forcing as self_forcing_stage
 from conftest import Cli, killed_at_call
 from streamify.cli.video import video_request
 from streamify.distill.trainer import Companion, TrainParams, train
+from streamify.errors import UsageError
 from streamify.io.load import load_checkpoint
 from streamify.pipeline.registry import StageContext, get_stage
 from streamify.progress import SILENT
@@ -72,6 +73,29 @@ def stock_guided_velocity(model, x, condition, timestep, guidance: float) -> tor
         for c in (condition, torch.zeros_like(condition))
     )
     return unconditional + guidance * (conditional - unconditional)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_ode_init_under_several_processes_needs_the_others_trajectories(wans, tmp_path, monkeypatch, use_cache):
+    """As process 0 of 2 whose partner never writes its share: refused clearly (cache off: before sampling;
+    cache on: once the partner's files do not show up)."""
+    import types
+
+    import streamify.distill.ode_init as ode_init
+
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    state = types.SimpleNamespace(process_index=0, num_processes=2, wait_for_everyone=lambda: None)
+    monkeypatch.setattr(ode_init, "launched_processes", lambda: 2)
+    monkeypatch.setattr(ode_init, "process_state", lambda device: state)
+    monkeypatch.setattr(ode_init, "SHARED_FILE_WAIT_S", 0)
+    stage = get_stage("distill.ode_init")
+    params = stage.params(samples=4, heldout_samples=2, teacher_steps=2, keep=[0], frames=2, height=4, width=4)
+    ctx = StageContext(device=torch.device("cpu"), seed=0, data=SHAPES, use_cache=use_cache)
+    message = "not in" if use_cache else "cache, which is off"
+    with pytest.raises(UsageError, match=message):
+        stage.run(load_checkpoint(str(wans / "student")), params, ctx)
+    sampled = sorted(p.name for p in (tmp_path / "cache").rglob("trajectory-*.safetensors"))
+    assert sampled == (["trajectory-000000.safetensors"] * 2 + ["trajectory-000002.safetensors"] if use_cache else [])
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

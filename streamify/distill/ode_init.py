@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -32,12 +33,12 @@ from safetensors.torch import load_file, save_file
 
 from streamify.distill.trainer import result_params, train
 from streamify.distill.video_setup import (
+    TRAINING_BYTES_PER_PARAM,
     VideoDistillParams,
     clip_shape,
     load_teacher,
     require_causal_student,
     train_and_heldout,
-    trained_holds,
 )
 from streamify.errors import UsageError
 from streamify.io.cache import cache_root
@@ -50,6 +51,7 @@ from streamify.runtime.causal_video import disable_causal_video, enable_causal_v
 from streamify.runtime.video_sampling import chunk_length, predict_clean, sample_clip, shifted_sigmas
 
 HELDOUT_SEED = 12_345  # the held-out trajectories' noise and states, the same before and after training
+SHARED_FILE_WAIT_S = 60  # how long a process waits for the others' trajectory files to show up
 
 
 class OdeInitParams(VideoDistillParams):
@@ -160,6 +162,15 @@ def heldout_loss(student, states: Trajectories, conds: torch.Tensor, levels: lis
     return sum(losses) / len(losses)
 
 
+def _holds(params: OdeInitParams, model_bytes: int, count: int) -> tuple[int, str]:
+    """For the plan: the student and a named teacher while sampling, the student with its gradients and AdamW
+    while training."""
+    sampling = model_bytes * (2 if params.teacher is not None else 1)
+    training = model_bytes + TRAINING_BYTES_PER_PARAM * count
+    teacher = "a named teacher while sampling, then " if params.teacher is not None else ""
+    return max(sampling, training), f"{teacher}the student with its gradients and AdamW (activations not counted)"
+
+
 def _plan_check(params: OdeInitParams, model, where: str) -> dict:
     video_parts(model, where)
     return {"keep": params.keep, "teacher_steps": params.teacher_steps}
@@ -173,7 +184,7 @@ def _plan_check(params: OdeInitParams, model, where: str) -> dict:
     kinds=("denoiser",),
     trains=lambda p: True,
     check=_plan_check,
-    holds=lambda p, model_bytes, params: trained_holds(model_bytes, params, p.teacher is not None, False, False),
+    holds=_holds,
 )
 def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageContext) -> Checkpoint:
     """Sample teacher trajectories, then train the block-causal student to regress their ends."""
@@ -189,36 +200,18 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     spec = student.streamify_video.spec
     if teacher is None:
         disable_causal_video(student)  # the input's own bidirectional attention samples the trajectories
-    settings = {
-        "shape": shape,
-        "steps": params.teacher_steps,
-        "keep": params.keep,
-        "shift": params.shift,
-        "guidance": params.guidance,
-    }
+    settings = {"shape": shape, "steps": params.teacher_steps, "keep": params.keep, "shift": params.shift}
+    if params.guidance != 1.0:  # (unguided trajectories keep the keys they had before guidance existed)
+        settings["guidance"] = params.guidance
     conds_hash = hashlib.sha256(torch.cat((train_conds, held_conds)).numpy().tobytes()).hexdigest()
     key = content_key(sampler, {**settings, "conditions": conds_hash, "seed": ctx.seed})
     folder = cache_root() / "trajectories" / key if ctx.use_cache else None
-    state = process_state(ctx.device) if launched_processes() > 1 else None
-    share = (state.process_index, state.num_processes) if state is not None else (0, 1)
     try:
-        ctx.progress.log(f"sampling {params.samples + params.heldout_samples} teacher trajectories")
-        train_folder, held_folder = _part(folder, "train"), _part(folder, "heldout")
-        train_states = trajectories(sampler, train_conds, shape, params, ctx.seed, train_folder, ctx.progress, share)
-        held_states = trajectories(sampler, held_conds, shape, params, HELDOUT_SEED, held_folder, SILENT, share)
+        train_states, held_states = _sample(sampler, (train_conds, held_conds), shape, params, folder, ctx)
     finally:
         if teacher is None:
             enable_causal_video(student, spec, where)
-    del teacher
-    if state is not None:
-        state.wait_for_everyone()  # the other processes' shares are written
-    missing = train_states.missing() + held_states.missing()
-    if missing:
-        raise UsageError(
-            f"distill.ode_init: {len(missing)} trajectories other processes sampled are not in {folder} "
-            f"(e.g. {missing[0].name})",
-            "put the cache on a filesystem every process sees (STREAMIFY_CACHE_DIR)",
-        )
+    del teacher, sampler  # a named teacher is not needed for the training
     sigmas = shifted_sigmas(params.teacher_steps, params.shift)
     levels = [sigmas[i] for i in params.keep]
     before = heldout_loss(student, held_states, held_conds, levels)
@@ -262,6 +255,40 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
         heldout_loss_after=round(heldout_loss(student, held_states, held_conds, levels), 6),
     )
     return checkpoint
+
+
+def _sample(sampler, conds: tuple, shape: tuple, params: OdeInitParams, folder: Path | None, ctx: StageContext):
+    """The train and held-out trajectories. Under several processes each samples its share into the cache
+    ``folder`` and waits for the others' (all raise together when some are not there)."""
+    state = process_state(ctx.device) if launched_processes() > 1 else None
+    if state is not None and folder is None:
+        raise UsageError(
+            f"distill.ode_init: {state.num_processes} processes share the teacher trajectories through the stage "
+            "cache, which is off",
+            "run with the cache on (without --no-cache), on a filesystem every process sees",
+        )
+    share = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    ctx.progress.log(f"sampling {params.samples + params.heldout_samples} teacher trajectories")
+    train = trajectories(sampler, conds[0], shape, params, ctx.seed, _part(folder, "train"), ctx.progress, share)
+    held = trajectories(sampler, conds[1], shape, params, HELDOUT_SEED, _part(folder, "heldout"), SILENT, share)
+    if state is None:
+        return train, held
+    from accelerate.utils import gather_object
+
+    state.wait_for_everyone()  # the other processes' shares are written
+    missing = train.missing() + held.missing()
+    for _ in range(SHARED_FILE_WAIT_S):  # a network filesystem may show new files late
+        if not missing:
+            break
+        time.sleep(1)
+        missing = train.missing() + held.missing()
+    if any(gather_object([len(missing)])):
+        raise UsageError(
+            f"distill.ode_init: trajectories other processes sampled are not in {folder}"
+            + (f" (here: {len(missing)}, e.g. {missing[0].name})" if missing else ""),
+            "put the cache on a filesystem every process sees (STREAMIFY_CACHE_DIR)",
+        )
+    return train, held
 
 
 def _part(folder: Path | None, split: str) -> Path | None:

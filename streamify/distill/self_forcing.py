@@ -34,12 +34,12 @@ from pydantic import Field, model_validator
 from streamify.distill.dmd import critic_loss, dmd_loss
 from streamify.distill.trainer import Companion, result_params, train
 from streamify.distill.video_setup import (
+    TRAINING_BYTES_PER_PARAM,
     VideoDistillParams,
     clip_shape,
     load_teacher,
     require_causal_student,
     train_and_heldout,
-    trained_holds,
 )
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
@@ -97,6 +97,17 @@ def heldout_teacher_loss(student, teacher, conds: torch.Tensor, shape: tuple, si
     return sum(losses) / len(losses)
 
 
+def _holds(params: SelfForcingParams, model_bytes: int, count: int) -> tuple[int, str]:
+    """For the plan: the student with its gradients and AdamW, the frozen teacher (counted at the student's
+    size and dtype), the critic in fp32 with its own, and the fp32 moving average."""
+    total = 2 * model_bytes + TRAINING_BYTES_PER_PARAM * count + (4 + TRAINING_BYTES_PER_PARAM) * count
+    held = "the student with its gradients and AdamW, a frozen teacher, a critic in fp32 with its gradients and AdamW"
+    if params.ema is not None:
+        total += 4 * count
+        held += ", an fp32 moving average"
+    return total, held + " (activations not counted)"
+
+
 def _plan_check(params: SelfForcingParams, model, where: str) -> dict:
     video_parts(model, where)
     return {"timesteps": params.timesteps, "critic_updates": params.critic_updates}
@@ -110,7 +121,7 @@ def _plan_check(params: SelfForcingParams, model, where: str) -> dict:
     kinds=("denoiser",),
     trains=lambda p: True,
     check=_plan_check,
-    holds=lambda p, model_bytes, params: trained_holds(model_bytes, params, True, True, p.ema is not None),
+    holds=_holds,
 )
 def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx: StageContext) -> Checkpoint:
     """Train the block-causal student on its own rollouts against the teacher and a critic."""

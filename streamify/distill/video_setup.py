@@ -45,24 +45,6 @@ class VideoDistillParams(TrainParams):
     )
 
 
-def trained_holds(model_bytes: int, params: int, teacher: bool, critic: bool, ema: bool) -> tuple[int, str]:
-    """For the plan: the bytes of the weights and optimizer states a video distillation stage keeps (the
-    student with its gradient and AdamW, a frozen teacher, a critic in fp32 with its own, an fp32 moving
-    average), and what they are."""
-    total = model_bytes + TRAINING_BYTES_PER_PARAM * params
-    held = ["the student with its gradients and AdamW"]
-    if teacher:
-        total += model_bytes
-        held.append("a frozen teacher")
-    if critic:
-        total += (4 + TRAINING_BYTES_PER_PARAM) * params
-        held.append("a critic in fp32 with its gradients and AdamW")
-    if ema:
-        total += 4 * params
-        held.append("an fp32 moving average")
-    return total, ", ".join(held) + " (activations not counted)"
-
-
 def clip_shape(model: nn.Module, params: VideoDistillParams, where: str) -> tuple[int, int, int, int]:
     """``(channels, frames, height, width)`` of a training clip; UsageError when the frames are not whole chunks
     or a side is not a whole number of patches."""

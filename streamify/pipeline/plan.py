@@ -207,14 +207,17 @@ def _strategy(processes: int) -> str:
     )
 
 
-def check_fits(plan: dict, output: Path, progress: Progress = SILENT) -> None:
+def check_fits(plan: dict, output: Path, progress: Progress = SILENT, device: str = "cpu") -> None:
     """Refuse (exit 4) a run whose estimated memory or disk exceeds what this machine has free.
 
-    Where the free space cannot be measured (a file system that reports no
-    size, such as /proc), the disk check steps aside with a warning.
+    The memory estimate is held against this machine's RAM for a run on the CPU;
+    on an accelerator (``device``) it is that device's memory the estimate is
+    about, which is not measured here, so only the disk is checked. Where the
+    free space cannot be measured (a file system that reports no size, such as
+    /proc), the disk check steps aside with a warning.
     """
     estimate = plan["estimate"]
-    available = estimate["available_memory_bytes"]
+    available = estimate["available_memory_bytes"] if str(device).startswith("cpu") else None
     local = plan["processes"]["on_this_machine"]  # each loads the whole model here
     needed = estimate["peak_memory_bytes"] * local
     if available is not None and needed > available:

@@ -69,7 +69,7 @@ def run_recipe(
     )
     if dry_run:
         return {"dry_run": True, "plan": plan}
-    check_fits(plan, out, progress)
+    check_fits(plan, out, progress, str(device))
     if recipe.verify and source.kind == "hf-folder" and (source.folder / MANIFEST_NAME).is_file():
         checked = verify_artifact(source.folder)
         progress.log(f"verified {checked['files']} files of {source.folder} against its manifest")

@@ -103,7 +103,7 @@ class VideoController:
         self.mask: torch.Tensor | None = None  # the whole clip's block-causal mask for the current call
         self.cache: VideoCache | None = None
         self.write = False
-        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # rotary tables by slots, grid, device, dtype
+        self.tables: tuple | None = None  # ((height, width, device, dtype), cos, sin): the rotary table made last
 
     def start_call(self, latents: torch.Tensor, gradient_checkpointing: bool) -> None:
         """Before each forward: the token grid, and the clip's mask (whole clip) or the chunk's checks (cache)."""
@@ -126,15 +126,15 @@ class VideoController:
             )
 
     def rope_for(self, frames: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[1, frames * tokens_per_frame, 1, head_dim]`` for frame slots 0..frames-1 (made once
-        for every block and call that needs them)."""
-        key = (frames, self.grid, like.device, like.dtype)
-        if key not in self.tables:
-            _, height, width = self.grid
+        """cos and sin ``[1, frames * tokens_per_frame, 1, head_dim]`` for frame slots 0..frames-1: the first rows
+        of one table, made again only for more frames or another frame size, device or dtype."""
+        _, height, width = self.grid
+        key, rows = (height, width, like.device, like.dtype), frames * height * width
+        if self.tables is None or self.tables[0] != key or self.tables[1].shape[1] < rows:
             shape = (1, 1, frames * self.patch[0], height * self.patch[1], width * self.patch[2])
             cos, sin = self.rope(like.new_empty(shape))  # (only its shape is read)
-            self.tables[key] = cos.to(like.device), sin.to(like.device)
-        return self.tables[key]
+            self.tables = (key, cos.to(like.device), sin.to(like.device))
+        return self.tables[1][:, :rows], self.tables[2][:, :rows]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ at once).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,8 @@ def load_vae(path: Path, model: nn.Module) -> nn.Module:
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     config_file = folder / "config.json"
     hint = "give the folder of diffusers' AutoencoderKLWan (the vae/ folder of a Wan Diffusers checkpoint)"
+    if not path.is_dir():
+        raise InputError(f"--vae {path}: {'not a folder' if path.exists() else 'does not exist'}", hint)
     if not config_file.is_file():
         raise InputError(f"--vae {path}: no config.json there (nor in vae/)", hint)
     try:
@@ -143,9 +146,10 @@ def load_vae(path: Path, model: nn.Module) -> nn.Module:
     name = config.get("_class_name") if isinstance(config, dict) else None
     if name not in VAE_CLASSES:
         raise InputError(f"{config_file}: a {name or 'model without _class_name'}, not one of {VAE_CLASSES}", hint)
-    if config.get("z_dim") != model.config["out_channels"]:
+    channels = config.get("z_dim", 16)  # (AutoencoderKLWan's default)
+    if channels != model.config["out_channels"]:
         raise InputError(
-            f"{config_file}: the VAE's latents have {config.get('z_dim')} channels, the denoiser writes "
+            f"{config_file}: the VAE's latents have {channels} channels, the denoiser writes "
             f"{model.config['out_channels']}",
             "give the VAE the denoiser was trained with",
         )
@@ -181,6 +185,18 @@ def write_video(latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.M
 
         frames = latents_frames(latents)
     tmp = temp_sibling(folder)
+    try:
+        names = _write_files(latents, frames, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rmdir()  # empty: the checks above
+    publish(tmp, folder)
+    return names
+
+
+def _write_files(latents: torch.Tensor, frames: torch.Tensor | None, tmp: Path) -> list[str]:
     save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
     names = ["latents.safetensors"]
     if frames is not None:
@@ -193,7 +209,4 @@ def write_video(latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.M
             image.save(tmp / "frames" / f"frame-{index:05d}.png")
         images[0].save(tmp / "video.gif", save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
         names += [f"frames/ ({len(images)} PNG)", "video.gif"]
-    if folder.exists():
-        folder.rmdir()  # empty: the checks above
-    publish(tmp, folder)
     return names
