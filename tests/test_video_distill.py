@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from itertools import pairwise
 
 import pytest
@@ -456,3 +457,73 @@ def test_ode_init_and_self_forcing_read_conditions_from_a_file(wans, tmp_path, m
     assert logged == [
         f"{tmp_path / 'prompts.safetensors'}: 9 train prompts for 11 samples: each is used more than once"
     ]
+
+
+@pytest.fixture(scope="module")
+def wan_text_parts(tmp_path_factory):
+    """The tokenizer/ and text_encoder/ of a Wan Diffusers checkpoint: a word-level tokenizer and a tiny random
+    UMT5 encoder whose states are as wide as the test denoisers' text_dim (24)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    root = tmp_path_factory.mktemp("wan-text")
+    words = [
+        "<pad>",
+        "</s>",
+        "<unk>",
+        *["a", "red", "blue", "square", "circle", "moving", "up", "down", "left", "right", "fast"],
+    ]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    config = UMT5Config(vocab_size=len(words), d_model=24, d_kv=6, d_ff=32, num_layers=2, num_heads=4)
+    UMT5EncoderModel(config).save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_encode_prompts_writes_the_encoders_states_past_each_prompt_zeroed(wans, wan_text_parts, tmp_path, cli):
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    prompts = ["a red square moving up", "blue circle moving down right"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    out = tmp_path / "conditions.safetensors"
+    args = ["--text-encoder", wan_text_parts, "--max-length", "12", "--format", "json"]
+    result = cli("encode-prompts", tmp_path / "prompts.txt", "-o", out, *args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["shape"] == [2, 12, 24]
+    written = load_file(out)
+    tokenizer = AutoTokenizer.from_pretrained(wan_text_parts / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(wan_text_parts / "text_encoder").eval()
+    tokens = tokenizer(prompts, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+    expected = states * tokens.attention_mask[..., None]
+    assert set(written) == {"conditions"} and torch.allclose(written["conditions"], expected, atol=1e-6)
+    assert written["conditions"][0, 5:].abs().max() == 0 and written["conditions"][0, :5].abs().min() > 0
+    (tmp_path / "one.txt").write_text("a blue square moving left\n")
+    single = tmp_path / "one.safetensors"
+    assert cli("encode-prompts", tmp_path / "one.txt", "-o", single, *args).exit_code == 0
+    one = load_file(single)
+    assert torch.equal(one["condition"], one["conditions"][0])  # what generate --condition reads
+    clip = tmp_path / "clip"
+    made = cli("generate", wans / "latent", "--condition", single, "-o", clip, "--frames", "2", "--height", "4")
+    assert made.exit_code == 0, made.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [("no encoder", 3, "no text_encoder/ folder there"), ("empty", 3, "no prompts in it"), ("exists", 2, "exists")],
+)
+def test_encode_prompts_refuses_bad_input(wan_text_parts, tmp_path, cli, case, code, message):
+    prompts, out, folder = tmp_path / "prompts.txt", tmp_path / "c.safetensors", wan_text_parts
+    prompts.write_text("" if case == "empty" else "a red square\n")
+    if case == "no encoder":
+        folder = tmp_path / "partial"
+        shutil.copytree(wan_text_parts / "tokenizer", folder / "tokenizer")
+    if case == "exists":
+        out.write_bytes(b"keep me")
+    result = cli("encode-prompts", prompts, "-o", out, "--text-encoder", folder)
+    assert result.exit_code == code and message in result.stderr, result.stderr
+    assert (out.read_bytes() == b"keep me") if case == "exists" else not out.exists()

@@ -345,6 +345,40 @@ def generate(
         )
 
 
+@app.command("encode-prompts")
+def encode_prompts_command(
+    prompts: Annotated[Path, typer.Argument(help="a text file, one prompt a line")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .safetensors file to write")],
+    text_encoder: Annotated[
+        Path, typer.Option("--text-encoder", help="a Wan Diffusers checkpoint folder (tokenizer/, text_encoder/)")
+    ],
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="tokens a prompt is padded to")] = 512,
+    device: DeviceOpt = "cpu",
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Encode prompts into a video denoiser's conditions (Wan's UMT5 states, as WanPipeline makes them)."""
+    from streamify.data.prompt_encoding import encode_prompts, load_text_encoder, read_prompts, write_conditions
+    from streamify.errors import UsageError
+    from streamify.io.placement import resolve_device
+
+    with command(fmt) as out:
+        if output.exists():
+            raise UsageError(f"{output} exists", "give a new file to -o")
+        texts = read_prompts(prompts)
+        pipeline = load_text_encoder(text_encoder, resolve_device(device))
+        conditions = encode_prompts(pipeline, texts, max_length, progress=out)
+        names = write_conditions(conditions, output)
+        result = {"prompts": len(texts), "shape": list(conditions.shape), "tensors": names, "output": str(output)}
+        out.result(
+            result,
+            lambda console, data: console.print(
+                f"{data['prompts']} prompts -> {', '.join(data['tensors'])} {data['shape']}: {data['output']}",
+                markup=False,
+                highlight=False,
+            ),
+        )
+
+
 @app.command()
 def stream(
     model: ModelArg,

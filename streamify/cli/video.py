@@ -62,8 +62,8 @@ def video_condition(model, prompt: str | None, condition_file: Path | None) -> t
         )
     if not is_pixel_model(model):
         raise UsageError(
-            "--prompt: this denoiser works in latents and reads its text encoder's states; streamify does not run that",
-            "encode the prompt with the model's text encoder and pass it with --condition FILE",
+            "--prompt: this denoiser works in latents and reads its text encoder's states",
+            "encode the prompt with streamify encode-prompts (Wan's UMT5) and pass the file with --condition FILE",
         )
     return label_condition(parse_label(prompt), SHAPES_TOKENS, dim)[None]
 

@@ -6,7 +6,8 @@ Conditions (the prompts' encoder states) come from the run's ``--data``:
   (:func:`~streamify.data.shapes.label_condition`), train and held-out seeds;
 - ``builtin:random-latents``: seeded Gaussian condition tokens (a smoke test);
 - a ``.safetensors`` file with a ``conditions`` tensor ``[prompts, tokens, text_dim]``:
-  text-encoder states computed beforehand (for Wan, UMT5 states of the prompts);
+  text-encoder states computed beforehand (for Wan, UMT5 states of the prompts, which
+  ``streamify encode-prompts`` writes);
   the last tenth (at least one) is held out.
 """
 
