@@ -59,6 +59,18 @@ def _torchrun(processes: int, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=600, env=env)
 
 
+def _launched_run(recipe: Path, output: Path, cache: Path) -> list[dict]:
+    """`accelerate launch -m streamify run RECIPE` on 2 CPU processes with the stage cache in ``cache``: the JSON
+    summaries the processes printed (it must succeed)."""
+    launch = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port()]
+    command = [*launch, "-m", "streamify", "run", recipe, f"output={output}", "--format", "json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMIFY_CACHE_DIR": str(cache)}
+    done = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(part) for part in done.stdout.replace("}\n{", "}\n\x00{").split("\x00")]
+
+
 def _reference() -> tuple[dict, list[float]]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
@@ -119,13 +131,7 @@ def test_recipe_runs_unchanged_under_accelerate_launch(tmp_path, tiny_llama, cli
     recipe.write_text(HEAL_RECIPE.format(model=tiny_llama))
     one = cli("run", recipe, f"output={tmp_path / 'one'}", "--format", "json")
     assert one.exit_code == 0, one.stderr
-    launch = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port()]
-    command = [*launch, "-m", "streamify", "run", recipe, f"output={tmp_path / 'two'}", "--format", "json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMIFY_CACHE_DIR": str(tmp_path / "cache")}
-    two = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=600, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    summaries = [json.loads(part) for part in two.stdout.replace("}\n{", "}\n\x00{").split("\x00")]
+    summaries = _launched_run(recipe, tmp_path / "two", tmp_path / "cache")
     main = next(s for s in summaries if "output" in s)
     assert [s["process"] for s in summaries if "process" in s] == [1]
     first = json.loads(one.stdout)["stages"][0]["metrics"]["heal_losses"]
@@ -202,14 +208,7 @@ def test_ode_trajectories_are_sampled_in_shares_under_a_launcher(tmp_path, cli, 
     one = cli("run", recipe, f"output={tmp_path / 'one'}", "--format", "json")
     assert one.exit_code == 0, one.stderr
     assert json.loads(one.stdout)["stages"][1]["metrics"]["trajectories_sampled_here"] == 8
-    launch = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port()]
-    command = [*launch, "-m", "streamify", "run", recipe, f"output={tmp_path / 'two'}", "--format", "json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMIFY_CACHE_DIR": str(tmp_path / "two-cache")}
-    two = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=600, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    summaries = [json.loads(part) for part in two.stdout.replace("}\n{", "}\n\x00{").split("\x00")]
-    main = next(s for s in summaries if "output" in s)
+    main = next(s for s in _launched_run(recipe, tmp_path / "two", tmp_path / "two-cache") if "output" in s)
     assert main["stages"][1]["metrics"]["trajectories_sampled_here"] == 4
     stored = {
         name: sorted((tmp_path / name / "trajectories").glob("*/*/trajectory-*.safetensors"))

@@ -357,13 +357,17 @@ def encode_prompts_command(
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Encode prompts into a video denoiser's conditions (Wan's UMT5 states, as WanPipeline makes them)."""
-    from streamify.data.prompt_encoding import encode_prompts, load_text_encoder, read_prompts, write_conditions
-    from streamify.errors import UsageError
+    from streamify.data.prompt_encoding import (
+        encode_prompts,
+        load_text_encoder,
+        read_prompts,
+        require_new_file,
+        write_conditions,
+    )
     from streamify.io.placement import resolve_device
 
     with command(fmt) as out:
-        if output.exists():
-            raise UsageError(f"{output} exists", "give a new file to -o")
+        require_new_file(output)  # before the encoder is loaded; write_conditions checks again
         texts = read_prompts(prompts)
         pipeline = load_text_encoder(text_encoder, resolve_device(device))
         conditions = encode_prompts(pipeline, texts, max_length, progress=out)

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from streamify.errors import InputError, UsageError
+from streamify.io.safetensors_file import save_file_whole
 from streamify.progress import SILENT, Progress
 
 WAN_MAX_LENGTH = 512  # WanPipeline's max_sequence_length
@@ -70,18 +70,18 @@ def encode_prompts(
     return torch.cat(parts)
 
 
-def write_conditions(conditions: torch.Tensor, output: Path) -> list[str]:
-    """Write ``conditions`` (and ``condition`` for one prompt) to ``output`` whole; the tensor names written."""
+def require_new_file(output: Path) -> None:
+    """UsageError when ``output`` exists (nothing is overwritten)."""
     if output.exists():
         raise UsageError(f"{output} exists", "give a new file to -o")
+
+
+def write_conditions(conditions: torch.Tensor, output: Path) -> list[str]:
+    """Write ``conditions`` (and ``condition`` for one prompt) to the new file ``output`` whole; the tensor names
+    written."""
+    require_new_file(output)
     tensors = {"conditions": conditions.contiguous()}
     if conditions.shape[0] == 1:
         tensors["condition"] = conditions[0].clone()  # its own storage: safetensors stores no shared tensors
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        save_file(tensors, str(tmp))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(output)
+    save_file_whole(tensors, output)
     return sorted(tensors)

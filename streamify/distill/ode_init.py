@@ -22,14 +22,13 @@ measured before and after training.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from streamify.distill.trainer import result_params, train
 from streamify.distill.video_setup import (
@@ -43,6 +42,7 @@ from streamify.distill.video_setup import (
 from streamify.errors import UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
+from streamify.io.safetensors_file import save_file_whole
 from streamify.model.fingerprint import content_key
 from streamify.pipeline.processes import launched_processes, process_state
 from streamify.pipeline.registry import StageContext, register
@@ -125,10 +125,7 @@ def trajectories(
         if path is None:
             items.append(states)
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several processes may write the same one
-        save_file({"states": states}, str(tmp))
-        tmp.replace(path)
+        save_file_whole({"states": states}, path)
         items.append(path)
     return Trajectories(items, sampled)
 

@@ -170,6 +170,21 @@ def stamp_metadata(path: Path, extra: dict[str, str]) -> None:
     tmp.replace(path)
 
 
+def save_file_whole(tensors: dict, path: Path) -> None:
+    """Write ``tensors`` to the .safetensors ``path`` through a temporary sibling of this process, renamed into
+    place (several processes may write the same file); the temporary file is removed when writing fails."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
 def read_named_tensor(path: Path, name: str, hint: str):
     """The float tensor ``name`` of the .safetensors file ``path``; InputError naming the file when it cannot."""
     from safetensors import SafetensorError, safe_open
