@@ -7,34 +7,55 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamify.runtime import enable_streaming, make_spec, new_cache
-from streamify.runtime.kv_quant import QuantizedKV
+from streamify.runtime.kv_quant import Int4Codec
+from streamify.runtime.kv_store import AsComputed, TokenStore
 
 
-def test_quantized_kv_round_trip_is_within_half_a_step():
+def test_int4_ring_round_trip_is_within_half_a_step():
     keys = torch.randn(1, 3, 10, 64) * torch.linspace(0.1, 4, 64)
     values = torch.randn(1, 3, 10, 64)
-    held = QuantizedKV(64, torch.float32)
-    held.append(keys[:, :, :6], values[:, :, :6])
-    held.append(keys[:, :, 6:], values[:, :, 6:])
-    got_k, got_v = held.dequantize()
-    for original, got in ((keys, got_k), (values, got_v)):
-        grouped = original.reshape(1, 3, 10, 2, 32)
+    held = TokenStore(Int4Codec(64, torch.float32), origin=0, capacity=6)
+    held.write(keys[:, :, :6], values[:, :, :6])
+    held.write(keys[:, :, 6:], values[:, :, 6:])  # tokens 6..9 overwrite the slots of 0..3
+    block = held.read()
+    assert block.positions.tolist() == [6, 7, 8, 9, 4, 5] and block.first == 4
+    for original, got in ((keys[:, :, block.positions], block.keys), (values[:, :, block.positions], block.values)):
+        grouped = original.reshape(1, 3, 6, 2, 32)
         step = (grouped.amax(-1, keepdim=True) - grouped.amin(-1, keepdim=True)) / 15
-        error = (got - original).abs().reshape(1, 3, 10, 2, 32)
+        error = (got - original).abs().reshape(1, 3, 6, 2, 32)
         assert (error <= 0.5 * step * 1.01 + 1e-3).all()
-    held.drop_front(4)
-    assert held.length == 6 and torch.equal(held.dequantize()[0], got_k[:, :, 4:])
     # 4-bit codes plus a 16-bit scale and minimum per 32 values: 5 bits a value, keys and values
     assert held.nbytes() == 2 * 3 * 6 * (64 // 2 + 2 * 2 * 64 // 32)
+
+
+@pytest.mark.parametrize("capacity", [None, 5])
+def test_token_store_keeps_the_last_tokens_in_place(capacity):
+    """A ring keeps exactly the last ``capacity`` tokens, bit for bit, with their positions, in storage allocated
+    once; without a capacity every token is kept."""
+    keys, values = torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    store = TokenStore(AsComputed(), origin=3, capacity=capacity)
+    written, storage = 0, None
+    for size in (1, 2, 7, 1, 3, 6):
+        store.write(keys[:, :, written : written + size], values[:, :, written : written + size])
+        written += size
+        block = store.read()
+        order = block.positions.argsort()
+        kept = written if capacity is None else min(written, capacity)
+        assert block.positions[order].tolist() == list(range(3 + written - kept, 3 + written))
+        assert block.first == 3 + written - kept
+        assert torch.equal(block.keys[:, :, order], keys[:, :, written - kept : written])
+        assert torch.equal(block.values[:, :, order], values[:, :, written - kept : written])
+        if capacity is not None:
+            storage = storage or store.parts[0][0].data_ptr()
+            assert store.parts[0][0].data_ptr() == storage and store.nbytes() == 2 * 2 * 2 * 5 * 8 * 4
 
 
 @pytest.mark.parametrize("magnitude", [1e5, 1e30])
 def test_keys_beyond_fp16_range_stay_finite(magnitude):
     """Scales and minimums of an fp32 cache are bf16 (fp32's range): keys past fp16's 65504 do not become inf."""
     keys = torch.randn(1, 2, 4, 32) * magnitude
-    held = QuantizedKV(32, torch.float32)
-    held.append(keys, keys)
-    got, _ = held.dequantize()
+    codec = Int4Codec(32, torch.float32)
+    got = codec.decode(codec.encode(keys))
     step = (keys.amax(-1, keepdim=True) - keys.amin(-1, keepdim=True)) / 15
     assert torch.isfinite(got).all()
     # half a step, plus the 16-bit rounding of the minimum and of the scale (2^-8 relative in bf16)

@@ -28,6 +28,7 @@ from torch import nn
 from streamify.arch import require
 from streamify.errors import InputError
 from streamify.model.blocks import find_blocks
+from streamify.runtime.kv_store import KeyBlock
 from streamify.runtime.spec import FULL, SSM, StreamingSpec
 
 IMPLEMENTATION = "streamify_streaming"
@@ -86,41 +87,53 @@ def attend(
     kind: str,
     query: torch.Tensor,
     sink: tuple[torch.Tensor, torch.Tensor] | None,
-    recent: tuple[torch.Tensor, torch.Tensor],
+    blocks: list[KeyBlock],
     q_start: int,
-    recent_start: int,
     scaling: float,
 ) -> torch.Tensor:
-    """Attention of a chunk of queries (absolute positions from ``q_start``) over sink and recent keys.
+    """Attention of a chunk of queries (absolute positions from ``q_start``) over sink keys and ``blocks`` of
+    later keys (each with its keys' positions, in any order); keys are un-rotated.
 
-    ``sink`` holds the first tokens of the stream (slots 0..), ``recent`` the
-    keys from absolute position ``recent_start`` on; keys are un-rotated.
-    Returns ``[batch, chunk, heads, head_dim]`` as transformers' attention
-    functions do.
+    ``sink`` holds the first tokens of the stream (slots 0..). Returns
+    ``[batch, chunk, heads, head_dim]`` as transformers' attention functions do.
     """
     spec = ctl.spec
     device = query.device
     chunk = query.shape[-2]
     q_abs = torch.arange(q_start, q_start + chunk, device=device)
-    recent_k, recent_v = recent
-    k_local = torch.arange(recent_k.shape[-2], device=device)
-    cos_k, sin_k = ctl.cos_sin(k_local, query, recent_k.shape[-2])
-    # queries before the recent block (the sinks' own) see none of it: position 0 stands in, masked below
-    cos_q, sin_q = ctl.cos_sin((q_abs - recent_start).clamp(min=0), query, max(1, q_start + chunk - recent_start))
-    k_abs = recent_start + k_local
-    allowed = k_abs[None] <= q_abs[:, None]
-    if kind != FULL:
-        allowed &= k_abs[None] > q_abs[:, None] - spec.window
-    parts = [(_rotate(query, cos_q, sin_q), _rotate(recent_k, cos_k, sin_k), recent_v, allowed)]
+    small = chunk <= SMALL_CHUNK and not (torch.is_grad_enabled() and query.requires_grad)
+    if len(blocks) > 1 and not small:  # one block for the fused call (a widened head dim per part)
+        blocks = [_joined(blocks)]
+    parts = []
     if sink is not None and sink[0].shape[-2] > 0:
         sink_k, sink_v = sink
         slots = torch.arange(sink_k.shape[-2], device=device)
         cos_s, sin_s = ctl.cos_sin(slots, query, sink_k.shape[-2])
         cos_qs, sin_qs = ctl.cos_sin(q_abs.clamp(max=spec.capacity), query, min(q_start + chunk, spec.capacity + 1))
         sink_allowed = slots[None] <= q_abs[:, None]
-        parts.insert(0, (_rotate(query, cos_qs, sin_qs), _rotate(sink_k, cos_s, sin_s), sink_v, sink_allowed))
-    small = chunk <= SMALL_CHUNK and not (torch.is_grad_enabled() and query.requires_grad)
+        parts.append((_rotate(query, cos_qs, sin_qs), _rotate(sink_k, cos_s, sin_s), sink_v, sink_allowed))
+    if blocks:  # rotated in a frame from the earliest key, so window distances are the true ones
+        origin = min(block.first for block in blocks)
+        needed = q_start + chunk - origin  # every key lies before the chunk's end
+        # queries before the window (the sinks' own) see none of it: position 0 stands in, masked below
+        cos_q, sin_q = ctl.cos_sin((q_abs - origin).clamp(min=0), query, needed)
+        rotated_query = _rotate(query, cos_q, sin_q)
+        for block in blocks:
+            cos_k, sin_k = ctl.cos_sin(block.positions - origin, query, needed)
+            allowed = block.positions[None] <= q_abs[:, None]
+            if kind != FULL:
+                allowed &= block.positions[None] > q_abs[:, None] - spec.window
+            parts.append((rotated_query, _rotate(block.keys, cos_k, sin_k), block.values, allowed))
     return (_explicit(parts, scaling) if small else _fused(parts, scaling)).transpose(1, 2).contiguous()
+
+
+def _joined(blocks: list[KeyBlock]) -> KeyBlock:
+    return KeyBlock(
+        torch.cat([b.keys for b in blocks], dim=-2),
+        torch.cat([b.values for b in blocks], dim=-2),
+        torch.cat([b.positions for b in blocks]),
+        min(b.first for b in blocks),
+    )
 
 
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # rotated query, rotated keys, values, allowed
@@ -165,8 +178,9 @@ def _explicit(parts: list[Part], scaling: float) -> torch.Tensor:
     scores = torch.cat([grouped(q) @ k.transpose(-1, -2) for q, k, _, _ in parts], dim=-1).float() * scaling
     allowed = torch.cat([allowed for *_, allowed in parts], dim=-1).repeat(groups, 1)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(query.dtype)
-    values = torch.cat([v for _, _, v, _ in parts], dim=-2)
-    return (weights @ values).reshape(batch, heads, chunk, head_dim)
+    per_part = weights.split([k.shape[-2] for _, k, _, _ in parts], dim=-1)
+    out = sum(w @ v for w, (_, _, v, _) in zip(per_part, parts, strict=True))
+    return out.reshape(batch, heads, chunk, head_dim)
 
 
 def _whole_sequence(ctl, kind, query, key, value, scaling) -> torch.Tensor:
@@ -181,8 +195,9 @@ def _whole_sequence(ctl, kind, query, key, value, scaling) -> torch.Tensor:
     for start in range(0, length, QUERY_BLOCK):
         stop = min(length, start + QUERY_BLOCK)
         first = sinks if kind == FULL else max(sinks, start - spec.window + 1)
-        recent = (key[:, :, first:stop], value[:, :, first:stop])
-        outs.append(attend(ctl, kind, query[:, :, start:stop], sink, recent, start, first, scaling))
+        positions = torch.arange(first, stop, device=key.device)
+        recent = KeyBlock(key[:, :, first:stop], value[:, :, first:stop], positions, first)
+        outs.append(attend(ctl, kind, query[:, :, start:stop], sink, [recent], start, scaling))
     return torch.cat(outs, dim=1)
 
 
@@ -197,17 +212,8 @@ def streaming_attention(module, query, key, value, attention_mask, scaling=None,
         )
     layer = ctl.cache.layers[module.layer_idx] if ctl.cache is not None else None
     if layer is not None and layer.pending:
-        out = attend(
-            ctl,
-            kind,
-            query,
-            layer.sink,
-            layer.recent,
-            layer.seen - query.shape[-2],
-            layer.recent_start,
-            scaling,
-        )
-        layer.trim()
+        out = attend(ctl, kind, query, layer.sink, layer.window_blocks(), layer.seen - query.shape[-2], scaling)
+        layer.commit()
         return out, None
     if key.shape[-2] != query.shape[-2]:
         raise InputError(

@@ -1,8 +1,9 @@
 """A KV cache whose size is fixed by the streaming spec, not by the stream's length.
 
 ``sink_window`` layers keep the first ``sinks`` tokens and the last
-``window - 1`` tokens between steps (a chunk of new tokens is appended for
-its own step, then trimmed); ``full`` layers keep everything; ``ssm`` layers (a
+``window - 1`` tokens between steps, in a ring (:mod:`streamify.runtime.kv_store`;
+a chunk of new tokens is attended as it is, then written over the slots that
+left the window); ``full`` layers keep everything; ``ssm`` layers (a
 hybrid's Mamba mixers) keep transformers' own fixed-size convolution and
 recurrent states. Keys are stored un-rotated: :mod:`streamify.runtime.attention`
 rotates them by their slot.
@@ -14,14 +15,17 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 
 from streamify.errors import UsageError
-from streamify.runtime.kv_quant import QuantizedKV
+from streamify.runtime.kv_quant import Int4Codec
+from streamify.runtime.kv_store import AsComputed, KeyBlock, TokenStore
 from streamify.runtime.spec import FULL, SSM, StreamingSpec
 
 
 class StreamingCacheLayer(CacheLayerMixin):
-    """One layer's sink keys/values, recent keys/values, and the count of tokens seen.
+    """One layer's sink keys/values, its later tokens (:class:`~streamify.runtime.kv_store.TokenStore`: a ring
+    of ``window - 1`` slots, or everything for a ``full`` layer), the chunk whose attention runs now, and the
+    count of tokens seen.
 
-    With ``kv_bits`` 4 the recent tokens are kept as INT4 groups once their own
+    With ``kv_bits`` 4 the later tokens are kept as INT4 groups once their own
     step has run (:mod:`streamify.runtime.kv_quant`); sinks stay in full precision.
     """
 
@@ -35,77 +39,62 @@ class StreamingCacheLayer(CacheLayerMixin):
         self.window = window
         self.kv_bits = kv_bits
         self.sink: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # recent tokens in full precision
-        self.stored: QuantizedKV | None = None  # older recent tokens in INT4 (kv_bits 4)
-        self.recent_start = 0
+        self.held: TokenStore | None = None
+        self.chunk: KeyBlock | None = None  # the call's tokens past the sinks, until its attention has run
         self.seen = 0
-        self.pending = False  # a chunk was appended and its attention has not run yet
 
     @property
-    def recent(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The recent keys and values (INT4 ones dequantized), oldest first."""
-        old = self.stored.dequantize() if self.stored is not None else None
-        if old is None or self.fresh is None:
-            return old if self.fresh is None else self.fresh
-        return torch.cat((old[0], self.fresh[0]), dim=-2), torch.cat((old[1], self.fresh[1]), dim=-2)
+    def pending(self) -> bool:
+        """A chunk was appended and its attention has not run yet."""
+        return self.chunk is not None
 
-    def recent_length(self) -> int:
-        """Recent tokens held."""
-        fresh = 0 if self.fresh is None else self.fresh[0].shape[-2]
-        return fresh + (0 if self.stored is None else self.stored.length)
+    def window_blocks(self) -> list[KeyBlock]:
+        """The tokens past the sinks that the pending chunk's queries may see: those held, then the chunk's own."""
+        held = None if self.held is None else self.held.read()
+        return [block for block in (held, self.chunk) if block is not None and block.keys.shape[-2]]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append a chunk of un-rotated keys and values; returns them unchanged."""
+        """Take a chunk of un-rotated keys and values: sinks are kept now, the rest after the chunk's attention
+        (:meth:`commit`); returns them unchanged."""
         self.is_initialized = True
         taken = 0
         if self.seen < self.sinks:
             taken = min(self.sinks - self.seen, key_states.shape[-2])
             self.sink = _append(self.sink, key_states[:, :, :taken], value_states[:, :, :taken])
-        if self.recent_length() == 0:
-            self.recent_start = self.seen + taken
-        self.fresh = _append(self.fresh, key_states[:, :, taken:], value_states[:, :, taken:])
+        first = self.seen + taken
+        positions = torch.arange(first, self.seen + key_states.shape[-2], device=key_states.device)
+        self.chunk = KeyBlock(key_states[:, :, taken:], value_states[:, :, taken:], positions, first)
         self.seen += key_states.shape[-2]
-        self.pending = True
         return key_states, value_states
 
-    def trim(self) -> None:
-        """After the chunk's attention ran: drop recent tokens no later query attends to, quantize the rest."""
-        self.pending = False
-        extra = self.recent_length() - (self.window - 1) if self.kind != FULL else 0
-        if extra > 0:
-            from_stored = min(extra, 0 if self.stored is None else self.stored.length)
-            if from_stored:
-                self.stored.drop_front(from_stored)
-            rest = extra - from_stored
-            if rest:
-                self.fresh = (self.fresh[0][:, :, rest:].clone(), self.fresh[1][:, :, rest:].clone())
-            self.recent_start += extra
-        if self.kv_bits == 4 and self.fresh is not None and self.fresh[0].shape[-2]:
-            if self.stored is None:
-                self.stored = QuantizedKV(self.fresh[0].shape[-1], self.fresh[0].dtype)
-            self.stored.append(*self.fresh)
-            self.fresh = None
+    def commit(self) -> None:
+        """After the chunk's attention ran: keep its tokens (a ring keeps the last ``window - 1``)."""
+        chunk, self.chunk = self.chunk, None
+        if self.held is None:
+            codec = Int4Codec(chunk.keys.shape[-1], chunk.keys.dtype) if self.kv_bits == 4 else AsComputed()
+            self.held = TokenStore(codec, self.sinks, None if self.kind == FULL else self.window - 1)
+        self.held.write(chunk.keys, chunk.values)
 
     def nbytes(self) -> int:
-        """Bytes of the keys and values held now."""
-        tensors = [t for pair in (self.sink, self.fresh) if pair is not None for t in pair]
-        stored = 0 if self.stored is None else self.stored.nbytes()
-        return stored + sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of the keys and values held now (a ring's whole capacity once it holds anything)."""
+        sink = 0 if self.sink is None else sum(t.numel() * t.element_size() for t in self.sink)
+        return sink + (0 if self.held is None else self.held.nbytes())
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.recent_length() + (0 if self.sink is None else self.sink[0].shape[-2]) + query_length, 0
+        held = 0 if self.held is None else self.held.length
+        return held + (0 if self.sink is None else self.sink[0].shape[-2]) + query_length, 0
 
     def get_max_length(self) -> int:
         return -1 if self.kind == FULL else self.sinks + self.window - 1
 
     def reset(self) -> None:
-        self.sink, self.fresh, self.stored, self.recent_start, self.seen = None, None, None, 0, 0
+        self.sink, self.held, self.chunk, self.seen = None, None, None, 0
 
 
 def _append(pair, keys: torch.Tensor, values: torch.Tensor):

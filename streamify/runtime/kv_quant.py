@@ -43,44 +43,18 @@ def _dequantize(packed, scale, low, dtype: torch.dtype, group: int) -> torch.Ten
     return (grouped * scale.float()[..., None] + low.float()[..., None]).reshape(codes.shape).to(dtype)
 
 
-class QuantizedKV:
-    """Keys and values ``[batch, heads, tokens, head_dim]`` held as INT4 groups, appended and dropped by token."""
+class Int4Codec:
+    """Keys or values ``[batch, heads, tokens, head_dim]`` as INT4 groups: (packed codes, scales, minimums), each
+    with the tokens on dim -2, so a store can write and drop them by token."""
 
     def __init__(self, head_dim: int, dtype: torch.dtype) -> None:
         self.group = GROUP if head_dim % GROUP == 0 else head_dim
         self.dtype = dtype
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
-    @property
-    def length(self) -> int:
-        """Tokens held."""
-        return 0 if self.parts is None else self.parts[0][0].shape[-2]
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Quantize ``x``."""
+        return _quantize(x, self.group)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize and keep ``keys`` and ``values`` after the ones held."""
-        new = [_quantize(keys, self.group), _quantize(values, self.group)]
-        if self.parts is None:
-            self.parts = new
-        else:
-            self.parts = [
-                tuple(torch.cat((old, add), dim=-2) for old, add in zip(held, fresh, strict=True))
-                for held, fresh in zip(self.parts, new, strict=True)
-            ]
-
-    def drop_front(self, count: int) -> None:
-        """Forget the ``count`` oldest tokens."""
-        if self.parts is not None and count > 0:
-            self.parts = [tuple(t[:, :, count:].clone() for t in part) for part in self.parts]
-
-    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The held keys and values in the cache's dtype (None when empty)."""
-        if self.parts is None:
-            return None
-        keys, values = (_dequantize(*part, self.dtype, self.group) for part in self.parts)
-        return keys, values
-
-    def nbytes(self) -> int:
-        """Bytes of codes, scales and minimums held."""
-        if self.parts is None:
-            return 0
-        return sum(t.numel() * t.element_size() for part in self.parts for t in part)
+    def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The values in the cache's dtype."""
+        return _dequantize(*parts, self.dtype, self.group)
