@@ -134,7 +134,7 @@ def test_bamba_artifact_with_lora_distillation_reloads_in_plain_transformers(tmp
 @pytest.mark.parametrize("target", ["granitemoehybrid", "bamba"])
 def test_windowed_hybrid_streams_chunk_by_chunk_in_bounded_memory(target):
     """Mamba state + sink/window KV: chunked cached logits equal the whole sequence under the mask, and the
-    cache stops growing once the window is full."""
+    cache holds its bound from the first chunk on (the window's ring is allocated once) and never grows."""
     from conftest import TINY
 
     hybrid = to_hybrid(tiny_model("llama", **TINY), [True, False, True, False], "copy", target, "test").eval()
@@ -148,7 +148,7 @@ def test_windowed_hybrid_streams_chunk_by_chunk_in_bounded_memory(target):
             pieces.append(hybrid(ids[:, start : start + 5], past_key_values=cache).logits)
             sizes.append(cache_bytes(cache))
     assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-5)
-    assert len(set(sizes[4:])) == 1 and sizes[0] < sizes[-1]
+    assert len(set(sizes)) == 1 and sizes[0] > 0
 
 
 @pytest.mark.parametrize("target", ["granitemoehybrid", "bamba"])
