@@ -143,3 +143,43 @@ def test_the_memory_check_holds_the_estimate_against_ram_for_cpu_runs_only(tmp_p
     with pytest.raises(ResourceError, match=r"needs about 10\.0 GiB of memory, 1\.0 GiB is available"):
         plan_module.check_fits(plan, tmp_path / "out", device="cpu")
     plan_module.check_fits(plan, tmp_path / "out", device="cuda:0")  # its memory is not this machine's RAM
+
+
+@pytest.mark.parametrize(("arch", "metric", "shard"), [("llama", "angular", "20KB"), ("gemma", "bi", "5GB")])
+def test_depth_pruning_block_by_block_writes_the_in_memory_artifact(cli, tiny_models, tmp_path, arch, metric, shard):
+    """prune depth --blockwise on scores the blocks one at a time from the files (the same scores, bit for bit,
+    so the same blocks go), writes the kept ones renumbered (the in-memory artifact's tensors and config,
+    sharded by --max-shard-size) and transformers loads it with the same logits."""
+    runs = {}
+    for mode in ("off", "on"):
+        args = ["--remove", "2", "--metric", metric, "--samples", "3", "--seq-len", "32", "--blockwise", mode]
+        result = cli(
+            "prune", "depth", tiny_models[arch], "-o", tmp_path / mode, *args, "--max-shard-size", shard,
+            "--no-eval", "--format", "json",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        runs[mode] = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert runs["on"]["path"] == "block-wise" and "path" not in runs["off"]
+    assert runs["on"]["removed"] == runs["off"]["removed"] and runs["on"]["scores"] == runs["off"]["scores"]
+    assert runs["on"]["blocks_after"] == runs["off"]["blocks_after"] == runs["off"]["blocks_before"] - 2
+    memory, disk = tensors(tmp_path / "off"), tensors(tmp_path / "on")
+    assert sorted(disk) == sorted(memory)
+    assert all(disk[n].dtype == memory[n].dtype and torch.equal(disk[n], memory[n]) for n in memory)
+    on, off = (json.loads((tmp_path / m / "config.json").read_text()) for m in ("on", "off"))
+    assert on == off and on["num_hidden_layers"] == runs["off"]["blocks_after"]
+    assert (len(list((tmp_path / "on").glob("model-*.safetensors"))) > 1) == (shard == "20KB")
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "off")(ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "on")(ids).logits, expected)
+
+
+def test_depth_pruning_block_by_block_refuses_what_needs_the_whole_model(cli, tiny_llama, tmp_path):
+    for options, reason in (
+        (("--metric", "loss"), "the loss metric runs the whole model"),
+        (("--heal-steps", "2"), "healing trains the whole model"),
+        (("--replace", "--metric", "streamline"), "a replacement block trains on the whole model"),
+    ):
+        result = cli("prune", "depth", tiny_llama, "-o", tmp_path / "o", "--remove", "1", "--blockwise", "on", *options)
+        assert result.exit_code == 2 and reason in result.output, result.output
+    assert not (tmp_path / "o").exists()

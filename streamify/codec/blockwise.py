@@ -1,5 +1,6 @@
 """Writing a model read block by block from its safetensors files (larger than memory): entropy-coded
-containers (``quantize.entropy``) or plain safetensors in another dtype (``convert.dtype``).
+containers (``quantize.entropy``), or plain safetensors in another dtype (``convert.dtype``) or with
+fewer blocks (``prune.depth``).
 
 The block-wise executor brings one block's tensors in; they are (cast and)
 coded or stored into the current shard's spool and dropped before the next
@@ -66,26 +67,39 @@ class _Shards:
         return dict(zip(names, self.spools, strict=True)), self.index, side
 
 
-def _read_blocks(
-    checkpoint: Checkpoint, shards: _Shards, progress: Progress, what: str, cast: torch.dtype | None = None
-) -> dict[str, bytes]:
-    """Store every block of a block-wise model, then the tensors outside its blocks; the side files
-    (config.json, generation_config.json, the shard index) as ``save_pretrained`` writes them."""
+def _store_blocks(
+    checkpoint: Checkpoint,
+    shards: _Shards,
+    progress: Progress,
+    what: str,
+    cast: torch.dtype | None = None,
+    keep: list[int] | None = None,
+) -> None:
+    """Store the blocks of a block-wise model (only ``keep``, renumbered from 0, when given), then the tensors
+    outside its blocks."""
     model, executor = checkpoint.model, checkpoint.blocks
 
-    def tensors(index: int | None) -> dict[str, torch.Tensor]:
+    def tensors(index: int | None, new_index: int | None = None) -> dict[str, torch.Tensor]:
         found, seen = {}, set()
+        old, new = f"{executor.prefix}.{index}.", f"{executor.prefix}.{new_index}."
         for name, tensor in block_tensors(model, executor.prefix, index).items():
             if id(tensor) not in seen:  # tied: once, under its first name (before a cast makes two tensors)
                 seen.add(id(tensor))
                 cast_it = cast is not None and tensor.is_floating_point() and not keeps_fp32(model, name)
-                found[name] = tensor.to(cast) if cast_it else tensor
+                found[new + name.removeprefix(old) if index is not None else name] = (
+                    tensor.to(cast) if cast_it else tensor
+                )
         return found
 
-    for index in progress.track(range(len(executor.blocks)), f"{what} block by block"):
+    order = list(range(len(executor.blocks))) if keep is None else keep
+    for new_index, index in enumerate(progress.track(order, f"{what} block by block")):
         with executor.block(index):
-            shards.add(tensors(index))
+            shards.add(tensors(index, new_index))
     shards.add(tensors(None))
+
+
+def side_files(model, cast: torch.dtype | None = None) -> dict[str, bytes]:
+    """config.json and generation_config.json as ``save_pretrained`` writes them (the dtype set to ``cast``)."""
     if cast is not None and not is_diffusers(model.config):
         model.config.dtype = cast
     with tempfile.TemporaryDirectory(prefix="streamify-config-") as tmp:
@@ -103,25 +117,31 @@ def code_block_by_block(
         shard_bytes, functools.partial(encode_group, level=level, chunk_elems=chunk_elems, threads=threads)
     )
     started = time.perf_counter()
-    side_files = _read_blocks(checkpoint, shards, progress, "entropy coding")
+    _store_blocks(checkpoint, shards, progress, "entropy coding")
     spools, index, shard_files = shards.finish()
-    side_files.update(shard_files)
     files = {name: {"metadata": {"format": "pt"}} for name in spools}
-    return CodedCheckpoint(spools, index, files, side_files, time.perf_counter() - started)
+    coded_side = side_files(checkpoint.model) | shard_files
+    return CodedCheckpoint(spools, index, files, coded_side, time.perf_counter() - started)
 
 
-def cast_block_by_block(
-    checkpoint: Checkpoint, target: torch.dtype, shard_bytes: int, progress: Progress
+def write_block_by_block(
+    checkpoint: Checkpoint,
+    shard_bytes: int,
+    progress: Progress,
+    what: str,
+    cast: torch.dtype | None = None,
+    keep: list[int] | None = None,
 ) -> Callable[[Path], None]:
-    """Cast a model loaded block-wise to ``target`` one block at a time (what its class keeps in fp32 stays);
-    returns the writer of its safetensors shards and config."""
+    """Spool a model loaded block-wise as plain safetensors shards, one block in memory at a time: cast to
+    ``cast`` (what its class keeps in fp32 stays), only the blocks ``keep`` (renumbered) when given. Returns
+    the writer of the shards and of the config as the model's config is when the writer runs (a stage that
+    removes blocks slices it after this call)."""
     shards = _Shards(shard_bytes, functools.partial(encode_group, code=False))
-    side_files = _read_blocks(checkpoint, shards, progress, "casting", cast=target)
+    _store_blocks(checkpoint, shards, progress, what, cast, keep)
     spools, _, shard_files = shards.finish()
-    side_files.update(shard_files)
 
     def write(folder: Path) -> None:
-        for name, data in side_files.items():
+        for name, data in (side_files(checkpoint.model, cast) | shard_files).items():
             (folder / name).write_bytes(data)
         for name, spool in spools.items():
             spool.write(folder / name, {"format": "pt"})

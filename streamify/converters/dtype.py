@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from streamify.codec.blockwise import cast_block_by_block
+from streamify.codec.blockwise import write_block_by_block
 from streamify.codec.container import GROUP_BYTES
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import DTYPE_NAMES, DTYPES
@@ -57,7 +57,9 @@ def convert_dtype(checkpoint: Checkpoint, params: DtypeParams, ctx: StageContext
     model = checkpoint.model
     if checkpoint.blocks is not None:  # larger than memory: each block is read, cast and spooled, then dropped
         size = shard_bytes(params.max_shard_size)
-        checkpoint.weights_writer = cast_block_by_block(checkpoint, DTYPES[params.dtype], size, ctx.progress)
+        checkpoint.weights_writer = write_block_by_block(
+            checkpoint, size, ctx.progress, "casting", DTYPES[params.dtype]
+        )
         ctx.metrics.update(dtype_after=params.dtype, path="block-wise")
         return checkpoint
     before = sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.is_floating_point()})

@@ -20,9 +20,11 @@ from streamify.model.hooks import recording
 from streamify.model.params import count_params
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import Progress
+from streamify.prune.blockwise import prune_block_by_block
 from streamify.prune.scores import select_blocks
 from streamify.prune.surgery import average_into_neighbours, check_removal, remove_blocks
 from streamify.runtime.spec import read_spec
+from streamify.units import ShardSize, shard_bytes
 
 
 class DepthParams(BaseModel):
@@ -44,6 +46,15 @@ class DepthParams(BaseModel):
     seq_len: int = Field(512, ge=2, description="calibration sequence length")
     protect_ends: bool = Field(True, description="never remove the first or the last block")
     heal: HealParams = Field(default_factory=HealParams, description="healing against the unpruned model")
+    blockwise: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="score, remove and write one block at a time from the safetensors files (for models larger "
+        "than memory; bi, angular or streamline scores or given blocks, no reinit, replacement, healing or "
+        "eval); auto: when the in-memory run would not fit in the memory available",
+    )
+    max_shard_size: ShardSize = Field(
+        "5GB", description="block by block: the artifact's safetensors shards are at most this size (e.g. 5GB)"
+    )
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -55,11 +66,24 @@ class DepthParams(BaseModel):
                 raise ValueError(f"'{value}' is not a comma-separated list of block ids, e.g. 12,13,14") from None
         return value
 
+    def blockwise_obstacle(self) -> str | None:
+        """What in these params rules out a block-wise run, or None."""
+        needs_model = {
+            "the loss metric runs the whole model for every candidate": self.metric == "loss" and self.blocks is None,
+            "reinit average merges several blocks at once": self.reinit != "none",
+            "a replacement block trains on the whole model": self.replace,
+            "healing trains the whole model": self.heal.steps > 0,
+        }
+        found = [why for why, applies in needs_model.items() if applies]
+        return "; ".join(found) or None
+
     @model_validator(mode="after")
     def _one_amount(self) -> DepthParams:
         given = [k for k in ("remove", "keep_ratio", "blocks") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of remove, keep_ratio, blocks (got {', '.join(given) or 'none'})")
+        if self.blockwise == "on" and self.blockwise_obstacle():
+            raise ValueError(f"blockwise on: {self.blockwise_obstacle()}; use blockwise off or auto")
         return self
 
 
@@ -67,6 +91,15 @@ def _amount(params: DepthParams, count: int) -> int:
     if params.remove is not None:
         return params.remove
     return count - max(1, round(params.keep_ratio * count))
+
+
+def _scoring_bytes(params: DepthParams, model) -> int:
+    """Block by block: the calibration states kept (the last span + 1 boundaries, a block's inputs and
+    outputs) in fp32."""
+    _, blocks = block_list(model, "prune.depth")
+    span = _amount(params, len(blocks)) if params.blocks is None else 0
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", 0)
+    return (span + 3) * params.samples * params.seq_len * hidden * 4
 
 
 def _bytes_per_param(params: DepthParams, before: float, model) -> float:
@@ -88,6 +121,7 @@ def _bytes_per_param(params: DepthParams, before: float, model) -> float:
     bytes_per_param=_bytes_per_param,
     applies=lambda model: None if find_blocks(model) else "no list of repeated blocks",
     reshapes=True,
+    blockwise=lambda params, model: (params.blockwise, params.blockwise_obstacle(), _scoring_bytes(params, model)),
 )
 def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) -> Checkpoint:
     """Choose blocks, cut them out (the artifact is a stock checkpoint with fewer blocks), heal if asked."""
@@ -104,35 +138,36 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
         seed=ctx.seed,
         where=f"--data {ctx.data}",
     )
-    table: dict = {}
-    if params.blocks is not None:
-        remove = check_removal(params.blocks, count, where)
+    if checkpoint.blocks is not None:  # larger than memory: scored, cut and written one block at a time
+        remove, table = prune_block_by_block(
+            checkpoint, ids, params.blocks, params.metric, _amount(params, count), params.protect_ends,
+            shard_bytes(params.max_shard_size), ctx.progress,
+        )  # fmt: skip
+        ctx.metrics["path"] = "block-wise"
+        reinitialised: list[int] = []
     else:
-        remove, table = select_blocks(
-            model, ids, params.metric, _amount(params, count), params.protect_ends, ctx.progress
-        )
-    ctx.progress.log(f"removing blocks {', '.join(map(str, remove))} of {count}")
-    reinitialised = average_into_neighbours(model, remove) if params.reinit == "average" else []
-    dropped = remove[1:] if params.replace else remove
-    block_map = [remove[-1] if params.replace and i == remove[0] else i for i in range(count) if i not in dropped]
-    if params.replace:
-        replace_span(model, teacher, remove, ids, params, ctx.seed, ctx.progress)
-    else:
-        remove_blocks(model, remove, where)
-    if params.heal.steps:
-        model, healed = heal(
-            model,
-            teacher,
-            checkpoint.tokenizer,
-            params.heal,
-            seq_len=512,
-            data=ctx.data,
-            seed=ctx.seed,
-            block_map=block_map,
-            resumable=ctx.use_cache,
-            progress=ctx.progress,
-        )
-        ctx.metrics.update(healed)
+        remove, table = _chosen(model, ids, params, count, where, ctx.progress)
+        reinitialised = average_into_neighbours(model, remove) if params.reinit == "average" else []
+        dropped = remove[1:] if params.replace else remove
+        block_map = [remove[-1] if params.replace and i == remove[0] else i for i in range(count) if i not in dropped]
+        if params.replace:
+            replace_span(model, teacher, remove, ids, params, ctx.seed, ctx.progress)
+        else:
+            remove_blocks(model, remove, where)
+        if params.heal.steps:
+            model, healed = heal(
+                model,
+                teacher,
+                checkpoint.tokenizer,
+                params.heal,
+                seq_len=512,
+                data=ctx.data,
+                seed=ctx.seed,
+                block_map=block_map,
+                resumable=ctx.use_cache,
+                progress=ctx.progress,
+            )
+            ctx.metrics.update(healed)
     checkpoint.model = model
     spec = read_spec(model.config)
     if checkpoint.streaming and spec is not None:  # the manifest's record follows the sliced spec
@@ -146,6 +181,16 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
         scores=table,
     )
     return checkpoint
+
+
+def _chosen(model, ids, params: DepthParams, count: int, where: str, progress: Progress) -> tuple[list[int], dict]:
+    """The blocks to remove (as given, or scored by the metric) and the score table."""
+    if params.blocks is not None:
+        remove, table = check_removal(params.blocks, count, where), {}
+    else:
+        remove, table = select_blocks(model, ids, params.metric, _amount(params, count), params.protect_ends, progress)
+    progress.log(f"removing blocks {', '.join(map(str, remove))} of {count}")
+    return remove, table
 
 
 def replace_span(model, teacher, span: list[int], ids, params: DepthParams, seed: int, progress: Progress) -> None:

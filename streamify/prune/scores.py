@@ -30,25 +30,45 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1, 1)
 
 
+class BoundaryTotals:
+    """Sums over calibration tokens of cos(x_i, x_{i+1}) per block and of the angular distance of x_l to
+    x_{l+span} per span start; rows are added in the same order however the states are produced."""
+
+    def __init__(self, count: int, span: int) -> None:
+        self.cos_sum = torch.zeros(count, dtype=torch.float64)
+        self.angle_sum = torch.zeros(count - span + 1, dtype=torch.float64)
+        self.tokens = 0
+
+    def add_block(self, index: int, entering: torch.Tensor, leaving: torch.Tensor) -> None:
+        """One row's states around block ``index``."""
+        self.cos_sum[index] += _cos(entering, leaving).sum().item()
+
+    def add_span(self, start: int, first: torch.Tensor, last: torch.Tensor) -> None:
+        """One row's states entering block ``start`` and leaving the span from it."""
+        self.angle_sum[start] += (torch.arccos(_cos(first, last)) / math.pi).sum().item()
+
+    def stats(self) -> dict:
+        """Per block: mean cos(x_i, x_{i+1}); per span start: mean angular distance of x_l to x_{l+span}."""
+        return {"cos": (self.cos_sum / self.tokens).tolist(), "angular_span": (self.angle_sum / self.tokens).tolist()}
+
+
 @torch.no_grad()
 def boundary_stats(model: nn.Module, ids: torch.Tensor, span: int, progress: Progress = SILENT) -> dict:
     """Per block: mean cos(x_i, x_{i+1}); per span start l: mean angular distance of x_l to x_{l+span}."""
     _, blocks = block_list(model, "model")
     count = len(blocks)
     device = next(model.parameters()).device
-    cos_sum = torch.zeros(count, dtype=torch.float64)
-    angle_sum = torch.zeros(count - span + 1, dtype=torch.float64)
-    tokens = 0
+    totals = BoundaryTotals(count, span)
     for row in progress.track(ids, "scoring blocks"):
         states: list[torch.Tensor] = []
         with recording(blocks, states):
             model(row[None].to(device))
         for i in range(count):
-            cos_sum[i] += _cos(states[i], states[i + 1]).sum().item()
+            totals.add_block(i, states[i], states[i + 1])
         for start in range(count - span + 1):
-            angle_sum[start] += (torch.arccos(_cos(states[start], states[start + span])) / math.pi).sum().item()
-        tokens += row.numel()
-    return {"cos": (cos_sum / tokens).tolist(), "angular_span": (angle_sum / tokens).tolist()}
+            totals.add_span(start, states[start], states[start + span])
+        totals.tokens += row.numel()
+    return totals.stats()
 
 
 @torch.no_grad()
@@ -67,19 +87,30 @@ def candidates(count: int, protect_ends: bool) -> list[int]:
     return list(range(1, count - 1)) if protect_ends else list(range(count))
 
 
+def allowed_blocks(count: int, remove: int, protect_ends: bool) -> list[int]:
+    """The block ids that may be removed; :class:`UsageError` when fewer than ``remove``."""
+    allowed = candidates(count, protect_ends)
+    if remove > len(allowed):
+        ends = " (the first and last blocks are kept; --no-protect-ends allows them)" if protect_ends else ""
+        raise UsageError(f"cannot remove {remove} of {count} blocks{ends}", "remove fewer blocks")
+    return allowed
+
+
 def select_blocks(
     model: nn.Module, ids: torch.Tensor, metric: str, remove: int, protect_ends: bool, progress: Progress = SILENT
 ) -> tuple[list[int], dict]:
     """The ``remove`` block ids that ``metric`` picks, and the per-block score table."""
     _, blocks = block_list(model, "model")
-    count = len(blocks)
-    allowed = candidates(count, protect_ends)
-    if remove > len(allowed):
-        ends = " (the first and last blocks are kept; --no-protect-ends allows them)" if protect_ends else ""
-        raise UsageError(f"cannot remove {remove} of {count} blocks{ends}", "remove fewer blocks")
+    allowed = allowed_blocks(len(blocks), remove, protect_ends)
     if metric == "loss":
         return _greedy_loss(model, blocks, ids, remove, allowed, progress)
-    stats = boundary_stats(model, ids, remove, progress)
+    return choose(boundary_stats(model, ids, remove, progress), metric, remove, allowed)
+
+
+def choose(stats: dict, metric: str, remove: int, allowed: list[int]) -> tuple[list[int], dict]:
+    """The ``remove`` block ids that ``metric`` (``bi``, ``angular``, ``streamline``) picks from
+    :func:`boundary_stats`' ``stats``, and the per-block score table."""
+    count = len(stats["cos"])
     table = {
         "bi": [1 - c for c in stats["cos"]],
         "angular": [math.acos(max(-1.0, min(1.0, c))) / math.pi for c in stats["cos"]],
