@@ -1,13 +1,15 @@
-"""INT4 calibration (entropy coding, a bf16 cast) of SmolLM2-135M in memory against block by block.
+"""INT4 calibration (entropy coding, a bf16 cast, depth pruning) of SmolLM2-135M in memory against block by block.
 
 Usage:  .venv/bin/python benchmarks/blockwise_quant.py [--method gptq] [--samples 64] [--seq-len 512]
-                                                [--stage int4|entropy|dtype] [--model FOLDER] [--json out.json]
+                                                [--stage int4|entropy|dtype|prune] [--model FOLDER]
+                                                [--json out.json]
 
 The model is the built-in SmolLM2-135M as streamify dequantizes it once (fp32 safetensors in the GGUF
 cache), unless ``--model`` names another folder of safetensors files. Each path runs ``streamify quantize
 int4 MODEL -o OUT --blockwise off|on --no-eval`` (``--stage entropy``: ``streamify quantize entropy``;
 ``--stage dtype``: ``streamify convert dtype --dtype bf16``; both ignore --method, --samples and
---seq-len) in a fresh process that imports torch, transformers and compressed-tensors first and then
+--seq-len; ``--stage prune``: ``streamify prune depth --remove 8`` scored by angular distance on
+--samples x --seq-len tokens) in a fresh process that imports torch, transformers and compressed-tensors first and then
 records its peak RSS (``VmHWM``) as the baseline; reported: the peak RSS above that baseline, the wall
 time of the command, and whether the two artifacts hold the same
 tensors (every tensor compared exactly).
@@ -23,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+PRUNED = 8  # blocks removed by --stage prune
 
 RUN = r"""
 import re, sys
@@ -45,13 +49,18 @@ finally:
 
 
 def run_quantize(model: Path, out: Path, mode: str, args: argparse.Namespace) -> dict:
-    """One ``streamify quantize int4|entropy`` run in a fresh process: peak RSS above its baseline, wall time."""
-    group = "convert" if args.stage == "dtype" else "quantize"
-    command = [sys.executable, "-c", RUN, group, args.stage, str(model), "-o", str(out)]
+    """One ``streamify`` run of the stage in a fresh process: peak RSS above its baseline, wall time."""
+    group, stage = {"dtype": ("convert", "dtype"), "prune": ("prune", "depth")}.get(
+        args.stage, ("quantize", args.stage)
+    )
+    command = [sys.executable, "-c", RUN, group, stage, str(model), "-o", str(out)]
+    calibration = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     if args.stage == "dtype":
         command += ["--dtype", "bf16"]
     if args.stage == "int4":
-        command += ["--method", args.method, "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+        command += ["--method", args.method, *calibration]
+    if args.stage == "prune":
+        command += ["--remove", str(PRUNED), *calibration]
     command += ["--blockwise", mode, "--no-eval"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -94,7 +103,7 @@ def main() -> None:
     parser.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq"])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--stage", default="int4", choices=["int4", "entropy", "dtype"])
+    parser.add_argument("--stage", default="int4", choices=["int4", "entropy", "dtype", "prune"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = args.model or default_model()
@@ -115,9 +124,11 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     off, on = results["off"], results["on"]
-    what = {"int4": f"{args.method} {args.samples} x {args.seq_len}", "entropy": "entropy coding"}.get(
-        args.stage, "cast to bf16"
-    )
+    what = {
+        "int4": f"{args.method} {args.samples} x {args.seq_len}",
+        "entropy": "entropy coding",
+        "prune": f"prune {PRUNED} blocks, angular on {args.samples} x {args.seq_len}",
+    }.get(args.stage, "cast to bf16")
     print(
         f"| {what} | {model_bytes >> 20} MiB | "
         f"{off['peak_above_baseline_mib']} MiB, {off['seconds']} s | {on['peak_above_baseline_mib']} MiB, "

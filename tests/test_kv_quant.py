@@ -81,9 +81,12 @@ def test_int4_cache_bytes_are_bounded_and_outputs_close(tiny_llama):
     per_sink_token = 4 * 2 * 2 * 8 * 4
     assert max(sizes) == sizes[-1] == 4 * per_sink_token + 15 * per_recent_token
     assert caches["full"].nbytes() == 19 * per_sink_token
-    assert torch.equal(full[:5], int4[:5])  # nothing is quantized before a token's own step has passed
+    # nothing is quantized before a token's own step has passed: the first steps differ by rounding only (the
+    # full-precision cache holds its keys rotated once, the INT4 one rotates them at each step)
+    scale = full.abs().max().item()
+    assert (full[:5] - int4[:5]).abs().max().item() <= 1e-6 * scale
     difference = (full - int4).abs().max().item()
-    assert 0 < difference < 0.1 * full.abs().max().item()
+    assert 1e-3 * scale < difference < 0.1 * scale
 
 
 def test_kv_bits_other_than_4_are_refused(tiny_llama):

@@ -62,6 +62,22 @@ def test_chunked_cache_equals_masked_forward(tiny_models, arch, full_layers):
     assert (model(ids).logits - reference).abs().max().item() > 1e-2 * scale  # what a mask fault looks like
 
 
+@torch.inference_mode()
+def test_a_long_stream_keeps_its_keys_in_a_moving_frame(tiny_llama):
+    """Keys are rotated once, in a frame that a window layer moves up as the stream runs: after 1,200 tokens
+    one at a time the logits still equal the masked forward's, the frame sits near the stream's end and the
+    rotary table has not grown with the stream."""
+    model = _load(tiny_llama)
+    ctl = enable_streaming(model, make_spec(sinks=3, window=8, full_layers="none", num_layers=4))
+    ids = _ids(1200)
+    cache = new_cache(model)
+    logits = torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(1200)], dim=1)
+    assert all(1200 - 2 * 8 <= layer.frame < 1200 for layer in cache.layers)
+    assert max(table[0].shape[0] for table in ctl._tables.values()) == 256  # the first table's size
+    reference = model(ids).logits
+    assert (logits - reference).abs().max().item() <= 2e-6 * reference.abs().max().item()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("full_layers", ["none", "1,2"])
 @torch.inference_mode()

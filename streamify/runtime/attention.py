@@ -112,18 +112,21 @@ def attend(
         cos_qs, sin_qs = ctl.cos_sin(q_abs.clamp(max=spec.capacity), query, min(q_start + chunk, spec.capacity + 1))
         sink_allowed = slots[None] <= q_abs[:, None]
         parts.append((_rotate(query, cos_qs, sin_qs), _rotate(sink_k, cos_s, sin_s), sink_v, sink_allowed))
-    if blocks:  # rotated in a frame from the earliest key, so window distances are the true ones
-        origin = min(block.first for block in blocks)
+    if blocks:  # queries and keys rotated in one frame, so window distances are the true ones
+        frame = blocks[0].frame  # keys held rotated (every block in the same frame), else from the earliest key
+        origin = min(block.first for block in blocks) if frame is None else frame
         needed = q_start + chunk - origin  # every key lies before the chunk's end
         # queries before the window (the sinks' own) see none of it: position 0 stands in, masked below
         cos_q, sin_q = ctl.cos_sin((q_abs - origin).clamp(min=0), query, needed)
         rotated_query = _rotate(query, cos_q, sin_q)
         for block in blocks:
-            cos_k, sin_k = ctl.cos_sin(block.positions - origin, query, needed)
+            keys = block.keys
+            if block.frame is None:
+                keys = _rotate(keys, *ctl.cos_sin(block.positions - origin, query, needed))
             allowed = block.positions[None] <= q_abs[:, None]
             if kind != FULL:
                 allowed &= block.positions[None] > q_abs[:, None] - spec.window
-            parts.append((rotated_query, _rotate(block.keys, cos_k, sin_k), block.values, allowed))
+            parts.append((rotated_query, keys, block.values, allowed))
     return (_explicit(parts, scaling) if small else _fused(parts, scaling)).transpose(1, 2).contiguous()
 
 
@@ -133,7 +136,32 @@ def _joined(blocks: list[KeyBlock]) -> KeyBlock:
         torch.cat([b.values for b in blocks], dim=-2),
         torch.cat([b.positions for b in blocks]),
         min(b.first for b in blocks),
+        blocks[0].frame,
     )
+
+
+def _into_frame(ctl: StreamingController, layer) -> None:
+    """Rotate the pending chunk's keys into the layer's frame (they are held so, and never rotated again).
+
+    A ``sink_window`` layer moves its frame up to its oldest key once the
+    stream's end is more than twice the window past it (one rotation of the
+    held keys back by the move), so rotary angles stay below a few windows
+    however long the stream runs; a ``full`` layer keeps frame 0, as the stock
+    model's cache does.
+    """
+    chunk = layer.chunk
+    if not chunk.keys.shape[-2]:  # all of the chunk went to the sinks
+        return
+    if layer.kind != FULL and layer.seen - layer.frame > 2 * ctl.spec.window:
+        held = layer.held if layer.held is not None and layer.held.length else None
+        oldest = chunk.first if held is None else held.first
+        if held is not None:
+            shift = oldest - layer.frame
+            cos, sin = ctl.cos_sin(torch.tensor([shift], device=chunk.keys.device), chunk.keys, shift + 1)
+            held.map_keys(lambda keys: _rotate(keys, cos, -sin))  # back by the shift
+        layer.frame = oldest
+    cos, sin = ctl.cos_sin(chunk.positions - layer.frame, chunk.keys, layer.seen - layer.frame)
+    layer.chunk = KeyBlock(_rotate(chunk.keys, cos, sin), chunk.values, chunk.positions, chunk.first, layer.frame)
 
 
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # rotated query, rotated keys, values, allowed
@@ -212,6 +240,8 @@ def streaming_attention(module, query, key, value, attention_mask, scaling=None,
         )
     layer = ctl.cache.layers[module.layer_idx] if ctl.cache is not None else None
     if layer is not None and layer.pending:
+        if layer.frame is not None:
+            _into_frame(ctl, layer)
         out = attend(ctl, kind, query, layer.sink, layer.window_blocks(), layer.seen - query.shape[-2], scaling)
         layer.commit()
         return out, None

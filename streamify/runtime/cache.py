@@ -42,6 +42,9 @@ class StreamingCacheLayer(CacheLayerMixin):
         self.held: TokenStore | None = None
         self.chunk: KeyBlock | None = None  # the call's tokens past the sinks, until its attention has run
         self.seen = 0
+        # held keys are rotated by their position minus `frame` (rotated once, not every step; the attention
+        # moves the frame up now and then); INT4 keys are held un-rotated: re-rotating them would round again
+        self.frame: int | None = 0 if kv_bits is None else None
 
     @property
     def pending(self) -> bool:
@@ -50,7 +53,7 @@ class StreamingCacheLayer(CacheLayerMixin):
 
     def window_blocks(self) -> list[KeyBlock]:
         """The tokens past the sinks that the pending chunk's queries may see: those held, then the chunk's own."""
-        held = None if self.held is None else self.held.read()
+        held = None if self.held is None else self.held.read(self.frame)
         return [block for block in (held, self.chunk) if block is not None and block.keys.shape[-2]]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -95,6 +98,7 @@ class StreamingCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.sink, self.held, self.chunk, self.seen = None, None, None, 0
+        self.frame = 0 if self.kv_bits is None else None
 
 
 def _append(pair, keys: torch.Tensor, values: torch.Tensor):

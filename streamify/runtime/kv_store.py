@@ -16,6 +16,7 @@ tokens on dim -2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,12 +43,14 @@ class AsComputed:
 
 @dataclass
 class KeyBlock:
-    """Un-rotated keys and their values, the absolute position of each key, and the lowest one (a host int)."""
+    """Keys and their values, the absolute position of each key, and the lowest one (a host int); ``frame``:
+    the keys are rotated already, by their position minus ``frame`` (None: un-rotated)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     first: int
+    frame: int | None = None
 
 
 class TokenStore:
@@ -65,6 +68,17 @@ class TokenStore:
     def length(self) -> int:
         """Tokens held."""
         return self.count if self.capacity is None else min(self.count, self.capacity)
+
+    @property
+    def first(self) -> int:
+        """The position of the oldest token held (of the next one written, when none is)."""
+        return self.origin + self.count - self.length
+
+    def map_keys(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the held keys by ``change(keys)``, in place (keys held as computed)."""
+        if self.parts is not None:
+            keys = self.parts[0][0]
+            keys.copy_(change(keys))
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep ``keys`` and ``values`` (``[batch, heads, tokens, head_dim]``) as the next positions."""
@@ -85,8 +99,9 @@ class TokenStore:
                     target.index_copy_(-2, slots, source)
         self.count += tokens
 
-    def read(self) -> KeyBlock | None:
-        """The tokens held, decoded, with their positions (None when empty). A full ring is read in slot order."""
+    def read(self, frame: int | None = None) -> KeyBlock | None:
+        """The tokens held, decoded, with their positions (None when empty); a full ring is read in slot order.
+        ``frame``: the keys were written rotated in it."""
         if self.parts is None or self.length == 0:
             return None
         held = self.length
@@ -97,7 +112,7 @@ class TokenStore:
             positions = self.origin + slot
         else:  # the latest position below `following` that maps to each slot
             positions = following - 1 - (following - 1 - self.origin - slot) % self.capacity
-        return KeyBlock(keys, values, positions, following - held)
+        return KeyBlock(keys, values, positions, self.first, frame)
 
     def nbytes(self) -> int:
         """Bytes allocated (a ring's whole capacity once it holds anything)."""
