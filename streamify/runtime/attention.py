@@ -6,8 +6,11 @@ cache and the attention function un-rotated), and its attention
 implementation is :func:`streaming_attention`, which rotates them itself with
 re-indexed positions:
 
-- keys in the window block are rotated in a frame local to the window and the
-  query at its distance from them, so window distances are the true ones;
+- keys in the window and the query are rotated in one frame (by their
+  position minus the frame's start), so window distances are the true ones;
+  a cache holds these keys rotated already (:func:`_into_frame`: rotated once,
+  when they arrive, in a frame that moves with the stream), a whole sequence
+  rotates them in the frame of its earliest key;
 - the sink keys are rotated by their slot (0..sinks-1) and the query at
   ``min(p, sinks + window - 1)``, its slot when the cache is full, so a sink
   never looks further away than the cache is long.

@@ -5,8 +5,9 @@
 a chunk of new tokens is attended as it is, then written over the slots that
 left the window); ``full`` layers keep everything; ``ssm`` layers (a
 hybrid's Mamba mixers) keep transformers' own fixed-size convolution and
-recurrent states. Keys are stored un-rotated: :mod:`streamify.runtime.attention`
-rotates them by their slot.
+recurrent states. Sink keys are stored un-rotated (:mod:`streamify.runtime.attention`
+rotates them by their slot); later keys are stored rotated into the layer's
+``frame`` (INT4 ones un-rotated).
 """
 
 from __future__ import annotations
