@@ -6,6 +6,7 @@ import json
 import shutil
 from itertools import pairwise
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -324,11 +325,46 @@ def test_a_generated_rollout_is_the_chunk_by_chunk_denoising_with_the_cache():
     assert torch.allclose(latents[:, :, :1], noise[:, :, :1] - v, atol=1e-5)
 
 
+def _read_mp4(path) -> tuple[dict, list[np.ndarray]]:
+    """An MP4's metadata and its frames ``[H, W, 3]`` as ffmpeg decodes them (an independent reader)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    return meta, [np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader]
+
+
+@pytest.mark.parametrize(("size", "fps"), [(16, 8), (32, 16)])
+def test_mp4_frames_decode_close_to_what_was_written(tmp_path, size, fps):
+    """H.264 at CRF 12: every decoded frame of a builtin:shapes clip is within a few levels of its own frame on
+    average, closer than to the next one (the order holds), at the frame rate asked for; an odd side is padded
+    to an even one."""
+    from streamify.data.shapes import make_clip
+    from streamify.runtime.video_generate import write_mp4
+
+    clip = make_clip(3, frames=10, size=size)
+    pixels = (clip.frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    write_mp4(pixels, tmp_path / "clip.mp4", fps)
+    meta, frames = _read_mp4(tmp_path / "clip.mp4")
+    assert meta["fps"] == fps and meta["size"] == (size, size) and len(frames) == 10
+
+    def error(a, b) -> float:
+        return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+    for index, frame in enumerate(frames):
+        assert error(frame, pixels[index]) < 3.0
+        assert error(frame, pixels[index]) < error(frame, pixels[(index + 1) % 10])
+    write_mp4(pixels[:3, :7, :9], tmp_path / "odd.mp4", fps)
+    meta, frames = _read_mp4(tmp_path / "odd.mp4")
+    assert meta["size"] == (10, 8) and len(frames) == 3
+
+
 def test_generate_writes_latents_pngs_and_a_gif_of_a_video_student(wans, tmp_path, cli):
     out = tmp_path / "clip"
     result = cli(
         "generate", wans / "student", "--prompt", "red square moving up", "-o", out, "--frames", "6",
-        "--height", "8", "--width", "8", "--format", "json",
+        "--height", "8", "--width", "8", "--fps", "16", "--format", "json",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -336,7 +372,9 @@ def test_generate_writes_latents_pngs_and_a_gif_of_a_video_student(wans, tmp_pat
     assert load_file(out / "latents.safetensors")["latents"].shape == (1, 3, 6, 8, 8)
     assert len(list((out / "frames").glob("*.png"))) == 6
     with Image.open(out / "video.gif") as gif:
-        assert gif.n_frames == 6 and gif.size == (8, 8)
+        assert gif.n_frames == 6 and gif.size == (8, 8) and abs(gif.info["duration"] - 1000 / 16) < 5  # centiseconds
+    meta, frames = _read_mp4(out / "video.mp4")
+    assert len(frames) == 6 and meta["size"] == (8, 8) and meta["fps"] == 16 and meta["codec"] == "h264"
     again = cli("generate", wans / "student", "--prompt", "red square moving up", "-o", out)
     assert again.exit_code == 2 and "not an empty folder" in again.stderr
 

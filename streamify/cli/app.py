@@ -297,6 +297,7 @@ def generate(
     vae: Annotated[
         Path | None, typer.Option("--vae", help="video, latent model: the diffusers VAE folder that makes frames")
     ] = None,
+    fps: Annotated[int, typer.Option("--fps", min=1, help="video: frames a second of video.gif and video.mp4")] = 8,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Generate from a causal LM (plain, INT4, GGUF, coded; a streaming one streams) or a video denoiser.
@@ -322,7 +323,16 @@ def generate(
             request = video_request(
                 config, frames, height, width, timesteps, sample_steps, shift, seed, euler, guidance
             )
-            run_video(checkpoint, out, prompt=prompt, condition_file=condition, output=output, request=request, vae=vae)
+            run_video(
+                checkpoint,
+                out,
+                prompt=prompt,
+                condition_file=condition,
+                output=output,
+                request=request,
+                vae=vae,
+                fps=fps,
+            )
             return
         require_kind(checkpoint, CAUSAL_LM, "generation")
         if prompt is None:

@@ -68,7 +68,9 @@ def video_condition(model, prompt: str | None, condition_file: Path | None) -> t
     return label_condition(parse_label(prompt), SHAPES_TOKENS, dim)[None]
 
 
-def run_video(checkpoint, out, *, prompt, condition_file, output, request, vae: Path | None = None) -> None:
+def run_video(
+    checkpoint, out, *, prompt, condition_file, output, request, vae: Path | None = None, fps: int = 8
+) -> None:
     """Generate, write and report one clip (frames through ``vae`` for a latent model)."""
     from streamify.runtime.video_generate import generate_video, is_pixel_model, load_vae, write_video
 
@@ -81,7 +83,7 @@ def run_video(checkpoint, out, *, prompt, condition_file, output, request, vae: 
     decoder = load_vae(vae, model) if vae is not None else None
     condition = video_condition(model, prompt, condition_file)
     latents, result = generate_video(model, condition, request, progress=out)
-    result["files"] = write_video(latents, model, output, decoder)
+    result["files"] = write_video(latents, model, output, decoder, fps)
     result["output"] = str(output)
     out.result(
         result,

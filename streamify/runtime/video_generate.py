@@ -13,7 +13,8 @@ counts twice (the conditional and the unconditional one).
 Written into the output folder (created whole or not at all):
 ``latents.safetensors`` (``latents`` ``[1, C, frames, H, W]``); for a model
 that works in RGB pixels (3 channels, as on ``builtin:shapes``), also
-``frames/frame-NNNNN.png`` and ``video.gif`` (Pillow). A latent-space model
+``frames/frame-NNNNN.png``, ``video.gif`` (Pillow) and ``video.mp4`` (H.264 through the ffmpeg binary
+that the ``imageio-ffmpeg`` wheel ships, near-lossless: CRF 12). A latent-space model
 (Wan2.1, 16 channels) gets its frames when its VAE is given (diffusers'
 ``AutoencoderKLWan``, :func:`load_vae`): the latents are denormalised with the
 VAE's ``latents_mean``/``latents_std`` as diffusers' ``WanPipeline`` does and
@@ -40,7 +41,7 @@ from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import VideoCache
 from streamify.runtime.video_sampling import chunk_length, denoise_chunk, sample_clip, shifted_sigmas
 
-GIF_FRAME_MS = 125  # 8 frames a second
+MP4_CRF = "12"  # x264's constant rate factor: 0 is lossless, 18 "visually lossless"; small frames need better
 VAE_CLASSES = ("AutoencoderKLWan",)  # diffusers video VAEs with latents_mean / latents_std, decoded as WanPipeline
 
 
@@ -173,9 +174,11 @@ def decode_frames(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return ((video[0].permute(1, 0, 2, 3).float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def write_video(latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.Module | None = None) -> list[str]:
-    """Write ``latents`` into the new ``folder``, and frames for a pixel model or through ``vae``; the names
-    written."""
+def write_video(
+    latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.Module | None = None, fps: int = 8
+) -> list[str]:
+    """Write ``latents`` into the new ``folder``, and frames (PNG, GIF and MP4 at ``fps``) for a pixel model or
+    through ``vae``; the names written."""
     check_output(folder)
     frames = None
     if vae is not None:
@@ -186,7 +189,7 @@ def write_video(latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.M
         frames = latents_frames(latents)
     tmp = temp_sibling(folder)
     try:
-        names = _write_files(latents, frames, tmp)
+        names = _write_files(latents, frames, tmp, fps)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -196,7 +199,7 @@ def write_video(latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.M
     return names
 
 
-def _write_files(latents: torch.Tensor, frames: torch.Tensor | None, tmp: Path) -> list[str]:
+def _write_files(latents: torch.Tensor, frames: torch.Tensor | None, tmp: Path, fps: int) -> list[str]:
     save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
     names = ["latents.safetensors"]
     if frames is not None:
@@ -207,6 +210,25 @@ def _write_files(latents: torch.Tensor, frames: torch.Tensor | None, tmp: Path) 
         (tmp / "frames").mkdir()
         for index, image in enumerate(images):
             image.save(tmp / "frames" / f"frame-{index:05d}.png")
-        images[0].save(tmp / "video.gif", save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
-        names += [f"frames/ ({len(images)} PNG)", "video.gif"]
+        images[0].save(tmp / "video.gif", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
+        write_mp4(pixels, tmp / "video.mp4", fps)
+        names += [f"frames/ ({len(images)} PNG)", "video.gif", "video.mp4"]
     return names
+
+
+def write_mp4(pixels, path: Path, fps: int) -> None:
+    """``pixels`` ``[frames, H, W, 3]`` (uint8) as an H.264 MP4 (yuv420p, which players expect; an odd side is
+    padded by one pixel), through the ffmpeg binary of the ``imageio-ffmpeg`` wheel."""
+    import imageio_ffmpeg
+
+    height, width = pixels.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (width, height), fps=fps, codec="libx264", quality=None, macro_block_size=1,
+        output_params=["-crf", MP4_CRF, "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"],
+    )  # fmt: skip
+    writer.send(None)  # starts ffmpeg
+    try:
+        for frame in pixels:
+            writer.send(frame.copy(order="C"))
+    finally:
+        writer.close()
