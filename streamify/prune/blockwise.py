@@ -1,10 +1,11 @@
 """``prune.depth`` for a model larger than memory: scores and surgery one block at a time from its files.
 
 The calibration rows' hidden states enter block 0 (the embeddings run once),
-then each block is read, run on every row and dropped; the states of the last
-``span + 1`` boundaries are all that is kept, enough for ``bi``'s adjacent
-cosines and ``angular``'s span distances, summed in the same order as the
-in-memory path, so the scores are the same. The kept blocks are then read
+then each block is read, run on every row and dropped. In memory are the
+states entering and leaving the block that runs (``bi``'s adjacent cosines);
+each boundary's states wait on disk until the block ``span`` further on has
+run (``angular``'s span distances). Both are summed in the same order as in
+the in-memory path, so the scores are the same. The kept blocks are then read
 again one at a time and written under their new numbers as safetensors shards,
 and the model's config is sliced as :func:`~streamify.prune.surgery.remove_blocks`
 slices it in memory.
@@ -12,7 +13,8 @@ slices it in memory.
 
 from __future__ import annotations
 
-from collections import deque
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -26,22 +28,43 @@ from streamify.prune.surgery import check_removal, remove_blocks
 
 @torch.no_grad()
 def boundary_stats_block_by_block(executor: BlockExecutor, ids: torch.Tensor, span: int, progress: Progress) -> dict:
-    """:func:`~streamify.prune.scores.boundary_stats` with one block's weights in memory at a time."""
+    """:func:`~streamify.prune.scores.boundary_stats` with one block's weights in memory at a time; the states
+    at earlier boundaries wait on disk until the span's far end reaches them."""
     inputs = executor.first_inputs(ids, lambda model, row: model(row[None].to(executor.device)))
     count = len(executor.blocks)
     totals = BoundaryTotals(count, span)
     totals.tokens = ids.numel()
-    states = deque([[hidden for hidden, _, _ in inputs]], maxlen=span + 1)  # the last span + 1 boundaries
-    with executor.embeddings_away():  # blocks never use them; a large vocabulary can outweigh several blocks
+    with tempfile.TemporaryDirectory(prefix="streamify-prune-") as tmp, executor.embeddings_away():
+        offloaded = _Offloaded(Path(tmp))
+        entering = [hidden for hidden, _, _ in inputs]
+        offloaded.put(0, entering)
         for index in progress.track(range(count), "scoring blocks block by block"):
             inputs = executor.run_block(index, inputs)
-            states.append([hidden for hidden, _, _ in inputs])
-            for entering, leaving in zip(states[-2], states[-1], strict=True):
-                totals.add_block(index, entering, leaving)
+            leaving = [hidden for hidden, _, _ in inputs]
+            for before, after in zip(entering, leaving, strict=True):
+                totals.add_block(index, before, after)
             if index + 1 >= span:
-                for first, last in zip(states[0], states[-1], strict=True):
+                for first, last in zip(offloaded.take(index + 1 - span), leaving, strict=True):
                     totals.add_span(index + 1 - span, first, last)
+            offloaded.put(index + 1, leaving)
+            entering = leaving
     return totals.stats()
+
+
+class _Offloaded:
+    """Hidden states at block boundaries, kept on disk until taken (once each)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def put(self, boundary: int, states: list[torch.Tensor]) -> None:
+        torch.save(states, self.folder / f"{boundary}.pt")
+
+    def take(self, boundary: int) -> list[torch.Tensor]:
+        path = self.folder / f"{boundary}.pt"
+        states = torch.load(path, weights_only=True)
+        path.unlink()
+        return states
 
 
 def prune_block_by_block(

@@ -94,12 +94,10 @@ def _amount(params: DepthParams, count: int) -> int:
 
 
 def _scoring_bytes(params: DepthParams, model) -> int:
-    """Block by block: the calibration states kept (the last span + 1 boundaries, a block's inputs and
-    outputs) in fp32."""
-    _, blocks = block_list(model, "prune.depth")
-    span = _amount(params, len(blocks)) if params.blocks is None else 0
+    """Block by block: the calibration states in memory (entering and leaving the block that runs, one read
+    back from disk, one more while a block's outputs are made) in fp32."""
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", 0)
-    return (span + 3) * params.samples * params.seq_len * hidden * 4
+    return 4 * params.samples * params.seq_len * hidden * 4
 
 
 def _bytes_per_param(params: DepthParams, before: float, model) -> float:
