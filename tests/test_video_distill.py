@@ -437,6 +437,25 @@ def test_generate_decodes_a_latent_model_through_its_vae_as_the_wan_pipeline_doe
         assert gif.n_frames == 5
 
 
+def test_a_vae_that_fails_to_decode_keeps_the_generated_latents(wans, wan_vae, tmp_path, cli, monkeypatch):
+    """A VAE that runs out of memory after a long generation: exit 4, no output folder, and the latents saved
+    beside it (the generation is not lost)."""
+    import streamify.runtime.video_generate as video_generate
+
+    def out_of_memory(vae, latents):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(video_generate, "decode_frames", out_of_memory)
+    condition = tmp_path / "c.safetensors"
+    save_file({"condition": torch.randn(3, 24)}, str(condition))
+    out = tmp_path / "clip"
+    args = ["--condition", condition, "-o", out, "--frames", "3", "--height", "4", "--width", "4", "--vae", wan_vae]
+    result = cli("generate", wans / "latent", *args)
+    kept = tmp_path / "clip.latents.safetensors"
+    assert result.exit_code == 4 and "out of memory" in result.stderr and str(kept) in result.stderr
+    assert not out.exists() and load_file(kept)["latents"].shape == (1, 4, 3, 4, 4)
+
+
 @pytest.mark.parametrize(
     ("model", "vae", "code", "message"),
     [

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from streamify.errors import InputError, UsageError
+from streamify.errors import InputError, ResourceError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import VideoCache
@@ -182,7 +182,7 @@ def write_video(
     check_output(folder)
     frames = None
     if vae is not None:
-        frames = decode_frames(vae, latents)
+        frames = _decode_or_keep_latents(vae, latents, folder)
     elif is_pixel_model(model):
         from streamify.data.shapes import latents_frames
 
@@ -197,6 +197,26 @@ def write_video(
         folder.rmdir()  # empty: the checks above
     publish(tmp, folder)
     return names
+
+
+def _decode_or_keep_latents(vae: nn.Module, latents: torch.Tensor, folder: Path) -> torch.Tensor:
+    """The VAE's frames; when decoding fails (out of memory, most often), the generated latents are first
+    saved beside ``folder`` so that the generation is not lost."""
+    try:
+        return decode_frames(vae, latents)
+    except (RuntimeError, MemoryError) as error:
+        kept = folder.with_name(f"{folder.name}.latents.safetensors")
+        for attempt in range(2, 1000):  # an earlier run's kept latents stay
+            if not kept.exists():
+                break
+            kept = folder.with_name(f"{folder.name}.latents-{attempt}.safetensors")
+        save_file({"latents": latents.contiguous()}, str(kept))
+        raise ResourceError(
+            f"--vae: the VAE could not decode the clip ({str(error).splitlines()[0]}); {folder} was not written, "
+            f"the generated latents are kept in {kept}",
+            "decode them where the VAE fits: diffusers' AutoencoderKLWan after denormalising with its "
+            "latents_mean/latents_std (as WanPipeline does), or generate fewer --frames",
+        ) from error
 
 
 def _write_files(latents: torch.Tensor, frames: torch.Tensor | None, tmp: Path, fps: int) -> list[str]:
