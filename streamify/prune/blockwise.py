@@ -30,7 +30,9 @@ from streamify.prune.surgery import check_removal, remove_blocks
 def boundary_stats_block_by_block(executor: BlockExecutor, ids: torch.Tensor, span: int, progress: Progress) -> dict:
     """:func:`~streamify.prune.scores.boundary_stats` with one block's weights in memory at a time; the states
     at earlier boundaries wait on disk until the span's far end reaches them."""
-    inputs = executor.first_inputs(ids, lambda model, row: model(row[None].to(executor.device)))
+    # no KV cache: each row's would travel with its inputs and grow by every block's keys and values
+    quiet = {"use_cache": False} if getattr(executor.model.config, "use_cache", None) is not None else {}
+    inputs = executor.first_inputs(ids, lambda model, row: model(row[None].to(executor.device), **quiet))
     count = len(executor.blocks)
     totals = BoundaryTotals(count, span)
     totals.tokens = ids.numel()
