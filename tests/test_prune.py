@@ -336,3 +336,32 @@ def test_pruned_streaming_artifact_keeps_a_consistent_spec(tmp_path, tiny_llama,
     check = cli("eval", pruned, "--check", "equivalence", "--tokens", "40", "--format", "json")
     assert check.exit_code == 0, check.stderr
     assert json.loads(check.stdout)["equivalence"]["max_abs_diff"] <= 1e-4
+
+
+def test_a_separate_teacher_is_kept_frozen_in_the_dtype_asked(tmp_path, tiny_llama, cli, monkeypatch):
+    """distill heal --teacher-dtype bf16: the teacher runs in bf16 (its KL differs from the fp32 teacher's by
+    rounding only), the plan counts it at 2 bytes a parameter; auto on the CPU keeps the student's fp32."""
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    pruned, teacher = tmp_path / "pruned", tmp_path / "teacher"
+    assert cli("prune", "depth", tiny_llama, "-o", pruned, "--blocks", "2", "--no-eval").exit_code == 0
+    sharp = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(30)  # a KL well above the 6 decimals the metric keeps
+    sharp.save_pretrained(teacher)
+    common = ["--teacher", teacher, "--steps", "2", "--seq-len", "32", "--grad-accum", "1", "--lora-rank", "0"]
+    runs, plans = {}, {}
+    for dtype in ("auto", "bf16"):
+        args = ["distill", "heal", pruned, "-o", tmp_path / dtype, *common, "--teacher-dtype", dtype]
+        planned = cli(*args, "--no-eval", "--dry-run", "--format", "json")
+        plans[dtype] = json.loads(planned.stdout)["plan"]["stages"][0]
+        result = cli(*args, "--no-eval", "--format", "json")
+        assert result.exit_code == 0, result.stderr
+        runs[dtype] = json.loads(result.stdout)["stages"][0]["metrics"]
+    assert runs["auto"]["heal_teacher"] == "fp32" and runs["bf16"]["heal_teacher"] == "bf16"
+    before = runs["auto"]["heldout_kl_before"], runs["bf16"]["heldout_kl_before"]
+    assert before[0] != before[1] and abs(before[1] / before[0] - 1) < 0.05, before
+    assert plans["bf16"]["teacher"] == "a separate copy, frozen, in bf16"
+    assert plans["auto"]["teacher"] == "a separate copy, frozen, in the model's dtype"
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(pruned).parameters())
+    saved = plans["auto"]["estimate"]["peak_memory_bytes"] - plans["bf16"]["estimate"]["peak_memory_bytes"]
+    assert saved == params * 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -24,6 +25,7 @@ from streamify.errors import UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.load import load_checkpoint
+from streamify.io.placement import DTYPE_NAMES, teacher_dtype
 from streamify.model.blocks import block_list
 from streamify.model.fingerprint import content_key
 from streamify.model.hooks import recording
@@ -51,6 +53,10 @@ class HealParams(TrainParams):
         0.0, ge=0, description="weight of per-block hidden-state MSE to the teacher (layer-wise; pruning only)"
     )
     eval_blocks: int = Field(4, ge=1, description="held-out sequences for the KL measured before and after")
+    teacher_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="dtype of a separate (frozen) teacher; auto: bf16 on a GPU that supports it, else the student's",
+    )
 
 
 @contextmanager
@@ -113,6 +119,7 @@ def heal(
         teacher.eval()
         for param in teacher.parameters():
             param.requires_grad_(False)
+        teacher.to(teacher_dtype(params.teacher_dtype, next(student.parameters())))
     device = next(student.parameters()).device
     progress.log("measuring held-out KL to the teacher before healing")
     kl_before = heldout_kl(
@@ -156,10 +163,16 @@ def heal(
         "heal_loss_first": result.losses[0] if result.losses else None,
         "heal_loss_last": result.losses[-1] if result.losses else None,
         "heal_losses": result.losses,  # the loss of every step (the JSON output and the manifest)
+        "heal_teacher": "the student, adapters off" if teacher is None else _dtype_name(teacher),
         "heldout_kl_before": round(kl_before, 6),
         "heldout_kl_after": round(kl_after, 6),
     }
     return healed, metrics
+
+
+def _dtype_name(model: torch.nn.Module) -> str:
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return DTYPE_NAMES.get(dtype, str(dtype))
 
 
 def _teacher_logits(teacher, student, trainee):
@@ -195,7 +208,8 @@ def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageCo
     model = checkpoint.model
     spec = read_spec(model.config)
     if params.teacher is not None:
-        teacher = load_checkpoint(params.teacher, device=str(ctx.device), progress=ctx.progress).model
+        dtype = DTYPE_NAMES.get(teacher_dtype(params.teacher_dtype, next(model.parameters())), "auto")
+        teacher = load_checkpoint(params.teacher, dtype=dtype, device=str(ctx.device), progress=ctx.progress).model
     elif spec is not None and params.lora_rank:
         teacher = None  # the model itself, full attention, adapters off: no copy
     elif spec is not None:

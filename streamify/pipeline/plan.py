@@ -56,9 +56,20 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int, teacher_copy: bool) -> int:
-    """Rough peak memory of a healing run: the student, a teacher copy when one is kept (not when the teacher
-    is the student itself with its LoRA adapters off), optimizer state, one micro-batch's activations.
+def _separate_teacher(dtype: str, params: int, model_bytes: int, device: str) -> tuple[int, str]:
+    """Bytes and description of a separate teacher kept in ``dtype`` (``auto``: bf16 on a GPU, else the
+    model's own; :func:`~streamify.io.placement.teacher_dtype` decides at run time)."""
+    if dtype == "auto":
+        on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        dtype = "bf16" if on_gpu else "the model's dtype"
+    if dtype not in DTYPES:
+        return model_bytes, f"a separate copy, frozen, in {dtype}"
+    return params * DTYPES[dtype].itemsize, f"a separate copy, frozen, in {dtype}"
+
+
+def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int, teacher_bytes: int) -> int:
+    """Rough peak memory of a healing run: the student, a separate teacher's ``teacher_bytes`` (0 when the
+    teacher is the student itself with its LoRA adapters off), optimizer state, one micro-batch's activations.
 
     Activations per token and layer: about 10 hidden + 4 intermediate values
     in fp32, and the attention mask's row (a byte per key; fused attention
@@ -77,7 +88,7 @@ def training_bytes(config, model_bytes: int, params: int, heal, seq_len: int, te
     per_token = (layers * hidden + layer if heal.gradient_checkpointing else layers * layer) + 6 * vocab
     activations = 4 * heal.batch_size * seq_len * per_token
     optimizer = 12 * params if heal.lora_rank == 0 else 0  # fp32 grad + two Adam moments
-    return int((2 if teacher_copy else 1) * model_bytes + optimizer + activations)
+    return int(model_bytes + teacher_bytes + optimizer + activations)
 
 
 def _lora_modules(model, heal, where: str) -> dict:
@@ -140,8 +151,10 @@ def build_plan(
             peak, holds = stage.holds(stage_params, in_memory, params)
         if training is not None:
             heal, seq_len, teacher_copy = training
-            peak = training_bytes(config, in_memory, params, heal, seq_len, teacher_copy)
-            teacher = "a copy of the model" if teacher_copy else "the model itself, LoRA adapters off"
+            teacher_bytes, teacher = 0, "the model itself, LoRA adapters off"
+            if teacher_copy:
+                teacher_bytes, teacher = _separate_teacher(heal.teacher_dtype, params, in_memory, recipe.device)
+            peak = training_bytes(config, in_memory, params, heal, seq_len, teacher_bytes)
             modules = _lora_modules(model, heal, f"{where}.heal")
         if stage.final:
             cache = "not cached (writes the final format)"
