@@ -145,14 +145,22 @@ def test_the_memory_check_holds_the_estimate_against_ram_for_cpu_runs_only(tmp_p
     plan_module.check_fits(plan, tmp_path / "out", device="cuda:0")  # its memory is not this machine's RAM
 
 
-@pytest.mark.parametrize(("arch", "metric", "shard"), [("llama", "angular", "20KB"), ("gemma", "bi", "5GB")])
-def test_depth_pruning_block_by_block_writes_the_in_memory_artifact(cli, tiny_models, tmp_path, arch, metric, shard):
+@pytest.mark.parametrize(
+    ("arch", "choice", "shard"),
+    [
+        ("llama", ["--remove", "2", "--metric", "angular"], "20KB"),
+        ("gemma", ["--remove", "2", "--metric", "bi", "--dtype", "bf16"], "5GB"),
+        ("llama", ["--blocks", "0,2"], "5GB"),
+    ],
+)
+def test_depth_pruning_block_by_block_writes_the_in_memory_artifact(cli, tiny_models, tmp_path, arch, choice, shard):
     """prune depth --blockwise on scores the blocks one at a time from the files (the same scores, bit for bit,
-    so the same blocks go), writes the kept ones renumbered (the in-memory artifact's tensors and config,
-    sharded by --max-shard-size) and transformers loads it with the same logits."""
+    so the same blocks go; or the blocks given), writes the kept ones renumbered (the in-memory artifact's
+    tensors and config, its dtype included, sharded by --max-shard-size) and transformers loads it with the
+    same logits."""
     runs = {}
     for mode in ("off", "on"):
-        args = ["--remove", "2", "--metric", metric, "--samples", "3", "--seq-len", "32", "--blockwise", mode]
+        args = [*choice, "--samples", "3", "--seq-len", "32", "--blockwise", mode]
         result = cli(
             "prune", "depth", tiny_models[arch], "-o", tmp_path / mode, *args, "--max-shard-size", shard,
             "--no-eval", "--format", "json",
@@ -172,6 +180,20 @@ def test_depth_pruning_block_by_block_writes_the_in_memory_artifact(cli, tiny_mo
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(tmp_path / "off")(ids).logits
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "on")(ids).logits, expected)
+
+
+def test_block_by_block_is_ruled_out_for_blocks_that_attend_differently(cli, tiny_models, tmp_path):
+    """A Qwen2 with sliding-window layers above max_window_layers: each kind of layer gets its own mask from the
+    model, which block by block (block 0's mask for every block) would not give; refused with the reason."""
+    model = tmp_path / "qwen2-sliding"
+    shutil.copytree(tiny_models["qwen2"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
+    (model / "config.json").write_text(json.dumps(config))
+    for command in (["prune", "depth", "--remove", "1"], ["quantize", "int4", "--method", "rtn"]):
+        result = cli(*command[:2], model, "-o", tmp_path / "o", *command[2:], "--blockwise", "on", "--no-eval")
+        assert result.exit_code == 2 and "its blocks attend in different ways" in result.output, result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_depth_pruning_block_by_block_refuses_what_needs_the_whole_model(cli, tiny_llama, tmp_path):

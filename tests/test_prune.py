@@ -193,6 +193,7 @@ def test_prune_depth_cli_writes_a_stock_checkpoint_with_scores(tmp_path, tiny_ll
         (["--remove", "3"], "cannot remove 3 of 4 blocks"),
         (["--remove", "1", "--keep-ratio", "0.5"], "exactly one of"),
         (["--blocks", "1,x"], "comma-separated list of integers"),
+        (["--keep-ratio", "0.9"], "keeps all of them: nothing would be removed"),
     ],
 )
 def test_bad_pruning_requests(tmp_path, tiny_llama, cli, args, message):

@@ -448,10 +448,10 @@ def test_a_vae_that_fails_to_decode_keeps_the_generated_latents(wans, wan_vae, t
     monkeypatch.setattr(video_generate, "decode_frames", out_of_memory)
     condition = tmp_path / "c.safetensors"
     save_file({"condition": torch.randn(3, 24)}, str(condition))
-    out = tmp_path / "clip"
+    out = tmp_path / "new" / "clip"  # in a folder that does not exist yet
     args = ["--condition", condition, "-o", out, "--frames", "3", "--height", "4", "--width", "4", "--vae", wan_vae]
     result = cli("generate", wans / "latent", *args)
-    kept = tmp_path / "clip.latents.safetensors"
+    kept = tmp_path / "new" / "clip.latents.safetensors"
     assert result.exit_code == 4 and "out of memory" in result.stderr and str(kept) in result.stderr
     assert not out.exists() and load_file(kept)["latents"].shape == (1, 4, 3, 4, 4)
 

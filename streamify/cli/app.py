@@ -297,7 +297,9 @@ def generate(
     vae: Annotated[
         Path | None, typer.Option("--vae", help="video, latent model: the diffusers VAE folder that makes frames")
     ] = None,
-    fps: Annotated[int, typer.Option("--fps", min=1, help="video: frames a second of video.gif and video.mp4")] = 8,
+    fps: Annotated[
+        int, typer.Option("--fps", min=1, max=60, help="video: frames a second of video.gif and video.mp4")
+    ] = 8,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Generate from a causal LM (plain, INT4, GGUF, coded; a streaming one streams) or a video denoiser.

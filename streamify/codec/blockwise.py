@@ -99,7 +99,8 @@ def _store_blocks(
 
 
 def side_files(model, cast: torch.dtype | None = None) -> dict[str, bytes]:
-    """config.json and generation_config.json as ``save_pretrained`` writes them (the dtype set to ``cast``)."""
+    """config.json and generation_config.json as ``save_pretrained`` writes them (the dtype set to ``cast``, the
+    tensors' dtype when they were cast or read in another than the stored one)."""
     if cast is not None and not is_diffusers(model.config):
         model.config.dtype = cast
     with tempfile.TemporaryDirectory(prefix="streamify-config-") as tmp:
@@ -120,7 +121,7 @@ def code_block_by_block(
     _store_blocks(checkpoint, shards, progress, "entropy coding")
     spools, index, shard_files = shards.finish()
     files = {name: {"metadata": {"format": "pt"}} for name in spools}
-    coded_side = side_files(checkpoint.model) | shard_files
+    coded_side = side_files(checkpoint.model, checkpoint.blocks.dtype) | shard_files
     return CodedCheckpoint(spools, index, files, coded_side, time.perf_counter() - started)
 
 
@@ -141,7 +142,8 @@ def write_block_by_block(
     spools, _, shard_files = shards.finish()
 
     def write(folder: Path) -> None:
-        for name, data in (side_files(checkpoint.model, cast) | shard_files).items():
+        stored = cast if cast is not None else checkpoint.blocks.dtype  # what the tensors were read or cast to
+        for name, data in (side_files(checkpoint.model, stored) | shard_files).items():
             (folder / name).write_bytes(data)
         for name, spool in spools.items():
             spool.write(folder / name, {"format": "pt"})

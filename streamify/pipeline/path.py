@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from streamify.errors import UsageError
 from streamify.io.source import Source
+from streamify.model.attention import attention_layout, summarize_layout
 from streamify.model.blocks import find_blocks
 from streamify.model.params import count_params
 from streamify.pipeline.recipe import Recipe
@@ -23,6 +24,21 @@ def blockwise_bytes(model, bytes_per_param: float, working: int) -> int:
     largest = max(count_params(block) for block in blocks)
     outside = count_params(model) - sum(count_params(block) for block in blocks)
     return int((outside + 2 * largest) * bytes_per_param + working)
+
+
+def _mixed_attention(model) -> str | None:
+    """Why blocks of several attention kinds rule a block-wise run out: it runs every block with the mask and
+    positions the model made for block 0. A streaming model's attention makes its own masks."""
+    found = find_blocks(model)
+    if found is None or getattr(model.config, "streamify_streaming", None) is not None:
+        return None
+    layout = attention_layout(model.config, len(found[1]))
+    if len(set(layout)) == 1:
+        return None
+    return (
+        f"its blocks attend in different ways ({summarize_layout(layout)}), and block by block runs every "
+        "block with block 0's attention mask"
+    )
 
 
 def choose_path(
@@ -51,6 +67,7 @@ def choose_path(
         if source.kind == "hf-folder" and not any(source.path.glob("*.safetensors"))
         else None,
         "the model has no block list" if find_blocks(model) is None else None,
+        _mixed_attention(model),
         "several processes would each read the model" if processes > 1 else None,
     ]
     ruled_out = [reason for reason in ruled_out if reason]

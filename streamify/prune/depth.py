@@ -88,9 +88,16 @@ class DepthParams(BaseModel):
 
 
 def _amount(params: DepthParams, count: int) -> int:
+    """Blocks to remove (``remove``, or what ``keep_ratio`` leaves out); UsageError when that is none."""
     if params.remove is not None:
         return params.remove
-    return count - max(1, round(params.keep_ratio * count))
+    amount = count - max(1, round(params.keep_ratio * count))
+    if amount < 1:
+        raise UsageError(
+            f"keep_ratio {params.keep_ratio} of {count} blocks keeps all of them: nothing would be removed",
+            f"use a keep_ratio below {(count - 0.5) / count:.3f}, or remove: N",
+        )
+    return amount
 
 
 def _scoring_bytes(params: DepthParams, model) -> int:
@@ -137,8 +144,9 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
         where=f"--data {ctx.data}",
     )
     if checkpoint.blocks is not None:  # larger than memory: scored, cut and written one block at a time
+        amount = len(params.blocks) if params.blocks is not None else _amount(params, count)
         remove, table = prune_block_by_block(
-            checkpoint, ids, params.blocks, params.metric, _amount(params, count), params.protect_ends,
+            checkpoint, ids, params.blocks, params.metric, amount, params.protect_ends,
             shard_bytes(params.max_shard_size), ctx.progress,
         )  # fmt: skip
         ctx.metrics["path"] = "block-wise"

@@ -210,6 +210,7 @@ def _decode_or_keep_latents(vae: nn.Module, latents: torch.Tensor, folder: Path)
             if not kept.exists():
                 break
             kept = folder.with_name(f"{folder.name}.latents-{attempt}.safetensors")
+        kept.parent.mkdir(parents=True, exist_ok=True)  # where the output folder would have been made
         save_file({"latents": latents.contiguous()}, str(kept))
         raise ResourceError(
             f"--vae: the VAE could not decode the clip ({str(error).splitlines()[0]}); {folder} was not written, "
