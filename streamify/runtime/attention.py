@@ -49,9 +49,11 @@ class StreamingController:
         self.cache = None
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, positions: torch.Tensor, like: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of ``positions`` (1-D, all below ``needed``, a bound the caller knows on the host, so no
-        device value is read back), as the model's own rotary embedding computes them."""
+    def cos_sin(
+        self, positions: torch.Tensor | slice, like: torch.Tensor, needed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions`` (1-D, or a slice, all below ``needed``, a bound the caller knows on the
+        host, so no device value is read back), as the model's own rotary embedding computes them."""
         key = (like.device, like.dtype)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < needed:
@@ -160,7 +162,7 @@ def _into_frame(ctl: StreamingController, layer) -> None:
         oldest = chunk.first if held is None else held.first
         if held is not None:
             shift = oldest - layer.frame
-            cos, sin = ctl.cos_sin(torch.tensor([shift], device=chunk.keys.device), chunk.keys, shift + 1)
+            cos, sin = ctl.cos_sin(slice(shift, shift + 1), chunk.keys, shift + 1)  # (a slice: no host copy)
             held.map_keys(lambda keys: _rotate(keys, cos, -sin))  # back by the shift
         layer.frame = oldest
     cos, sin = ctl.cos_sin(chunk.positions - layer.frame, chunk.keys, layer.seen - layer.frame)
