@@ -68,11 +68,12 @@ def test_ode_init_regresses_the_teachers_trajectories_and_lowers_its_heldout_los
     assert len(guided) == 1  # guided trajectories are sampled and stored anew, not read from the unguided ones
 
 
-def stock_guided_velocity(model, x, condition, timestep, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance from two separate calls of the stock model (condition, then zero tokens)."""
+def stock_guided_velocity(model, x, condition, timestep, guidance: float, negative=None) -> torch.Tensor:
+    """Classifier-free guidance from two separate calls of the stock model (condition, then zero tokens or the
+    ``negative`` prompt's states)."""
+    unconditioned = torch.zeros_like(condition) if negative is None else negative.expand_as(condition)
     conditional, unconditional = (
-        model(hidden_states=x, timestep=timestep, encoder_hidden_states=c)[0]
-        for c in (condition, torch.zeros_like(condition))
+        model(hidden_states=x, timestep=timestep, encoder_hidden_states=c)[0] for c in (condition, unconditioned)
     )
     return unconditional + guidance * (conditional - unconditional)
 
@@ -100,16 +101,20 @@ def test_ode_init_under_several_processes_needs_the_others_trajectories(wans, tm
     assert sampled == (["trajectory-000000.safetensors"] * 2 + ["trajectory-000002.safetensors"] if use_cache else [])
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_ode_trajectories_are_the_teachers_own_euler_samples(wans, tmp_path, monkeypatch, guidance):
-    """The stored states, read back on a second run, are the stock bidirectional model's (guided) Euler steps."""
+@pytest.mark.parametrize(("guidance", "negative"), [(1.0, False), (3.0, False), (3.0, True)])
+def test_ode_trajectories_are_the_teachers_own_euler_samples(wans, tmp_path, monkeypatch, guidance, negative):
+    """The stored states, read back on a second run, are the stock bidirectional model's (guided) Euler steps;
+    a negative prompt's states take the place of the zero tokens in the unconditional branch."""
     from streamify.distill.ode_init import OdeInitParams, trajectories
-    from streamify.runtime.video_sampling import shifted_sigmas
+    from streamify.runtime.video_sampling import negative_condition, shifted_sigmas
 
     params = OdeInitParams(teacher_steps=4, keep=[0, 2], frames=2, height=4, width=4, guidance=guidance)
     teacher = WanTransformer3DModel.from_pretrained(wans / "teacher").eval()
     condition = torch.randn(1, 3, 24)
-    states = trajectories(teacher, condition, (3, 2, 4, 4), params, 7, tmp_path, SILENT)
+    tokens = torch.randn(3, 24) if negative else None
+    with negative_condition(teacher, tokens):
+        states = trajectories(teacher, condition, (3, 2, 4, 4), params, 7, tmp_path, SILENT)
+    assert getattr(teacher, "streamify_negative_condition", None) is None  # set for the with only
     unusable = torch.nn.Linear(1, 1)  # a second call reads the stored file: sampling with this would fail
     again = trajectories(unusable, condition, (3, 2, 4, 4), params, 7, tmp_path, SILENT)
     x = torch.randn(1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(7 * 1_000_003))
@@ -117,7 +122,7 @@ def test_ode_trajectories_are_the_teachers_own_euler_samples(wans, tmp_path, mon
     sigmas = shifted_sigmas(4)
     with torch.no_grad():
         for sigma, following in pairwise(sigmas):
-            v = stock_guided_velocity(teacher, x, condition, torch.tensor([1000 * sigma]), guidance)
+            v = stock_guided_velocity(teacher, x, condition, torch.tensor([1000 * sigma]), guidance, tokens)
             x = x + (following - sigma) * v
             expected.append(x)
     assert torch.allclose(states[[0]][0], torch.cat([expected[0], expected[2], expected[4]]), atol=1e-5)
@@ -557,16 +562,24 @@ def test_encode_prompts_writes_the_encoders_states_past_each_prompt_zeroed(wans,
     with torch.no_grad():
         states = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
     expected = states * tokens.attention_mask[..., None]
-    assert set(written) == {"conditions"} and torch.allclose(written["conditions"], expected, atol=1e-6)
+    assert set(written) == {"conditions", "unconditional"}
+    assert torch.allclose(written["conditions"], expected, atol=1e-6)
     assert written["conditions"][0, 5:].abs().max() == 0 and written["conditions"][0, :5].abs().min() > 0
     (tmp_path / "one.txt").write_text("a blue square moving left\n")
     single = tmp_path / "one.safetensors"
-    assert cli("encode-prompts", tmp_path / "one.txt", "-o", single, *args).exit_code == 0
+    assert cli("encode-prompts", tmp_path / "one.txt", "-o", single, *args, "--negative", "red circle").exit_code == 0
     one = load_file(single)
     assert torch.equal(one["condition"], one["conditions"][0])  # what generate --condition reads
+    for text, file in (("", written), ("red circle", one)):  # WanPipeline's negative_prompt: "" by default
+        tokens = tokenizer([text], padding="max_length", max_length=12, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            states = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+        assert torch.allclose(file["unconditional"], (states * tokens.attention_mask[..., None])[0], atol=1e-6)
     clip = tmp_path / "clip"
-    made = cli("generate", wans / "latent", "--condition", single, "-o", clip, "--frames", "2", "--height", "4")
+    args = ["--condition", single, "-o", clip, "--frames", "2", "--height", "4", "--guidance", "2", "--format", "json"]
+    made = cli("generate", wans / "latent", *args)
     assert made.exit_code == 0, made.stderr
+    assert json.loads(made.stdout)["unconditional"] == "the file's negative prompt"
 
 
 @pytest.mark.parametrize(
@@ -584,3 +597,44 @@ def test_encode_prompts_refuses_bad_input(wan_text_parts, tmp_path, cli, case, c
     result = cli("encode-prompts", prompts, "-o", out, "--text-encoder", folder)
     assert result.exit_code == code and message in result.stderr, result.stderr
     assert (out.read_bytes() == b"keep me") if case == "exists" else not out.exists()
+
+
+def test_a_conditions_files_negative_prompt_is_the_unconditional_branch_of_both_stages(
+    wans, tmp_path, cli, monkeypatch
+):
+    """With guidance, distill ode-init samples and distill self-forcing scores with the file's 'unconditional'
+    states in place of zero tokens (seen inside the teacher's sampling and the DMD loss); a file whose
+    'unconditional' has another shape than its conditions is refused."""
+    import streamify.distill.ode_init as ode_init
+    import streamify.distill.self_forcing as self_forcing
+    from streamify.runtime.video_sampling import NEGATIVE
+
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    negative = torch.randn(3, 24)
+    data = tmp_path / "prompts.safetensors"
+    save_file({"conditions": torch.randn(10, 3, 24), "unconditional": negative}, str(data))
+    seen = []
+
+    def watching(inner, model_argument):
+        def call(*args, **kwargs):
+            seen.append(getattr(args[model_argument], NEGATIVE, None))
+            return inner(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(ode_init, "sample_clip", watching(ode_init.sample_clip, 0))
+    monkeypatch.setattr(self_forcing, "dmd_loss", watching(self_forcing.dmd_loss, 2))
+    clip = ["--frames", "2", "--height", "4", "--width", "4", "--samples", "2", "--heldout-samples", "1"]
+    common = ["--data", data, "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--guidance", "3", *clip]
+    ode = cli("distill", "ode-init", wans / "student", "-o", tmp_path / "ode", *common, "--teacher-steps", "2",
+              "--keep", "0", "--teacher", wans / "teacher", "--no-eval")  # fmt: skip
+    assert ode.exit_code == 0, ode.stderr
+    sf = cli("distill", "self-forcing", tmp_path / "ode", "-o", tmp_path / "sf", *common, "--teacher",
+             wans / "teacher", "--critic-updates", "1", "--no-eval")  # fmt: skip
+    assert sf.exit_code == 0, sf.stderr
+    assert len(seen) >= 4 and all(s is not None and torch.equal(s, negative) for s in seen)
+    save_file({"conditions": torch.randn(10, 3, 24), "unconditional": torch.randn(4, 24)}, str(data))
+    bad = cli("distill", "ode-init", wans / "student", "-o", tmp_path / "bad", *common, "--teacher-steps", "2",
+              "--keep", "0", "--teacher", wans / "teacher", "--no-eval")  # fmt: skip
+    assert bad.exit_code == 3 and "'unconditional' is [4, 24]" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()

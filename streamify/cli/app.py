@@ -365,6 +365,9 @@ def encode_prompts_command(
         Path, typer.Option("--text-encoder", help="a Wan Diffusers checkpoint folder (tokenizer/, text_encoder/)")
     ],
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="tokens a prompt is padded to")] = 512,
+    negative: Annotated[
+        str, typer.Option("--negative", help="the negative prompt, the unconditional branch of guidance")
+    ] = "",
     device: DeviceOpt = "cpu",
     fmt: FormatOpt = Format.human,
 ) -> None:
@@ -383,7 +386,7 @@ def encode_prompts_command(
         texts = read_prompts(prompts)
         pipeline = load_text_encoder(text_encoder, resolve_device(device))
         conditions = encode_prompts(pipeline, texts, max_length, progress=out)
-        names = write_conditions(conditions, output)
+        names = write_conditions(conditions, encode_prompts(pipeline, [negative], max_length)[0], output)
         result = {"prompts": len(texts), "shape": list(conditions.shape), "tensors": names, "output": str(output)}
         out.result(
             result,

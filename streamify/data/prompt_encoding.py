@@ -7,7 +7,9 @@ WAN_FOLDER`` reads one prompt a line and runs the ``tokenizer/`` and
 prompt's end zeroed. The file holds ``conditions`` ``[prompts, max_length,
 dim]``, the ``--data`` of ``distill.ode_init`` and ``distill.self_forcing``, and
 for a single prompt also ``condition`` ``[max_length, dim]``, what ``generate
---condition`` reads.
+--condition`` reads. ``unconditional`` ``[max_length, dim]`` holds the states of
+``--negative`` (WanPipeline's ``negative_prompt``, ``""`` by default), which
+guided passes take as their unconditional branch.
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def require_new_file(output: Path) -> None:
         raise UsageError(f"{output} exists", "give a new file to -o")
 
 
-def write_conditions(conditions: torch.Tensor, output: Path) -> list[str]:
-    """Write ``conditions`` (and ``condition`` for one prompt) to the new file ``output`` whole; the tensor names
-    written."""
+def write_conditions(conditions: torch.Tensor, unconditional: torch.Tensor, output: Path) -> list[str]:
+    """Write ``conditions`` (and ``condition`` for one prompt) and the negative prompt's ``unconditional``
+    states to the new file ``output`` whole; the tensor names written."""
     require_new_file(output)
-    tensors = {"conditions": conditions.contiguous()}
+    tensors = {"conditions": conditions.contiguous(), "unconditional": unconditional.contiguous()}
     if conditions.shape[0] == 1:
         tensors["condition"] = conditions[0].clone()  # its own storage: safetensors stores no shared tensors
     save_file_whole(tensors, output)

@@ -36,6 +36,7 @@ from streamify.distill.video_setup import (
     VideoDistillParams,
     clip_shape,
     load_teacher,
+    negative_tokens,
     require_causal_student,
     train_and_heldout,
 )
@@ -48,7 +49,13 @@ from streamify.pipeline.processes import launched_processes, process_state
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import SILENT
 from streamify.runtime.causal_video import disable_causal_video, enable_causal_video, video_parts
-from streamify.runtime.video_sampling import chunk_length, predict_clean, sample_clip, shifted_sigmas
+from streamify.runtime.video_sampling import (
+    chunk_length,
+    negative_condition,
+    predict_clean,
+    sample_clip,
+    shifted_sigmas,
+)
 
 HELDOUT_SEED = 12_345  # the held-out trajectories' noise and states, the same before and after training
 SHARED_FILE_WAIT_S = 60  # how long a process waits for the others' trajectory files to show up
@@ -198,13 +205,17 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     if teacher is None:
         disable_causal_video(student)  # the input's own bidirectional attention samples the trajectories
     settings = {"shape": shape, "steps": params.teacher_steps, "keep": params.keep, "shift": params.shift}
+    negative = negative_tokens(ctx.data, train_conds) if params.guidance != 1.0 else None
     if params.guidance != 1.0:  # (unguided trajectories keep the keys they had before guidance existed)
         settings["guidance"] = params.guidance
+    if negative is not None:
+        settings["negative"] = hashlib.sha256(negative.numpy().tobytes()).hexdigest()
     conds_hash = hashlib.sha256(torch.cat((train_conds, held_conds)).numpy().tobytes()).hexdigest()
     key = content_key(sampler, {**settings, "conditions": conds_hash, "seed": ctx.seed})
     folder = cache_root() / "trajectories" / key if ctx.use_cache else None
     try:
-        train_states, held_states = _sample(sampler, (train_conds, held_conds), shape, params, folder, ctx)
+        with negative_condition(sampler, negative):
+            train_states, held_states = _sample(sampler, (train_conds, held_conds), shape, params, folder, ctx)
     finally:
         if teacher is None:
             enable_causal_video(student, spec, where)

@@ -24,6 +24,7 @@ distribution, which this unguided measure does not score exactly.
 from __future__ import annotations
 
 import copy
+import hashlib
 from itertools import pairwise
 from typing import Literal
 
@@ -38,6 +39,7 @@ from streamify.distill.video_setup import (
     VideoDistillParams,
     clip_shape,
     load_teacher,
+    negative_tokens,
     require_causal_student,
     train_and_heldout,
 )
@@ -46,7 +48,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.model.fingerprint import content_key
 from streamify.pipeline.registry import StageContext, register
 from streamify.runtime.causal_video import TIMESTEPS_KEY, video_parts
-from streamify.runtime.video_sampling import chunk_length, noised, rollout, velocity
+from streamify.runtime.video_sampling import chunk_length, negative_condition, noised, rollout, velocity
 
 HELDOUT_SEED = 54_321
 HELDOUT_LEVELS = (0.1, 0.2, 0.3)  # low: there the teacher's loss says whether a clip lies where its data does
@@ -158,23 +160,27 @@ def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx:
     for param in student.parameters():
         param.requires_grad_(True)
     key = {"phase": "self_forcing", "params": result_params(params), "shape": shape, "data": ctx.data, "seed": ctx.seed}
+    negative = negative_tokens(ctx.data, train_conds) if params.guidance != 1.0 else None
+    if negative is not None:  # the real score's unconditional branch: a negative prompt's states
+        key["negative"] = hashlib.sha256(negative.numpy().tobytes()).hexdigest()
     checkpoint_dir = cache_root() / "train" / content_key(student, {**key, "teacher": content_key(teacher, {})})
     ctx.progress.log(
         f"self-forcing: {params.steps} student steps, {params.critic_updates} critic steps each, "
         f"{len(sigmas)}-step rollouts of {chunks} chunks"
     )
     torch.manual_seed(ctx.seed)  # the rollouts' noise, levels and exits (checkpoints keep the random states)
-    result = train(
-        student,
-        torch.arange(params.samples)[:, None],
-        student_loss,
-        params,
-        seed=ctx.seed,
-        checkpoint_dir=checkpoint_dir if ctx.use_cache else None,
-        progress=ctx.progress,
-        companion=Companion(critic, critic_step_loss, params.critic_lr, params.critic_updates),
-        ema_decay=params.ema,
-    )
+    with negative_condition(teacher, negative):
+        result = train(
+            student,
+            torch.arange(params.samples)[:, None],
+            student_loss,
+            params,
+            seed=ctx.seed,
+            checkpoint_dir=checkpoint_dir if ctx.use_cache else None,
+            progress=ctx.progress,
+            companion=Companion(critic, critic_step_loss, params.critic_lr, params.critic_updates),
+            ema_decay=params.ema,
+        )
     for name, param in student.named_parameters():
         param.requires_grad_(False)
         if result.ema is not None:

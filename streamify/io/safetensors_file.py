@@ -185,12 +185,15 @@ def save_file_whole(tensors: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def read_named_tensor(path: Path, name: str, hint: str):
-    """The float tensor ``name`` of the .safetensors file ``path``; InputError naming the file when it cannot."""
+def read_named_tensor(path: Path, name: str, hint: str, optional: bool = False):
+    """The float tensor ``name`` of the .safetensors file ``path`` (None when it has none and it is
+    ``optional``); InputError naming the file when it cannot."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
+            if optional and name not in handle.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                return None
             return handle.get_tensor(name).float()
     except (SafetensorError, OSError, KeyError) as exc:
         raise InputError(f"{path}: cannot read a '{name}' tensor ({exc})", hint) from exc

@@ -15,16 +15,19 @@ noise; the chunk's ``x_0`` is then run once more at level 0 to write its keys
 and values into the cache, which the next chunk attends to.
 
 Classifier-free guidance (``guidance`` g ≠ 1) runs every pass on the batch
-twice, with the condition and with all-zero condition tokens (the
-unconditional model that ``condition_dropout`` trains), and returns
-``v_u + g (v_c − v_u)``. Under a block-causal cache the doubled batch makes the
+twice, with the condition and with the unconditional one, and returns
+``v_u + g (v_c − v_u)``. The unconditional condition is all-zero tokens (the
+unconditional model that ``condition_dropout`` trains), or a negative prompt's
+text-encoder states set with :func:`negative_condition` (``WanPipeline``
+encodes its ``negative_prompt``, ``""`` by default, for it). Under a block-causal cache the doubled batch makes the
 cache hold both branches, each computed with its own condition, as guided
 autoregressive sampling needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 
 import torch
@@ -32,6 +35,8 @@ from torch import nn
 
 from streamify.errors import UsageError
 from streamify.runtime.causal_video import VideoCache, caching
+
+NEGATIVE = "streamify_negative_condition"  # the model attribute negative_condition sets
 
 
 def shifted_sigmas(steps: int, shift: float = 1.0) -> list[float]:
@@ -66,7 +71,7 @@ def velocity(
     guided = guidance != 1.0
     if guided:  # the conditional and the unconditional branch in one batch
         latents, sigma = torch.cat((latents, latents)), torch.cat((sigma, sigma))
-        condition = torch.cat((condition, torch.zeros_like(condition)))
+        condition = torch.cat((condition, _unconditional(model, condition)))
     dtype = next(model.parameters()).dtype
     out = model(
         hidden_states=latents.to(dtype),
@@ -78,6 +83,30 @@ def velocity(
         return out
     conditional, unconditional = out.chunk(2)
     return unconditional + guidance * (conditional - unconditional)
+
+
+@contextlib.contextmanager
+def negative_condition(model: nn.Module, tokens: torch.Tensor | None) -> Iterator[None]:
+    """Inside, guided passes of ``model`` take ``tokens`` ``[tokens, text_dim]`` (a negative prompt's text-encoder
+    states) as their unconditional condition instead of zeros; None leaves the zeros."""
+    before = getattr(model, NEGATIVE, None)
+    setattr(model, NEGATIVE, tokens)
+    try:
+        yield
+    finally:
+        setattr(model, NEGATIVE, before)
+
+
+def _unconditional(model: nn.Module, condition: torch.Tensor) -> torch.Tensor:
+    negative = getattr(model, NEGATIVE, None)
+    if negative is None:
+        return torch.zeros_like(condition)
+    if negative.shape != condition.shape[1:]:
+        raise UsageError(
+            f"the negative prompt's states are {list(negative.shape)}, the conditions' {list(condition.shape[1:])}",
+            "encode the negative prompt with the prompts (streamify encode-prompts --negative), at the same length",
+        )
+    return negative.to(condition).expand_as(condition)
 
 
 def predict_clean(
