@@ -346,6 +346,7 @@ def test_containers_of_format_2_with_crc32_still_decode_and_detect_corruption(cl
 
 def test_lazy_forward_reads_the_next_block_in_the_background(cli, small_llama, tmp_path, monkeypatch):
     import threading
+    import time
 
     from streamify.codec.load import ContainerWeights
 
@@ -379,6 +380,9 @@ def test_lazy_forward_reads_the_next_block_in_the_background(cli, small_llama, t
     assert blocks >= 3 and coded_per_block >= 4
     assert len(set(memory)) == 2 * coded_per_block, "two blocks' buffers, reused block after block"
     assert reads[0] == ("MainThread", [0]), "only the very first block is read in the forward's own thread"
+    deadline = time.monotonic() + 30  # block 0's read for a next forward may still be starting in the background
+    while len(reads) < 2 * blocks + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     ahead = [b for thread, b in reads[1:] if thread.startswith("streamify-prefetch")]
     assert ahead == [[i % blocks] for i in range(1, 2 * blocks + 1)] and len(reads) == 2 * blocks + 1
 
