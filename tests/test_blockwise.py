@@ -205,3 +205,39 @@ def test_depth_pruning_block_by_block_refuses_what_needs_the_whole_model(cli, ti
         result = cli("prune", "depth", tiny_llama, "-o", tmp_path / "o", "--remove", "1", "--blockwise", "on", *options)
         assert result.exit_code == 2 and reason in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_block_by_block_run_resumes_to_the_same_artifact(cli, tiny_llama, tmp_path, monkeypatch):
+    """GPTQ block by block keeps its shards, the tensors waiting for the next one and the next block's inputs
+    (here after every block); killed while writing block 2, a second run resumes after block 2 and writes the
+    uninterrupted run's files, shard for shard."""
+    import streamify.quantize.int4.calibrate as calibrate
+
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "CHECKPOINT_EVERY", 1)
+    monkeypatch.setattr(compressed, "SHARD_BYTES", 16 * 1024)
+    options = ("--method", "gptq", "--blockwise", "on", "--no-eval")
+    quantize(cli, tiny_llama, tmp_path / "whole", *options)
+    add = compressed.PackedShards.add
+    calls = []
+
+    def killed_at_block_2(self, tensors, quantized):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would stop it, after blocks 0 and 1
+        return add(self, tensors, quantized)
+
+    monkeypatch.setattr(compressed.PackedShards, "add", killed_at_block_2)
+    stopped = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "resumed", *CALIBRATION, *options)
+    assert stopped.exit_code != 0 and len(calls) == 3 and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(compressed.PackedShards, "add", add)
+    result = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "resumed", *CALIBRATION, *options)
+    assert result.exit_code == 0, result.stderr
+    assert "calibration: resumed after block 2/4" in result.stderr
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    shards = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in resumed.glob("*.safetensors")) and len(shards) > 2
+    for name in shards:
+        mine, theirs = load_file(resumed / name), load_file(whole / name)
+        assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    assert not list((tmp_path / "cache" / "calibrate").glob("blockwise-*"))  # the progress is gone when done

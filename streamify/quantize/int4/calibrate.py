@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -39,6 +40,18 @@ StatsFactory = Callable[[nn.Linear], object]
 BlockSolver = Callable[[str | None, list[str], dict[str, object]], dict[str, Int4Weight]]
 STATE_NAME = "calibration_state.pt"
 CHECKPOINT_EVERY = 4  # blocks between saved calibration states
+
+
+class WrittenBlocks(Protocol):
+    """A block-wise run's progress kept in ``folder``: what its blocks wrote, and the next block's inputs."""
+
+    folder: Path
+
+    def resume(self) -> tuple[int, list | None]:
+        """``(next block, its inputs)``; ``(0, None)`` when there is nothing to resume."""
+
+    def save(self, next_block: int, inputs: list | None) -> None:
+        """Keep the state after ``next_block`` blocks."""
 
 
 class _Checkpoints:
@@ -91,6 +104,7 @@ def quantize_sequentially(
     checkpoint_dir: Path | None = None,
     executor: BlockExecutor | None = None,
     finish_block: Callable[[int, dict[str, Int4Weight]], None] | None = None,
+    written: WrittenBlocks | None = None,
 ) -> dict[str, Int4Weight]:
     """Quantize the linears named in ``targets`` block by block with ``solve_block``; their INT4 weights.
 
@@ -102,16 +116,18 @@ def quantize_sequentially(
     With ``checkpoint_dir`` a killed run resumes after its last saved block.
     With an ``executor`` that reads blocks from disk, each block's weights are in
     memory only while it is calibrated; ``finish_block(index, its INT4 weights)``
-    is called while they are (to write them), and those results are not kept.
+    is called while they are (to write them), and those results are not kept; ``written`` then keeps the
+    next block's inputs every few blocks with what ``finish_block`` wrote, and a later call resumes from it.
     """
     modules = dict(model.named_modules())
     prefix, blocks = block_list(model, type(model).__name__)
     executor = executor or BlockExecutor(model)  # a model in memory: blocks are run, not brought in
     calibrated = ids is not None and make_stats is not None
     checkpoints = _Checkpoints(checkpoint_dir if calibrated else None, blocks, CHECKPOINT_EVERY)
-    start, inputs, results = checkpoints.resume()
+    start, inputs, results = checkpoints.resume() if written is None else (*written.resume(), {})
     if start:
-        progress.log(f"calibration: resumed after block {start}/{len(blocks)} from {checkpoint_dir}")
+        where = checkpoint_dir if written is None else written.folder
+        progress.log(f"calibration: resumed after block {start}/{len(blocks)} from {where}")
     place = next(p.device for p in model.parameters() if p.device.type != "meta")
     autocast = torch.autocast(place.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None)
     if calibrated and inputs is None:
@@ -126,6 +142,8 @@ def quantize_sequentially(
                         inputs = executor.run_block(index, inputs)
                 if finish_block is not None:
                     finish_block(index, found)
+                    if written is not None and index + 1 < len(blocks) and (index + 1) % CHECKPOINT_EVERY == 0:
+                        written.save(index + 1, inputs)
                 else:
                     results.update(found)
                     if index + 1 < len(blocks):

@@ -13,18 +13,22 @@ written while it is in memory, then dropped), so both paths give the same files.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from streamify.io.safetensors_file import INDEX_NAME, shard_index, shard_names
+from streamify.io.safetensors_file import INDEX_NAME, save_file_whole, shard_index, shard_names
 from streamify.model.blocks import block_list, block_tensors
 from streamify.model.cast import keeps_fp32
 from streamify.quantize.int4.grid import Int4Weight
 
 FORMAT = "pack-quantized"
+STATE_JSON, STATE_PENDING = "shards.json", "pending.safetensors"  # a resumable block-wise run's state
 SHARD_BYTES = 1 << 30  # a shard is closed before it would pass 1 GiB (a block larger than that gets its own)
 
 
@@ -109,24 +113,55 @@ class PackedShards:
         self.pending.update(found)
         self.total += size
 
-    def finish(self, model: nn.Module) -> None:
-        """Write the last shard, name the shards, write the index (several shards) and ``model``'s config."""
+    def finish(self, model: nn.Module, into: Path | None = None) -> None:
+        """Write the last shard, name the shards and move them ``into`` the artifact folder (default: where they
+        were written), write the index (several shards) and ``model``'s config there."""
         from compressed_tensors.compressors import ModelCompressor
 
+        into = into or self.folder
         self._flush()
         weight_map = {}
         finals = shard_names(len(self.written))
         for final, (path, names) in zip(finals, self.written, strict=True):
-            path.replace(self.folder / final)
+            shutil.move(path, into / final)  # a rename on one filesystem
             weight_map.update(dict.fromkeys(names, final))
         if len(finals) > 1:
-            (self.folder / INDEX_NAME).write_text(shard_index(weight_map, self.total))
+            (into / INDEX_NAME).write_text(shard_index(weight_map, self.total))
         model.config.dtype = self.float_dtype
         model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(self.folder)
+        model.config.save_pretrained(into)
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(self.folder)
-        ModelCompressor(quantization_config=self.config).update_config(str(self.folder))
+            model.generation_config.save_pretrained(into)
+        ModelCompressor(quantization_config=self.config).update_config(str(into))
+
+    def save_state(self, folder: Path, extra: dict) -> None:
+        """Keep what :meth:`restore_state` needs to go on after a kill: the shards written so far (their files
+        stay), the tensors not yet in one, and ``extra`` (JSON)."""
+        pending = folder / STATE_PENDING
+        if self.pending:
+            save_file_whole(self.pending, pending)
+        else:
+            pending.unlink(missing_ok=True)
+        state = {
+            "written": [(path.name, names) for path, names in self.written],
+            "kept": self.kept,
+            "total": self.total,
+            "extra": extra,
+        }
+        tmp = folder / f"{STATE_JSON}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, folder / STATE_JSON)
+
+    def restore_state(self, folder: Path) -> dict | None:
+        """Go on from :meth:`save_state`'s state in ``folder``; its ``extra`` (None when there is none)."""
+        if not (folder / STATE_JSON).is_file():
+            return None
+        state = json.loads((folder / STATE_JSON).read_text())
+        self.written = [(self.folder / name, names) for name, names in state["written"]]
+        self.kept, self.total = state["kept"], state["total"]
+        pending = folder / STATE_PENDING
+        self.pending = load_file(pending) if pending.is_file() else {}
+        return state["extra"]
 
     def _flush(self) -> None:
         if not self.pending:

@@ -10,6 +10,7 @@ entropy-coded (:mod:`streamify.codec.container`), the packed 4-bit codes include
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,7 @@ from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import DTYPE_NAMES, DTYPES
 from streamify.model.blocks import block_tensors, find_blocks
 from streamify.model.cast import cast_floats
-from streamify.model.fingerprint import content_key
+from streamify.model.fingerprint import content_key, files_key
 from streamify.model.params import count_params
 from streamify.model.patterns import select_modules
 from streamify.pipeline.registry import StageContext, register
@@ -294,9 +295,12 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     awq_skipped: dict[str, dict[str, str]] = {}
     unsupported: list[str] = []  # GPTQ targets without statistics (outside the blocks): RTN, reported
     settings = {"params": params.model_dump(mode="json"), "data": ctx.data, "seed": ctx.seed}
-    # hashing the weights is only worth it when calibrating; a block-wise run writes as it goes (no resume)
+    # hashing the weights is only worth it when calibrating; a block-wise run keys its progress by the files
     resumable = ctx.use_cache and ids is not None and checkpoint.blocks is None
     checkpoint_dir = cache_root() / "calibrate" / content_key(model, settings) if resumable else None
+    progress_dir = None
+    if ctx.use_cache and checkpoint.blocks is not None and checkpoint.source.path.is_dir():
+        progress_dir = cache_root() / "calibrate" / f"blockwise-{files_key(checkpoint.source.path, settings)}"
 
     def solve_block(block, names, stats):
         if groups is not None:  # AWQ: scales folded first, then the same RTN as below
@@ -323,7 +327,8 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     compute = torch.bfloat16 if params.calibration_dtype == "bf16" else None
     if checkpoint.blocks is not None:
         solver = (make_stats, solve_block, compute)
-        total = _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver, ctx)
+        tallies = {"alphas": alphas, "awq_skipped": awq_skipped, "unsupported": unsupported}
+        total = _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver, ctx, tallies, progress_dir)
     else:
         with torch.no_grad():
             quantized = quantize_sequentially(
@@ -403,19 +408,24 @@ def _writer(checkpoint: Checkpoint, quantized: dict[str, Int4Weight], params: In
     return lambda folder: write_compressed_tensors(checkpoint.model, quantized, params.symmetric, floats, folder)
 
 
-def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver, ctx) -> int:
-    """Quantize a model loaded block-wise: each block is read, calibrated, quantized and written into the
-    artifact folder before the next is read; returns the number of quantized weights."""
+def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver, ctx, tallies, progress_dir) -> int:
+    """Quantize a model loaded block-wise: each block is read, calibrated, quantized and written before the next
+    is read; returns the number of quantized weights. With ``progress_dir`` the shards are written there and
+    the run's state is kept every few blocks, so a killed run resumes (:class:`_BlockwiseProgress`); the shards
+    move into the artifact folder at the end."""
     model, executor = checkpoint.model, checkpoint.blocks
     folder = ctx.artifact_dir
     if folder is None:
         raise RuntimeError("quantize.int4 on a block-wise model needs the artifact folder (StageContext.artifact_dir)")
-    shards = PackedShards(folder, model, targets, group, params.symmetric, floats)
-    counted = []
+    if progress_dir is not None:
+        progress_dir.mkdir(parents=True, exist_ok=True)
+    shards = PackedShards(progress_dir or folder, model, targets, group, params.symmetric, floats)
+    tallies["counted"] = []
+    written = _BlockwiseProgress(progress_dir, shards, tallies) if progress_dir is not None else None
 
     def write_block(index: int, found: dict[str, Int4Weight]) -> None:
         shards.add(block_tensors(model, executor.prefix, index), found)
-        counted.extend(w.codes.numel() for w in found.values())
+        tallies["counted"].extend(w.codes.numel() for w in found.values())
 
     make_stats, solve_block, compute = solver
     with torch.no_grad():
@@ -429,6 +439,7 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
             compute,
             executor=executor,
             finish_block=write_block,
+            written=written,
         )
         shards.add(block_tensors(model, executor.prefix, None), outside)
         executor.release_embeddings()  # packed into the last shard: not needed again
@@ -437,10 +448,41 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
     if shards.kept:
         ctx.metrics["kept_fp32"] = shards.kept
 
-    def finish(written: Path) -> None:
-        if written != folder:
-            raise RuntimeError(f"block-wise shards are in {folder}, not {written}")
-        shards.finish(model)
+    def finish(into: Path) -> None:
+        shards.finish(model, into)
+        if progress_dir is not None:
+            shutil.rmtree(progress_dir, ignore_errors=True)
 
     checkpoint.weights_writer = finish
-    return sum(counted) + sum(w.codes.numel() for w in outside.values())
+    return sum(tallies["counted"]) + sum(w.codes.numel() for w in outside.values())
+
+
+class _BlockwiseProgress:
+    """A block-wise run's progress in ``folder`` (:class:`~streamify.quantize.int4.calibrate.WrittenBlocks`):
+    the shards written so far, the tensors waiting for the next shard, the run's tallies (AWQ scales, GPTQ
+    targets without statistics, quantized weights) and the next block's inputs."""
+
+    def __init__(self, folder: Path, shards: PackedShards, tallies: dict) -> None:
+        self.folder, self.shards, self.tallies = folder, shards, tallies
+
+    def resume(self) -> tuple[int, list | None]:
+        extra = self.shards.restore_state(self.folder)
+        if extra is None:
+            return 0, None
+        for name, value in extra["tallies"].items():
+            if isinstance(self.tallies[name], dict):
+                self.tallies[name].update(value)
+            else:
+                self.tallies[name].extend(value)
+        inputs = torch.load(self.folder / f"inputs-{extra['next_block']}.pt", weights_only=True)
+        return extra["next_block"], inputs
+
+    def save(self, next_block: int, inputs: list | None) -> None:
+        path = self.folder / f"inputs-{next_block}.pt"
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        torch.save(inputs, tmp)
+        os.replace(tmp, path)
+        self.shards.save_state(self.folder, {"next_block": next_block, "tallies": self.tallies})  # the commit
+        for older in self.folder.glob("inputs-*.pt"):
+            if older != path:
+                older.unlink(missing_ok=True)
