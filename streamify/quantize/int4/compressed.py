@@ -19,16 +19,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from streamify.io.safetensors_file import INDEX_NAME, save_file_whole, shard_index, shard_names
+from streamify.io.safetensors_file import INDEX_NAME, shard_index, shard_names
 from streamify.model.blocks import block_list, block_tensors
 from streamify.model.cast import keeps_fp32
 from streamify.quantize.int4.grid import Int4Weight
 
 FORMAT = "pack-quantized"
-STATE_JSON, STATE_PENDING = "shards.json", "pending.safetensors"  # a resumable block-wise run's state
+STATE_JSON = "shards.json"  # a resumable block-wise run's state
 SHARD_BYTES = 1 << 30  # a shard is closed before it would pass 1 GiB (a block larger than that gets its own)
 
 
@@ -134,16 +134,17 @@ class PackedShards:
             model.generation_config.save_pretrained(into)
         ModelCompressor(quantization_config=self.config).update_config(str(into))
 
-    def save_state(self, folder: Path, extra: dict) -> None:
+    def save_state(self, folder: Path, tag: int, extra: dict) -> None:
         """Keep what :meth:`restore_state` needs to go on after a kill: the shards written so far (their files
-        stay), the tensors not yet in one, and ``extra`` (JSON)."""
-        pending = folder / STATE_PENDING
-        if self.pending:
-            save_file_whole(self.pending, pending)
-        else:
-            pending.unlink(missing_ok=True)
+        stay), the tensors not yet in one (in a file of their own for ``tag``) and ``extra`` (JSON). The state
+        file, written last, is the commit: a kill before it leaves the previous state whole."""
+        pending = folder / f"pending-{tag}.pt"
+        tmp = pending.with_name(f"{pending.name}.tmp-{os.getpid()}")
+        torch.save(self.pending, tmp)  # streamed to the file (safetensors would build it in memory first)
+        os.replace(tmp, pending)
         state = {
             "written": [(path.name, names) for path, names in self.written],
+            "pending": pending.name,
             "kept": self.kept,
             "total": self.total,
             "extra": extra,
@@ -151,6 +152,9 @@ class PackedShards:
         tmp = folder / f"{STATE_JSON}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, folder / STATE_JSON)
+        for older in folder.glob("pending-*.pt"):
+            if older != pending:
+                older.unlink(missing_ok=True)
 
     def restore_state(self, folder: Path) -> dict | None:
         """Go on from :meth:`save_state`'s state in ``folder``; its ``extra`` (None when there is none)."""
@@ -159,8 +163,7 @@ class PackedShards:
         state = json.loads((folder / STATE_JSON).read_text())
         self.written = [(self.folder / name, names) for name, names in state["written"]]
         self.kept, self.total = state["kept"], state["total"]
-        pending = folder / STATE_PENDING
-        self.pending = load_file(pending) if pending.is_file() else {}
+        self.pending = torch.load(folder / state["pending"], weights_only=True)
         return state["extra"]
 
     def _flush(self) -> None:

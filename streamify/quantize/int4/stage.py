@@ -482,7 +482,7 @@ class _BlockwiseProgress:
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         torch.save(inputs, tmp)
         os.replace(tmp, path)
-        self.shards.save_state(self.folder, {"next_block": next_block, "tallies": self.tallies})  # the commit
+        self.shards.save_state(self.folder, next_block, {"next_block": next_block, "tallies": self.tallies})
         for older in self.folder.glob("inputs-*.pt"):
             if older != path:
                 older.unlink(missing_ok=True)
