@@ -638,3 +638,20 @@ def test_a_conditions_files_negative_prompt_is_the_unconditional_branch_of_both_
               "--keep", "0", "--teacher", wans / "teacher", "--no-eval")  # fmt: skip
     assert bad.exit_code == 3 and "'unconditional' is [4, 24]" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_frames_that_cannot_be_written_keep_the_generated_latents(wans, tmp_path, cli, monkeypatch):
+    """An MP4 encoder that fails after the generation: exit 4, no output folder, the latents kept beside it."""
+    import streamify.runtime.video_generate as video_generate
+
+    def broken_encoder(pixels, path, fps):
+        raise BrokenPipeError("ffmpeg exited")
+
+    monkeypatch.setattr(video_generate, "write_mp4", broken_encoder)
+    out = tmp_path / "clip"
+    result = cli("generate", wans / "student", "--prompt", "red square moving up", "-o", out, "--frames", "2",
+                 "--height", "8", "--width", "8")  # fmt: skip
+    kept = tmp_path / "clip.latents.safetensors"
+    assert result.exit_code == 4 and "the frames could not be written (ffmpeg exited)" in result.stderr
+    assert not out.exists() and load_file(kept)["latents"].shape == (1, 3, 2, 8, 8)
+    assert not list(tmp_path.glob(".clip*"))  # no temporary folder left

@@ -25,9 +25,11 @@ at once).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,18 +180,21 @@ def write_video(
     latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.Module | None = None, fps: int = 8
 ) -> list[str]:
     """Write ``latents`` into the new ``folder``, and frames (PNG, GIF and MP4 at ``fps``) for a pixel model or
-    through ``vae``; the names written."""
+    through ``vae``; the names written. When decoding or writing the frames fails (the VAE out of memory, most
+    often), the generated latents are saved beside ``folder`` first, so that the generation is not lost."""
     check_output(folder)
     frames = None
     if vae is not None:
-        frames = _decode_or_keep_latents(vae, latents, folder)
+        with _latents_kept(latents, folder, "the VAE could not decode the clip"):
+            frames = decode_frames(vae, latents)
     elif is_pixel_model(model):
         from streamify.data.shapes import latents_frames
 
         frames = latents_frames(latents)
     tmp = temp_sibling(folder)
     try:
-        names = _write_files(latents, frames, tmp, fps)
+        with _latents_kept(latents, folder, "the frames could not be written"):
+            names = _write_files(latents, frames, tmp, fps)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -199,24 +204,25 @@ def write_video(
     return names
 
 
-def _decode_or_keep_latents(vae: nn.Module, latents: torch.Tensor, folder: Path) -> torch.Tensor:
-    """The VAE's frames; when decoding fails (out of memory, most often), the generated latents are first
-    saved beside ``folder`` so that the generation is not lost."""
+@contextlib.contextmanager
+def _latents_kept(latents: torch.Tensor, folder: Path, what: str) -> Iterator[None]:
+    """On a failure inside (out of memory, a full disk, an encoder that fails), save ``latents`` beside
+    ``folder`` (never over an earlier run's) and raise ResourceError (exit 4) naming the file."""
     try:
-        return decode_frames(vae, latents)
-    except (RuntimeError, MemoryError) as error:
+        yield
+    except (RuntimeError, MemoryError, OSError) as error:
         kept = folder.with_name(f"{folder.name}.latents.safetensors")
-        for attempt in range(2, 1000):  # an earlier run's kept latents stay
+        for attempt in range(2, 1000):
             if not kept.exists():
                 break
             kept = folder.with_name(f"{folder.name}.latents-{attempt}.safetensors")
         kept.parent.mkdir(parents=True, exist_ok=True)  # where the output folder would have been made
         save_file({"latents": latents.contiguous()}, str(kept))
         raise ResourceError(
-            f"--vae: the VAE could not decode the clip ({str(error).splitlines()[0]}); {folder} was not written, "
-            f"the generated latents are kept in {kept}",
-            "decode them where the VAE fits: diffusers' AutoencoderKLWan after denormalising with its "
-            "latents_mean/latents_std (as WanPipeline does), or generate fewer --frames",
+            f"{what} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); {folder} was not "
+            f"written, the generated latents are kept in {kept}",
+            "decode them where the VAE fits (diffusers' AutoencoderKLWan after denormalising with its "
+            "latents_mean/latents_std, as WanPipeline does), generate fewer --frames, or free disk space",
         ) from error
 
 
