@@ -231,6 +231,8 @@ def test_a_killed_block_by_block_run_resumes_to_the_same_artifact(cli, tiny_llam
     stopped = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "resumed", *CALIBRATION, *options)
     assert stopped.exit_code != 0 and len(calls) == 3 and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(compressed.PackedShards, "add", add)
+    other = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "fp16", *CALIBRATION, *options, "--dtype", "fp16")
+    assert other.exit_code == 0 and "resumed" not in other.stderr  # loaded otherwise: not the same run
     result = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "resumed", *CALIBRATION, *options)
     assert result.exit_code == 0, result.stderr
     assert "calibration: resumed after block 2/4" in result.stderr
@@ -241,3 +243,33 @@ def test_a_killed_block_by_block_run_resumes_to_the_same_artifact(cli, tiny_llam
         mine, theirs = load_file(resumed / name), load_file(whole / name)
         assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), name
     assert not list((tmp_path / "cache" / "calibrate").glob("blockwise-*"))  # the progress is gone when done
+
+
+def test_a_run_killed_while_its_shards_move_into_the_artifact_starts_over(cli, tiny_llama, tmp_path, monkeypatch):
+    """Killed after the first shard moved into the artifact: no state is left to resume from, so the next run
+    starts over (rather than resume from shards that are gone) and writes the same files."""
+    import streamify.quantize.int4.calibrate as calibrate
+    import streamify.quantize.int4.compressed as packed
+
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "CHECKPOINT_EVERY", 1)  # a state is kept after every block
+    monkeypatch.setattr(compressed, "SHARD_BYTES", 16 * 1024)
+    options = ("--method", "rtn", "--blockwise", "on", "--no-eval")
+    quantize(cli, tiny_llama, tmp_path / "whole", *options)
+    move, moved = packed.shutil.move, []
+
+    def killed_after_one(source, target):
+        moved.append(target)
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        return move(source, target)
+
+    monkeypatch.setattr(packed.shutil, "move", killed_after_one)
+    assert cli("quantize", "int4", tiny_llama, "-o", tmp_path / "again", *options).exit_code != 0
+    monkeypatch.setattr(packed.shutil, "move", move)
+    result = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "again", *options)
+    assert result.exit_code == 0, result.stderr
+    assert "resumed" not in result.stderr
+    assert tensors(tmp_path / "again").keys() == tensors(tmp_path / "whole").keys()
+    assert all(torch.equal(a, b) for a, b in zip(tensors(tmp_path / "again").values(),
+                                                 tensors(tmp_path / "whole").values(), strict=True))  # fmt: skip

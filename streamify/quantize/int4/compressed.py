@@ -119,6 +119,7 @@ class PackedShards:
         from compressed_tensors.compressors import ModelCompressor
 
         into = into or self.folder
+        (self.folder / STATE_JSON).unlink(missing_ok=True)  # from here on there is no state to resume from
         self._flush()
         weight_map = {}
         finals = shard_names(len(self.written))
@@ -161,6 +162,8 @@ class PackedShards:
         if not (folder / STATE_JSON).is_file():
             return None
         state = json.loads((folder / STATE_JSON).read_text())
+        if not all((self.folder / name).is_file() for name, _ in state["written"]):
+            return None  # a run stopped while its shards moved into the artifact: nothing to go on from
         self.written = [(self.folder / name, names) for name, names in state["written"]]
         self.kept, self.total = state["kept"], state["total"]
         self.pending = torch.load(folder / state["pending"], weights_only=True)

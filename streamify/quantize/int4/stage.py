@@ -22,7 +22,7 @@ from streamify.arch import require
 from streamify.codec.codec import DEFAULT_CHUNK_ELEMS, DEFAULT_LEVEL
 from streamify.codec.container import CodedCheckpoint, code_checkpoint
 from streamify.data.blocks import token_blocks
-from streamify.data.sources import load_texts
+from streamify.data.sources import data_fingerprint, load_texts
 from streamify.errors import InputError, UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
@@ -300,7 +300,13 @@ def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext)
     checkpoint_dir = cache_root() / "calibrate" / content_key(model, settings) if resumable else None
     progress_dir = None
     if ctx.use_cache and checkpoint.blocks is not None and checkpoint.source.path.is_dir():
-        progress_dir = cache_root() / "calibrate" / f"blockwise-{files_key(checkpoint.source.path, settings)}"
+        loaded = {"dtype": str(checkpoint.blocks.dtype), "device": ctx.device.type, "text": data_fingerprint(ctx.data)}
+        key = files_key(checkpoint.source.path, {**settings, **loaded})
+        progress_dir = cache_root() / "calibrate" / f"blockwise-{key}"
+        ctx.progress.log(
+            f"quantize.int4: the run's progress is kept in {progress_dir} (the packed shards, up to the artifact's "
+            "size, move into the artifact at the end), so a killed run resumes"
+        )
 
     def solve_block(block, names, stats):
         if groups is not None:  # AWQ: scales folded first, then the same RTN as below
@@ -421,7 +427,7 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
         progress_dir.mkdir(parents=True, exist_ok=True)
     shards = PackedShards(progress_dir or folder, model, targets, group, params.symmetric, floats)
     tallies["counted"] = []
-    written = _BlockwiseProgress(progress_dir, shards, tallies) if progress_dir is not None else None
+    written = _BlockwiseProgress(progress_dir, shards, tallies, executor.device) if progress_dir else None
 
     def write_block(index: int, found: dict[str, Int4Weight]) -> None:
         shards.add(block_tensors(model, executor.prefix, index), found)
@@ -462,8 +468,8 @@ class _BlockwiseProgress:
     the shards written so far, the tensors waiting for the next shard, the run's tallies (AWQ scales, GPTQ
     targets without statistics, quantized weights) and the next block's inputs."""
 
-    def __init__(self, folder: Path, shards: PackedShards, tallies: dict) -> None:
-        self.folder, self.shards, self.tallies = folder, shards, tallies
+    def __init__(self, folder: Path, shards: PackedShards, tallies: dict, device: torch.device) -> None:
+        self.folder, self.shards, self.tallies, self.device = folder, shards, tallies, device
 
     def resume(self) -> tuple[int, list | None]:
         extra = self.shards.restore_state(self.folder)
@@ -474,8 +480,8 @@ class _BlockwiseProgress:
                 self.tallies[name].update(value)
             else:
                 self.tallies[name].extend(value)
-        inputs = torch.load(self.folder / f"inputs-{extra['next_block']}.pt", weights_only=True)
-        return extra["next_block"], inputs
+        path = self.folder / f"inputs-{extra['next_block']}.pt"
+        return extra["next_block"], torch.load(path, weights_only=True, map_location=self.device)
 
     def save(self, next_block: int, inputs: list | None) -> None:
         path = self.folder / f"inputs-{next_block}.pt"
