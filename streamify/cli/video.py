@@ -68,27 +68,11 @@ def video_condition(model, prompt: str | None, condition_file: Path | None) -> t
     return label_condition(parse_label(prompt), SHAPES_TOKENS, dim)[None]
 
 
-def video_negative(condition_file: Path | None, condition: torch.Tensor) -> torch.Tensor | None:
-    """The ``unconditional`` states of ``--condition`` (a negative prompt, ``encode-prompts --negative``), which
-    guidance takes instead of zero tokens; None without them."""
-    if condition_file is None:
-        return None
-    from streamify.io.safetensors_file import read_named_tensor
-
-    hint = "write it with streamify encode-prompts (the states of --negative), shaped like 'condition'"
-    negative = read_named_tensor(condition_file, "unconditional", hint, optional=True)
-    if negative is not None and negative.shape != condition.shape[1:]:
-        raise InputError(
-            f"{condition_file}: 'unconditional' is {list(negative.shape)}, 'condition' {list(condition.shape[1:])}",
-            hint,
-        )
-    return negative
-
-
 def run_video(
     checkpoint, out, *, prompt, condition_file, output, request, vae: Path | None = None, fps: int = 8
 ) -> None:
     """Generate, write and report one clip (frames through ``vae`` for a latent model)."""
+    from streamify.data.prompt_encoding import read_unconditional
     from streamify.runtime.video_generate import generate_video, is_pixel_model, load_vae, write_video
     from streamify.runtime.video_sampling import negative_condition
 
@@ -100,7 +84,8 @@ def run_video(
         raise UsageError("--vae: this denoiser works in RGB pixels, its frames need no VAE", "leave out --vae")
     decoder = load_vae(vae, model) if vae is not None else None
     condition = video_condition(model, prompt, condition_file)
-    negative = video_negative(condition_file, condition) if request.guidance != 1.0 else None
+    guided_by_file = condition_file is not None and request.guidance != 1.0
+    negative = read_unconditional(condition_file, condition.shape[1:]) if guided_by_file else None
     with negative_condition(model, negative):
         latents, result = generate_video(model, condition, request, progress=out)
     if request.guidance != 1.0:

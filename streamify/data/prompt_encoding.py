@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from streamify.errors import InputError, UsageError
-from streamify.io.safetensors_file import save_file_whole
+from streamify.io.safetensors_file import read_named_tensor, save_file_whole
 from streamify.progress import SILENT, Progress
 
 WAN_MAX_LENGTH = 512  # WanPipeline's max_sequence_length
@@ -87,3 +87,13 @@ def write_conditions(conditions: torch.Tensor, unconditional: torch.Tensor, outp
         tensors["condition"] = conditions[0].clone()  # its own storage: safetensors stores no shared tensors
     save_file_whole(tensors, output)
     return sorted(tensors)
+
+
+def read_unconditional(path: Path, shape: torch.Size) -> torch.Tensor | None:
+    """The ``unconditional`` states of a conditions file (a negative prompt's, :func:`write_conditions`), None
+    when it has none; InputError when they are not ``shape`` (a condition's ``[tokens, text_dim]``)."""
+    hint = "write the file with streamify encode-prompts (--negative), its states shaped like the conditions"
+    negative = read_named_tensor(path, "unconditional", hint, optional=True)
+    if negative is not None and negative.shape != shape:
+        raise InputError(f"{path}: 'unconditional' is {list(negative.shape)}, the conditions {list(shape)}", hint)
+    return negative

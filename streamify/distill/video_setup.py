@@ -83,18 +83,13 @@ def train_and_heldout(data: str, config, params: VideoDistillParams, progress: P
 
 
 def negative_tokens(data: str, conditions: torch.Tensor) -> torch.Tensor | None:
-    """The ``unconditional`` states ``[tokens, text_dim]`` of a conditions file (``encode-prompts --negative``),
-    which guided passes take as their unconditional branch; None for other data or a file without them."""
+    """The ``unconditional`` states of a conditions file (``encode-prompts --negative``), which guided passes
+    take as their unconditional branch; None for built-in data or a file without them."""
     if data in (SHAPES, RANDOM_LATENTS):
         return None
-    hint = "write it with streamify encode-prompts (the states of --negative, [tokens, text_dim])"
-    negative = read_named_tensor(Path(data), "unconditional", hint, optional=True)
-    if negative is not None and negative.shape != conditions.shape[1:]:
-        raise InputError(
-            f"{data}: 'unconditional' is {list(negative.shape)}; the conditions are {list(conditions.shape[1:])}",
-            hint,
-        )
-    return negative
+    from streamify.data.prompt_encoding import read_unconditional
+
+    return read_unconditional(Path(data), conditions.shape[1:])
 
 
 def _file_conditions(path: Path, split: str, count: int, dim: int, progress: Progress) -> torch.Tensor:

@@ -41,13 +41,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def teacher_dtype(name: str, student: torch.Tensor | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+def teacher_dtype(name: str, student: torch.Tensor) -> torch.dtype:
     """The dtype a separate (frozen) teacher is kept in: ``name`` (fp32, bf16, fp16), or for ``auto`` bf16 on a
-    GPU that supports it and the student's dtype elsewhere (``student``: one of its parameters, or its dtype
-    and ``device``)."""
+    GPU that supports it and the dtype of ``student`` (one of its parameters) elsewhere."""
     if name != "auto":
         return DTYPES[name]
-    dtype = student.dtype if isinstance(student, torch.Tensor) else student
-    device = student.device if isinstance(student, torch.Tensor) else device
-    on_bf16_gpu = device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if on_bf16_gpu and dtype.is_floating_point else dtype
+    on_bf16_gpu = student.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if on_bf16_gpu and student.is_floating_point() else student.dtype

@@ -22,8 +22,8 @@ from streamify.codec.blockwise import write_block_by_block
 from streamify.io.checkpoint import Checkpoint
 from streamify.model.executor import BlockExecutor
 from streamify.progress import Progress
-from streamify.prune.scores import BoundaryTotals, allowed_blocks, choose
-from streamify.prune.surgery import check_removal, remove_blocks
+from streamify.prune.scores import BoundaryTotals
+from streamify.prune.surgery import remove_blocks
 
 
 @torch.no_grad()
@@ -69,29 +69,9 @@ class _Offloaded:
         return states
 
 
-def prune_block_by_block(
-    checkpoint: Checkpoint,
-    ids: torch.Tensor,
-    blocks: list[int] | None,
-    metric: str,
-    amount: int,
-    protect_ends: bool,
-    shard_bytes: int,
-    progress: Progress,
-) -> tuple[list[int], dict]:
-    """Choose the blocks to remove (``blocks`` as given, else ``amount`` by ``metric``), set the checkpoint's
-    writer to the kept blocks' shards and slice its config; returns the removed ids and the score table."""
-    executor = checkpoint.blocks
-    count = len(executor.blocks)
-    where = checkpoint.source.spec
-    if blocks is not None:
-        remove, table = check_removal(blocks, count, where), {}
-    else:
-        allowed = allowed_blocks(count, amount, protect_ends)
-        stats = boundary_stats_block_by_block(executor, ids, amount, progress)
-        remove, table = choose(stats, metric, amount, allowed)
-    progress.log(f"removing blocks {', '.join(map(str, remove))} of {count}")
-    keep = [i for i in range(count) if i not in remove]
+def write_kept_blocks(checkpoint: Checkpoint, remove: list[int], shard_bytes: int, progress: Progress) -> None:
+    """Set the checkpoint's writer to the blocks not in ``remove``, read again one at a time and renumbered, and
+    slice its (empty) model's block list and config as in memory."""
+    keep = [i for i in range(len(checkpoint.blocks.blocks)) if i not in remove]
     checkpoint.weights_writer = write_block_by_block(checkpoint, shard_bytes, progress, "writing", keep=keep)
-    remove_blocks(checkpoint.model, remove, where)  # the empty model's block list and config follow
-    return remove, table
+    remove_blocks(checkpoint.model, remove, checkpoint.source.spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Literal
 
 import torch
@@ -20,7 +21,7 @@ from streamify.model.hooks import recording
 from streamify.model.params import count_params
 from streamify.pipeline.registry import StageContext, register
 from streamify.progress import Progress
-from streamify.prune.blockwise import prune_block_by_block
+from streamify.prune.blockwise import boundary_stats_block_by_block, write_kept_blocks
 from streamify.prune.scores import select_blocks
 from streamify.prune.surgery import average_into_neighbours, check_removal, remove_blocks
 from streamify.runtime.spec import read_spec
@@ -143,16 +144,13 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
         seed=ctx.seed,
         where=f"--data {ctx.data}",
     )
-    if checkpoint.blocks is not None:  # larger than memory: scored, cut and written one block at a time
-        amount = len(params.blocks) if params.blocks is not None else _amount(params, count)
-        remove, table = prune_block_by_block(
-            checkpoint, ids, params.blocks, params.metric, amount, params.protect_ends,
-            shard_bytes(params.max_shard_size), ctx.progress,
-        )  # fmt: skip
+    executor = checkpoint.blocks  # larger than memory: scored, cut and written one block at a time
+    remove, table = _chosen(model, ids, params, count, where, ctx.progress, executor)
+    if executor is not None:
+        write_kept_blocks(checkpoint, remove, shard_bytes(params.max_shard_size), ctx.progress)
         ctx.metrics["path"] = "block-wise"
         reinitialised: list[int] = []
     else:
-        remove, table = _chosen(model, ids, params, count, where, ctx.progress)
         reinitialised = average_into_neighbours(model, remove) if params.reinit == "average" else []
         dropped = remove[1:] if params.replace else remove
         block_map = [remove[-1] if params.replace and i == remove[0] else i for i in range(count) if i not in dropped]
@@ -189,12 +187,15 @@ def prune_depth(checkpoint: Checkpoint, params: DepthParams, ctx: StageContext) 
     return checkpoint
 
 
-def _chosen(model, ids, params: DepthParams, count: int, where: str, progress: Progress) -> tuple[list[int], dict]:
-    """The blocks to remove (as given, or scored by the metric) and the score table."""
+def _chosen(model, ids, params: DepthParams, count: int, where: str, progress: Progress, executor=None):
+    """The blocks to remove (as given, or scored by the metric: block by block through ``executor`` when the
+    model's blocks are on disk) and the score table."""
     if params.blocks is not None:
         remove, table = check_removal(params.blocks, count, where), {}
     else:
-        remove, table = select_blocks(model, ids, params.metric, _amount(params, count), params.protect_ends, progress)
+        stats = None if executor is None else partial(boundary_stats_block_by_block, executor, ids, progress=progress)
+        amount = _amount(params, count)
+        remove, table = select_blocks(model, ids, params.metric, amount, params.protect_ends, progress, stats)
     progress.log(f"removing blocks {', '.join(map(str, remove))} of {count}")
     return remove, table
 

@@ -15,6 +15,7 @@ blocks are never removed unless ``protect_ends`` is off.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,14 +98,22 @@ def allowed_blocks(count: int, remove: int, protect_ends: bool) -> list[int]:
 
 
 def select_blocks(
-    model: nn.Module, ids: torch.Tensor, metric: str, remove: int, protect_ends: bool, progress: Progress = SILENT
+    model: nn.Module,
+    ids: torch.Tensor,
+    metric: str,
+    remove: int,
+    protect_ends: bool,
+    progress: Progress = SILENT,
+    stats: Callable[[int], dict] | None = None,
 ) -> tuple[list[int], dict]:
-    """The ``remove`` block ids that ``metric`` picks, and the per-block score table."""
+    """The ``remove`` block ids that ``metric`` picks, and the per-block score table; ``stats(span)`` gives
+    :func:`boundary_stats` another way (block by block from the files), the model in memory by default."""
     _, blocks = block_list(model, "model")
     allowed = allowed_blocks(len(blocks), remove, protect_ends)
     if metric == "loss":
         return _greedy_loss(model, blocks, ids, remove, allowed, progress)
-    return choose(boundary_stats(model, ids, remove, progress), metric, remove, allowed)
+    found = stats(remove) if stats is not None else boundary_stats(model, ids, remove, progress)
+    return choose(found, metric, remove, allowed)
 
 
 def choose(stats: dict, metric: str, remove: int, allowed: list[int]) -> tuple[list[int], dict]:
