@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 import streamify
 from conftest import build_tiny
@@ -289,10 +290,44 @@ def test_int4_codes_are_entropy_coded_and_restore_the_compressed_tensors_files(c
     ids = torch.randint(0, 384, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(from_coded(ids).logits, from_plain(ids).logits)
-    with pytest.raises(streamify.errors.UsageError, match="--lazy"):
-        streamify.load(str(coded), lazy=True)
     refused = cli(*command, "-o", tmp_path / "g", "--entropy", "--weights-format", "gguf", "--sym")
     assert refused.exit_code == 2 and "entropy" in refused.stderr and not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("dtype", ["auto", "fp32"])
+def test_int4_artifacts_run_lazily_with_the_eager_logits(cli, small_llama, tmp_path, dtype):
+    """--lazy on an INT4 artifact, plain or entropy-coded: each block's codes are read (decoded) and dequantized
+    as it runs, then dropped; the logits are transformers' on the whole compressed-tensors checkpoint."""
+    plain, coded = tmp_path / "plain", tmp_path / "coded"
+    command = ("quantize", "int4", small_llama, "--method", "rtn", "--group-size", "32", "--no-eval")
+    assert cli(*command, "-o", plain, "--format", "quiet").exit_code == 0
+    assert cli(*command, "-o", coded, "--entropy", "--format", "quiet").exit_code == 0
+    options = {} if dtype == "auto" else {"dtype": torch.float32}
+    reference = AutoModelForCausalLM.from_pretrained(plain, **options).eval()  # no streamify
+    ids = torch.randint(0, 384, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        for folder in (plain, coded):
+            lazy, _ = streamify.load(str(folder), lazy=True, dtype=dtype)
+            assert all(p.device.type == "meta" for p in lazy.model.layers.parameters())
+            assert torch.equal(lazy(ids).logits, expected), folder.name
+            assert all(p.device.type == "meta" for p in lazy.model.layers.parameters())
+    scores = [
+        json.loads(cli("eval", folder, *lazy, "--max-tokens", "64", "--seq-len", "32", "--format", "json").stdout)
+        for folder, lazy in ((plain, ()), (coded, ("--lazy",)))
+    ]
+    assert scores[0]["model"]["perplexity"] == scores[1]["model"]["perplexity"]
+
+
+def test_lazy_loading_refuses_a_quantization_it_cannot_dequantize(cli, small_llama, tmp_path):
+    folder = tmp_path / "int4"
+    command = ("quantize", "int4", small_llama, "--method", "rtn", "--group-size", "32", "--no-eval")
+    assert cli(*command, "-o", folder, "--format", "quiet").exit_code == 0
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["format"] = "float-quantized"
+    (folder / "config.json").write_text(json.dumps(config))
+    result = cli("eval", folder, "--lazy", "--max-tokens", "64", "--seq-len", "32")
+    assert result.exit_code == 2 and "pack-quantized" in result.stderr and "without --lazy" in result.stderr
 
 
 def _as_version_2(folder) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from streamify.codec.container import container_paths
-from streamify.codec.load import load_entropy_model
+from streamify.codec.container import CodedFolder, container_paths
+from streamify.codec.load import ContainerWeights, check_matches_model, load_entropy_model
 from streamify.codec.restore import restore_folder
 from streamify.errors import InputError, UsageError
 from streamify.io.atomic import publish, temp_sibling
@@ -37,8 +37,9 @@ from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.io.verify import verify_artifact
 from streamify.model.blocks import find_blocks
-from streamify.model.executor import BlockExecutor, SafetensorsWeights, deferred_blocks, empty_model
+from streamify.model.executor import BlockExecutor, SafetensorsWeights, deferred_blocks, empty_model, tie_shared
 from streamify.progress import SILENT, Progress
+from streamify.quantize.int4.dequantized import DequantizedWeights, weight_scheme
 from streamify.runtime.attention import check_streamable
 from streamify.runtime.causal_video import CONFIG_KEY as VIDEO_KEY
 from streamify.runtime.causal_video import VideoSpec, enable_causal_video
@@ -89,17 +90,18 @@ def load_checkpoint(
     cls = model_class(config, spec)
     manifest = read_manifest(folder) or {}
     containers = container_paths(folder)
-    if containers and getattr(config, "quantization_config", None) is None:
+    quantized = getattr(config, "quantization_config", None) is not None
+    if containers and not quantized:
         model = load_entropy_model(containers, config, cls, torch_dtype(dtype), target, lazy=lazy)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
-    if (lazy or blockwise) and not containers:
-        executor = _deferred_from_safetensors(folder, config, cls, dtype, target, allow_pickle, spec)
+    if lazy or (blockwise and not containers):
+        executor = _deferred(folder, containers, config, cls, dtype, target, allow_pickle, spec)
         if lazy:
             executor.hook()
         checkpoint = _checkpoint(executor.model, folder, source, manifest, trust_remote_code)
         checkpoint.blocks = None if lazy else executor
         return checkpoint
-    with _weights_folder(folder, containers, config, lazy) as weights:
+    with _weights_folder(folder, containers, config) as weights:
         use_safetensors = _check_weight_files(weights, allow_pickle)
         options = {"local_files_only": True, "use_safetensors": use_safetensors, "output_loading_info": True}
         if is_diffusers(config):  # diffusers reads its config from the folder, names the dtype torch_dtype
@@ -149,23 +151,34 @@ def _stored_float_dtype(folder: Path) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _deferred_from_safetensors(
-    folder: Path, config, cls: type, dtype: str, target, allow_pickle: bool, spec: str
+def _deferred(
+    folder: Path, containers: list[Path], config, cls: type, dtype: str, target, allow_pickle: bool, spec: str
 ) -> BlockExecutor:
-    """The block-wise executor of the model on the meta device, reading each block from the safetensors files."""
-    if not _check_weight_files(folder, allow_pickle):
-        raise UsageError(
-            f"{spec}: block by block (--lazy, --blockwise) reads safetensors files; these weights are pickled",
-            "convert the weights to safetensors, or load the model whole",
-        )
+    """The block-wise executor of the model on the meta device, reading each block from the safetensors files
+    or the INT4 artifact's container; an INT4 model's quantized weights are dequantized as each block comes in."""
     model = empty_model(cls, config)
     if find_blocks(model) is None:
         raise UsageError(
             f"{spec}: block by block (--lazy, --blockwise) needs a block list; {type(model).__name__} has none",
             "load the model whole",
         )
+    quantization = getattr(config, "quantization_config", None)
+    if containers:
+        reader = CodedFolder(containers)
+        tie_shared(model)
+        check_matches_model(containers[0], reader.index, model, quantized=True)
+        weights = ContainerWeights(reader, os.cpu_count() or 1)
+    elif _check_weight_files(folder, allow_pickle):
+        weights = SafetensorsWeights(folder)
+    else:
+        raise UsageError(
+            f"{spec}: block by block (--lazy, --blockwise) reads safetensors files; these weights are pickled",
+            "convert the weights to safetensors, or load the model whole",
+        )
     wanted = None if dtype == "auto" else torch_dtype(dtype)
-    return deferred_blocks(model, SafetensorsWeights(folder), target, wanted, spec)
+    if quantization is not None:
+        weights = DequantizedWeights(weights, weight_scheme(quantization, spec), wanted, spec)
+    return deferred_blocks(model, weights, target, wanted, spec)
 
 
 def _check_loading_info(spec: str, info: dict) -> None:
@@ -185,17 +198,12 @@ def _check_loading_info(spec: str, info: dict) -> None:
 
 
 @contextmanager
-def _weights_folder(folder: Path, containers: list[Path], config: PretrainedConfig, lazy: bool) -> Iterator[Path]:
+def _weights_folder(folder: Path, containers: list[Path], config: PretrainedConfig) -> Iterator[Path]:
     """``folder``, or for an entropy-coded quantized artifact a temporary folder with its files restored."""
     if not containers:
         yield folder
         return
     container = containers[0]
-    if lazy:
-        raise UsageError(
-            f"{container}: --lazy decodes floating-point weights block by block; these weights are quantized",
-            "load it without --lazy",
-        )
     with tempfile.TemporaryDirectory(prefix="streamify-restore-", ignore_cleanup_errors=True) as tmp:
         try:
             restore_folder(folder, Path(tmp), config, threads=os.cpu_count() or 1)
