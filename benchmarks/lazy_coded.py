@@ -2,15 +2,18 @@
 
 Usage:  .venv/bin/python benchmarks/lazy_coded.py [--windows 8] [--seq-len 512] [--new-tokens 32] [--json out.json]
 
-Writes two artifacts of builtin:smollm2-135m into a temporary folder: BF16 safetensors
-(`streamify convert dtype --dtype bf16`) and the same weights entropy-coded
-(`streamify quantize entropy --dtype bf16`). Each row is measured in a fresh process: peak RSS
+Writes four artifacts of builtin:smollm2-135m into a temporary folder: BF16 safetensors
+(`streamify convert dtype --dtype bf16`), the same weights entropy-coded
+(`streamify quantize entropy --dtype bf16`), INT4 (`streamify quantize int4 --method rtn`, group 64,
+compressed-tensors) and the same INT4 entropy-coded (`--entropy`). Each row is measured in a fresh process: peak RSS
 (VmHWM) above the process's RSS after its imports (torch, transformers, streamify), load time,
 prefill throughput (--windows forward passes of --seq-len tokens, no cache, like `streamify eval`) and greedy
 generation throughput (--new-tokens from a 16-token prompt, transformers' cache). Rows:
-eager BF16 (the anchor), lazy from the BF16 safetensors (block by block, no decoding), lazy
-from the coded container (each block decoded while the one before runs). The logits of the
-first window are compared with the anchor's (bit-exact expected).
+eager BF16 (the anchor of every ratio), lazy from the BF16 safetensors (block by block, no decoding), lazy
+from the coded container (each block decoded while the one before runs); eager INT4 (transformers with
+compressed-tensors), lazy INT4 (each block's codes read and dequantized while the one before runs), lazy
+from the coded INT4 container. The logits of the first window are compared with the eager row of the same
+weights (bit-exact expected).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROWS = {
-    "eager BF16 (safetensors)": ("bf16", False),
-    "lazy BF16 (safetensors, block by block)": ("bf16", True),
-    "lazy entropy-coded (decoded block by block)": ("coded", True),
+ROWS = {  # name: (artifact, lazy, the row whose logits it must give)
+    "eager BF16 (safetensors)": ("bf16", False, "eager BF16 (safetensors)"),
+    "lazy BF16 (safetensors, block by block)": ("bf16", True, "eager BF16 (safetensors)"),
+    "lazy entropy-coded (decoded block by block)": ("coded", True, "eager BF16 (safetensors)"),
+    "eager INT4 (compressed-tensors)": ("int4", False, "eager INT4 (compressed-tensors)"),
+    "lazy INT4 (dequantized block by block)": ("int4", True, "eager INT4 (compressed-tensors)"),
+    "lazy INT4 entropy-coded (decoded, dequantized)": ("int4-coded", True, "eager INT4 (compressed-tensors)"),
 }
 
 
@@ -86,14 +92,18 @@ def main() -> None:
 
     streamify = [sys.executable, "-m", "streamify"]
     with tempfile.TemporaryDirectory(prefix="streamify-lazy-bench-") as tmp:
-        folders = {"bf16": Path(tmp) / "bf16", "coded": Path(tmp) / "coded"}
-        common = ["--dtype", "bf16", "--no-eval", "--format", "quiet"]
-        subprocess.run([*streamify, "convert", "dtype", "builtin:smollm2-135m", "-o", folders["bf16"], *common],
-                       check=True)  # fmt: skip
-        subprocess.run([*streamify, "quantize", "entropy", "builtin:smollm2-135m", "-o", folders["coded"], *common],
-                       check=True)  # fmt: skip
+        folders = {name: Path(tmp) / name for name in ("bf16", "coded", "int4", "int4-coded")}
+        common = ["--no-eval", "--format", "quiet"]
+        commands = {
+            "bf16": ["convert", "dtype", "--dtype", "bf16"],
+            "coded": ["quantize", "entropy", "--dtype", "bf16"],
+            "int4": ["quantize", "int4", "--method", "rtn"],
+            "int4-coded": ["quantize", "int4", "--method", "rtn", "--entropy"],
+        }
+        for which, command in commands.items():
+            subprocess.run([*streamify, *command, "builtin:smollm2-135m", "-o", folders[which], *common], check=True)
         results = {}
-        for name, (which, lazy) in ROWS.items():
+        for name, (which, lazy, _) in ROWS.items():
             logits = Path(tmp) / f"{which}-{int(lazy)}.pt"
             sizes = [
                 "--windows", str(args.windows), "--seq-len", str(args.seq_len), "--new-tokens", str(args.new_tokens)
@@ -105,9 +115,11 @@ def main() -> None:
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
             results[name]["logits"] = logits
             print(f"{name}: {results[name]}", file=sys.stderr)
-        anchor = torch.load(results[next(iter(ROWS))]["logits"])
+        for name, row in results.items():
+            reference = torch.load(results[ROWS[name][2]]["logits"])
+            row["logits_equal_to_eager"] = bool(torch.equal(torch.load(row["logits"]), reference))
         for row in results.values():
-            row["logits_equal_to_eager"] = bool(torch.equal(torch.load(row.pop("logits")), anchor))
+            row.pop("logits")
     print_table(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -117,7 +129,7 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
     anchor = next(iter(results.values()))
     print(f"\n{args.windows} windows x {args.seq_len} tokens prefill; {args.new_tokens} new tokens generated\n")
     print("| run | peak RSS above imports | vs eager | prefill tokens/s | vs eager | generate tokens/s | vs eager "
-          "| load s | logits equal |")  # fmt: skip
+          "| load s | logits equal to eager |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         print(
