@@ -310,7 +310,8 @@ def test_int4_artifacts_run_lazily_with_the_eager_logits(cli, small_llama, tmp_p
         for folder in (plain, coded):
             lazy, _ = streamify.load(str(folder), lazy=True, dtype=dtype)
             assert all(p.device.type == "meta" for p in lazy.model.layers.parameters())
-            assert torch.equal(lazy(ids).logits, expected), folder.name
+            for _ in range(2):  # the second pass decodes into the buffers the first one used
+                assert torch.equal(lazy(ids).logits, expected), folder.name
             assert all(p.device.type == "meta" for p in lazy.model.layers.parameters())
     scores = [
         json.loads(cli("eval", folder, *lazy, "--max-tokens", "64", "--seq-len", "32", "--format", "json").stdout)

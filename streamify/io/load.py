@@ -177,7 +177,8 @@ def _deferred(
         )
     wanted = None if dtype == "auto" else torch_dtype(dtype)
     if quantization is not None:
-        weights = DequantizedWeights(weights, weight_scheme(quantization, spec), wanted, spec)
+        shapes = {name: value.shape for name, value in model.state_dict(keep_vars=True).items()}
+        weights = DequantizedWeights(weights, weight_scheme(quantization, spec), wanted, shapes, spec)
     return deferred_blocks(model, weights, target, wanted, spec)
 
 

@@ -43,11 +43,15 @@ class DequantizedWeights:
     dequantized from the parts ``source`` stores; other tensors pass through.
 
     ``dtype`` (None: the scales' dtype) is what the scales are cast to before dequantizing, so the weight is
-    computed in the dtype the model runs in, as transformers computes it.
+    computed in the dtype the model runs in, as transformers computes it. ``shapes`` are the model's tensor
+    shapes: with them the source tells the executor what buffers to decode into (``layout``), so a block's
+    weights land in memory the process already holds instead of fresh pages.
     """
 
-    def __init__(self, source: WeightSource, scheme: Any, dtype: torch.dtype | None, where: str) -> None:
-        self.source, self.scheme, self.dtype = source, scheme, dtype
+    def __init__(
+        self, source: WeightSource, scheme: Any, dtype: torch.dtype | None, shapes: dict[str, torch.Size], where: str
+    ) -> None:
+        self.source, self.scheme, self.shapes = source, scheme, shapes
         self.parts: dict[str, list[str]] = {}  # "<module>.weight" -> its stored parts
         self.plain: list[str] = []
         for name in source.names():
@@ -61,23 +65,41 @@ class DequantizedWeights:
                     "load it without --lazy",
                 )
             self.parts.setdefault(f"{match['module']}.weight", []).append(name)
+        self.cast = dtype  # what the scales are cast to; the dequantized weights' dtype follows
+        scales = [part for parts in self.parts.values() for part in parts if part.endswith(".weight_scale")]
+        self.dtype = dtype or (source.load(scales[:1])[scales[0]].dtype if scales else None)
 
     def names(self) -> list[str]:
         return self.plain + list(self.parts)
 
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def layout(self, names: list[str]) -> dict[str, tuple[list[int], torch.dtype]]:
+        """Shape and dtype of the tensors among ``names`` that :meth:`load` can write into buffers."""
+        found = {n: (list(self.shapes[n]), self.dtype) for n in names if n in self.parts}
+        if hasattr(self.source, "layout"):
+            found.update(self.source.layout([n for n in names if n not in self.parts]))
+        return found
+
+    def load(self, names: list[str], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
-        wanted = [n for n in names if n not in self.parts]
+        into = into or {}
+        plain = [n for n in names if n not in self.parts]
+        parts = [part for name in names for part in self.parts.get(name, [])]
+        if hasattr(self.source, "layout"):
+            found = self.source.load(plain, {n: into[n] for n in plain if n in into})
+        else:
+            found = self.source.load(plain)
+        stored = self.source.load(parts)
         for name in names:
-            wanted += self.parts.get(name, [])
-        stored = self.source.load(wanted)
-        found = {name: stored[name] for name in names if name not in self.parts}
-        for name in names:
-            if name in self.parts:
-                module = name.removesuffix(".weight")
-                local = {part.removeprefix(f"{module}."): stored[part] for part in self.parts[name]}
-                if self.dtype is not None:
-                    local["weight_scale"] = local["weight_scale"].to(self.dtype)
-                found[name] = PackedQuantizationCompressor.decompress(local, self.scheme)["weight"]
+            if name not in self.parts:
+                continue
+            module = name.removesuffix(".weight")
+            local = {part.removeprefix(f"{module}."): stored[part] for part in self.parts[name]}
+            if self.cast is not None:
+                local["weight_scale"] = local["weight_scale"].to(self.cast)
+            weight = PackedQuantizationCompressor.decompress(local, self.scheme)["weight"]
+            buffer = into.get(name)
+            if buffer is not None and buffer.shape == weight.shape and buffer.dtype == weight.dtype:
+                weight = buffer.copy_(weight)
+            found[name] = weight
         return found
