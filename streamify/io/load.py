@@ -76,10 +76,11 @@ def load_checkpoint(
 
     ``lazy`` runs the model block by block (:mod:`streamify.model.executor`):
     each block's weights are read from the safetensors files, or decoded from an
-    entropy-coded container, right before it runs and dropped after (an INT4 checkpoint's are dequantized). ``blockwise`` leaves the blocks on the
-    meta device for a stage to bring in one at a time (``Checkpoint.blocks``). ``verify`` first checks a streamify
-    artifact's files against the sha256 in its manifest
-    (:func:`~streamify.io.verify.verify_artifact`).
+    entropy-coded container, right before it runs and dropped after (an INT4
+    checkpoint's are dequantized). ``blockwise`` leaves the blocks on the meta
+    device for a stage to bring in one at a time (``Checkpoint.blocks``).
+    ``verify`` first checks a streamify artifact's files against the sha256 in
+    its manifest (:func:`~streamify.io.verify.verify_artifact`).
     """
     source = resolve_source(spec)
     if verify:
