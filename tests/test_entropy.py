@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import streamify
@@ -318,17 +318,42 @@ def test_int4_artifacts_run_lazily_with_the_eager_logits(cli, small_llama, tmp_p
         for folder, lazy in ((plain, ()), (coded, ("--lazy",)))
     ]
     assert scores[0]["model"]["perplexity"] == scores[1]["model"]["perplexity"]
+    # scales stored in another dtype than the model's (other tools): dequantized in the model's, as transformers
+    weights = load_file(plain / "model.safetensors")
+    other = {n: t.half() if n.endswith("weight_scale") else t for n, t in weights.items()}
+    save_file(other, plain / "model.safetensors", metadata={"format": "pt"})
+    reference = AutoModelForCausalLM.from_pretrained(plain, **options).eval()
+    lazy, _ = streamify.load(str(plain), lazy=True, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(lazy(ids).logits, reference(ids).logits)
 
 
-def test_lazy_loading_refuses_a_quantization_it_cannot_dequantize(cli, small_llama, tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("format", "float-quantized", "pack-quantized"), ("quant_method", "gptq", "these are gptq")],
+)
+def test_lazy_loading_refuses_a_quantization_it_cannot_dequantize(cli, small_llama, tmp_path, key, value, message):
     folder = tmp_path / "int4"
     command = ("quantize", "int4", small_llama, "--method", "rtn", "--group-size", "32", "--no-eval")
     assert cli(*command, "-o", folder, "--format", "quiet").exit_code == 0
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["config_groups"]["group_0"]["format"] = "float-quantized"
+    settings = config["quantization_config"]
+    (settings["config_groups"]["group_0"] if key == "format" else settings)[key] = value
     (folder / "config.json").write_text(json.dumps(config))
     result = cli("eval", folder, "--lazy", "--max-tokens", "64", "--seq-len", "32")
-    assert result.exit_code == 2 and "pack-quantized" in result.stderr and "without --lazy" in result.stderr
+    assert result.exit_code == 2 and message in result.stderr and "without --lazy" in result.stderr
+
+
+def test_block_wise_stages_refuse_quantized_weights(cli, small_llama, tmp_path):
+    """A block-wise stage reads floating-point weights: an INT4 input is ruled out in the plan (exit 2), not
+    dequantized into an artifact that still says it is quantized."""
+    folder = tmp_path / "int4"
+    command = ("quantize", "int4", small_llama, "--method", "rtn", "--group-size", "32", "--no-eval")
+    assert cli(*command, "-o", folder, "--format", "quiet").exit_code == 0
+    for stage in (("quantize", "entropy"), ("convert", "dtype", "--dtype", "fp32")):
+        result = cli(*stage, folder, "-o", tmp_path / "out", "--blockwise", "on", "--no-eval")
+        assert result.exit_code == 2 and "its weights are quantized" in result.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def _as_version_2(folder) -> None:

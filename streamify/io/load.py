@@ -96,7 +96,7 @@ def load_checkpoint(
         model = load_entropy_model(containers, config, cls, torch_dtype(dtype), target, lazy=lazy)
         return _checkpoint(model, folder, source, manifest, trust_remote_code)
     if lazy or (blockwise and not containers):
-        executor = _deferred(folder, containers, config, cls, dtype, target, allow_pickle, spec)
+        executor = _deferred(folder, containers, config, cls, dtype, target, allow_pickle, spec, lazy)
         if lazy:
             executor.hook()
         checkpoint = _checkpoint(executor.model, folder, source, manifest, trust_remote_code)
@@ -153,10 +153,19 @@ def _stored_float_dtype(folder: Path) -> torch.dtype:
 
 
 def _deferred(
-    folder: Path, containers: list[Path], config, cls: type, dtype: str, target, allow_pickle: bool, spec: str
+    folder: Path,
+    containers: list[Path],
+    config,
+    cls: type,
+    dtype: str,
+    target,
+    allow_pickle: bool,
+    spec: str,
+    lazy: bool,
 ) -> BlockExecutor:
     """The block-wise executor of the model on the meta device, reading each block from the safetensors files
-    or the INT4 artifact's container; an INT4 model's quantized weights are dequantized as each block comes in."""
+    or the INT4 artifact's container; for a ``lazy`` run, an INT4 model's weights are dequantized as each block
+    comes in (a block-wise stage reads floating-point weights only)."""
     model = empty_model(cls, config)
     if find_blocks(model) is None:
         raise UsageError(
@@ -164,6 +173,11 @@ def _deferred(
             "load the model whole",
         )
     quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not lazy:
+        raise UsageError(
+            f"{spec}: the weights are quantized; a block-wise stage reads floating-point weights",
+            "run the stage in memory (blockwise off), or give it the floating-point checkpoint",
+        )
     if containers:
         reader = CodedFolder(containers)
         tie_shared(model)
@@ -177,10 +191,19 @@ def _deferred(
             "convert the weights to safetensors, or load the model whole",
         )
     wanted = None if dtype == "auto" else torch_dtype(dtype)
-    if quantization is not None:
+    if quantization is not None:  # transformers dequantizes into the dtype the model runs in: asked, or config's
+        into = wanted or _config_dtype(config)
         shapes = {name: value.shape for name, value in model.state_dict(keep_vars=True).items()}
-        weights = DequantizedWeights(weights, weight_scheme(quantization, spec), wanted, shapes, spec)
+        weights = DequantizedWeights(weights, weight_scheme(quantization, spec), into, shapes, spec)
     return deferred_blocks(model, weights, target, wanted, spec)
+
+
+def _config_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype config.json names for the weights (``dtype`` or the older ``torch_dtype``), None if none."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if isinstance(named, torch.dtype) else None
 
 
 def _check_loading_info(spec: str, info: dict) -> None:

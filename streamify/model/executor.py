@@ -5,7 +5,7 @@ block list (embeddings, final norm, head) are brought in once (calibration
 sends the embeddings and head away while it runs the blocks); a block's
 tensors are brought in from a :class:`WeightSource` right before it runs and
 dropped (back to the meta device) after. Lazy loading (from safetensors files
-or an entropy-coded container) and calibration go through it; with no source
+or an entropy-coded container, float or INT4) and calibration go through it; with no source
 (a model already in memory) bringing and dropping cost nothing, so the same
 code runs both ways.
 """
@@ -38,7 +38,8 @@ class WeightSource(Protocol):
         ...
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names``, on the CPU."""
+        """The tensors ``names``, on the CPU. A source that also has ``layout(names)`` (shape and dtype of the
+        tensors it can write into buffers) takes ``load(names, into)`` with such buffers by name."""
         ...
 
 
@@ -225,10 +226,10 @@ class BlockExecutor:
 class _Prefetcher:
     """Reads one block's tensors ahead, in a background thread (the decoders and torch release the GIL).
 
-    A source that decodes into given buffers (``layout`` and ``load(names, into)``: a coded container)
-    gets each block's buffers back once the block has run, for the block after next: decoding then writes
-    into pages the process already holds instead of faulting fresh ones in, and nothing is freed and
-    trimmed block after block (measured on SmolLM2: ~0.2 s a forward pass on 2 cores).
+    A source that writes into given buffers (``layout`` and ``load(names, into)``: a coded container, INT4
+    weights being dequantized) gets each block's buffers back once the block has run, for the block after
+    next: decoding then writes into pages the process already holds instead of faulting fresh ones in, and
+    nothing is freed and trimmed block after block (measured on SmolLM2: ~0.2 s a forward pass on 2 cores).
     """
 
     def __init__(self, source: WeightSource, block_names: list[list[str]]) -> None:

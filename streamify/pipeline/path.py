@@ -67,6 +67,9 @@ def choose_path(
         if source.kind == "hf-folder" and not any(source.path.glob("*.safetensors"))
         else None,
         "the model has no block list" if find_blocks(model) is None else None,
+        "its weights are quantized, and block by block reads floating-point weights"
+        if getattr(model.config, "quantization_config", None) is not None
+        else None,
         _mixed_attention(model),
         "several processes would each read the model" if processes > 1 else None,
     ]

@@ -25,15 +25,26 @@ _FORMAT = "pack-quantized"
 def weight_scheme(quantization_config: Any, where: str):
     """The one compressed-tensors weight scheme of a ``pack-quantized`` config (UsageError for anything else)."""
     from compressed_tensors.quantization import QuantizationConfig
+    from pydantic import ValidationError
 
-    config = QuantizationConfig.model_validate(quantization_config)
+    settings = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    refused = "load it without --lazy"
+    method = settings.get("quant_method")
+    if method != "compressed-tensors":
+        raise UsageError(f"{where}: --lazy dequantizes compressed-tensors INT weights; these are {method}", refused)
+    try:
+        config = QuantizationConfig.model_validate(settings)
+    except ValidationError as exc:
+        raise UsageError(
+            f"{where}: config.json's quantization_config is not one compressed-tensors reads", refused
+        ) from exc
     groups = list(config.config_groups.values())
     formats = {group.format or config.format for group in groups}
     if len(groups) != 1 or formats != {_FORMAT} or groups[0].weights is None:
         raise UsageError(
             f"{where}: --lazy dequantizes one pack-quantized INT weight scheme; this checkpoint has "
             f"{len(groups)} quantization group(s) in format(s) {', '.join(sorted(map(str, formats)))}",
-            "load it without --lazy",
+            refused,
         )
     return groups[0]
 
@@ -42,16 +53,17 @@ class DequantizedWeights:
     """A :class:`~streamify.model.executor.WeightSource` that gives a quantized module's ``weight`` in float,
     dequantized from the parts ``source`` stores; other tensors pass through.
 
-    ``dtype`` (None: the scales' dtype) is what the scales are cast to before dequantizing, so the weight is
-    computed in the dtype the model runs in, as transformers computes it. ``shapes`` are the model's tensor
-    shapes: with them the source tells the executor what buffers to decode into (``layout``), so a block's
-    weights land in memory the process already holds instead of fresh pages.
+    ``dtype`` (None: each module's scale dtype) is what the scales are cast to before dequantizing, so the
+    weight is computed in the dtype the model runs in, as transformers computes it. ``shapes`` are the model's
+    tensor shapes: with them (and a ``dtype``) the source tells the executor what buffers to write into
+    (``layout``), so a block's weights go into memory the previous block used.
     """
 
     def __init__(
         self, source: WeightSource, scheme: Any, dtype: torch.dtype | None, shapes: dict[str, torch.Size], where: str
     ) -> None:
-        self.source, self.scheme, self.shapes = source, scheme, shapes
+        self.source, self.scheme, self.dtype, self.shapes = source, scheme, dtype, shapes
+        self.source_fills = hasattr(source, "layout")  # the source decodes into given buffers too
         self.parts: dict[str, list[str]] = {}  # "<module>.weight" -> its stored parts
         self.plain: list[str] = []
         for name in source.names():
@@ -65,38 +77,34 @@ class DequantizedWeights:
                     "load it without --lazy",
                 )
             self.parts.setdefault(f"{match['module']}.weight", []).append(name)
-        self.cast = dtype  # what the scales are cast to; the dequantized weights' dtype follows
-        scales = [part for parts in self.parts.values() for part in parts if part.endswith(".weight_scale")]
-        self.dtype = dtype or (source.load(scales[:1])[scales[0]].dtype if scales else None)
 
     def names(self) -> list[str]:
         return self.plain + list(self.parts)
 
     def layout(self, names: list[str]) -> dict[str, tuple[list[int], torch.dtype]]:
         """Shape and dtype of the tensors among ``names`` that :meth:`load` can write into buffers."""
-        found = {n: (list(self.shapes[n]), self.dtype) for n in names if n in self.parts}
-        if hasattr(self.source, "layout"):
-            found.update(self.source.layout([n for n in names if n not in self.parts]))
+        found = self.source.layout([n for n in names if n not in self.parts]) if self.source_fills else {}
+        if self.dtype is not None:
+            found.update({n: (list(self.shapes[n]), self.dtype) for n in names if n in self.parts})
         return found
 
     def load(self, names: list[str], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
         into = into or {}
-        plain = [n for n in names if n not in self.parts]
-        parts = [part for name in names for part in self.parts.get(name, [])]
-        if hasattr(self.source, "layout"):
-            found = self.source.load(plain, {n: into[n] for n in plain if n in into})
+        wanted = [n for n in names if n not in self.parts] + [p for n in names for p in self.parts.get(n, [])]
+        if self.source_fills:
+            stored = self.source.load(wanted, {n: into[n] for n in wanted if n in into})
         else:
-            found = self.source.load(plain)
-        stored = self.source.load(parts)
+            stored = self.source.load(wanted)
+        found = {name: stored[name] for name in names if name not in self.parts}
         for name in names:
             if name not in self.parts:
                 continue
             module = name.removesuffix(".weight")
             local = {part.removeprefix(f"{module}."): stored[part] for part in self.parts[name]}
-            if self.cast is not None:
-                local["weight_scale"] = local["weight_scale"].to(self.cast)
+            if self.dtype is not None:
+                local["weight_scale"] = local["weight_scale"].to(self.dtype)
             weight = PackedQuantizationCompressor.decompress(local, self.scheme)["weight"]
             buffer = into.get(name)
             if buffer is not None and buffer.shape == weight.shape and buffer.dtype == weight.dtype:
