@@ -346,12 +346,13 @@ def test_mp4_frames_decode_close_to_what_was_written(tmp_path, size, fps):
     average, closer than to the next one (the order holds), at the frame rate asked for; an odd side is padded
     to an even one."""
     from streamify.data.shapes import make_clip
-    from streamify.runtime.video_generate import write_mp4
+    from streamify.runtime.video_generate import write_frames
 
     clip = make_clip(3, frames=10, size=size)
     pixels = (clip.frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    write_mp4(pixels, tmp_path / "clip.mp4", fps)
-    meta, frames = _read_mp4(tmp_path / "clip.mp4")
+    (tmp_path / "clip").mkdir()
+    assert write_frames([clip.frames[:4], clip.frames[4:]], tmp_path / "clip", fps) == 10  # in two groups
+    meta, frames = _read_mp4(tmp_path / "clip" / "video.mp4")
     assert meta["fps"] == fps and meta["size"] == (size, size) and len(frames) == 10
 
     def error(a, b) -> float:
@@ -360,8 +361,9 @@ def test_mp4_frames_decode_close_to_what_was_written(tmp_path, size, fps):
     for index, frame in enumerate(frames):
         assert error(frame, pixels[index]) < 3.0
         assert error(frame, pixels[index]) < error(frame, pixels[(index + 1) % 10])
-    write_mp4(pixels[:3, :7, :9], tmp_path / "odd.mp4", fps)
-    meta, frames = _read_mp4(tmp_path / "odd.mp4")
+    (tmp_path / "odd").mkdir()
+    write_frames([clip.frames[:3, :, :7, :9]], tmp_path / "odd", fps)
+    meta, frames = _read_mp4(tmp_path / "odd" / "video.mp4")
     assert meta["size"] == (10, 8) and len(frames) == 3
 
 
@@ -440,6 +442,14 @@ def test_generate_decodes_a_latent_model_through_its_vae_as_the_wan_pipeline_doe
         assert difference.abs().max() <= 1  # the same frames, up to rounding at .5
     with Image.open(out / "video.gif") as gif:
         assert gif.n_frames == 5
+    # decoded a latent frame at a time through the VAE's causal cache: exactly diffusers' decode of the clip
+    from streamify.runtime.video_generate import decode_frames
+
+    groups = list(decode_frames(vae, latents))
+    assert [len(group) for group in groups] == [1, 2, 2]  # the first latent frame, then 2 frames each
+    with torch.no_grad():
+        whole = vae.decode(latents * torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1) + mean)[0]
+    assert torch.equal(torch.cat(groups), ((whole[0].permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1))
 
 
 def test_a_vae_that_fails_to_decode_keeps_the_generated_latents(wans, wan_vae, tmp_path, cli, monkeypatch):
@@ -644,14 +654,14 @@ def test_frames_that_cannot_be_written_keep_the_generated_latents(wans, tmp_path
     """An MP4 encoder that fails after the generation: exit 4, no output folder, the latents kept beside it."""
     import streamify.runtime.video_generate as video_generate
 
-    def broken_encoder(pixels, path, fps):
+    def broken_encoder(path, width, height, fps):
         raise BrokenPipeError("ffmpeg exited")
 
-    monkeypatch.setattr(video_generate, "write_mp4", broken_encoder)
+    monkeypatch.setattr(video_generate, "mp4_writer", broken_encoder)
     out = tmp_path / "clip"
     result = cli("generate", wans / "student", "--prompt", "red square moving up", "-o", out, "--frames", "2",
                  "--height", "8", "--width", "8")  # fmt: skip
     kept = tmp_path / "clip.latents.safetensors"
-    assert result.exit_code == 4 and "the frames could not be written (ffmpeg exited)" in result.stderr
+    assert result.exit_code == 4 and "the frames could not be decoded or written (ffmpeg exited)" in result.stderr
     assert not out.exists() and load_file(kept)["latents"].shape == (1, 3, 2, 8, 8)
     assert not list(tmp_path.glob(".clip*"))  # no temporary folder left

@@ -18,9 +18,9 @@ that the ``imageio-ffmpeg`` wheel ships, near-lossless: CRF 12). A latent-space 
 (Wan2.1, 16 channels) gets its frames when its VAE is given (diffusers'
 ``AutoencoderKLWan``, :func:`load_vae`): the latents are denormalised with the
 VAE's ``latents_mean``/``latents_std`` as diffusers' ``WanPipeline`` does and
-decoded whole after the generation (the VAE's causal cache is not carried
-from chunk to chunk, so the decoded frames, unlike the generation, are held
-at once).
+decoded after the generation one latent frame at a time, through the VAE's own
+causal cache, each frame written as it comes: only the GIF's paletted frames are
+held for the whole clip, never the clip's float pixels.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,35 +166,50 @@ def load_vae(path: Path, model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def decode_frames(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """``[frames, 3, H, W]`` in [0, 1]: ``latents`` ``[1, C, F, h, w]`` times the VAE's ``latents_std`` plus its
-    ``latents_mean`` (as diffusers' WanPipeline), decoded."""
+def decode_frames(vae: nn.Module, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``[frames, 3, H, W]`` in [0, 1] for each latent frame of ``latents`` ``[1, C, F, h, w]`` in turn: the
+    latents times the VAE's ``latents_std`` plus its ``latents_mean`` (as diffusers' WanPipeline), decoded one
+    latent frame at a time through the VAE's causal cache, as its own ``decode`` loops over them, so the
+    frames equal ``decode``'s without the whole clip's pixels in memory."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
     device = next(vae.parameters()).device
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
-    video = vae.decode(latents.to(device).float() * std + mean, return_dict=False)[0]
-    return ((video[0].permute(1, 0, 2, 3).float().cpu() + 1) / 2).clamp(0, 1)
+    vae.clear_cache()
+    try:
+        inputs = vae.post_quant_conv(latents.to(device).float() * std + mean)
+        for index in range(inputs.shape[2]):
+            vae._conv_idx = [0]
+            video = vae.decoder(
+                inputs[:, :, index : index + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                first_chunk=index == 0,
+            )  # fmt: skip
+            if vae.config.patch_size is not None:
+                video = unpatchify(video, patch_size=vae.config.patch_size)
+            yield ((video.clamp(-1, 1)[0].permute(1, 0, 2, 3).float().cpu() + 1) / 2).clamp(0, 1)
+    finally:
+        vae.clear_cache()
 
 
 def write_video(
     latents: torch.Tensor, model: nn.Module, folder: Path, vae: nn.Module | None = None, fps: int = 8
 ) -> list[str]:
     """Write ``latents`` into the new ``folder``, and frames (PNG, GIF and MP4 at ``fps``) for a pixel model or
-    through ``vae``; the names written. When decoding or writing the frames fails (the VAE out of memory, most
-    often), the generated latents are saved beside ``folder`` first, so that the generation is not lost."""
+    through ``vae``; the names written. When decoding or writing the frames fails (the VAE out of memory, a full
+    disk), the generated latents are saved beside ``folder`` first, so that the generation is not lost."""
     check_output(folder)
-    frames = None
-    if vae is not None:
-        with _latents_kept(latents, folder, "the VAE could not decode the clip"):
-            frames = decode_frames(vae, latents)
-    elif is_pixel_model(model):
-        from streamify.data.shapes import latents_frames
-
-        frames = latents_frames(latents)
     tmp = temp_sibling(folder)
     try:
-        with _latents_kept(latents, folder, "the frames could not be written"):
-            names = _write_files(latents, frames, tmp, fps)
+        save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
+        names = ["latents.safetensors"]
+        if vae is not None or is_pixel_model(model):
+            from streamify.data.shapes import latents_frames
+
+            with _latents_kept(latents, folder, "the frames could not be decoded or written"):
+                groups = decode_frames(vae, latents) if vae is not None else [latents_frames(latents)]
+                count = write_frames(groups, tmp, fps)
+            names += [f"frames/ ({count} PNG)", "video.gif", "video.mp4"]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -226,36 +241,39 @@ def _latents_kept(latents: torch.Tensor, folder: Path, what: str) -> Iterator[No
         ) from error
 
 
-def _write_files(latents: torch.Tensor, frames: torch.Tensor | None, tmp: Path, fps: int) -> list[str]:
-    save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
-    names = ["latents.safetensors"]
-    if frames is not None:
-        from PIL import Image
+def write_frames(groups: Iterable[torch.Tensor], folder: Path, fps: int) -> int:
+    """Frames ``[n, 3, H, W]`` in [0, 1], a group at a time, as ``folder/frames/frame-NNNNN.png``,
+    ``folder/video.gif`` and ``folder/video.mp4`` at ``fps``; the number of frames. Each frame is written as
+    it comes; the GIF's frames are held until the end, paletted (a byte a pixel), as Pillow writes a GIF."""
+    from PIL import Image
 
-        pixels = (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-        images = [Image.fromarray(frame) for frame in pixels]
-        (tmp / "frames").mkdir()
-        for index, image in enumerate(images):
-            image.save(tmp / "frames" / f"frame-{index:05d}.png")
-        images[0].save(tmp / "video.gif", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
-        write_mp4(pixels, tmp / "video.mp4", fps)
-        names += [f"frames/ ({len(images)} PNG)", "video.gif", "video.mp4"]
-    return names
+    (folder / "frames").mkdir()
+    paletted, mp4 = [], None
+    try:
+        for group in groups:
+            for frame in (group.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy():
+                image = Image.fromarray(frame)
+                image.save(folder / "frames" / f"frame-{len(paletted):05d}.png")
+                if mp4 is None:
+                    mp4 = mp4_writer(folder / "video.mp4", frame.shape[1], frame.shape[0], fps)
+                mp4.send(frame.copy(order="C"))
+                paletted.append(image.convert("P", palette=Image.Palette.ADAPTIVE))
+    finally:
+        if mp4 is not None:
+            mp4.close()
+    paletted[0].save(folder / "video.gif", save_all=True, append_images=paletted[1:], duration=1000 / fps, loop=0)
+    return len(paletted)
 
 
-def write_mp4(pixels, path: Path, fps: int) -> None:
-    """``pixels`` ``[frames, H, W, 3]`` (uint8) as an H.264 MP4 (yuv420p, which players expect; an odd side is
-    padded by one pixel), through the ffmpeg binary of the ``imageio-ffmpeg`` wheel."""
+def mp4_writer(path: Path, width: int, height: int, fps: int):
+    """A started writer of an H.264 MP4 (yuv420p, which players expect; an odd side is padded by one pixel)
+    through the ffmpeg binary of the ``imageio-ffmpeg`` wheel: ``send`` it ``[H, W, 3]`` uint8 frames, then
+    ``close`` it."""
     import imageio_ffmpeg
 
-    height, width = pixels.shape[1:3]
     writer = imageio_ffmpeg.write_frames(
         str(path), (width, height), fps=fps, codec="libx264", quality=None, macro_block_size=1,
         output_params=["-crf", MP4_CRF, "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"],
     )  # fmt: skip
     writer.send(None)  # starts ffmpeg
-    try:
-        for frame in pixels:
-            writer.send(frame.copy(order="C"))
-    finally:
-        writer.close()
+    return writer
