@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import streamify.pipeline.plan as plan_module
 import streamify.quantize.int4.compressed as compressed
+from streamify.io.artifact import output_lock
 
 CALIBRATION = ("--samples", "4", "--seq-len", "64")
 
@@ -231,6 +232,10 @@ def test_a_killed_block_by_block_run_resumes_to_the_same_artifact(cli, tiny_llam
     stopped = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "resumed", *CALIBRATION, *options)
     assert stopped.exit_code != 0 and len(calls) == 3 and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(compressed.PackedShards, "add", add)
+    (progress,) = (tmp_path / "cache" / "calibrate").glob("blockwise-*")
+    with output_lock(progress):  # as another run of the same model, settings and data would hold it
+        busy = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "resumed", *CALIBRATION, *options)
+    assert busy.exit_code == 2 and "is writing this block-wise progress" in busy.stderr and "--no-cache" in busy.stderr
     other = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "fp16", *CALIBRATION, *options, "--dtype", "fp16")
     assert other.exit_code == 0 and "resumed" not in other.stderr  # loaded otherwise: not the same run
     result = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "resumed", *CALIBRATION, *options)

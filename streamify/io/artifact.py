@@ -95,8 +95,11 @@ def _existing_parent(path: Path) -> Path:
 
 
 @contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` for a run; a second run fails at once (exit 2) naming the first's PID."""
+def output_lock(
+    out: Path, what: str = "output", hint: str = "wait for it to finish, or choose another output folder"
+) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for a run; a second run fails at once (exit 2) naming the first's PID,
+    ``what`` it is writing and the ``hint``."""
     lock = out.with_name(f".{out.name}.streamify-lock")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +113,7 @@ def output_lock(out: Path) -> Iterator[None]:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise UsageError(
-                    f"{out}: another streamify run (PID {holder}) is writing this output",
-                    "wait for it to finish, or choose another output folder",
-                ) from None
+                raise UsageError(f"{out}: another streamify run (PID {holder}) is writing this {what}", hint) from None
             try:
                 same = os.fstat(fd).st_ino == os.lstat(lock).st_ino
             except FileNotFoundError:  # the holder before us removed it: lock the new file

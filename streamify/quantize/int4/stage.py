@@ -9,8 +9,10 @@ entropy-coded (:mod:`streamify.codec.container`), the packed 4-bit codes include
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +26,7 @@ from streamify.codec.container import CodedCheckpoint, code_checkpoint
 from streamify.data.blocks import token_blocks
 from streamify.data.sources import data_fingerprint, load_texts
 from streamify.errors import InputError, UsageError
+from streamify.io.artifact import output_lock
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import DTYPE_NAMES, DTYPES
@@ -418,12 +421,21 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
     """Quantize a model loaded block-wise: each block is read, calibrated, quantized and written before the next
     is read; returns the number of quantized weights. With ``progress_dir`` the shards are written there and
     the run's state is kept every few blocks, so a killed run resumes (:class:`_BlockwiseProgress`); the shards
-    move into the artifact folder at the end."""
+    move into the artifact folder at the end. The folder is locked for the run: another run of the same model,
+    settings and data is refused while this one writes it."""
     model, executor = checkpoint.model, checkpoint.blocks
     folder = ctx.artifact_dir
     if folder is None:
         raise RuntimeError("quantize.int4 on a block-wise model needs the artifact folder (StageContext.artifact_dir)")
+    held = contextlib.ExitStack()  # the lock: until the shards have moved into the artifact, or the run failed
     if progress_dir is not None:
+        held.enter_context(
+            output_lock(
+                progress_dir, "block-wise progress (the same model, settings and data)",
+                "wait for it: its artifact will be the same; or run this one without the cache (--no-cache)",
+            )
+        )  # fmt: skip
+        weakref.finalize(checkpoint, held.close)  # failed after the stage, before the artifact was written
         progress_dir.mkdir(parents=True, exist_ok=True)
     shards = PackedShards(progress_dir or folder, model, targets, group, params.symmetric, floats)
     tallies["counted"] = []
@@ -434,7 +446,7 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
         tallies["counted"].extend(w.codes.numel() for w in found.values())
 
     make_stats, solve_block, compute = solver
-    with torch.no_grad():
+    with torch.no_grad(), _released_on_failure(held):
         outside = quantize_sequentially(
             model,
             targets,
@@ -455,12 +467,23 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
         ctx.metrics["kept_fp32"] = shards.kept
 
     def finish(into: Path) -> None:
-        shards.finish(model, into)
-        if progress_dir is not None:
-            shutil.rmtree(progress_dir, ignore_errors=True)
+        with held:
+            shards.finish(model, into)
+            if progress_dir is not None:
+                shutil.rmtree(progress_dir, ignore_errors=True)
 
     checkpoint.weights_writer = finish
     return sum(tallies["counted"]) + sum(w.codes.numel() for w in outside.values())
+
+
+@contextlib.contextmanager
+def _released_on_failure(held: contextlib.ExitStack):
+    """Close ``held`` (release what it holds) when the body raises; keep it open when the body succeeds."""
+    try:
+        yield
+    except BaseException:
+        held.close()
+        raise
 
 
 class _BlockwiseProgress:
