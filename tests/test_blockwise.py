@@ -250,6 +250,24 @@ def test_a_killed_block_by_block_run_resumes_to_the_same_artifact(cli, tiny_llam
     assert not list((tmp_path / "cache" / "calibrate").glob("blockwise-*"))  # the progress is gone when done
 
 
+def test_a_run_that_fails_before_its_first_block_releases_the_progress(cli, tiny_llama, tmp_path, monkeypatch):
+    """The progress lock is released whatever stops the run once it holds it (here the shard writer failing to
+    start, as on a full disk): the next run in the same process is not refused as a concurrent one."""
+    monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
+    options = ("--method", "rtn", "--blockwise", "on", "--no-eval")
+    start = compressed.PackedShards.__init__
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compressed.PackedShards, "__init__", disk_full)
+    failed = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "first", *CALIBRATION, *options)
+    assert failed.exit_code != 0  # (the result, kept, holds the failed run's traceback and checkpoint)
+    monkeypatch.setattr(compressed.PackedShards, "__init__", start)
+    second = cli("quantize", "int4", tiny_llama, "-o", tmp_path / "second", *CALIBRATION, *options)
+    assert second.exit_code == 0, second.stderr
+
+
 def test_a_run_killed_while_its_shards_move_into_the_artifact_starts_over(cli, tiny_llama, tmp_path, monkeypatch):
     """Killed after the first shard moved into the artifact: no state is left to resume from, so the next run
     starts over (rather than resume from shards that are gone) and writes the same files."""

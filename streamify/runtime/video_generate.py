@@ -168,17 +168,19 @@ def load_vae(path: Path, model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def decode_frames(vae: nn.Module, latents: torch.Tensor) -> Iterator[torch.Tensor]:
     """``[frames, 3, H, W]`` in [0, 1] for each latent frame of ``latents`` ``[1, C, F, h, w]`` in turn: the
-    latents times the VAE's ``latents_std`` plus its ``latents_mean`` (as diffusers' WanPipeline), decoded one
-    latent frame at a time through the VAE's causal cache, as its own ``decode`` loops over them, so the
-    frames equal ``decode``'s without the whole clip's pixels in memory."""
+    latents denormalised with the VAE's ``latents_std`` and ``latents_mean`` as diffusers' WanPipeline does,
+    decoded one latent frame at a time through the VAE's causal cache, as its own (untiled) ``decode`` loops
+    over them, so the frames equal ``decode``'s without the whole clip's pixels in memory. Close it when
+    stopping early: the cache lives on the VAE until then."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
-    device = next(vae.parameters()).device
-    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    weight = next(vae.parameters())
+    latents = latents.to(weight.device)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
     vae.clear_cache()
     try:
-        inputs = vae.post_quant_conv(latents.to(device).float() * std + mean)
+        inputs = vae.post_quant_conv((latents / inverse_std + mean).to(weight.dtype))
         for index in range(inputs.shape[2]):
             vae._conv_idx = [0]
             video = vae.decoder(
@@ -207,8 +209,11 @@ def write_video(
             from streamify.data.shapes import latents_frames
 
             with _latents_kept(latents, folder, "the frames could not be decoded or written"):
-                groups = decode_frames(vae, latents) if vae is not None else [latents_frames(latents)]
-                count = write_frames(groups, tmp, fps)
+                if vae is None:
+                    count = write_frames([latents_frames(latents)], tmp, fps)
+                else:  # closed on a write error too: the VAE's cache is freed at once
+                    with contextlib.closing(decode_frames(vae, latents)) as groups:
+                        count = write_frames(groups, tmp, fps)
             names += [f"frames/ ({count} PNG)", "video.gif", "video.mp4"]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -436,17 +436,18 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
             )
         )  # fmt: skip
         weakref.finalize(checkpoint, held.close)  # failed after the stage, before the artifact was written
-        progress_dir.mkdir(parents=True, exist_ok=True)
-    shards = PackedShards(progress_dir or folder, model, targets, group, params.symmetric, floats)
-    tallies["counted"] = []
-    written = _BlockwiseProgress(progress_dir, shards, tallies, executor.device) if progress_dir else None
+    with _released_on_failure(held), torch.no_grad():
+        if progress_dir is not None:
+            progress_dir.mkdir(parents=True, exist_ok=True)
+        shards = PackedShards(progress_dir or folder, model, targets, group, params.symmetric, floats)
+        tallies["counted"] = []
+        written = _BlockwiseProgress(progress_dir, shards, tallies, executor.device) if progress_dir else None
 
-    def write_block(index: int, found: dict[str, Int4Weight]) -> None:
-        shards.add(block_tensors(model, executor.prefix, index), found)
-        tallies["counted"].extend(w.codes.numel() for w in found.values())
+        def write_block(index: int, found: dict[str, Int4Weight]) -> None:
+            shards.add(block_tensors(model, executor.prefix, index), found)
+            tallies["counted"].extend(w.codes.numel() for w in found.values())
 
-    make_stats, solve_block, compute = solver
-    with torch.no_grad(), _released_on_failure(held):
+        make_stats, solve_block, compute = solver
         outside = quantize_sequentially(
             model,
             targets,
