@@ -9,7 +9,6 @@ one decoded block (the container itself is memory-mapped, not read into memory).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -22,9 +21,8 @@ from streamify.errors import InputError
 from streamify.io.config import model_class
 from streamify.model.blocks import find_blocks
 from streamify.model.executor import check_complete, empty_model, lazy_model, place_tensors, tie_shared
+from streamify.quantize.int4.dequantized import QUANTIZED_PART
 
-# compressed-tensors stores a quantized Linear's ``weight`` as these tensors
-_QUANTIZED_PARTS = re.compile(r"\.weight_(packed|scale|zero_point|shape|g_idx)$")
 _MISMATCH = "the container does not match config.json; re-create the artifact"
 
 
@@ -44,7 +42,7 @@ def check_matches_model(container: Path, index: dict, model: nn.Module, quantize
     entries = index["tensors"]
     shapes = {name: list(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     for name, entry in entries.items():
-        base = _QUANTIZED_PARTS.sub(".weight", name) if quantized else name
+        base = QUANTIZED_PART.sub(".weight", name) if quantized else name
         if base not in shapes:
             raise InputError(f"{container}: tensor {name} is not one of the model's", _MISMATCH)
         if base == name and entry["shape"] != shapes[name]:

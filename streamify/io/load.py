@@ -32,7 +32,7 @@ from streamify.io.config import (
 )
 from streamify.io.gguf_vocab import gguf_pre, split_like_llama_cpp
 from streamify.io.manifest import read_manifest
-from streamify.io.placement import resolve_device, torch_dtype
+from streamify.io.placement import config_dtype, resolve_device, torch_dtype
 from streamify.io.safetensors_file import read_header
 from streamify.io.source import Source, resolve_source
 from streamify.io.verify import verify_artifact
@@ -192,18 +192,10 @@ def _deferred(
         )
     wanted = None if dtype == "auto" else torch_dtype(dtype)
     if quantization is not None:  # transformers dequantizes into the dtype the model runs in: asked, or config's
-        into = wanted or _config_dtype(config)
+        into = wanted or config_dtype(config)
         shapes = {name: value.shape for name, value in model.state_dict(keep_vars=True).items()}
         weights = DequantizedWeights(weights, weight_scheme(quantization, spec), into, shapes, spec)
     return deferred_blocks(model, weights, target, wanted, spec)
-
-
-def _config_dtype(config: PretrainedConfig) -> torch.dtype | None:
-    """The dtype config.json names for the weights (``dtype`` or the older ``torch_dtype``), None if none."""
-    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(named, str):
-        named = getattr(torch, named, None)
-    return named if isinstance(named, torch.dtype) else None
 
 
 def _check_loading_info(spec: str, info: dict) -> None:

@@ -22,6 +22,14 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return DTYPES[name]
 
 
+def config_dtype(config) -> torch.dtype | None:
+    """The dtype a transformers config names for its weights (``dtype``, a name or a torch dtype), None if none."""
+    named = getattr(config, "dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if isinstance(named, torch.dtype) else None
+
+
 def resolve_device(name: str) -> torch.device:
     """Check a device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``auto``) against this machine."""
     if name == "auto":

@@ -11,7 +11,7 @@ import torch
 from streamify.distill.trainer import check_share
 from streamify.errors import InputError, ResourceError
 from streamify.io.config import instantiate, model_class, read_config
-from streamify.io.placement import DTYPES
+from streamify.io.placement import DTYPES, config_dtype
 from streamify.io.source import Source
 from streamify.kinds import find_kind
 from streamify.model.attention import attention_layout, summarize_layout
@@ -37,11 +37,9 @@ def load_bytes_per_param(config, dtype: str, source: Source) -> int:
     """Bytes per parameter once loaded: the requested dtype, else the checkpoint's (fp32 for GGUF)."""
     if dtype != "auto":
         return DTYPES[dtype].itemsize
-    stored = getattr(config, "dtype", None)
+    stored = config_dtype(config)
     if source.kind == "gguf" or stored is None:
         return 4
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, torch.float32)
     return stored.itemsize
 
 

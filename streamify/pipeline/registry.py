@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import pkgutil
@@ -31,6 +32,7 @@ class StageContext:
 
     ``use_cache`` False (``--no-cache``) also turns off checkpoints inside the stage. ``artifact_dir`` is
     the artifact folder being written, for a stage that writes its files as it goes (block-wise).
+    ``run_resources`` holds what must last until the run ends, written or failed (a lock): the runner closes it.
     """
 
     device: torch.device
@@ -40,6 +42,7 @@ class StageContext:
     progress: Progress = SILENT
     metrics: dict = field(default_factory=dict)
     artifact_dir: Path | None = None
+    run_resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
 RunFn = Callable[[Checkpoint, BaseModel, StageContext], Checkpoint]

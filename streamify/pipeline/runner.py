@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -113,7 +114,7 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, plan, p
             checkpoint = source_checkpoint
         del source_checkpoint
 
-    with staged_folder(out, overwrite) as tmp:
+    with contextlib.ExitStack() as run_resources, staged_folder(out, overwrite) as tmp:
         for index in range(resumed + 1, len(stages)):
             stage, params = stages[index]
             progress.log(f"stage {index + 1}/{len(stages)}: {stage.name}")
@@ -125,6 +126,7 @@ def _run(recipe, source, out, device, cache, keys, overwrite, use_cache, plan, p
                 use_cache=use_cache,
                 progress=progress,
                 artifact_dir=tmp,  # a block-wise stage writes its files as it goes
+                run_resources=run_resources,
             )
             stage_start = time.perf_counter()
             checkpoint = stage.run(checkpoint, params, ctx)

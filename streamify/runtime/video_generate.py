@@ -189,7 +189,7 @@ def decode_frames(vae: nn.Module, latents: torch.Tensor) -> Iterator[torch.Tenso
             )  # fmt: skip
             if vae.config.patch_size is not None:
                 video = unpatchify(video, patch_size=vae.config.patch_size)
-            yield ((video.clamp(-1, 1)[0].permute(1, 0, 2, 3).float().cpu() + 1) / 2).clamp(0, 1)
+            yield (video.clamp(-1, 1)[0].permute(1, 0, 2, 3).float().cpu() + 1) / 2
     finally:
         vae.clear_cache()
 

@@ -18,7 +18,8 @@ import torch
 from streamify.errors import UsageError
 from streamify.model.executor import WeightSource
 
-_PART = re.compile(r"^(?P<module>.+)\.weight_(?P<part>packed|scale|shape|zero_point|g_idx)$")
+# compressed-tensors stores a quantized Linear's ``weight`` as these tensors
+QUANTIZED_PART = re.compile(r"\.weight_(?P<part>packed|scale|shape|zero_point|g_idx)$")
 _FORMAT = "pack-quantized"
 
 
@@ -67,7 +68,7 @@ class DequantizedWeights:
         self.parts: dict[str, list[str]] = {}  # "<module>.weight" -> its stored parts
         self.plain: list[str] = []
         for name in source.names():
-            match = _PART.match(name)
+            match = QUANTIZED_PART.search(name)
             if match is None:
                 self.plain.append(name)
                 continue
@@ -76,7 +77,7 @@ class DequantizedWeights:
                     f"{where}: {name}: --lazy does not dequantize activation-ordered groups (g_idx)",
                     "load it without --lazy",
                 )
-            self.parts.setdefault(f"{match['module']}.weight", []).append(name)
+            self.parts.setdefault(f"{name[: match.start()]}.weight", []).append(name)
 
     def names(self) -> list[str]:
         return self.plain + list(self.parts)
@@ -98,9 +99,7 @@ class DequantizedWeights:
         else:
             stored = self.source.load(wanted)
         found = {name: stored[name] for name in names if name not in self.parts}
-        for name in names:
-            if name not in self.parts:
-                continue
+        for name in (n for n in names if n in self.parts):
             module = name.removesuffix(".weight")
             local = {part.removeprefix(f"{module}."): stored[part] for part in self.parts[name]}
             if self.dtype is not None:

@@ -9,10 +9,8 @@ entropy-coded (:mod:`streamify.codec.container`), the packed 4-bit codes include
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -421,33 +419,30 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
     """Quantize a model loaded block-wise: each block is read, calibrated, quantized and written before the next
     is read; returns the number of quantized weights. With ``progress_dir`` the shards are written there and
     the run's state is kept every few blocks, so a killed run resumes (:class:`_BlockwiseProgress`); the shards
-    move into the artifact folder at the end. The folder is locked for the run: another run of the same model,
-    settings and data is refused while this one writes it."""
+    move into the artifact folder at the end. The folder is locked until the run ends: another run of the same
+    model, settings and data is refused while this one writes it."""
     model, executor = checkpoint.model, checkpoint.blocks
     folder = ctx.artifact_dir
     if folder is None:
         raise RuntimeError("quantize.int4 on a block-wise model needs the artifact folder (StageContext.artifact_dir)")
-    held = contextlib.ExitStack()  # the lock: until the shards have moved into the artifact, or the run failed
     if progress_dir is not None:
-        held.enter_context(
+        ctx.run_resources.enter_context(
             output_lock(
                 progress_dir, "block-wise progress (the same model, settings and data)",
                 "wait for it: its artifact will be the same; or run this one without the cache (--no-cache)",
             )
         )  # fmt: skip
-        weakref.finalize(checkpoint, held.close)  # failed after the stage, before the artifact was written
-    with _released_on_failure(held), torch.no_grad():
-        if progress_dir is not None:
-            progress_dir.mkdir(parents=True, exist_ok=True)
-        shards = PackedShards(progress_dir or folder, model, targets, group, params.symmetric, floats)
-        tallies["counted"] = []
-        written = _BlockwiseProgress(progress_dir, shards, tallies, executor.device) if progress_dir else None
+        progress_dir.mkdir(parents=True, exist_ok=True)
+    shards = PackedShards(progress_dir or folder, model, targets, group, params.symmetric, floats)
+    tallies["counted"] = []
+    written = _BlockwiseProgress(progress_dir, shards, tallies, executor.device) if progress_dir else None
 
-        def write_block(index: int, found: dict[str, Int4Weight]) -> None:
-            shards.add(block_tensors(model, executor.prefix, index), found)
-            tallies["counted"].extend(w.codes.numel() for w in found.values())
+    def write_block(index: int, found: dict[str, Int4Weight]) -> None:
+        shards.add(block_tensors(model, executor.prefix, index), found)
+        tallies["counted"].extend(w.codes.numel() for w in found.values())
 
-        make_stats, solve_block, compute = solver
+    make_stats, solve_block, compute = solver
+    with torch.no_grad():
         outside = quantize_sequentially(
             model,
             targets,
@@ -468,23 +463,12 @@ def _quantize_from_disk(checkpoint, params, targets, group, floats, ids, solver,
         ctx.metrics["kept_fp32"] = shards.kept
 
     def finish(into: Path) -> None:
-        with held:
-            shards.finish(model, into)
-            if progress_dir is not None:
-                shutil.rmtree(progress_dir, ignore_errors=True)
+        shards.finish(model, into)
+        if progress_dir is not None:
+            shutil.rmtree(progress_dir, ignore_errors=True)
 
     checkpoint.weights_writer = finish
     return sum(tallies["counted"]) + sum(w.codes.numel() for w in outside.values())
-
-
-@contextlib.contextmanager
-def _released_on_failure(held: contextlib.ExitStack):
-    """Close ``held`` (release what it holds) when the body raises; keep it open when the body succeeds."""
-    try:
-        yield
-    except BaseException:
-        held.close()
-        raise
 
 
 class _BlockwiseProgress:
