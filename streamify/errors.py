@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     INPUT = 3
     RESOURCES = 4
     GATE = 5
+    INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 class StreamifyError(Exception):
@@ -61,3 +62,9 @@ class GateError(StreamifyError):
     def __init__(self, message: str, hint: str | None = None, result: dict | None = None) -> None:
         super().__init__(message, hint)
         self.result = result
+
+
+class Interrupted(StreamifyError):
+    """Stopped by Ctrl-C where what was done so far is kept (exit 130, as shells report SIGINT)."""
+
+    exit_code = ExitCode.INTERRUPTED

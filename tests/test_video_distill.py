@@ -649,17 +649,40 @@ def test_a_conditions_files_negative_prompt_is_the_unconditional_branch_of_both_
 
 
 def test_frames_that_cannot_be_written_keep_the_generated_latents(wans, tmp_path, cli, monkeypatch):
-    """An MP4 encoder that fails after the generation: exit 4, no output folder, the latents kept beside it."""
+    """ffmpeg failing after the generation (here on an encoder setting it rejects; a full disk fails the same
+    way): exit 4 with ffmpeg's message, no output folder, the latents kept beside it. Before, ffmpeg's exit
+    status was not read and the folder was published without its video.mp4."""
     import streamify.runtime.video_generate as video_generate
 
-    def broken_encoder(path, width, height, fps):
-        raise BrokenPipeError("ffmpeg exited")
-
-    monkeypatch.setattr(video_generate, "mp4_writer", broken_encoder)
+    monkeypatch.setattr(video_generate, "MP4_CRF", "not-a-number")
     out = tmp_path / "clip"
     result = cli("generate", wans / "student", "--prompt", "red square moving up", "-o", out, "--frames", "2",
                  "--height", "8", "--width", "8")  # fmt: skip
     kept = tmp_path / "clip.latents.safetensors"
-    assert result.exit_code == 4 and "the frames could not be decoded or written (ffmpeg exited)" in result.stderr
+    assert result.exit_code == 4, result.stderr
+    assert "the frames could not be decoded or written (ffmpeg could not write video.mp4: " in result.stderr
     assert not out.exists() and load_file(kept)["latents"].shape == (1, 3, 2, 8, 8)
     assert not list(tmp_path.glob(".clip*"))  # no temporary folder left
+
+
+def test_ctrl_c_while_the_frames_are_written_keeps_the_latents(wans, tmp_path, cli, monkeypatch):
+    """Ctrl-C after the generation, while frames are written: exit 130, ffmpeg stopped, no output folder, the
+    latents kept (a second run's beside the first's, not over it)."""
+    import streamify.runtime.video_generate as video_generate
+
+    started = []
+
+    class Interrupting(video_generate.Mp4Writer):
+        def write(self, frame):
+            started.append(self._process)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(video_generate, "Mp4Writer", Interrupting)
+    out = tmp_path / "clip"
+    for kept in ("clip.latents.safetensors", "clip.latents-2.safetensors"):
+        result = cli("generate", wans / "student", "--prompt", "red square moving up", "-o", out, "--frames", "2",
+                     "--height", "8", "--width", "8")  # fmt: skip
+        assert result.exit_code == 130 and "interrupted before the frames were written" in result.stderr
+        assert kept in result.stderr and load_file(tmp_path / kept)["latents"].shape == (1, 3, 2, 8, 8)
+    assert not out.exists() and not list(tmp_path.glob(".clip*"))
+    assert len(started) == 2 and all(process.poll() is not None for process in started)  # no ffmpeg left running

@@ -28,16 +28,19 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from streamify.errors import InputError, ResourceError, UsageError
+from streamify.errors import InputError, Interrupted, ResourceError, UsageError
 from streamify.io.atomic import publish, temp_sibling
 from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import VideoCache
@@ -226,11 +229,12 @@ def write_video(
 
 @contextlib.contextmanager
 def _latents_kept(latents: torch.Tensor, folder: Path, what: str) -> Iterator[None]:
-    """On a failure inside (out of memory, a full disk, an encoder that fails), save ``latents`` beside
-    ``folder`` (never over an earlier run's) and raise ResourceError (exit 4) naming the file."""
+    """On a failure inside (out of memory, a full disk, an encoder that fails) or Ctrl-C, save ``latents``
+    beside ``folder`` (never over an earlier run's) and raise ResourceError (exit 4), or Interrupted (exit
+    130), naming the file."""
     try:
         yield
-    except (RuntimeError, MemoryError, OSError) as error:
+    except (RuntimeError, MemoryError, OSError, KeyboardInterrupt) as error:
         kept = folder.with_name(f"{folder.name}.latents.safetensors")
         for attempt in range(2, 1000):
             if not kept.exists():
@@ -238,18 +242,28 @@ def _latents_kept(latents: torch.Tensor, folder: Path, what: str) -> Iterator[No
             kept = folder.with_name(f"{folder.name}.latents-{attempt}.safetensors")
         kept.parent.mkdir(parents=True, exist_ok=True)  # where the output folder would have been made
         save_file({"latents": latents.contiguous()}, str(kept))
+        decode = (
+            "decode them with diffusers' AutoencoderKLWan after denormalising with its latents_mean/latents_std, "
+            "as WanPipeline does"
+        )
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(
+                f"interrupted before the frames were written; {folder} was not written, the generated latents are "
+                f"kept in {kept}",
+                f"{decode}, or run again",
+            ) from None
         raise ResourceError(
             f"{what} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); {folder} was not "
             f"written, the generated latents are kept in {kept}",
-            "decode them where the VAE fits (diffusers' AutoencoderKLWan after denormalising with its "
-            "latents_mean/latents_std, as WanPipeline does), generate fewer --frames, or free disk space",
+            f"{decode} where the VAE fits, generate fewer --frames, or free disk space",
         ) from error
 
 
 def write_frames(groups: Iterable[torch.Tensor], folder: Path, fps: int) -> int:
     """Frames ``[n, 3, H, W]`` in [0, 1], a group at a time, as ``folder/frames/frame-NNNNN.png``,
     ``folder/video.gif`` and ``folder/video.mp4`` at ``fps``; the number of frames. Each frame is written as
-    it comes; the GIF's frames are held until the end, paletted (a byte a pixel), as Pillow writes a GIF."""
+    it comes; the GIF's frames are held until the end, paletted (a byte a pixel), as Pillow writes a GIF.
+    OSError when ffmpeg fails to write the MP4."""
     from PIL import Image
 
     (folder / "frames").mkdir()
@@ -260,25 +274,60 @@ def write_frames(groups: Iterable[torch.Tensor], folder: Path, fps: int) -> int:
                 image = Image.fromarray(frame)
                 image.save(folder / "frames" / f"frame-{len(paletted):05d}.png")
                 if mp4 is None:
-                    mp4 = mp4_writer(folder / "video.mp4", frame.shape[1], frame.shape[0], fps)
-                mp4.send(frame.copy(order="C"))
+                    mp4 = Mp4Writer(folder / "video.mp4", frame.shape[1], frame.shape[0], fps)
+                mp4.write(frame)
                 paletted.append(image.convert("P", palette=Image.Palette.ADAPTIVE))
-    finally:
+    except BaseException:
         if mp4 is not None:
-            mp4.close()
+            mp4.kill()
+        raise
+    mp4.close()
     paletted[0].save(folder / "video.gif", save_all=True, append_images=paletted[1:], duration=1000 / fps, loop=0)
     return len(paletted)
 
 
-def mp4_writer(path: Path, width: int, height: int, fps: int):
-    """A started writer of an H.264 MP4 (yuv420p, which players expect; an odd side is padded by one pixel)
-    through the ffmpeg binary of the ``imageio-ffmpeg`` wheel: ``send`` it ``[H, W, 3]`` uint8 frames, then
-    ``close`` it."""
-    import imageio_ffmpeg
+class Mp4Writer:
+    """An H.264 MP4 (yuv420p, which players expect; an odd side is padded by one pixel) written frame by
+    frame by the ffmpeg binary of the ``imageio-ffmpeg`` wheel. :meth:`close` waits for ffmpeg and raises
+    OSError with its message when it failed, so a file it could not finish is never taken for a video."""
 
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (width, height), fps=fps, codec="libx264", quality=None, macro_block_size=1,
-        output_params=["-crf", MP4_CRF, "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"],
-    )  # fmt: skip
-    writer.send(None)  # starts ffmpeg
-    return writer
+    def __init__(self, path: Path, width: int, height: int, fps: int) -> None:
+        import imageio_ffmpeg
+
+        self.path = path
+        # ffmpeg's messages go to a file, which never fills up as a pipe can; close() or kill() closes it
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115
+        command = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+            "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            "-crf", MP4_CRF, "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", str(path),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Send one ``[H, W, 3]`` uint8 frame; OSError when ffmpeg has stopped."""
+        try:
+            self._process.stdin.write(np.ascontiguousarray(frame).tobytes())
+        except BrokenPipeError:
+            self.close()  # raises with ffmpeg's message
+            raise OSError(f"ffmpeg stopped reading frames for {self.path}") from None
+
+    def close(self) -> None:
+        """Finish the file; OSError with ffmpeg's last message when it exited with an error."""
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.close()
+        code = self._process.wait()
+        self._log.seek(0)
+        lines = self._log.read().decode(errors="replace").strip().splitlines()
+        self._log.close()
+        if code != 0:
+            reason = lines[-1] if lines else f"exit status {code}"
+            raise OSError(f"ffmpeg could not write {self.path.name}: {reason}")
+
+    def kill(self) -> None:
+        """Stop ffmpeg without finishing the file (the frames failed before it was complete)."""
+        self._process.kill()
+        self._process.wait()
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.close()
+        self._log.close()
