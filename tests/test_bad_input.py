@@ -36,6 +36,34 @@ def test_missing_path_exits_3_naming_it_as_a_process(tmp_path):
     assert "/does/not/exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("refusal", ["file-size limit", "no space"])
+def test_a_write_the_file_system_refuses_exits_4_and_publishes_nothing(tiny_llama, tmp_path, refusal):
+    """A disk that fills up (ENOSPC from an OSError) or a file-size limit (RLIMIT_FSIZE: safetensors' Rust
+    writer fails with "os error 27") is a resource problem, exit 4, not an internal error with a traceback;
+    nothing is published and no temporary folder is left. The console script, as a process."""
+    import resource
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "streamify", "convert", "dtype", str(tiny_llama), "-o", str(out), "--no-eval"]
+    if refusal == "no space":  # the OSError a full disk raises, from every text file written (config.json, ...)
+        patch = (
+            "import errno, pathlib, sys, streamify.cli.app as app\n"
+            "def full(*args, **kwargs): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "pathlib.Path.write_text = full\nsys.argv = sys.argv[1:]\napp.main()"
+        )
+        command = [sys.executable, "-c", patch, *command[2:]]
+    limit = 20_000 if refusal == "file-size limit" else resource.RLIM_INFINITY
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=cap)
+    assert proc.returncode == ExitCode.RESOURCES, proc.stderr
+    assert "a file could not be written" in proc.stderr and "Traceback" not in proc.stderr
+    assert ("os error 27" if refusal == "file-size limit" else "No space left on device") in proc.stderr
+    _assert_nothing_written(tmp_path, out)
+
+
 def test_truncated_safetensors(cli, tiny_llama, tmp_path):
     model = _copy(tiny_llama, tmp_path)
     weights = model / "model.safetensors"
