@@ -7,6 +7,8 @@ hint saying what to do.
 
 from __future__ import annotations
 
+import errno
+import re
 from enum import IntEnum
 
 
@@ -68,3 +70,22 @@ class Interrupted(StreamifyError):
     """Stopped by Ctrl-C where what was done so far is kept (exit 130, as shells report SIGINT)."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+_WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over quota, over the file-size limit
+
+
+def write_refused(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain (followed as tracebacks show it) that is the file system refusing a
+    write: an OSError, or the ``(os error N)`` that libraries written in Rust (safetensors) put in their own
+    errors; None when there is none."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        found = re.search(r"\(os error (\d+)\)", str(current))
+        if code in _WRITE_REFUSED or (found and int(found.group(1)) in _WRITE_REFUSED):
+            return current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return None

@@ -181,3 +181,47 @@ def test_device_that_is_not_here(cli, tiny_llama, tmp_path):
         pytest.skip("this machine has CUDA")
     result = cli("convert", "dtype", tiny_llama, "-o", tmp_path / "out", "--device", "cuda")
     assert result.exit_code == 2 and "CUDA is not available" in result.stderr
+
+
+def test_write_refused_follows_the_chain_as_tracebacks_show_it():
+    """The refusal is found behind the error a library wraps it in, not behind ``raise ... from None``, and a
+    cycle of causes ends."""
+    import errno
+
+    from streamify.errors import write_refused
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("saving failed")  # noqa: B904 (the implicit context is the point)
+    except RuntimeError as wrapped:
+        assert write_refused(wrapped) is full
+    try:
+        try:
+            raise full
+        except OSError:
+            raise KeyError("unrelated") from None
+    except KeyError as suppressed:
+        assert write_refused(suppressed) is None
+    first, second = ValueError("a"), ValueError("b")
+    first.__cause__, second.__cause__ = second, first
+    assert write_refused(first) is None
+    assert write_refused(RuntimeError("I/O error: File too large (os error 27)")) is not None
+    assert write_refused(OSError(errno.ENOENT, "No such file or directory")) is None
+
+
+def test_save_torch_under_a_file_size_limit_raises_the_os_error_and_leaves_no_file(tmp_path):
+    """torch.save to a path hides the errno in a RuntimeError; save_torch (the block-wise and resume states)
+    lets the OSError through, so the CLI reports exit 4, and removes its temporary file."""
+    code = (
+        "import resource, sys, torch\nfrom pathlib import Path\nfrom streamify.io.atomic import save_torch\n"
+        "from streamify.errors import write_refused\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n    save_torch(torch.zeros(10_000), Path(sys.argv[1]) / 'state.pt')\n"
+        "except Exception as exc:\n    print(write_refused(exc).errno)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "27", proc.stderr  # EFBIG
+    assert list(tmp_path.iterdir()) == []

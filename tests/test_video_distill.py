@@ -665,17 +665,26 @@ def test_frames_that_cannot_be_written_keep_the_generated_latents(wans, tmp_path
     assert not list(tmp_path.glob(".clip*"))  # no temporary folder left
 
 
-def test_ctrl_c_while_the_frames_are_written_keeps_the_latents(wans, tmp_path, cli, monkeypatch):
-    """Ctrl-C after the generation, while frames are written: exit 130, ffmpeg stopped, no output folder, the
-    latents kept (a second run's beside the first's, not over it)."""
+@pytest.mark.parametrize("during", ["write", "close"])
+def test_ctrl_c_while_the_frames_are_written_keeps_the_latents(wans, tmp_path, cli, monkeypatch, during):
+    """Ctrl-C after the generation, while frames are written or the MP4 is finished: exit 130, ffmpeg stopped
+    (it would wait for more frames), no output folder, the latents kept (a second run's beside the first's)."""
     import streamify.runtime.video_generate as video_generate
 
     started = []
 
     class Interrupting(video_generate.Mp4Writer):
-        def write(self, frame):
+        def __init__(self, *args):
+            super().__init__(*args)
             started.append(self._process)
-            raise KeyboardInterrupt
+
+        def write(self, frame):
+            if during == "write":
+                raise KeyboardInterrupt
+            super().write(frame)
+
+        def close(self):
+            raise KeyboardInterrupt  # before ffmpeg's input is closed
 
     monkeypatch.setattr(video_generate, "Mp4Writer", Interrupting)
     out = tmp_path / "clip"

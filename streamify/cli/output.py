@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import enum
-import errno
 import json
-import re
 import sys
 import time
 import traceback
@@ -20,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 
-from streamify.errors import ExitCode, GateError, ResourceError, StreamifyError
+from streamify.errors import ExitCode, GateError, ResourceError, StreamifyError, write_refused
 from streamify.progress import Progress
 
 T = TypeVar("T")
@@ -136,42 +134,27 @@ def command(fmt: Format) -> Iterator[Reporter]:
     except StreamifyError as exc:
         reporter.error(exc)
         raise typer.Exit(int(exc.exit_code)) from None
-    except MemoryError as exc:  # torch.OutOfMemoryError is a RuntimeError subclass, handled below
+    except MemoryError as exc:
         reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
         raise typer.Exit(int(ExitCode.RESOURCES)) from None
-    except RuntimeError as exc:
+    except Exception as exc:  # torch.OutOfMemoryError is a RuntimeError subclass
         import torch
 
-        if isinstance(exc, torch.OutOfMemoryError):
-            reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
-            raise typer.Exit(int(ExitCode.RESOURCES)) from None
-        _internal(reporter)
-    except Exception as exc:
-        if _write_refused(exc):
+        refused = write_refused(exc)
+        if refused is not None:
             reporter.error(
                 ResourceError(
-                    f"a file could not be written: {exc}",
+                    f"a file could not be written: {refused}",
                     "free disk space where the output goes and in streamify's cache ($STREAMIFY_CACHE_DIR, "
                     "`streamify cache` shows it), or raise the file-size limit",
                 )
             )
             raise typer.Exit(int(ExitCode.RESOURCES)) from None
+        if isinstance(exc, torch.OutOfMemoryError):
+            reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
+            raise typer.Exit(int(ExitCode.RESOURCES)) from None
         _internal(reporter)
 
-
-_WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over quota, over the file-size limit
-
-
-def _write_refused(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or what caused it) is the file system refusing a write: an OSError, or the
-    ``(os error N)`` that libraries written in Rust (safetensors) put in their own errors."""
-    while exc is not None:
-        code = exc.errno if isinstance(exc, OSError) else None
-        found = re.search(r"\(os error (\d+)\)", str(exc))
-        if code in _WRITE_REFUSED or (found and int(found.group(1)) in _WRITE_REFUSED):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _internal(reporter: Reporter) -> None:

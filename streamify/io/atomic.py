@@ -86,3 +86,19 @@ def remove_stale_siblings(folder: Path, name: str | None = None) -> int:
         freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
         shutil.rmtree(path, ignore_errors=True)
     return freed
+
+
+def save_torch(obj, path: Path) -> None:
+    """``torch.save(obj)`` into ``path`` through a temporary sibling renamed into place (never a half file,
+    even with two writers; removed on failure). It writes through a Python file object, so a full disk raises
+    the OSError, with its errno, that torch's own file writer turns into a RuntimeError without one."""
+    import torch
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -30,7 +30,7 @@ import torch
 
 from streamify import __version__
 from streamify.data.sources import data_fingerprint
-from streamify.errors import StreamifyError
+from streamify.errors import StreamifyError, write_refused
 from streamify.io.artifact import clean_pending, save_model_files
 from streamify.io.atomic import publish, remove_stale_siblings, temp_sibling
 from streamify.io.cache import cache_root
@@ -99,7 +99,9 @@ class StageCache:
             }
             (tmp / ENTRY_RECORD).write_text(json.dumps(record, indent=2, default=str))
             publish(tmp, self.entry(key), complete=lambda entry: (entry / ENTRY_RECORD).is_file())
-        except OSError as exc:
+        except Exception as exc:  # a full disk: an OSError, or safetensors' own error holding one
+            if not isinstance(exc, OSError) and write_refused(exc) is None:
+                raise
             progress.log(f"warning: could not cache the output of {records[-1]['name']} in {self.folder}: {exc}")
         finally:
             if tmp is not None:

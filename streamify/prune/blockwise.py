@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from streamify.codec.blockwise import write_block_by_block
+from streamify.io.atomic import save_torch
 from streamify.io.checkpoint import Checkpoint
 from streamify.model.executor import BlockExecutor
 from streamify.progress import Progress
@@ -60,7 +61,7 @@ class _Offloaded:
         self.folder = folder
 
     def put(self, boundary: int, states: list[torch.Tensor]) -> None:
-        torch.save(states, self.folder / f"{boundary}.pt")
+        save_torch(states, self.folder / f"{boundary}.pt")
 
     def take(self, boundary: int) -> list[torch.Tensor]:
         path = self.folder / f"{boundary}.pt"

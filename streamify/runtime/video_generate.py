@@ -277,11 +277,11 @@ def write_frames(groups: Iterable[torch.Tensor], folder: Path, fps: int) -> int:
                     mp4 = Mp4Writer(folder / "video.mp4", frame.shape[1], frame.shape[0], fps)
                 mp4.write(frame)
                 paletted.append(image.convert("P", palette=Image.Palette.ADAPTIVE))
+        mp4.close()
     except BaseException:
         if mp4 is not None:
             mp4.kill()
         raise
-    mp4.close()
     paletted[0].save(folder / "video.gif", save_all=True, append_images=paletted[1:], duration=1000 / fps, loop=0)
     return len(paletted)
 
@@ -302,7 +302,13 @@ class Mp4Writer:
             "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p",
             "-crf", MP4_CRF, "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", str(path),
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+        try:
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log
+            )
+        except BaseException:
+            self._log.close()
+            raise
 
     def write(self, frame: np.ndarray) -> None:
         """Send one ``[H, W, 3]`` uint8 frame; OSError when ffmpeg has stopped."""
@@ -325,7 +331,8 @@ class Mp4Writer:
             raise OSError(f"ffmpeg could not write {self.path.name}: {reason}")
 
     def kill(self) -> None:
-        """Stop ffmpeg without finishing the file (the frames failed before it was complete)."""
+        """Stop ffmpeg without finishing the file (the frames failed before it was complete); safe after
+        :meth:`close`."""
         self._process.kill()
         self._process.wait()
         with contextlib.suppress(BrokenPipeError):

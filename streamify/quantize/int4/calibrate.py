@@ -17,7 +17,6 @@ folder is removed when the stage finishes.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from streamify.io.atomic import save_torch
 from streamify.model.blocks import block_list
 from streamify.model.executor import BlockExecutor
 from streamify.progress import SILENT, Progress
@@ -82,9 +82,7 @@ class _Checkpoints:
         part = self.folder / f"blocks-{self.saved:05d}.pt"
         state = {"next_block": next_block, "inputs": inputs, "results": {n: asdict(w) for n, w in results.items()}}
         for path, payload in ((part, finished), (self.folder / STATE_NAME, state)):
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # never a half file, even with two writers
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
+            save_torch(payload, path)
         self.saved = next_block
 
     def clear(self) -> None:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from streamify.io.atomic import save_torch
 from streamify.io.safetensors_file import INDEX_NAME, shard_index, shard_names
 from streamify.model.blocks import block_list, block_tensors
 from streamify.model.cast import keeps_fp32
@@ -140,9 +141,7 @@ class PackedShards:
         stay), the tensors not yet in one (in a file of their own for ``tag``) and ``extra`` (JSON). The state
         file, written last, is the commit: a kill before it leaves the previous state whole."""
         pending = folder / f"pending-{tag}.pt"
-        tmp = pending.with_name(f"{pending.name}.tmp-{os.getpid()}")
-        torch.save(self.pending, tmp)  # streamed to the file (safetensors would build it in memory first)
-        os.replace(tmp, pending)
+        save_torch(self.pending, pending)  # streamed to the file (safetensors would build it in memory first)
         state = {
             "written": [(path.name, names) for path, names in self.written],
             "pending": pending.name,

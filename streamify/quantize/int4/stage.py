@@ -25,6 +25,7 @@ from streamify.data.blocks import token_blocks
 from streamify.data.sources import data_fingerprint, load_texts
 from streamify.errors import InputError, UsageError
 from streamify.io.artifact import output_lock
+from streamify.io.atomic import save_torch
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
 from streamify.io.placement import DTYPE_NAMES, DTYPES
@@ -493,9 +494,7 @@ class _BlockwiseProgress:
 
     def save(self, next_block: int, inputs: list | None) -> None:
         path = self.folder / f"inputs-{next_block}.pt"
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        torch.save(inputs, tmp)
-        os.replace(tmp, path)
+        save_torch(inputs, path)
         self.shards.save_state(self.folder, next_block, {"next_block": next_block, "tallies": self.tallies})
         for older in self.folder.glob("inputs-*.pt"):
             if older != path:
