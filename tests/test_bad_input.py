@@ -225,3 +225,20 @@ def test_save_torch_under_a_file_size_limit_raises_the_os_error_and_leaves_no_fi
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "27", proc.stderr  # EFBIG
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_run_exits_130_and_publishes_nothing(cli, tiny_llama, tmp_path, monkeypatch):
+    """Ctrl-C while the artifact is being written: exit 130 with a message (not click's "Aborted!" and exit 1,
+    which the README keeps for bugs), no output folder, no temporary folder left."""
+    import streamify.pipeline.runner as runner
+
+    def interrupted(checkpoint, folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "save_model_files", interrupted)
+    out = tmp_path / "out"
+    result = _convert(cli, tiny_llama, out)
+    assert result.exit_code == ExitCode.INTERRUPTED == 130 and "interrupted (Ctrl-C)" in result.stderr
+    assert "Aborted" not in result.stderr
+    _assert_nothing_written(tmp_path, out)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 
-from streamify.errors import ExitCode, GateError, ResourceError, StreamifyError, write_refused
+from streamify.errors import ExitCode, GateError, Interrupted, ResourceError, StreamifyError, write_refused
 from streamify.progress import Progress
 
 T = TypeVar("T")
@@ -137,6 +137,15 @@ def command(fmt: Format) -> Iterator[Reporter]:
     except MemoryError as exc:
         reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
         raise typer.Exit(int(ExitCode.RESOURCES)) from None
+    except KeyboardInterrupt:  # not click's "Aborted!" with exit 1, which the README keeps for bugs
+        reporter.error(
+            Interrupted(
+                "interrupted (Ctrl-C)",
+                "run again: outputs are written under a temporary name until they are whole, and training and "
+                "block-wise stages resume from their last checkpoint",
+            )
+        )
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:  # torch.OutOfMemoryError is a RuntimeError subclass
         import torch
 

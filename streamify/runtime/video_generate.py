@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -241,7 +242,12 @@ def _latents_kept(latents: torch.Tensor, folder: Path, what: str) -> Iterator[No
                 break
             kept = folder.with_name(f"{folder.name}.latents-{attempt}.safetensors")
         kept.parent.mkdir(parents=True, exist_ok=True)  # where the output folder would have been made
-        save_file({"latents": latents.contiguous()}, str(kept))
+        partial = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")  # a second Ctrl-C leaves no half file
+        try:
+            save_file({"latents": latents.contiguous()}, str(partial))
+            os.replace(partial, kept)
+        finally:
+            partial.unlink(missing_ok=True)
         decode = (
             "decode them with diffusers' AutoencoderKLWan after denormalising with its latents_mean/latents_std, "
             "as WanPipeline does"
