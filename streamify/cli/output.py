@@ -134,9 +134,6 @@ def command(fmt: Format) -> Iterator[Reporter]:
     except StreamifyError as exc:
         reporter.error(exc)
         raise typer.Exit(int(exc.exit_code)) from None
-    except MemoryError as exc:
-        reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
-        raise typer.Exit(int(ExitCode.RESOURCES)) from None
     except KeyboardInterrupt:  # not click's "Aborted!" with exit 1, which the README keeps for bugs
         reporter.error(
             Interrupted(
@@ -146,7 +143,7 @@ def command(fmt: Format) -> Iterator[Reporter]:
             )
         )
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
-    except Exception as exc:  # torch.OutOfMemoryError is a RuntimeError subclass
+    except Exception as exc:
         import torch
 
         refused = write_refused(exc)
@@ -159,11 +156,10 @@ def command(fmt: Format) -> Iterator[Reporter]:
                 )
             )
             raise typer.Exit(int(ExitCode.RESOURCES)) from None
-        if isinstance(exc, torch.OutOfMemoryError):
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):  # the latter is a RuntimeError
             reporter.error(ResourceError(f"out of memory: {exc}", "use --dtype bf16, a smaller job or more memory"))
             raise typer.Exit(int(ExitCode.RESOURCES)) from None
         _internal(reporter)
-
 
 
 def _internal(reporter: Reporter) -> None:

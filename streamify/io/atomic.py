@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TMP_TAG = ".streamify-tmp-"
@@ -88,17 +90,23 @@ def remove_stale_siblings(folder: Path, name: str | None = None) -> int:
     return freed
 
 
-def save_torch(obj, path: Path) -> None:
-    """``torch.save(obj)`` into ``path`` through a temporary sibling renamed into place (never a half file,
-    even with two writers; removed on failure). It writes through a Python file object, so a full disk raises
-    the OSError, with its errno, that torch's own file writer turns into a RuntimeError without one."""
-    import torch
-
+@contextmanager
+def file_written(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write the file into; renamed to ``path`` when the block ends and
+    removed when it fails, so ``path`` is never a half file, even with two writers or a second Ctrl-C."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def save_torch(obj, path: Path) -> None:
+    """``torch.save(obj)`` into ``path`` (:func:`file_written`). It writes through a Python file object, so a
+    full disk raises the OSError, with its errno, that torch's own file writer turns into a RuntimeError
+    without one."""
+    import torch
+
+    with file_written(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)

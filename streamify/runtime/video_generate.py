@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -42,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from streamify.errors import InputError, Interrupted, ResourceError, UsageError
-from streamify.io.atomic import publish, temp_sibling
+from streamify.io.atomic import file_written, publish, temp_sibling
 from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import VideoCache
 from streamify.runtime.video_sampling import chunk_length, denoise_chunk, sample_clip, shifted_sigmas
@@ -242,12 +241,8 @@ def _latents_kept(latents: torch.Tensor, folder: Path, what: str) -> Iterator[No
                 break
             kept = folder.with_name(f"{folder.name}.latents-{attempt}.safetensors")
         kept.parent.mkdir(parents=True, exist_ok=True)  # where the output folder would have been made
-        partial = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")  # a second Ctrl-C leaves no half file
-        try:
+        with file_written(kept) as partial:
             save_file({"latents": latents.contiguous()}, str(partial))
-            os.replace(partial, kept)
-        finally:
-            partial.unlink(missing_ok=True)
         decode = (
             "decode them with diffusers' AutoencoderKLWan after denormalising with its latents_mean/latents_std, "
             "as WanPipeline does"

@@ -14,7 +14,6 @@ written while it is in memory, then dropped), so both paths give the same files.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from streamify.io.atomic import save_torch
+from streamify.io.atomic import file_written, save_torch
 from streamify.io.safetensors_file import INDEX_NAME, shard_index, shard_names
 from streamify.model.blocks import block_list, block_tensors
 from streamify.model.cast import keeps_fp32
@@ -149,9 +148,8 @@ class PackedShards:
             "total": self.total,
             "extra": extra,
         }
-        tmp = folder / f"{STATE_JSON}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, folder / STATE_JSON)
+        with file_written(folder / STATE_JSON) as tmp:
+            tmp.write_text(json.dumps(state))
         for older in folder.glob("pending-*.pt"):
             if older != pending:
                 older.unlink(missing_ok=True)
