@@ -220,6 +220,57 @@ def references(clips: int) -> dict:
     return out
 
 
+def direction_probe(teacher: Path, clips: int, guidance: float) -> dict:
+    """Does the teacher use the label's direction? On held-out clips, with the same noise: its flow-matching loss
+    at several levels with the true label, the label naming the opposite direction and no label; and the
+    trajectory error of clips noised to a level and sampled back to 0 (48 Euler steps over the rest, guided) with
+    the true or the opposite label (SDEdit: from 1, a sample from noise)."""
+    from streamify.data.shapes import (
+        DIRECTIONS,
+        Label,
+        clip_latents,
+        label_condition,
+        latents_frames,
+        shapes_clips,
+        trajectory_error,
+    )
+    from streamify.io.load import load_checkpoint
+    from streamify.runtime.video_sampling import noised, sample_clip, velocity
+
+    model = load_checkpoint(str(teacher)).model
+    real = shapes_clips("heldout", clips, TRAIN_FRAMES, SIZE)
+    reverse = {tuple(-v for v in vector): name for name, vector in DIRECTIONS.items()}
+    opposite = [Label(c.shape, c.colour, reverse[DIRECTIONS[c.direction]]) for c in real]
+    clean = torch.cat([clip_latents(c) for c in real])
+    labels = {
+        "true": torch.stack([label_condition(c, TOKENS, TEXT_DIM) for c in real]),
+        "opposite": torch.stack([label_condition(c, TOKENS, TEXT_DIM) for c in opposite]),
+    }
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    out = {"loss": {}, "sdedit_trajectory_error": {}}
+    with torch.no_grad():
+        for level in (0.1, 0.3, 0.5, 0.7, 0.9):
+            x = noised(clean, noise, torch.full((clips,), level))
+            conditions = {**labels, "none": torch.zeros_like(labels["true"])}
+            out["loss"][str(level)] = {
+                name: round(float((velocity(model, x, c, level) - (noise - clean)).pow(2).mean()), 4)
+                for name, c in conditions.items()
+            }
+    for start in (0.5, 0.8, 1.0):
+        levels = [start * (1 - i / TEACHER_STEPS) for i in range(TEACHER_STEPS + 1)]
+        x = noised(clean, noise, torch.full((clips,), start))
+        out["sdedit_trajectory_error"][str(start)] = {
+            name: round(
+                sum(
+                    trajectory_error(latents_frames(sample[None]), clip.direction)
+                    for sample, clip in zip(sample_clip(model, x, c, levels, guidance=guidance)[0], real, strict=True)
+                ) / clips, 2,
+            )
+            for name, c in labels.items()
+        }  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -229,6 +280,9 @@ def main() -> None:
     parser.add_argument("--references", action="store_true", help="only the trajectory errors of real clips")
     parser.add_argument(
         "--sweep", default=None, help="only the teacher in --work at its training length, at these guidance scales"
+    )
+    parser.add_argument(
+        "--probe", action="store_true", help="only whether the teacher in --work uses the label's direction"
     )
     parser.add_argument(
         "--guidance", type=float, default=GUIDANCE, help="the teacher's and diffusion-forced student's guidance"
@@ -247,9 +301,12 @@ def main() -> None:
         print(json.dumps(references(sizes["eval"])))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="self-forcing-"))
+    if (args.sweep or args.probe) and args.work is None:
+        parser.error("--sweep and --probe measure the teacher of --work DIR")
+    if args.probe:
+        print(json.dumps(direction_probe(work / "teacher", 2 * sizes["eval"], args.guidance), indent=1))
+        return
     if args.sweep:
-        if args.work is None:
-            parser.error("--sweep measures the teacher of --work DIR")
         for guidance in map(float, args.sweep.split(",")):
             result = measure(work / "teacher", TRAIN_FRAMES, sizes["eval"], False, guidance)
             print(f"guidance {guidance:g}: trajectory error {result['trajectory_error']:.2f} px, colour error "
