@@ -65,6 +65,39 @@ def test_block_by_block_writes_the_in_memory_artifact(cli, tiny_models, tmp_path
     assert torch.isfinite(sharded).all() and torch.equal(sharded, whole)
 
 
+def test_a_block_wise_run_needs_the_artifacts_size_free_where_the_cache_keeps_its_progress(
+    cli, tiny_llama, tmp_path, monkeypatch
+):
+    """A block-wise quantize int4 keeps its shards under the cache until it ends: the plan names that folder (not
+    with --no-cache, not in memory), and a run is refused (exit 4, before any weight is read, nothing published)
+    when the cache is on another file system without the artifact's size free; on the output's file system the
+    shards are renamed into the artifact, so the output's check is the one that counts."""
+    from streamify.io.cache import cache_root
+
+    plan = planned(cli, tiny_llama, tmp_path / "a", "--no-eval", "--blockwise", "on")
+    assert Path(plan["path"]["progress_dir"]) == cache_root()
+    assert (
+        "progress_dir"
+        not in planned(cli, tiny_llama, tmp_path / "a", "--no-eval", "--blockwise", "on", "--no-cache")["path"]
+    )
+    assert "progress_dir" not in planned(cli, tiny_llama, tmp_path / "a", "--no-eval", "--blockwise", "off")["path"]
+    real = shutil.disk_usage
+    full = plan["estimate"]["disk_bytes"] - 1  # one byte short of the artifact, except where the output goes
+    monkeypatch.setattr(
+        plan_module.shutil, "disk_usage", lambda p: real(p) if Path(p) == tmp_path else real(p)._replace(free=full)
+    )
+    monkeypatch.setattr(plan_module, "_same_file_system", lambda first, second: False)
+    options = ("-o", tmp_path / "out", *CALIBRATION, "--no-eval", "--blockwise", "on")
+    refused = cli("quantize", "int4", tiny_llama, *options)
+    assert refused.exit_code == 4, refused.output
+    assert f"{cache_root()}: a block-wise run keeps its progress there until it ends" in refused.stderr
+    assert "STREAMIFY_CACHE_DIR" in refused.stderr and not (tmp_path / "out").exists()
+    assert cli("quantize", "int4", tiny_llama, *options, "--no-cache").exit_code == 0
+    monkeypatch.setattr(plan_module, "_same_file_system", lambda first, second: True)
+    shutil.rmtree(tmp_path / "out")
+    assert cli("quantize", "int4", tiny_llama, *options).exit_code == 0
+
+
 def test_plan_goes_block_by_block_when_the_model_does_not_fit(cli, tiny_llama, tmp_path, monkeypatch):
     """auto: in memory while the run fits; block by block when it does not and nothing rules it out (the
     run then takes that path); in memory with the reason when the eval rules it out, and the run is refused."""

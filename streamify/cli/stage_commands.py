@@ -35,6 +35,7 @@ from streamify.cli.options import (
     EvalOpt,
     FormatOpt,
     ModelArg,
+    NoCacheOpt,
     OutOpt,
     OverwriteOpt,
     PickleOpt,
@@ -58,6 +59,7 @@ COMMON: tuple[tuple[str, Any, Any, str | None], ...] = (
     ("evaluate", EvalOpt, True, None),
     ("overwrite", OverwriteOpt, False, None),
     ("dry_run", DryRunOpt, False, None),
+    ("no_cache", NoCacheOpt, False, None),
     ("save_recipe", SaveRecipeOpt, None, None),
     ("fmt", FormatOpt, Format.human, None),
 )
@@ -163,6 +165,7 @@ def stage_command(stage: Stage):
             evaluate=given.get("evaluate", True),
             overwrite=given.get("overwrite", False),
             dry_run=given.get("dry_run", False),
+            use_cache=not given.get("no_cache", False),
             save_recipe=given.get("save_recipe"),
             fmt=given.get("fmt", Format.human),
         )
@@ -181,6 +184,7 @@ def run_one_stage(
     evaluate: bool,
     overwrite: bool,
     dry_run: bool,
+    use_cache: bool,
     save_recipe: Path | None,
     fmt: Format,
 ) -> None:
@@ -194,7 +198,10 @@ def run_one_stage(
         if save_recipe is not None:
             save_recipe.write_text(recipe.to_yaml())
             out.log(f"wrote the equivalent recipe to {save_recipe}")
-        out.run(lambda: run_recipe(recipe, overwrite=overwrite, dry_run=dry_run, progress=out), render_run)
+        out.run(
+            lambda: run_recipe(recipe, overwrite=overwrite, dry_run=dry_run, use_cache=use_cache, progress=out),
+            render_run,
+        )
 
 
 class StageGroup(TyperGroup):

@@ -10,6 +10,7 @@ import torch
 
 from streamify.distill.trainer import check_share
 from streamify.errors import InputError, ResourceError
+from streamify.io.cache import cache_root
 from streamify.io.config import instantiate, model_class, read_config
 from streamify.io.placement import DTYPES, config_dtype
 from streamify.io.source import Source
@@ -181,6 +182,8 @@ def build_plan(
     path = choose_path(recipe, source, model, loaded_per_param, int(peak), available, processes)
     if path["blockwise"]:
         peak = stages[-1]["estimate"]["peak_memory_bytes"] = path.pop("peak_memory_bytes")
+        if cache_hits is not None and recipe.resolved_stages()[-1][0].progress_in_cache and source.path.is_dir():
+            path["progress_dir"] = str(cache_root())
     return {
         "model": recipe.model,
         "source": {"kind": source.kind, "path": str(source.path)},
@@ -225,7 +228,10 @@ def check_fits(plan: dict, output: Path, progress: Progress = SILENT, device: st
     on an accelerator (``device``) it is that device's memory the estimate is
     about, which is not measured here, so only the disk is checked. Where the
     free space cannot be measured (a file system that reports no size, such as
-    /proc), the disk check steps aside with a warning.
+    /proc), the disk check steps aside with a warning. A block-wise run that keeps
+    its progress under the cache (the plan's ``path.progress_dir``) needs the
+    artifact's size free there too when the cache is on another file system
+    (on the same one, its shards are renamed into the artifact).
     """
     estimate = plan["estimate"]
     available = estimate["available_memory_bytes"] if str(device).startswith("cpu") else None
@@ -239,17 +245,38 @@ def check_fits(plan: dict, output: Path, progress: Progress = SILENT, device: st
             "free memory, use --dtype bf16, or run on a bigger machine"
             + ("" if "ruled out" not in (plan["path"]["why"] or "") else f" ({plan['path']['why']})"),
         )
-    parent = output
+    disk = estimate["disk_bytes"]
+    parent, free = _free_bytes(output, progress)
+    if free is not None and disk > free:
+        raise ResourceError(
+            f"{output}: the artifact needs about {disk / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free there",
+            "free disk space or choose another output folder",
+        )
+    kept = plan["path"].get("progress_dir")
+    if kept is None:
+        return
+    kept_parent, free = _free_bytes(Path(kept), progress)
+    if free is not None and disk > free and not _same_file_system(kept_parent, parent):
+        raise ResourceError(
+            f"{kept}: a block-wise run keeps its progress there until it ends (about {disk / 2**30:.1f} GiB, "
+            f"the artifact's size), {free / 2**30:.1f} GiB is free there",
+            "free space there, point STREAMIFY_CACHE_DIR at a disk with room, or run with --no-cache "
+            "(then a killed run starts over)",
+        )
+
+
+def _same_file_system(first: Path, second: Path) -> bool:
+    return first.stat().st_dev == second.stat().st_dev
+
+
+def _free_bytes(folder: Path, progress: Progress) -> tuple[Path, int | None]:
+    """The nearest existing folder at or above ``folder`` and its free bytes (None, with a warning, where the
+    file system reports no size)."""
+    parent = folder
     while not parent.exists():
         parent = parent.parent
     usage = shutil.disk_usage(parent)
     if usage.total == 0:
         progress.log(f"warning: {parent} reports no size, so free space there is not checked")
-        return
-    free = usage.free
-    if estimate["disk_bytes"] > free:
-        raise ResourceError(
-            f"{output}: the artifact needs about {estimate['disk_bytes'] / 2**30:.1f} GiB, "
-            f"{free / 2**30:.1f} GiB is free there",
-            "free disk space or choose another output folder",
-        )
+        return parent, None
+    return parent, usage.free

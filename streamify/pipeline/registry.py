@@ -67,7 +67,9 @@ class Stage:
     the mode asked for (auto, on, off), what in them rules it out (None when nothing does) and the working
     memory of one block (activations, statistics) in bytes; ``holds``, for a stage that trains outside
     ``training``, gives for its params, the model's bytes in memory and its parameter count the peak memory of
-    the weights and optimizer states it keeps (activations not counted) and what they are, for the plan.
+    the weights and optimizer states it keeps (activations not counted) and what they are, for the plan;
+    ``progress_in_cache`` marks a stage whose block-wise run keeps its output (up to the artifact's size) under
+    the cache until it ends, so that a killed run resumes.
     """
 
     name: str
@@ -85,6 +87,7 @@ class Stage:
     trains: Callable[[BaseModel], bool] = lambda params: False
     blockwise: Callable[[BaseModel, Any], tuple[str, str | None, int]] | None = None
     holds: Callable[[BaseModel, int, int], tuple[int, str]] | None = None
+    progress_in_cache: bool = False
 
 
 def trains(stage: Stage, params: BaseModel) -> bool:

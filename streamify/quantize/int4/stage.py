@@ -260,6 +260,7 @@ def _check_not_quantized(model, where: str) -> None:
         params.blockwise_obstacle(),
         _block_working_bytes(params, model),
     ),
+    progress_in_cache=True,
 )
 def quantize_int4(checkpoint: Checkpoint, params: Int4Params, ctx: StageContext) -> Checkpoint:
     """Quantize the target linears, leave dequantized weights in memory, and set the artifact writer."""
