@@ -44,6 +44,7 @@ TEACHER_STEPS = 48
 CONDITION_DROPOUT = 0.1  # trains the unconditional model too, for classifier-free guidance
 GUIDANCE = 3.0  # the teacher's sampling, the ODE trajectories and DMD's real score (Self-Forcing: 3)
 STUDENT_TIMESTEPS = (1000, 750, 500, 250)
+ORACLE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
 FULL = {"clips": 4000, "teacher": 8000, "forced": 1000, "ode_samples": 256, "ode": 600, "sf": 150, "eval": 16}
 QUICK = {"clips": 64, "teacher": 10, "forced": 5, "ode_samples": 8, "ode": 5, "sf": 2, "eval": 2}
 
@@ -271,6 +272,42 @@ def direction_probe(teacher: Path, clips: int, guidance: float) -> dict:
     return out
 
 
+def bayes_optimal(clips: int, levels: tuple[float, ...] = ORACLE_LEVELS) -> dict:
+    """The flow-matching loss of the best possible denoiser on the probe's held-out clips and noise, with and
+    without the label's direction: ``builtin:shapes`` is a finite set of clips (a start on a grid of
+    ``start_positions`` per axis), so the posterior mean of the clean clip given the noisy one is exact, a
+    softmax over the clips the label allows (shape and colour, and the direction or any of them)."""
+    from streamify.data.shapes import DIRECTIONS, clip_latents, draw_clip, shapes_clips, start_positions
+
+    real = shapes_clips("heldout", clips, TRAIN_FRAMES, SIZE)
+    clean = torch.cat([clip_latents(c) for c in real])
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))  # the probe's noise
+    starts = [(x, y) for x in start_positions(SIZE) for y in start_positions(SIZE)]
+    drawn = {}
+
+    def candidates(shape: str, colour: str, directions) -> torch.Tensor:
+        for direction in directions:
+            if (shape, colour, direction) not in drawn:
+                drawn[shape, colour, direction] = torch.cat(
+                    [clip_latents(draw_clip(shape, colour, direction, s, TRAIN_FRAMES, SIZE)) for s in starts]
+                ).flatten(1)
+        return torch.cat([drawn[shape, colour, d] for d in directions]).double()
+
+    out = {}
+    for level in levels:
+        noisy = (1 - level) * clean + level * noise
+        losses = {"with direction": 0.0, "without direction": 0.0}
+        for index, clip in enumerate(real):
+            x, target = noisy[index].flatten().double(), clean[index].flatten().double()
+            for name, directions in (("with direction", [clip.direction]), ("without direction", DIRECTIONS)):
+                allowed = candidates(clip.shape, clip.colour, directions)
+                weights = torch.softmax(-(x - (1 - level) * allowed).pow(2).sum(1) / (2 * level**2), dim=0)
+                # the velocity error is the clean clip's error over the level: v = (x_s - x_0) / s
+                losses[name] += float((weights @ allowed - target).pow(2).mean()) / level**2 / clips
+        out[str(level)] = {name: round(value, 4) for name, value in losses.items()}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -283,6 +320,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--probe", action="store_true", help="only whether the teacher in --work uses the label's direction"
+    )
+    parser.add_argument(
+        "--oracle", action="store_true", help="only the best possible denoiser's loss, with and without direction"
     )
     parser.add_argument(
         "--guidance", type=float, default=GUIDANCE, help="the teacher's and diffusion-forced student's guidance"
@@ -299,6 +339,9 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     if args.references:
         print(json.dumps(references(sizes["eval"])))
+        return
+    if args.oracle:
+        print(json.dumps(bayes_optimal(2 * sizes["eval"]), indent=1))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="self-forcing-"))
     if (args.sweep or args.probe) and args.work is None:

@@ -17,12 +17,14 @@ from streamify.data.shapes import (
     clip_latents,
     colour_error,
     detect,
+    draw_clip,
     frechet_distance,
     label_condition,
     latents_frames,
     make_clip,
     radius,
     shapes_clips,
+    start_positions,
     trajectory_error,
 )
 from streamify.errors import UsageError
@@ -42,6 +44,21 @@ def test_the_detector_finds_every_shape_exactly_and_the_clip_obeys_the_rule(size
         assert colour_error(clip.frames, clip.colour) < 1e-5
         inside = (clip.centres >= radius(size) - 0.5) & (clip.centres <= size - radius(size) - 0.5)
         assert inside.all(), (seed, clip.label)
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_every_clip_is_drawn_from_its_label_and_one_of_the_start_positions(size):
+    """The data is the finite set the benchmark's best-possible denoiser enumerates: each seed's clip is
+    draw_clip of its own label and a start from start_positions, and 400 seeds reach every start position."""
+    seen = set()
+    for seed in range(400):
+        clip = make_clip(seed, frames=6, size=size)
+        start = tuple(clip.centres[0].tolist())
+        assert set(start) <= set(start_positions(size)), (seed, start)
+        again = draw_clip(clip.shape, clip.colour, clip.direction, start, 6, size)
+        assert torch.equal(again.frames, clip.frames) and torch.equal(again.centres, clip.centres)
+        seen.update(start)
+    assert seen == set(start_positions(size))
 
 
 def test_a_bounce_reflects_off_each_wall_and_out_of_a_corner():

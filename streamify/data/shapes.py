@@ -99,6 +99,23 @@ def _mask(shape: str, centre: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
+def start_positions(size: int) -> list[float]:
+    """The coordinates a shape's centre can start at on either axis (wall to wall); :func:`make_clip` draws one
+    per axis."""
+    return [position - 0.5 for position in range(radius(size), size - radius(size) + 1)]
+
+
+def draw_clip(shape: str, colour: str, direction: str, start: tuple[float, float], frames: int, size: int) -> Clip:
+    """The clip of one shape and colour moving along ``direction`` from ``start`` (x, y in pixels)."""
+    centres = bounce_path(torch.tensor(start, dtype=torch.float32), direction, frames, size)
+    video = torch.zeros(frames, 3, size, size)
+    rgb = torch.tensor(COLOURS[colour])[:, None]
+    for index, centre in enumerate(centres):
+        mask = _mask(shape, centre, size)
+        video[index][:, mask] = rgb
+    return Clip(video, shape, colour, direction, centres)
+
+
 def make_clip(seed: int, frames: int = 16, size: int = 16) -> Clip:
     """The clip of ``seed``: shape, colour, direction and start drawn from it, then drawn frame by frame."""
     if size not in SIZES:
@@ -111,14 +128,8 @@ def make_clip(seed: int, frames: int = 16, size: int = 16) -> Clip:
 
     shape, colour, direction = pick(SHAPES), pick(COLOURS), pick(DIRECTIONS)
     r = radius(size)
-    start = torch.randint(r, size - r + 1, (2,), generator=rng).float() - 0.5  # anywhere from wall to wall
-    centres = bounce_path(start, direction, frames, size)
-    video = torch.zeros(frames, 3, size, size)
-    rgb = torch.tensor(COLOURS[colour])[:, None]
-    for index, centre in enumerate(centres):
-        mask = _mask(shape, centre, size)
-        video[index][:, mask] = rgb
-    return Clip(video, shape, colour, direction, centres)
+    start = torch.randint(r, size - r + 1, (2,), generator=rng).float() - 0.5  # one of start_positions(size)
+    return draw_clip(shape, colour, direction, (float(start[0]), float(start[1])), frames, size)
 
 
 def shapes_clips(split: str, count: int, frames: int = 16, size: int = 16) -> list[Clip]:
