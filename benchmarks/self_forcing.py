@@ -276,7 +276,9 @@ def bayes_optimal(clips: int, levels: tuple[float, ...] = ORACLE_LEVELS) -> dict
     """The flow-matching loss of the best possible denoiser on the probe's held-out clips and noise, with and
     without the label's direction: ``builtin:shapes`` is a finite set of clips (a start on a grid of
     ``start_positions`` per axis), so the posterior mean of the clean clip given the noisy one is exact, a
-    softmax over the clips the label allows (shape and colour, and the direction or any of them)."""
+    softmax over the clips the label allows (shape and colour, and the direction or any of them). For scale,
+    also the loss of the mean of the clips of the label's shape and colour, a denoiser that never looks at
+    where the shape is."""
     from streamify.data.shapes import DIRECTIONS, clip_latents, draw_clip, shapes_clips, start_positions
 
     real = shapes_clips("heldout", clips, TRAIN_FRAMES, SIZE)
@@ -296,7 +298,7 @@ def bayes_optimal(clips: int, levels: tuple[float, ...] = ORACLE_LEVELS) -> dict
     out = {}
     for level in levels:
         noisy = (1 - level) * clean + level * noise
-        losses = {"with direction": 0.0, "without direction": 0.0}
+        losses = {"with direction": 0.0, "without direction": 0.0, "position-blind": 0.0}
         for index, clip in enumerate(real):
             x, target = noisy[index].flatten().double(), clean[index].flatten().double()
             for name, directions in (("with direction", [clip.direction]), ("without direction", DIRECTIONS)):
@@ -304,6 +306,8 @@ def bayes_optimal(clips: int, levels: tuple[float, ...] = ORACLE_LEVELS) -> dict
                 weights = torch.softmax(-(x - (1 - level) * allowed).pow(2).sum(1) / (2 * level**2), dim=0)
                 # the velocity error is the clean clip's error over the level: v = (x_s - x_0) / s
                 losses[name] += float((weights @ allowed - target).pow(2).mean()) / level**2 / clips
+            blind = candidates(clip.shape, clip.colour, DIRECTIONS).mean(0)  # ignores the noisy clip
+            losses["position-blind"] += float((blind - target).pow(2).mean()) / level**2 / clips
         out[str(level)] = {name: round(value, 4) for name, value in losses.items()}
     return out
 
@@ -322,7 +326,9 @@ def main() -> None:
         "--probe", action="store_true", help="only whether the teacher in --work uses the label's direction"
     )
     parser.add_argument(
-        "--oracle", action="store_true", help="only the best possible denoiser's loss, with and without direction"
+        "--oracle",
+        action="store_true",
+        help="only the best possible denoiser's loss (with and without direction) and a position-blind one's",
     )
     parser.add_argument(
         "--guidance", type=float, default=GUIDANCE, help="the teacher's and diffusion-forced student's guidance"
