@@ -348,6 +348,38 @@ def test_training_half_precision_weights_is_refused():
     assert "--dtype fp32" in refused.value.hint
 
 
+def test_a_non_finite_loss_stops_training_before_it_changes_the_weights():
+    """Step 3's loss is NaN: the run stops with exit 2's error naming the step and the learning rate, and the
+    weights are those after step 2 (finite), not NaN."""
+    from streamify.errors import UsageError
+
+    blocks = torch.randint(0, 50, (12, 8), generator=torch.Generator().manual_seed(0))
+    params = TrainParams(steps=4, lr=1e-2, grad_accum=1, warmup_steps=0, schedule="constant")
+
+    def fresh():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
+
+    def loss_of(model, nan_at: int = 0):
+        calls = {"n": 0}
+
+        def loss(batch):
+            calls["n"] += 1
+            value = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+            return value * float("nan") if calls["n"] == nan_at else value
+
+        return loss
+
+    two_steps = fresh()
+    train(two_steps, blocks, loss_of(two_steps), params.model_copy(update={"steps": 2}), seed=0)
+    diverged = fresh()
+    with pytest.raises(UsageError, match="loss of step 3 is nan") as stopped:
+        train(diverged, blocks, loss_of(diverged, nan_at=3), params, seed=0)
+    assert "learning rate (it is 0.01" in stopped.value.hint
+    for a, b in zip(two_steps.parameters(), diverged.parameters(), strict=True):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights():
     starts = torch.randint(0, 50, (12, 1), generator=torch.Generator().manual_seed(0))
     blocks = (starts + torch.arange(8)) % 50  # next token = this one + 1: learnable

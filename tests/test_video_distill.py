@@ -512,6 +512,27 @@ def test_video_distillation_refuses_bad_input(wans, tiny_kinds, tmp_path, cli, s
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("dtype", "bad", "message"),
+    [
+        (torch.float32, float("nan"), "'conditions' holds 1 NaN or infinite values (the first at index [3, 1, 5])"),
+        (torch.float16, float("inf"), "'conditions' holds 1 NaN or infinite values (the first at index [3, 1, 5])"),
+        (torch.int32, 0, "'conditions' holds int32 values, not floats"),
+    ],
+)
+def test_a_conditions_file_with_nan_or_integer_states_is_refused_before_training(
+    wans, tmp_path, cli, dtype, bad, message
+):
+    """NaN states once trained to NaN weights that were published with exit 0."""
+    table = torch.randn(10, 3, 24)
+    table[3, 1, 5] = bad
+    save_file({"conditions": table.to(dtype)}, str(tmp_path / "prompts.safetensors"))
+    args = ["--data", tmp_path / "prompts.safetensors", "--steps", "2", "--no-eval", "--no-cache"]
+    result = cli("distill", "ode-init", wans / "student", "-o", tmp_path / "out", *args)
+    assert result.exit_code == 3 and f"prompts.safetensors: {message}" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_ode_init_and_self_forcing_read_conditions_from_a_file(wans, tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMIFY_CACHE_DIR", str(tmp_path / "cache"))
     table = torch.randn(10, 3, 24)

@@ -227,8 +227,9 @@ def train(
         progress.log(f"training: resumed at step {start}/{params.steps} from {checkpoint_dir}")
     mine = list(range(accelerator.process_index, params.grad_accum, world))
 
-    def step_of(target, step_optimizer, trainable, step: int) -> float:
-        """One optimizer step of ``target`` over this process's micro-batches of ``step``; the global loss."""
+    def step_of(target, step_optimizer, trainable, step: int, lr: float) -> float:
+        """One optimizer step of ``target`` over this process's micro-batches of ``step``; the global loss.
+        A non-finite loss stops the training before the step (:func:`_refuse_non_finite`)."""
         step_optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         for micro in mine:
@@ -237,9 +238,11 @@ def train(
                 loss = target(batch) / params.grad_accum
                 (loss * world).backward()  # DDP averages over the processes: the sum is wanted
             step_loss += loss.detach().float()
+        total = accelerator.reduce(step_loss, "sum").item()
+        _refuse_non_finite(total, step, lr)
         accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
         step_optimizer.step()
-        return accelerator.reduce(step_loss, "sum").item()
+        return total
 
     weights, others = list(named.values()), list(extra.values())
     if params.gradient_checkpointing:
@@ -248,9 +251,11 @@ def train(
     try:
         for step in progress.track(range(start, params.steps), "training", total=params.steps - start):
             if companion is not None:
-                updates = [step_of(second, second_optimizer, others, step) for _ in range(companion.updates)]
+                updates = [
+                    step_of(second, second_optimizer, others, step, companion.lr) for _ in range(companion.updates)
+                ]
                 second_losses.append(round(sum(updates) / len(updates), 6))
-            losses.append(round(step_of(objective, optimizer, weights, step), 6))
+            losses.append(round(step_of(objective, optimizer, weights, step, params.lr), 6))
             scheduler.step()
             if ema is not None:
                 ema.update(named)
@@ -266,6 +271,17 @@ def train(
     return TrainResult(
         params.steps, start, losses, tokens, discarded, second_losses, ema.weights if ema is not None else None
     )
+
+
+def _refuse_non_finite(loss: float, step: int, lr: float) -> None:
+    """UsageError when a step's loss is NaN or infinite: its gradients would turn every weight NaN, and the
+    model would be published as trained."""
+    if not math.isfinite(loss):
+        raise UsageError(
+            f"training diverged: the loss of step {step + 1} is {loss}; the run stops before that step changes "
+            "the weights, and nothing is published",
+            f"lower the learning rate (it is {lr:g} here) or look for NaN or infinite values in the data",
+        )
 
 
 def _checkpoint_activations(model: nn.Module, on: bool) -> None:

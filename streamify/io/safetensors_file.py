@@ -187,13 +187,24 @@ def save_file_whole(tensors: dict, path: Path) -> None:
 
 def read_named_tensor(path: Path, name: str, hint: str, optional: bool = False):
     """The float tensor ``name`` of the .safetensors file ``path`` (None when it has none and it is
-    ``optional``); InputError naming the file when it cannot."""
+    ``optional``), as fp32; InputError naming the file when it cannot be read, is not floating point or holds
+    NaN or infinite values."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
             if optional and name not in handle.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
                 return None
-            return handle.get_tensor(name).float()
+            tensor = handle.get_tensor(name)
     except (SafetensorError, OSError, KeyError) as exc:
         raise InputError(f"{path}: cannot read a '{name}' tensor ({exc})", hint) from exc
+    if not tensor.is_floating_point():
+        raise InputError(f"{path}: '{name}' holds {str(tensor.dtype).removeprefix('torch.')} values, not floats", hint)
+    finite = tensor.isfinite()
+    if not finite.all():
+        first = [int(i) for i in (~finite).nonzero()[0]]
+        raise InputError(
+            f"{path}: '{name}' holds {int((~finite).sum())} NaN or infinite values (the first at index {first})",
+            hint,
+        )
+    return tensor.float()
