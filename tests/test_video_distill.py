@@ -470,6 +470,32 @@ def test_a_vae_that_fails_to_decode_keeps_the_generated_latents(wans, wan_vae, t
 
 
 @pytest.mark.parametrize(
+    ("model", "args", "message"),
+    [
+        ("student", ["--frames", "130"], "cover 128 latent frames (rope_max_seq_len 128, temporal patch 1), and its"),
+        ("teacher", ["--frames", "130"], "cover 128 latent frames (rope_max_seq_len 128, temporal patch 1), and the"),
+        ("teacher", ["--frames", "2", "--height", "258"], "--height 258: the model's rotary positions cover 128"),
+    ],
+)
+def test_generation_past_the_rotary_table_is_refused_and_a_rolling_cache_goes_on(
+    wans, tmp_path, cli, model, args, message
+):
+    """Positions past rope_max_seq_len once failed inside diffusers as an internal error (exit 1); a student
+    with a rolling window re-numbers its cache and generates past the table."""
+    result = cli("generate", wans / model, "--prompt", "red square moving up", "-o", tmp_path / "out", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+    if model == "student" and args[1] == "130":
+        rolling = tmp_path / "rolling"
+        convert = ("convert", "causal-video", wans / "teacher", "-o", rolling, "--chunk-frames", "2")
+        assert cli(*convert, "--sink-frames", "1", "--window-frames", "2").exit_code == 0
+        result = cli("generate", rolling, "--prompt", "red square moving up", "-o", tmp_path / "out", *args,
+                     "--height", "4", "--width", "4", "--format", "json")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        assert load_file(tmp_path / "out" / "latents.safetensors")["latents"].shape[2] == 130
+
+
+@pytest.mark.parametrize(
     ("model", "vae", "code", "message"),
     [
         ("student", "pipeline", 2, "works in RGB pixels"),
