@@ -25,7 +25,7 @@ from streamify.io.safetensors_file import read_named_tensor
 from streamify.kinds.denoiser import RANDOM_LATENTS, SHAPES
 from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import CONFIG_KEY
-from streamify.runtime.video_sampling import chunk_length
+from streamify.runtime.video_sampling import check_rotary_range, chunk_length
 
 COMPATIBLE_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")  # what teacher and student must share
 TRAINING_BYTES_PER_PARAM = 12  # an fp32 gradient and AdamW's two moments
@@ -57,6 +57,8 @@ def clip_shape(model: nn.Module, params: VideoDistillParams, where: str) -> tupl
             f"of {step} frames and whole {patch[1]} x {patch[2]} patches",
             f"set frames to a multiple of {step}, height and width to multiples of the patch",
         )
+    # the teacher (and critic) score whole clips: one attention over every frame
+    check_rotary_range(model.config, params.frames, params.height, params.width, where=f"{where}: ")
     return model.config["in_channels"], params.frames, params.height, params.width
 
 

@@ -44,7 +44,13 @@ from streamify.errors import InputError, Interrupted, ResourceError, UsageError
 from streamify.io.atomic import file_written, publish, temp_sibling
 from streamify.progress import SILENT, Progress
 from streamify.runtime.causal_video import VideoCache
-from streamify.runtime.video_sampling import chunk_length, denoise_chunk, sample_clip, shifted_sigmas
+from streamify.runtime.video_sampling import (
+    check_rotary_range,
+    chunk_length,
+    denoise_chunk,
+    sample_clip,
+    shifted_sigmas,
+)
 
 MP4_CRF = "12"  # x264's constant rate factor: 0 is lossless, 18 "visually lossless"; small frames need better
 VAE_CLASSES = ("AutoencoderKLWan",)  # diffusers video VAEs with latents_mean / latents_std, decoded as WanPipeline
@@ -70,42 +76,13 @@ def is_pixel_model(model: nn.Module) -> bool:
     return (model.config["in_channels"], model.config["out_channels"]) == (3, 3)
 
 
-def check_rotary_range(model: nn.Module, request: VideoRequest) -> None:
-    """UsageError when one attention of the request would need rotary positions past the model's table
-    (``rope_max_seq_len`` positions per axis of the token grid): a side too large, or more frames than it
-    covers in a whole clip or a cache without a rolling window (a rolling one re-numbers its frames)."""
-    limit = model.config.get("rope_max_seq_len")
-    if limit is None:
-        return
-    patch = model.config["patch_size"]
-    for option, size, axis_patch in (("--height", request.height, patch[1]), ("--width", request.width, patch[2])):
-        if size // axis_patch > limit:
-            raise UsageError(
-                f"{option} {size}: the model's rotary positions cover {limit} patches a side (rope_max_seq_len "
-                f"{limit}, patch {axis_patch})",
-                f"give at most {limit * axis_patch}",
-            )
-    ctl = getattr(model, "streamify_video", None)
-    grid_frames = request.frames // patch[0]
-    if ctl is not None and ctl.spec.window_frames is not None:
-        spec = ctl.spec
-        grid_frames = min(grid_frames, spec.sink_frames + spec.window_frames + spec.chunk_frames)
-    if grid_frames > limit:
-        held = "the whole clip is one attention" if ctl is None else "its cache keeps every frame (no rolling window)"
-        raise UsageError(
-            f"--frames {request.frames}: the model's rotary positions cover {limit} latent frames (rope_max_seq_len "
-            f"{limit}, temporal patch {patch[0]}), and {held}",
-            f"give at most {limit * patch[0]} frames"
-            + ("" if ctl is None else ", or convert with --window-frames N for a cache that rolls without end"),
-        )
-
-
 @torch.no_grad()
 def generate_video(
     model: nn.Module, condition: torch.Tensor, request: VideoRequest, progress: Progress = SILENT
 ) -> tuple[torch.Tensor, dict]:
     """The clip's latents ``[1, C, frames, H, W]`` and the run's numbers (module doc)."""
-    check_rotary_range(model, request)
+    ctl = getattr(model, "streamify_video", None)
+    check_rotary_range(model.config, request.frames, request.height, request.width, ctl and ctl.spec)
     device = next(model.parameters()).device
     shape = (1, model.config["in_channels"], request.frames, request.height, request.width)
     generator = torch.Generator().manual_seed(request.seed)

@@ -234,3 +234,32 @@ def rollout(
         for index, start in enumerate(range(0, noise.shape[2], step))
     ]
     return torch.cat(chunks, dim=2)
+
+
+def check_rotary_range(config, frames: int, height: int, width: int, spec=None, where: str = "") -> None:
+    """UsageError when one attention over a clip of ``frames`` x ``height`` x ``width`` latents would need rotary
+    positions past the model's table (``rope_max_seq_len`` per axis of the token grid): a side too large, or
+    more frames than it covers, in a whole clip or a cache without a rolling window (a rolling one, ``spec``
+    with a window, re-numbers its frames). ``where`` prefixes the message."""
+    limit = config.get("rope_max_seq_len")
+    if limit is None:
+        return
+    patch = config["patch_size"]
+    for option, size, axis_patch in (("--height", height, patch[1]), ("--width", width, patch[2])):
+        if size // axis_patch > limit:
+            raise UsageError(
+                f"{where}{option} {size}: the model's rotary positions cover {limit} patches a side "
+                f"(rope_max_seq_len {limit}, patch {axis_patch})",
+                f"give at most {limit * axis_patch}",
+            )
+    grid_frames = frames // patch[0]
+    if spec is not None and spec.window_frames is not None:
+        grid_frames = min(grid_frames, spec.sink_frames + spec.window_frames + spec.chunk_frames)
+    if grid_frames > limit:
+        held = "the whole clip is one attention" if spec is None else "its cache keeps every frame (no rolling window)"
+        raise UsageError(
+            f"{where}--frames {frames}: the model's rotary positions cover {limit} latent frames (rope_max_seq_len "
+            f"{limit}, temporal patch {patch[0]}), and {held}",
+            f"give at most {limit * patch[0]} frames"
+            + ("" if spec is None else ", or convert with --window-frames N for a cache that rolls without end"),
+        )
