@@ -311,6 +311,8 @@ def test_distill_heal_with_a_teacher_lowers_heldout_kl(tmp_path, tiny_llama, cli
     assert cli("prune", "depth", tiny_llama, "-o", pruned, "--blocks", "2", "--no-eval").exit_code == 0
     no_teacher = cli("distill", "heal", pruned, "-o", tmp_path / "none", "--steps", "2")
     assert no_teacher.exit_code == 2 and "--teacher" in no_teacher.stderr
+    missing = cli("distill", "heal", pruned, "-o", tmp_path / "none", "--teacher", tmp_path / "nope", "--steps", "2")
+    assert missing.exit_code == 3 and f"distill.heal: the teacher {tmp_path / 'nope'}: no such" in missing.stderr
     common = ["--steps", "16", "--lr", "1e-2", "--seq-len", "32", "--grad-accum", "1", "--lora-rank", "0", "--no-eval"]
     result = cli("distill", "heal", pruned, "-o", healed, "--teacher", teacher, *common, "--format", "json")
     assert result.exit_code == 0, result.stderr

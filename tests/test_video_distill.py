@@ -527,6 +527,7 @@ def test_a_condition_file_of_another_width_is_refused(wans, tmp_path, cli):
         ("self-forcing", "student", ["--frames", "130"], 2, "cover 128 latent frames (rope_max_seq_len 128"),
         ("self-forcing", "student", ["--teacher", "latent"], 3, "teacher and student differ in in_channels 4 vs 3"),
         ("self-forcing", "student", ["--teacher", "student"], 3, "the teacher is block-causal"),
+        ("self-forcing", "student", ["--teacher", "/no/teacher"], 3, "distill.self_forcing: the teacher /no/teacher"),
         ("self-forcing", "student", ["--timesteps", "1000,1000"], 2, "timesteps start at 1000 and decrease"),
         ("ode-init", "bert", [], 3, "applies to denoiser models"),
     ],

@@ -24,7 +24,7 @@ from streamify.distill.trainer import TrainParams, result_params, train
 from streamify.errors import UsageError
 from streamify.io.cache import cache_root
 from streamify.io.checkpoint import Checkpoint
-from streamify.io.load import load_checkpoint
+from streamify.io.load import load_teacher_checkpoint
 from streamify.io.placement import DTYPE_NAMES, teacher_dtype
 from streamify.model.blocks import block_list
 from streamify.model.fingerprint import content_key
@@ -209,7 +209,9 @@ def distill_heal(checkpoint: Checkpoint, params: DistillHealParams, ctx: StageCo
     spec = read_spec(model.config)
     if params.teacher is not None:
         dtype = DTYPE_NAMES.get(teacher_dtype(params.teacher_dtype, next(model.parameters())), "auto")
-        teacher = load_checkpoint(params.teacher, dtype=dtype, device=str(ctx.device), progress=ctx.progress).model
+        teacher = load_teacher_checkpoint(
+            params.teacher, "distill.heal", dtype=dtype, device=str(ctx.device), progress=ctx.progress
+        ).model
     elif spec is not None and params.lora_rank:
         teacher = None  # the model itself, full attention, adapters off: no copy
     elif spec is not None:

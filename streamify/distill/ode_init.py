@@ -198,7 +198,7 @@ def distill_ode_init(checkpoint: Checkpoint, params: OdeInitParams, ctx: StageCo
     shape = clip_shape(student, params, "distill.ode_init")
     teacher = None  # the input itself with its stock attention, unless one is named
     if params.teacher is not None:
-        teacher = load_teacher(params.teacher, student, ctx.device, ctx.progress, where)
+        teacher = load_teacher(params.teacher, student, ctx.device, ctx.progress, "distill.ode_init")
     train_conds, held_conds = train_and_heldout(ctx.data, student.config, params, ctx.progress)
     sampler = teacher if teacher is not None else student
     spec = student.streamify_video.spec

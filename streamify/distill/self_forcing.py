@@ -132,7 +132,7 @@ def distill_self_forcing(checkpoint: Checkpoint, params: SelfForcingParams, ctx:
     require_causal_student(student, "distill.self_forcing", where, hint)
     shape = clip_shape(student, params, "distill.self_forcing")
     spec = params.teacher or where  # default: the run's input model
-    teacher = load_teacher(spec, student, ctx.device, ctx.progress, f"distill.self_forcing teacher {spec}")
+    teacher = load_teacher(spec, student, ctx.device, ctx.progress, "distill.self_forcing")
     critic = copy.deepcopy(teacher).float()
     for param in critic.parameters():
         param.requires_grad_(True)

@@ -138,12 +138,12 @@ def require_causal_student(student: nn.Module, stage: str, where: str, hint: str
         raise UsageError(f"{where}: {stage} trains a block-causal student, and the model is bidirectional", hint)
 
 
-def load_teacher(spec: str, student: nn.Module, device, progress, where: str) -> nn.Module:
-    """The teacher ``spec``, loaded frozen and checked against ``student`` (:func:`check_teacher`)."""
-    from streamify.io.load import load_checkpoint
+def load_teacher(spec: str, student: nn.Module, device, progress, stage: str) -> nn.Module:
+    """The teacher ``spec`` of ``stage``, loaded frozen and checked against ``student`` (:func:`check_teacher`)."""
+    from streamify.io.load import load_teacher_checkpoint
 
-    teacher = freeze(load_checkpoint(spec, device=str(device), progress=progress).model)
-    check_teacher(teacher, student, where)
+    teacher = freeze(load_teacher_checkpoint(spec, stage, device=str(device), progress=progress).model)
+    check_teacher(teacher, student, f"{stage} teacher {spec}")
     return teacher
 
 

@@ -129,6 +129,15 @@ def load_checkpoint(
     return _checkpoint(model, folder, source, manifest, trust_remote_code)
 
 
+def load_teacher_checkpoint(spec: str, where: str, **options) -> Checkpoint:
+    """:func:`load_checkpoint` of the teacher a stage reads beside its model; an InputError says it was the
+    teacher (``where``: the stage) that failed."""
+    try:
+        return load_checkpoint(spec, **options)
+    except InputError as error:
+        raise InputError(f"{where}: the teacher {error.message}", error.hint) from None
+
+
 def _model_folder(source: Source, progress: Progress) -> Path:
     """The transformers folder to load: the source's own, or the one a GGUF or CTranslate2 source converts to."""
     if source.kind == "gguf":
