@@ -82,7 +82,8 @@ def generate_video(
 ) -> tuple[torch.Tensor, dict]:
     """The clip's latents ``[1, C, frames, H, W]`` and the run's numbers (module doc)."""
     ctl = getattr(model, "streamify_video", None)
-    check_rotary_range(model.config, request.frames, request.height, request.width, ctl and ctl.spec)
+    spec = ctl.spec if ctl is not None else None
+    check_rotary_range(model.config, request.frames, request.height, request.width, spec)
     device = next(model.parameters()).device
     shape = (1, model.config["in_channels"], request.frames, request.height, request.width)
     generator = torch.Generator().manual_seed(request.seed)

@@ -27,14 +27,14 @@ autoregressive sampling needs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import pairwise
 
 import torch
 from torch import nn
 
 from streamify.errors import UsageError
-from streamify.runtime.causal_video import VideoCache, caching
+from streamify.runtime.causal_video import VideoCache, VideoSpec, caching
 
 NEGATIVE = "streamify_negative_condition"  # the model attribute negative_condition sets
 
@@ -236,11 +236,13 @@ def rollout(
     return torch.cat(chunks, dim=2)
 
 
-def check_rotary_range(config, frames: int, height: int, width: int, spec=None, where: str = "") -> None:
+def check_rotary_range(
+    config: Mapping, frames: int, height: int, width: int, spec: VideoSpec | None = None, where: str = ""
+) -> None:
     """UsageError when one attention over a clip of ``frames`` x ``height`` x ``width`` latents would need rotary
     positions past the model's table (``rope_max_seq_len`` per axis of the token grid): a side too large, or
-    more frames than it covers, in a whole clip or a cache without a rolling window (a rolling one, ``spec``
-    with a window, re-numbers its frames). ``where`` prefixes the message."""
+    more frames than it covers. ``spec``: the clip goes chunk by chunk through this cache, whose rolling window
+    (if any) re-numbers its frames; None: one attention over the whole clip. ``where`` prefixes the message."""
     limit = config.get("rope_max_seq_len")
     if limit is None:
         return
@@ -252,14 +254,18 @@ def check_rotary_range(config, frames: int, height: int, width: int, spec=None, 
                 f"(rope_max_seq_len {limit}, patch {axis_patch})",
                 f"give at most {limit * axis_patch}",
             )
-    grid_frames = frames // patch[0]
-    if spec is not None and spec.window_frames is not None:
-        grid_frames = min(grid_frames, spec.sink_frames + spec.window_frames + spec.chunk_frames)
-    if grid_frames > limit:
-        held = "the whole clip is one attention" if spec is None else "its cache keeps every frame (no rolling window)"
+    span, held = frames // patch[0], "the whole clip is one attention"
+    if spec is not None and spec.window_frames is None:
+        held = "the cache keeps every frame (no rolling window)"
+    elif spec is not None:
+        span = min(span, spec.sink_frames + spec.window_frames + spec.chunk_frames)
+        held = f"the rolling cache spans {span} (sinks + window + chunk)"
+    if span > limit:
+        hint = f"give at most {limit * patch[0]} frames"
+        if spec is not None:
+            hint += " or a smaller rolling window" if spec.window_frames else ", or convert with --window-frames N"
         raise UsageError(
             f"{where}--frames {frames}: the model's rotary positions cover {limit} latent frames (rope_max_seq_len "
             f"{limit}, temporal patch {patch[0]}), and {held}",
-            f"give at most {limit * patch[0]} frames"
-            + ("" if spec is None else ", or convert with --window-frames N for a cache that rolls without end"),
+            hint,
         )
