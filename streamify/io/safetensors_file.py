@@ -28,6 +28,7 @@ DTYPE_BYTES = {
 
 
 _MOST_PER_READ = 1 << 30  # Linux returns at most ~2 GiB from one read; larger reads are split
+_FINITE_PIECE = 1 << 24  # values checked for NaN or infinity at a time
 
 
 def pread_into(fd: int, buffer, offset: int) -> int:
@@ -189,6 +190,7 @@ def read_named_tensor(path: Path, name: str, hint: str, optional: bool = False):
     """The float tensor ``name`` of the .safetensors file ``path`` (None when it has none and it is
     ``optional``), as fp32; InputError naming the file when it cannot be read, is not floating point or holds
     NaN or infinite values."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -200,11 +202,13 @@ def read_named_tensor(path: Path, name: str, hint: str, optional: bool = False):
         raise InputError(f"{path}: cannot read a '{name}' tensor ({exc})", hint) from exc
     if not tensor.is_floating_point():
         raise InputError(f"{path}: '{name}' holds {str(tensor.dtype).removeprefix('torch.')} values, not floats", hint)
-    finite = tensor.isfinite()
-    if not finite.all():
-        first = [int(i) for i in (~finite).nonzero()[0]]
-        raise InputError(
-            f"{path}: '{name}' holds {int((~finite).sum())} NaN or infinite values (the first at index {first})",
-            hint,
-        )
+    flat, bad, first = tensor.reshape(-1), 0, None
+    for start in range(0, flat.numel(), _FINITE_PIECE):  # in pieces: no mask as large as the tensor
+        wrong = ~flat[start : start + _FINITE_PIECE].isfinite()
+        if wrong.any():
+            bad += int(wrong.sum())
+            first = first if first is not None else start + int(wrong.nonzero()[0])
+    if bad:
+        index = [int(i) for i in torch.unravel_index(torch.tensor(first), tensor.shape)]
+        raise InputError(f"{path}: '{name}' holds {bad} NaN or infinite values (the first at index {index})", hint)
     return tensor.float()
